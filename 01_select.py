@@ -1,0 +1,149 @@
+"""Stage 01: dialogues -> turns.jsonl, with Hindsight Dialogue Selection (RAPO section 3.2, Eq. 8).
+
+Every supporter turn of the input dialogues becomes one record (SPEC section 1): its context, the target
+reply, the split (by dialogue, seeded), and for train turns a judge's verdict `learn` / `learn_reason`:
+is this reply worth learning from (empathy, coping strategies, clarifying questions...) or is it a
+greeting, small talk, an acknowledgement? RAPO trains only on `learn == true` turns (13K -> 5,412 turns
+in the paper); `--judge none` keeps every turn (the paper's "Full" setting).
+
+Judge modes (SPEC section 2):
+  generate    the judge writes {"learn": bool, "reason": str}; unparseable answers are re-asked
+              (--retries), then recorded as learn = null with the raw text and counted;
+  likelihood  p(learn) = p('{"learn": true') / (p(... true) + p(... false)) from the judge's log-likelihoods,
+              learn = p(learn) > 0.5; deterministic, and the only mode that gives a small local model a
+              usable answer. Default for hf:/vllm: judges; openai: judges use generate.
+Deviation: valid/test turns are not judged (learn = null); they are for evaluation only.
+
+Run:
+  python 01_select.py --data data/demo_esconv.json --out runs/demo
+  python 01_select.py --data ESConv.json --judge openai:Qwen2.5-72B-Instruct --judge-base-url http://host:8000/v1
+Re-running on the same --out resumes (turns already written are skipped); --overwrite starts afresh.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import common
+from common import InputError, check
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p, data="data/demo_esconv.json", out="runs/demo")
+    g = p.add_argument_group("split (by dialogue, deterministic from --seed)")
+    g.add_argument("--test-frac", type=float, default=0.1, help="fraction of dialogues in the test split (RAPO: 0.1)")
+    g.add_argument("--valid-frac", type=float, default=0.0, help="fraction of dialogues in the valid split")
+    g.add_argument("--test-data", default=None,
+                   help="take the test split from this separate file instead (e.g. PPDPP's 130-dialogue file); "
+                        "then every --data dialogue is train/valid")
+    g = p.add_argument_group("hindsight selection judge")
+    common.add_role_arg(p, "judge", "judge LLM deciding learn true/false, or 'none' to keep every turn")
+    g.add_argument("--judge-mode", default="auto", choices=["auto", "generate", "likelihood"],
+                   help="auto = likelihood for hf:/vllm: judges, generate for openai: judges")
+    g.add_argument("--retries", type=int, default=2, help="re-asks of an unparseable judge answer (generate mode)")
+    g.add_argument("--null-as", default="false", choices=["false", "true"],
+                   help="how a turn whose judge answer never parsed (learn = null) counts in the kept fraction")
+    g.add_argument("--batch-size", type=int, default=32, help="turns judged per batched call")
+    g.add_argument("--max-new-tokens", type=int, default=96, help="judge answer length (generate mode)")
+    args = p.parse_args(argv)
+    check(0 <= args.test_frac < 1 and 0 <= args.valid_frac < 1 and args.test_frac + args.valid_frac < 1,
+          "--test-frac and --valid-frac must be in [0, 1) and sum to less than 1")
+    check(args.batch_size >= 1, "--batch-size must be >= 1")
+    check(args.max_examples is None or args.max_examples >= 1, "--max-examples must be >= 1")
+    return args
+
+
+def load_all_turns(args) -> list[dict]:
+    """Dialogues -> split -> turn records (no model involved)."""
+    dialogues = common.load_dialogues(args.data, id_prefix="d")
+    if args.max_examples:
+        dialogues = dialogues[:args.max_examples]
+    if args.test_data:
+        test = common.load_dialogues(args.test_data, id_prefix="t")
+        split = common.split_dialogues([d["dialog_id"] for d in dialogues], args.seed, 0.0, args.valid_frac)
+        split.update({d["dialog_id"]: "test" for d in test})
+        dialogues = dialogues + test
+    else:
+        split = common.split_dialogues([d["dialog_id"] for d in dialogues], args.seed, args.test_frac, args.valid_frac)
+    turns = common.build_turns(dialogues, split)
+    check(len(turns) > 0, f"{args.data}: no supporter turn with a seeker message before it")
+    return turns
+
+
+def judge_batch(backend, batch: list[dict], mode: str, args) -> tuple[list[dict], int, int]:
+    """learn / learn_reason for a batch of turns; returns (updates, retried, failed)."""
+    chats = common.select_chats(batch)
+    if mode == "likelihood":
+        pre = common.SELECT_PREFIX
+        ll = backend.option_loglik(chats, [pre + "true", pre + "false"])
+        ups = []
+        for i in range(len(batch)):
+            p = 1.0 / (1.0 + math.exp(ll[i][1] - ll[i][0]))  # p(true) over {true, false}
+            ups.append({"learn": p > 0.5, "learn_reason": f"likelihood judge: p(learn)={p:.3f}"})
+        return ups, 0, 0
+    res = common.ask_json(backend, chats, common.validate_select, retries=args.retries,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed)
+    ups = []
+    for v, raw in zip(res.values, res.raw):
+        ups.append({"learn": v["learn"], "learn_reason": v["reason"]} if v is not None
+                   else {"learn": None, "learn_reason": f"unparseable judge output: {raw[:500]}"})
+    return ups, res.retried, res.failed
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    turns = load_all_turns(args)  # all input validation happens here, before any output is touched
+    judge_spec = None if args.judge == "none" else common.parse_spec(args.judge)
+    mode = args.judge_mode
+    if mode == "auto":
+        mode = "generate" if judge_spec is not None and judge_spec.backend == "openai" else "likelihood"
+    if judge_spec is not None and judge_spec.backend == "openai" and mode == "likelihood":
+        raise InputError("--judge-mode likelihood needs an hf: or vllm: judge (openai: servers give no prompt log-probs)")
+
+    out = common.ResumableOutput(args.out, "turns.jsonl", overwrite=args.overwrite)
+    common.save_args(args, args.out, {"judge_mode_used": mode})
+    done = out.done
+    todo = [t for t in turns if t["id"] not in done]
+    print(f"{len(turns)} turns from {len({t['dialog_id'] for t in turns})} dialogues "
+          f"({sum(t['split'] == 'train' for t in turns)} train, {sum(t['split'] == 'valid' for t in turns)} valid, "
+          f"{sum(t['split'] == 'test' for t in turns)} test); {len(done)} already written, {len(todo)} to do")
+
+    backend = None if judge_spec is None else common.make_backend(args.judge, args.judge_base_url, args.device, args.dtype)
+    retried = failed = 0
+    bar = common.progress(total=len(todo), desc="select")
+    for batch in common.chunks(todo, args.batch_size):
+        train = [t for t in batch if t["split"] == "train"]
+        if backend is None:
+            for t in train:
+                t["learn"], t["learn_reason"] = True, "no judge (--judge none): every turn kept"
+        elif train:
+            ups, r, f = judge_batch(backend, train, mode, args)
+            retried, failed = retried + r, failed + f
+            for t, u in zip(train, ups):
+                t.update(u)
+        for t in batch:
+            if t["split"] != "train":
+                t["learn_reason"] = f"not judged ({t['split']} split)"
+        out.append(batch)
+        bar.update(len(batch))
+    bar.close()
+
+    # Summary over the whole output (this run and earlier resumed ones), stored beside it.
+    recs = out.merge([t["id"] for t in turns])
+    train = [r for r in recs if r["split"] == "train"]
+    nulls = sum(r["learn"] is None for r in train)
+    kept = sum(r["learn"] is True or (r["learn"] is None and args.null_as == "true") for r in train)
+    stats = {"turns": len(recs), "train_turns": len(train), "kept": kept,
+             "kept_fraction": kept / max(len(train), 1), "judge_failures": nulls,
+             "retried_this_run": retried, "failed_this_run": failed, "judge": args.judge, "judge_mode": mode}
+    common.write_json(Path(args.out) / "select_stats.json", stats)
+    print(f"kept {kept}/{len(train)} train turns ({stats['kept_fraction']:.1%}); judge failures (learn = null): "
+          f"{nulls}; wrote {out.final}")
+    if judge_spec is not None and train and kept in (0, len(train)):
+        print("warning: the judge kept all or none of the turns; a small local judge does not discriminate "
+              "(README, 'What the embedded model can show'): use a capable --judge", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

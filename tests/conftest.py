@@ -1,0 +1,49 @@
+"""Shared test fixtures: a tiny Llama-shaped model with the embedded tokenizer, saved as a normal HF folder,
+so every backend and stage can be run on it in seconds (`hf:<folder>`)."""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import common  # noqa: E402
+
+
+def load_stage(name: str):
+    """Import a numbered stage script (e.g. '04_grpo') as a module."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_tiny_model(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = common.load_tokenizer(str(common.embedded_model_path()))
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide Llama with the SmolLM2 tokenizer and chat template (random weights)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def demo_data() -> Path:
+    return ROOT / "data" / "demo_esconv.json"
