@@ -750,6 +750,9 @@ class VLLMBackend(Backend):
             path, enable_lora = resolve_path(base), True
         else:
             self.lora = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # colocated under torchrun: one engine per rank, TP=1
+            engine_args.setdefault("distributed_executor_backend", "external_launcher")
+        # note: LLM(seed=...) reseeds python/numpy/torch in this process; callers seed their trainer after this
         self.llm = LLM(model=path, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                        enable_lora=enable_lora, max_lora_rank=max_lora_rank, **engine_args)
         self.tok = self.llm.get_tokenizer()
