@@ -473,6 +473,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def load_stage(name: str):
+    """Import a numbered stage script (e.g. "04_grpo") as a module: how 05 reuses 04's GRPO functions and
+    how the tests reach every stage's pure functions."""
+    path = Path(__file__).resolve().parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def is_adapter_folder(path: str) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
@@ -697,18 +707,26 @@ class OpenAIBackend(Backend):
                                     timeout=timeout, max_retries=0)
 
     def _one(self, messages, kw):
+        import openai
+
         delay = 1.0
         for attempt in range(self.retries + 1):
             try:
                 r = self.client.chat.completions.create(model=self.model, messages=messages, **kw)
                 return r.choices[0].message.content or ""
-            except Exception as e:  # network errors, 5xx, rate limits: back off and retry
-                if attempt == self.retries:
-                    print(f"warning: {self.spec}: request failed after {self.retries + 1} tries: "
-                          f"{type(e).__name__}", file=sys.stderr)
-                    return ""
-                time.sleep(delay)
-                delay *= 2
+            except openai.APIStatusError as e:
+                # a refused request (wrong model name, unsupported field) never succeeds: say so at once
+                if e.status_code < 500 and e.status_code not in (408, 409, 429):
+                    raise InputError(f"{self.spec}: the server refused the request: HTTP {e.status_code} "
+                                     f"{type(e).__name__}") from None
+                err = f"HTTP {e.status_code} {type(e).__name__}"
+            except Exception as e:  # network errors and timeouts: back off and retry
+                err = type(e).__name__
+            if attempt == self.retries:
+                print(f"warning: {self.spec}: request failed after {self.retries + 1} tries: {err}", file=sys.stderr)
+                return ""
+            time.sleep(delay)
+            delay *= 2
 
     def generate(self, chats, *, max_new_tokens=128, temperature=1.0, top_p=1.0, n=1, seed=None, prefill=""):
         self.calls += 1
@@ -941,11 +959,13 @@ class JsonAsk:
 
 
 def ask_json(backend: Backend, chats: list[list[dict]], validate, *, retries: int = 2, max_new_tokens: int = 256,
-             temperature: float = 0.0, retry_temperature: float = 0.7, seed: int | None = None) -> JsonAsk:
+             temperature: float = 0.0, retry_temperature: float = 0.7, seed: int | None = None,
+             prefill: str = "") -> JsonAsk:
     """Batched JSON questions: parse + validate every answer, re-ask only the failures (batched, sampled
     at retry_temperature so a greedy model can answer differently), and count what never parsed.
 
-    validate(obj, i) returns the cleaned value or raises ValueError.
+    validate(obj, i) returns the cleaned value or raises ValueError. prefill starts the answer (e.g. '{"learn": ')
+    for backends that can continue an assistant turn; it is part of the parsed text.
     """
     values = [None] * len(chats)
     raw = [""] * len(chats)
@@ -958,7 +978,7 @@ def ask_json(backend: Backend, chats: list[list[dict]], validate, *, retries: in
             res.retried += len(todo)
         temp = temperature if attempt == 0 else retry_temperature
         outs = backend.complete([chats[i] for i in todo], max_new_tokens=max_new_tokens, temperature=temp,
-                                seed=None if seed is None else seed + attempt)
+                                seed=None if seed is None else seed + attempt, prefill=prefill)
         nxt = []
         for i, text in zip(todo, outs):
             raw[i] = text
