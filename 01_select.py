@@ -44,12 +44,15 @@ def parse_args(argv=None):
     g.add_argument("--retries", type=int, default=2, help="re-asks of an unparseable judge answer (generate mode)")
     g.add_argument("--null-as", default="false", choices=["false", "true"],
                    help="how a turn whose judge answer never parsed (learn = null) counts in the kept fraction")
+    g.add_argument("--judge-context", type=int, default=0,
+                   help="show the judge only the last N context messages (0 = the whole context, as in the paper); "
+                        "the judge's cost grows with the context length")
     g.add_argument("--batch-size", type=int, default=32, help="turns judged per batched call")
     g.add_argument("--max-new-tokens", type=int, default=96, help="judge answer length (generate mode)")
     args = p.parse_args(argv)
     check(0 <= args.test_frac < 1 and 0 <= args.valid_frac < 1 and args.test_frac + args.valid_frac < 1,
           "--test-frac and --valid-frac must be in [0, 1) and sum to less than 1")
-    check(args.batch_size >= 1, "--batch-size must be >= 1")
+    check(args.batch_size >= 1 and args.judge_context >= 0, "--batch-size must be >= 1 and --judge-context >= 0")
     check(args.max_examples is None or args.max_examples >= 1, "--max-examples must be >= 1")
     return args
 
@@ -73,6 +76,8 @@ def load_all_turns(args) -> list[dict]:
 
 def judge_batch(backend, batch: list[dict], mode: str, args) -> tuple[list[dict], int, int]:
     """learn / learn_reason for a batch of turns; returns (updates, retried, failed)."""
+    if args.judge_context:
+        batch = [dict(t, context=t["context"][-args.judge_context:]) for t in batch]
     chats = common.select_chats(batch)
     if mode == "likelihood":
         pre = common.SELECT_PREFIX
