@@ -1,0 +1,908 @@
+"""Stage 04: GRPO on the ESC policy with future-oriented + format rewards (RLFF-ESC stage 3; SPEC section 5).
+
+One step, per rank: B prompts (turn contexts from turns.jsonl), G completions each, sampled from the policy;
+rewards r_i = R_fut(x, y_i) + alpha * R_fmt(y_i) + R_len(y_i); group advantages (Eq. 1); the clipped
+surrogate with DAPO clip-higher and a k3 KL penalty against the reference policy (Eq. 2-3); one AdamW step.
+
+    A_i  = (r_i - mean_g r) / (std_g r + eps)                                  Eq. 1 (unbiased std)
+    rho_t = exp(logp_t - logp_old_t)
+    L_t  = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta KL_t   Eq. 2-3
+    KL_t = exp(logp_ref_t - logp_t) - (logp_ref_t - logp_t) - 1                  k3 estimator
+    L    = sum_t L_t / (global completion-token count)                         --loss-agg token-mean
+
+logp are computed from logits / sampling temperature. The reference is the initial policy: with LoRA it is
+the same network with the adapter disabled (`model.disable_adapter()`), so no second model is held; with
+`--no-lora` (full fine-tuning) a frozen copy is kept, the only case where a second model exists.
+
+Deliberate deviations and choices (numbered, so forks can find them):
+ 1. Thinking-format protocol (`--think-prompt`, default `prefill`): the system prompt asks for
+    `<think>...</think>` then the reply, and the assistant turn is prefilled with `<think>` (as
+    nano-aha-moment and TinyZero do). The embedded SmolLM2-135M never writes `<think>` from the
+    instruction alone (0/16 samples), so R_fmt would be 0 for every sample and teach nothing; with the
+    prefill it closes the tag and replies in a small but non-zero fraction of samples. R_fmt is judged on
+    prefill + completion. `instruct` keeps the instruction without the prefill; `none` uses the plain ESC
+    system prompt (then use --fmt-coef 0).
+ 2. R_fmt = 1 iff the text is `<think>T</think>Y` with T and Y non-blank and no further think tags (an
+    empty `<think></think>` does not count). The RM and the logged replies see only Y (strip_reasoning).
+ 3. CPU-friendly defaults where the paper's would take days on a laptop: 8 prompts per step (paper 128),
+    256 new tokens (paper 2048), 1024 prompt tokens (paper 8192; oldest messages dropped first), 1 epoch
+    (paper 3). The algorithm's own defaults are the papers' (G=4, eps 0.2/0.28, beta 5e-4, alpha 0.5,
+    L_max 200 / L_cache 80, LoRA r=16 alpha=32 on all projections, lr 3e-6, clip 1.0).
+ 4. One optimiser step per batch and PPO epoch (`--ppo-epochs`, default 1: logp_old = logp.detach(), so
+    rho = 1 and only the gradient flows through rho); with more epochs logp_old is stored before the first.
+ 5. `--rm none` (default until a reward model is trained) trains on the format (+ length) reward alone.
+ 6. Seeds: python/numpy/torch are seeded with --seed before the LoRA weights are created (identical on
+    every rank; DDP also broadcasts rank 0's), then with --seed + rank, so each rank samples different
+    completions. The prompt order of epoch e is a permutation seeded by (--seed, e), so the data position
+    is the step number and a resumed run sees exactly the prompts it would have seen.
+ 7. Distributed: prompts of a step are split over ranks (whole groups stay on one rank); DDP averages
+    gradients over ranks, so each rank's loss is multiplied by the world size and divided by the
+    all-reduced global token (or sequence) count: the gradient is that of the global-batch loss, for any
+    number of ranks and micro-batches.
+
+Run:
+  python 04_grpo.py --data runs/demo/turns.jsonl --rm runs/demo/rm --out runs/grpo
+  python 04_grpo.py --rm none --prompts-per-step 2 --group-size 8 --max-new-tokens 64 --lr 3e-4   # format only
+  torchrun --nproc_per_node=8 04_grpo.py --policy Qwen/Qwen2.5-1.5B-Instruct --rm runs/rm --rollout vllm \\
+      --prompts-per-step 128 --max-new-tokens 2048 --epochs 3
+  python 04_grpo.py --out runs/grpo --resume          # continue from runs/grpo/checkpoint
+"""
+import argparse
+import copy
+import importlib.util
+import math
+import os
+import random
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+from common import InputError, check
+
+TOKEN_CHUNK = 256  # positions per log-softmax block in per_token_logps (memory vs. loop overhead)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+THINK_SYSTEM = (
+    common.ESC_SYSTEM + " Before you reply, think briefly about the person's feelings and what would help them, "
+    "inside <think> </think> tags; then write your reply to them after </think>."
+)
+
+
+def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float):
+    """The flags every GRPO-trained stage shares (04 and 05): data, policy/LoRA, rollouts, loss, optimiser,
+    logging. Defaults are the papers' (SPEC section 5) except the CPU-sized ones of deviation 3."""
+    common.add_common_args(p, data="runs/demo/turns.jsonl", out=out, resume_flag="resume")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing checkpoint/metrics in --out and start afresh")
+    g = p.add_argument_group("models")
+    common.add_role_arg(p, "policy", "the ESC policy to train (a base model, not an adapter folder)")
+    g.add_argument("--no-lora", action="store_true", help="full fine-tuning (keeps a frozen reference copy) instead of LoRA")
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank (RAPO E.3.1: 16)")
+    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (RAPO E.3.1: 32)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (saves memory)")
+    g = p.add_argument_group("rollouts")
+    g.add_argument("--prompts-per-step", type=int, default=8, help="B, prompts per step over all ranks (RAPO: 128)")
+    g.add_argument("--group-size", type=int, default=4, help="G, completions per prompt (RLFF-ESC/RAPO: 4)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="L_gen, max completion tokens (RAPO: 2048)")
+    g.add_argument("--max-prompt-tokens", type=int, default=1024,
+                   help="prompt budget; oldest context messages are dropped first (RAPO: 8192)")
+    g.add_argument("--temperature", type=float, default=temperature, help="sampling temperature, also divides the logits "
+                   "in the loss (RLFF-ESC: 1.1, RAPO: 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (papers: 1.0)")
+    g.add_argument("--rollout", default="hf", choices=["hf", "vllm"],
+                   help="hf = transformers generate on the training model; vllm = a colocated vLLM engine per rank "
+                        "(GPU, LoRA only), the adapter handed over each step")
+    g.add_argument("--vllm-gpu-memory", type=float, default=0.3, help="fraction of the GPU for the vLLM engine")
+    g.add_argument("--gen-batch-size", type=int, default=64, help="sequences per generate call (hf rollout)")
+    g.add_argument("--rollouts-file", default=None,
+                   help="train on fixed rollouts instead of sampling (replays, tests of the update); the same groups "
+                        "every step. 04: JSONL of groups {prompt_ids, completions [[ids] x G], rewards [G]}; 05: "
+                        "{prompt_ids, completions, scores [G] or null, teacher_prompt_ids or null}")
+    g = p.add_argument_group("loss (SPEC section 5)")
+    g.add_argument("--adv-norm", default="std", choices=["std", "none"], help="std = GRPO Eq. 1; none = Dr. GRPO r - mean")
+    g.add_argument("--adv-eps", type=float, default=1e-4, help="eps added to the group std (1e-4)")
+    g.add_argument("--eps-low", type=float, default=0.2, help="lower clip range (RAPO: 0.2)")
+    g.add_argument("--eps-high", type=float, default=0.28, help="upper clip range, DAPO clip-higher (RAPO: 0.28)")
+    g.add_argument("--beta", type=float, default=5e-4, help="k3 KL coefficient (RAPO: 5e-4); 0 skips the reference pass")
+    g.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+                   help="token-mean (verl/DAPO, default), seq-mean-token-mean (paper Eq. 2), seq-mean-token-sum-norm (Dr. GRPO)")
+    g.add_argument("--ppo-epochs", type=int, default=1, help="optimiser steps per batch (1: on-policy, rho = 1)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=3e-6, help="AdamW learning rate (RAPO: 3e-6)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
+    g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "linear"], help="after warm-up")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (RAPO: 1.0)")
+    g.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward (gradient accumulation)")
+    g.add_argument("--epochs", type=int, default=1, help="passes over the train prompts (RAPO: 3)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (overrides --epochs)")
+    g.add_argument("--stop-after", type=int, default=None,
+                   help="stop this invocation after N steps (checkpointing first), e.g. to fit a job's time limit; "
+                        "continue with --resume")
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--sample-every", type=int, default=10, help="write a group of sample dialogues to samples.jsonl every N steps")
+    g.add_argument("--checkpoint-every", type=int, default=50, help="save --out/checkpoint every N steps (and at the end)")
+    g.add_argument("--wandb", default=None, help="also log to this Weights & Biases project (needs wandb)")
+    return g
+
+
+def check_grpo_args(args):
+    """Validate the shared flags (InputError before any work)."""
+    check(args.group_size >= 2, "--group-size must be >= 2 (a group of one has no advantage)")
+    check(args.prompts_per_step >= 1 and args.micro_batch >= 1 and args.ppo_epochs >= 1 and args.epochs >= 1,
+          "--prompts-per-step, --micro-batch, --ppo-epochs and --epochs must be >= 1")
+    check(args.max_new_tokens >= 1 and args.max_prompt_tokens >= 8, "--max-new-tokens must be >= 1 and --max-prompt-tokens >= 8")
+    check(args.temperature > 0, "--temperature must be > 0 (the loss divides the logits by it)")
+    check(0 < args.top_p <= 1, "--top-p must be in (0, 1]")
+    check(0 <= args.eps_low < 1 and args.eps_high >= 0, "--eps-low must be in [0, 1) and --eps-high >= 0")
+    check(args.beta >= 0 and args.adv_eps > 0 and args.lr > 0, "--beta must be >= 0, --adv-eps and --lr > 0")
+    check(args.max_steps is None or args.max_steps >= 1, "--max-steps must be >= 1")
+    check(args.stop_after is None or args.stop_after >= 1, "--stop-after must be >= 1")
+    check(args.sample_every >= 1 and args.checkpoint_every >= 1, "--sample-every and --checkpoint-every must be >= 1")
+    check(0 < args.vllm_gpu_memory < 1, "--vllm-gpu-memory must be in (0, 1)")
+    check(not (args.resume and args.overwrite), "--resume and --overwrite exclude each other")
+    check(not (args.rollout == "vllm" and args.no_lora), "--rollout vllm hands LoRA adapters to the engine: not with --no-lora")
+    check(args.lora_r >= 1, "--lora-r must be >= 1")
+    check(args.rollout != "vllm" or args.lora_r <= 512, "--rollout vllm serves LoRA ranks up to 512")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_grpo_args(p, out="runs/grpo", temperature=1.1)
+    g = p.add_argument_group("RLFF-ESC rewards and prompts (SPEC section 5)")
+    g.add_argument("--rm", default="none",
+                   help="reward model folder from 03_train_rm.py giving R_fut, or 'none' = format (+ length) reward "
+                        "only (RLFF-ESC uses the trained RM; default none so the stage runs on its own)")
+    g.add_argument("--rm-batch-size", type=int, default=16, help="replies scored per reward-model call")
+    g.add_argument("--think-prompt", default="prefill", choices=["prefill", "instruct", "none"],
+                   help="thinking-format protocol (deviation 1): prefill = instruction + assistant turn prefilled "
+                        "with <think>; instruct = instruction only; none = plain ESC prompt")
+    g.add_argument("--system-prompt", default=None,
+                   help="replace the protocol's system prompt with this text (the prefill still follows --think-prompt)")
+    g.add_argument("--learn-only", action="store_true", help="train only on turns with learn == true (RAPO's HSD; "
+                   "RLFF-ESC uses every train turn)")
+    g.add_argument("--fmt-coef", type=float, default=0.5, help="alpha, weight of the format reward (RLFF-ESC: 0.5)")
+    g.add_argument("--l-max", type=int, default=200, help="soft overlong punishment L_max in tokens; 0 disables (RAPO: 200)")
+    g.add_argument("--l-cache", type=int, default=80, help="soft overlong punishment L_cache (RAPO: 80)")
+    args = p.parse_args(argv)
+    check_grpo_args(args)
+    check(args.l_max == 0 or 0 < args.l_cache <= args.l_max, "--l-cache must be in (0, --l-max] (or --l-max 0)")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: rewards (SPEC section 5)
+
+FORMAT_RE = re.compile(r"\s*<think>(?P<think>(?:(?!</?think>).)*)</think>(?P<reply>(?:(?!</?think>).)*)", re.S)
+
+
+def format_reward(text: str) -> float:
+    """R_fmt: 1.0 iff text is `<think>T</think>Y` with T and Y non-blank and no other think tags, else 0.0."""
+    m = FORMAT_RE.fullmatch(text)
+    return 1.0 if m and m["think"].strip() and m["reply"].strip() else 0.0
+
+
+def overlong_penalty(n_tokens: int, l_max: int, l_cache: int) -> float:
+    """R_len, DAPO's soft overlong punishment: 0 up to L_max - L_cache tokens, then a linear ramp
+    ((L_max - L_cache) - |y|) / L_cache down to -1 at L_max, and -1 beyond."""
+    if n_tokens <= l_max - l_cache:
+        return 0.0
+    if n_tokens <= l_max:
+        return ((l_max - l_cache) - n_tokens) / l_cache
+    return -1.0
+
+
+def group_advantages(rewards: torch.Tensor, norm: str = "std", eps: float = 1e-4) -> torch.Tensor:
+    """Eq. 1: rewards [B, G] -> advantages [B, G]. std: (r - mean_g) / (std_g + eps) with the unbiased std
+    (TRL, verl); none: r - mean_g (Dr. GRPO). A group whose rewards are all equal gets A = 0."""
+    r = rewards.double()
+    centred = r - r.mean(dim=1, keepdim=True)  # [B, G]
+    if norm == "none":
+        return centred.to(rewards.dtype)
+    if norm != "std":
+        raise ValueError(f"unknown advantage normalisation {norm!r}")
+    return (centred / (r.std(dim=1, keepdim=True, unbiased=True) + eps)).to(rewards.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: log-probs, KL and the loss (Eq. 2-3)
+
+
+def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device=None):
+    """Prompts left-padded to P, completions right-padded to C, one row per sequence.
+
+    Returns input_ids [N, P+C], attention_mask [N, P+C], position_ids [N, P+C] (counting real tokens only,
+    as generate does with left padding) and completion_mask [N, C] (1 on completion tokens).
+    """
+    P = max(len(p) for p in prompts)
+    C = max(max(len(c) for c in completions), 1)
+    N = len(prompts)
+    ids = torch.full((N, P + C), pad_id, dtype=torch.long)
+    attn = torch.zeros((N, P + C), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        attn[i, P - len(p):P] = 1
+        if c:
+            ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
+            attn[i, P:P + len(c)] = 1
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), attn.to(device), pos.to(device), attn[:, P:].to(device)
+
+
+def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
+                    temperature: float = 1.0, position_ids: torch.Tensor | None = None,
+                    return_entropy: bool = False, return_logits: bool = False):
+    """log p(completion token t | prefix) for the last n_completion positions: [N, C].
+
+    Only the last C+1 positions' logits are computed (`logits_to_keep`), divided by the temperature in
+    place, and the log-softmax is taken TOKEN_CHUNK positions at a time and gathered at the sampled ids
+    (common.selective_log_softmax): no [N, C, V] log-softmax (or softmax, for the entropy) is ever held.
+    return_entropy adds the policy entropy per token [N, C] (no grad); return_logits adds the scaled
+    logits [N, C, V] (with grad; for extra losses such as 05_rapo.py's distillation).
+    """
+    C = n_completion
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=C + 1, use_cache=False)
+    logits = out.logits[:, :-1]  # [N, C, V]: the logits at position t predict token t + 1
+    if temperature != 1.0:
+        logits = logits.div_(temperature)  # in place: the lm_head's backward does not need its output
+    target = input_ids[:, -C:]  # [N, C]
+    # per sequence, TOKEN_CHUNK positions at a time: [TOKEN_CHUNK, 1, V] blocks through selective_log_softmax
+    logp = torch.stack([common.selective_log_softmax(logits[i].unsqueeze(1), target[i].unsqueeze(1), TOKEN_CHUNK)
+                        .squeeze(1) for i in range(logits.shape[0])])  # [N, C]
+    res = [logp]
+    if return_entropy:
+        with torch.no_grad():
+            ents = []
+            for row in logits.detach():  # [C, V] per sequence, TOKEN_CHUNK positions at a time
+                lg = [x.float() for x in row.split(TOKEN_CHUNK)]
+                ents.append(torch.cat([torch.logsumexp(x, -1) - (torch.softmax(x, -1) * x).sum(-1) for x in lg]))  # H = lse - E_p[logit]
+            res.append(torch.stack(ents))  # [N, C]
+    if return_logits:
+        res.append(logits)
+    return res[0] if len(res) == 1 else tuple(res)
+
+
+def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || pi_ref) per token: exp(d) - d - 1 with d = logp_ref - logp (>= 0, 0 iff equal)."""
+    d = logp_ref - logp
+    return torch.exp(d) - d - 1
+
+
+def grpo_token_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor | None, adv: torch.Tensor,
+                    eps_low: float = 0.2, eps_high: float = 0.28, beta: float = 5e-4) -> torch.Tensor:
+    """Per-token GRPO loss [N, T] (Eq. 2-3 with DAPO clip-higher):
+    -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta * k3(logp, logp_ref), rho = exp(logp - logp_old).
+    adv is per sequence [N]; logp_ref may be None when beta == 0. Masking and averaging: aggregate()."""
+    rho = torch.exp(logp - logp_old)  # [N, T]
+    a = adv.unsqueeze(-1).to(logp.dtype)  # [N, 1]
+    loss = -torch.min(rho * a, rho.clamp(1 - eps_low, 1 + eps_high) * a)  # Eq. 3: clipped surrogate
+    if beta:
+        loss = loss + beta * k3_kl(logp, logp_ref)  # Eq. 2: KL penalty against the reference
+    return loss
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, n_tokens: float, n_seqs: float, l_gen: int) -> torch.Tensor:
+    """This micro-batch's share of the global loss; summed over micro-batches and ranks it is the loss of
+    the whole batch. n_tokens / n_seqs are the GLOBAL counts (all micro-batches, all ranks).
+      token-mean:              sum_{i,t} L_it m_it / n_tokens
+      seq-mean-token-mean:     sum_i (sum_t L_it m_it / |y_i|) / n_seqs
+      seq-mean-token-sum-norm: sum_{i,t} L_it m_it / (n_seqs * L_gen)      (Dr. GRPO)
+    """
+    m = mask.to(loss.dtype)
+    if mode == "token-mean":
+        return (loss * m).sum() / n_tokens
+    if mode == "seq-mean-token-mean":
+        return ((loss * m).sum(-1) / m.sum(-1).clamp(min=1)).sum() / n_seqs
+    if mode == "seq-mean-token-sum-norm":
+        return (loss * m).sum() / (n_seqs * l_gen)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollouts and the update over micro-batches (tests and 05_rapo.py call these on fixed rollouts)
+
+
+@dataclass
+class Rollouts:
+    """One rank's batch: N = B*G sequences, group-major (the G completions of a prompt are consecutive)."""
+    prompts: list[list[int]]  # N prompt token ids
+    completions: list[list[int]]  # N completion ids (ending in EOS when one was produced)
+    advantages: torch.Tensor  # [N]
+    logp_old: list[torch.Tensor] | None = None  # per sequence [|y_i|]: stored before the first update (ppo-epochs > 1)
+    logp_ref: list[torch.Tensor] | None = None  # per sequence [|y_i|]: the reference policy's log-probs (beta > 0)
+
+
+@dataclass
+class LossConfig:
+    """Everything the update needs besides the model and the rollouts."""
+    pad_id: int
+    temperature: float = 1.0
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    beta: float = 5e-4
+    loss_agg: str = "token-mean"
+    l_gen: int = 256  # L_gen for seq-mean-token-sum-norm
+    micro_batch: int = 8
+    autocast_dtype: torch.dtype | None = None  # bf16 autocast on GPU
+
+
+@dataclass
+class MicroBatch:
+    """What an extra-loss callback sees for one micro-batch (all tensors on the model's device)."""
+    idx: list[int]  # positions of these sequences in the Rollouts
+    input_ids: torch.Tensor  # [n, P+C]
+    attention_mask: torch.Tensor  # [n, P+C]
+    position_ids: torch.Tensor  # [n, P+C]
+    completion_mask: torch.Tensor  # [n, C]
+    logits: torch.Tensor  # [n, C, V] policy logits / temperature, with grad
+    logp: torch.Tensor  # [n, C] with grad
+    n_tokens: float  # global completion-token count (all micro-batches and ranks)
+    n_seqs: float  # global sequence count
+
+
+def rollout(model, tok, prompts: list[list[int]], G: int, *, max_new_tokens: int, temperature: float,
+            top_p: float = 1.0, batch_size: int = 64, min_new_tokens: int = 0) -> list[list[int]]:
+    """Sample G completions per prompt from the policy (hf backend): [B*G] token-id lists, group-major.
+    (min_new_tokens > 0 suppresses EOS before that length: fixed-work benchmarks.)"""
+    was_training = model.training
+    model.eval()
+    reps = [p for p in prompts for _ in range(G)]  # [B*G]
+    comps = common.generate_ids(model, tok, reps, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, batch_size=batch_size, min_new_tokens=min_new_tokens)
+    model.train(was_training)
+    return comps
+
+
+def _pad_rows(rows: list[torch.Tensor], C: int, device) -> torch.Tensor:
+    out = torch.zeros((len(rows), C), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out.to(device)
+
+
+@torch.no_grad()
+def sequence_logps(model, ro: Rollouts, cfg: LossConfig) -> list[torch.Tensor]:
+    """Per-sequence completion log-probs [|y_i|] under `model` (no grad), in micro-batches. Called inside
+    `model.disable_adapter()` for the reference, or before the first update for logp_old."""
+    device = next(model.parameters()).device
+    res = []
+    for idx in common.chunks(list(range(len(ro.completions))), cfg.micro_batch):
+        ids, attn, pos, cmask = collate([ro.prompts[i] for i in idx], [ro.completions[i] for i in idx], cfg.pad_id, device)
+        with _autocast(cfg, device):
+            lp = per_token_logps(model, ids, attn, cmask.shape[1], cfg.temperature, pos).float()
+        for k, i in enumerate(idx):
+            res.append(lp[k, :len(ro.completions[i])].cpu())
+    return res
+
+
+def _autocast(cfg: LossConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=cfg.autocast_dtype) if cfg.autocast_dtype is not None else nullcontext()
+
+
+def accumulate_gradients(train_model, ro: Rollouts, cfg: LossConfig, dist: common.Dist | None = None,
+                         extra_loss=None) -> dict:
+    """Forward/backward of the GRPO loss over micro-batches of `ro` (gradients ADDED to .grad).
+
+    train_model: the policy, possibly wrapped in DDP (then gradients sync on the last micro-batch only).
+    extra_loss(mb: MicroBatch) -> scalar tensor: optional term added to this micro-batch's loss before
+    backward (05_rapo.py's distillation); like aggregate(), it must be this micro-batch's share of a
+    global mean, and it is multiplied by the world size too.
+    Returns sums for logging: loss (the global loss value once summed over ranks), and token sums of kl,
+    entropy, clipped tokens, plus n_tokens / n_seqs (global).
+    """
+    dist = dist or common.Dist()
+    device = next(train_model.parameters()).device
+    N = len(ro.completions)
+    lens = [len(c) for c in ro.completions]
+    # global denominators: every micro-batch of every rank divides by the same counts
+    counts = common.all_reduce_sum(torch.tensor([float(sum(lens)), float(N)], dtype=torch.float64, device=device), dist)
+    n_tokens, n_seqs = counts[0].item(), counts[1].item()
+    ddp = isinstance(train_model, torch.nn.parallel.DistributedDataParallel)
+    mbs = common.chunks(list(range(N)), cfg.micro_batch)
+    st = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0, "extra": 0.0, "n_tokens": n_tokens, "n_seqs": n_seqs,
+          "local_tokens": float(sum(lens))}
+    for k, idx in enumerate(mbs):
+        # DDP: all-reduce the gradients only in the last micro-batch's backward
+        sync = nullcontext() if (not ddp or k == len(mbs) - 1) else train_model.no_sync()
+        with sync:
+            ids, attn, pos, cmask = collate([ro.prompts[i] for i in idx], [ro.completions[i] for i in idx], cfg.pad_id, device)
+            C = cmask.shape[1]
+            with _autocast(cfg, device):
+                logp, ent, logits = per_token_logps(train_model, ids, attn, C, cfg.temperature, pos,
+                                                    return_entropy=True, return_logits=True)  # [n, C]
+            logp = logp.float()
+            logp_old = _pad_rows([ro.logp_old[i] for i in idx], C, device) if ro.logp_old is not None else logp.detach()
+            logp_ref = _pad_rows([ro.logp_ref[i] for i in idx], C, device) if cfg.beta > 0 else None
+            adv = ro.advantages[idx].to(device)  # [n]
+            tok_loss = grpo_token_loss(logp, logp_old, logp_ref, adv, cfg.eps_low, cfg.eps_high, cfg.beta)  # [n, C]
+            loss = aggregate(tok_loss, cmask, cfg.loss_agg, n_tokens, n_seqs, cfg.l_gen)
+            if extra_loss is not None:
+                extra = extra_loss(MicroBatch(idx, ids, attn, pos, cmask, logits, logp, n_tokens, n_seqs))
+                st["extra"] += float(extra.detach())
+                loss = loss + extra
+            (loss * dist.world).backward()  # DDP averages over ranks: x world makes it the global-batch gradient
+        m = cmask.float()
+        with torch.no_grad():
+            rho = torch.exp(logp.detach() - logp_old)
+            a = adv.unsqueeze(-1)
+            clipped = ((rho > 1 + cfg.eps_high) & (a > 0)) | ((rho < 1 - cfg.eps_low) & (a < 0))  # no gradient there
+            st["loss"] += float(loss.detach())
+            st["entropy"] += float((ent * m).sum())
+            st["clipped"] += float((clipped.float() * m).sum())
+            if logp_ref is not None:
+                st["kl"] += float((k3_kl(logp.detach(), logp_ref) * m).sum())
+    return st
+
+
+def grpo_step(model, train_model, optimizer, scheduler, ro: Rollouts, cfg: LossConfig, dist: common.Dist | None = None,
+              max_grad_norm: float = 1.0, extra_loss=None) -> dict:
+    """One optimiser step on fixed rollouts: zero grads, accumulate over micro-batches, clip, AdamW, schedule.
+    `model` is the unwrapped policy (its trainable parameters are clipped), `train_model` the one to call
+    (DDP or the same). Returns accumulate_gradients' sums plus grad_norm (before clipping) and lr."""
+    optimizer.zero_grad(set_to_none=True)
+    st = accumulate_gradients(train_model, ro, cfg, dist, extra_loss)
+    params = [p for p in model.parameters() if p.requires_grad]
+    st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))  # after the all-reduce
+    st["lr"] = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return st
+
+
+# ----------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: prompts, reward model, vLLM rollouts, checkpoints
+
+
+def system_prompt(mode: str) -> tuple[str, str]:
+    """(system prompt, assistant prefill) of the thinking-format protocol (deviation 1)."""
+    if mode == "prefill":
+        return THINK_SYSTEM, "<think>"
+    if mode == "instruct":
+        return THINK_SYSTEM, ""
+    return common.ESC_SYSTEM, ""
+
+
+def prompt_ids(tok, context: list[dict], system: str, prefill: str, max_tokens: int) -> list[int]:
+    """Chat-template ids of [system] + context (+ prefill); the oldest messages are dropped until it fits
+    (the last message is always kept, its ids cut from the left if it alone is too long)."""
+    msgs = list(context)
+    while True:
+        ids = common.chat_ids(tok, [{"role": "system", "content": system}] + msgs, prefill)
+        if len(ids) <= max_tokens or len(msgs) == 1:
+            return ids[-max_tokens:]
+        msgs = msgs[1:]
+
+
+def load_stage(name: str):
+    """Import a numbered stage script (e.g. 03_train_rm) as a module."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", Path(__file__).resolve().parent / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_rm_scorer(path: str, device, dtype, batch_size: int):
+    """R_fut from 03_train_rm.py's reward model: fn(contexts, replies) -> list[float]."""
+    check(Path(path).is_dir(), f"--rm {path}: no such folder (train one with 03_train_rm.py, or use --rm none)")
+    rm_mod = load_stage("03_train_rm")
+    loaded = rm_mod.load_reward_model(path, device, dtype)
+    rm, rm_tok = loaded if isinstance(loaded, tuple) else (loaded, common.load_tokenizer(path))
+    return lambda contexts, replies: rm_mod.score(rm, rm_tok, contexts, replies, batch_size)
+
+
+def compute_rewards(texts: list[str], n_tokens: list[int], contexts: list[list[dict]], *, fmt_coef: float,
+                    l_max: int, l_cache: int, rm_fn=None) -> dict[str, list[float]]:
+    """r = R_fut + alpha R_fmt + R_len per completion; the RM sees only the reply after </think>."""
+    fmt = [format_reward(t) for t in texts]
+    length = [overlong_penalty(n, l_max, l_cache) if l_max > 0 else 0.0 for n in n_tokens]
+    fut = rm_fn(contexts, [common.strip_reasoning(t) for t in texts]) if rm_fn is not None else [0.0] * len(texts)
+    total = [f + fmt_coef * m + ln for f, m, ln in zip(fut, fmt, length)]
+    return {"total": total, "fut": [float(x) for x in fut], "fmt": fmt, "len": length}
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+class VLLMRollout:
+    """--rollout vllm: a colocated vLLM engine per rank (vllm==0.33.0 API, SPEC section 10).
+
+    Each step the current adapter is saved to a new folder and served under a new LoRARequest name/id
+    (an id already loaded is never re-read from disk), the previous one removed and the prefix cache reset.
+    Prompts go in as token ids (the same ids the trainer uses, prefill included); completions come back as
+    token ids. vLLM's log-probs are not used: the loss recomputes them with the training model.
+    """
+
+    def __init__(self, base_path: str, args, dist: common.Dist):
+        if importlib.util.find_spec("vllm") is None:
+            raise InputError("--rollout vllm needs vLLM on a GPU machine (pip install vllm==0.33.0); use --rollout hf")
+        engine_args = dict(max_model_len=args.max_prompt_tokens + args.max_new_tokens, max_loras=1,
+                           enable_prefix_caching=True)
+        if dist.world > 1:  # torchrun: every rank builds its engine here, at the same point
+            engine_args["distributed_executor_backend"] = "external_launcher"
+        self.backend = common.VLLMBackend(base_path, dtype="auto" if args.dtype == "auto" else args.dtype,
+                                          seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
+                                          max_lora_rank=min(v for v in VLLM_LORA_RANKS if v >= args.lora_r),
+                                          enable_lora=True, **engine_args)
+        self.dir = Path(args.out) / "vllm_adapters" / f"rank{dist.rank}"
+        self.rank, self.world, self.seed = dist.rank, dist.world, args.seed
+
+    def __call__(self, model, prompts: list[list[int]], G: int, step: int, *, max_new_tokens: int,
+                 temperature: float, top_p: float) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        folder = self.dir / f"step{step}"
+        model.save_pretrained(folder)  # adapter_config.json + adapter_model.safetensors
+        old = self.backend.lora[2] if self.backend.lora is not None else None
+        self.backend.set_adapter(str(folder), step + 1)  # new name and id every step
+        sp = SamplingParams(n=G, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                            seed=self.seed + 1_000_003 * step + self.rank, skip_special_tokens=True)
+        outs = self.backend.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False,
+                                         lora_request=self.backend.lora_request())
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return [list(o.token_ids) for out in outs for o in out.outputs]  # [B*G], group-major
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        frac = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else max(0.0, 1 - frac)
+    return f
+
+
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict):
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_model(model, folder: Path, tok, lora: bool):
+    model.save_pretrained(folder)  # LoRA: adapter only (PEFT-loadable); full: the whole model
+    tok.save_pretrained(folder)
+
+
+def save_checkpoint(out: Path, step: int, model, tok, optimizer, scheduler, dist: common.Dist, lora: bool):
+    """out/checkpoint/: adapter (or model), trainer.pt (optimizer, scheduler, step), rng_rank{r}.pt per rank.
+    Written into checkpoint.tmp and swapped in, so a crash mid-save keeps the previous checkpoint."""
+    ck, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    common.barrier(dist)
+    torch.save(rng_state(), tmp / f"rng_rank{dist.rank}.pt")
+    common.barrier(dist)
+    if dist.main:
+        save_model(model, tmp / ("adapter" if lora else "model"), tok, lora)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                    "world": dist.world}, tmp / "trainer.pt")
+        if ck.exists():
+            os.replace(ck, old)
+        os.replace(tmp, ck)
+        shutil.rmtree(old, ignore_errors=True)
+    common.barrier(dist)
+
+
+def load_checkpoint(out: Path, model, optimizer, scheduler, dist: common.Dist, lora: bool) -> int:
+    """Restore weights, optimiser, scheduler and this rank's RNG; returns the step to continue from."""
+    from safetensors.torch import load_file
+
+    ck = out / "checkpoint"
+    st = torch.load(ck / "trainer.pt", map_location="cpu", weights_only=False)
+    check(st["world"] == dist.world, f"{ck}: saved with {st['world']} ranks, resumed with {dist.world}; "
+          "resume with the same number of processes")
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(ck / "adapter" / "adapter_model.safetensors"))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(ck / "model", dtype=next(model.parameters()).dtype).state_dict())
+    optimizer.load_state_dict(st["optimizer"])
+    scheduler.load_state_dict(st["scheduler"])
+    set_rng_state(torch.load(ck / f"rng_rank{dist.rank}.pt", weights_only=False))
+    return int(st["step"])
+
+
+def load_fixed_rollouts(path: str, G: int) -> list[dict]:
+    """--rollouts-file: groups {prompt_ids, completions [[ids] x G], rewards [G]}, validated."""
+    recs = common.read_jsonl(path, required=("prompt_ids", "completions", "rewards"))
+    check(len(recs) > 0, f"{path}: no groups")
+    for i, r in enumerate(recs, 1):
+        check(len(r["completions"]) == G and len(r["rewards"]) == G,
+              f"{path}: line {i}: 'completions' and 'rewards' need --group-size={G} entries")
+        check(all(len(c) >= 1 for c in r["completions"]), f"{path}: line {i}: empty completion in 'completions'")
+    return recs
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: the run's set-up and bookkeeping, shared with 05_rapo.py
+
+
+def check_run_dir(args) -> str:
+    """Validate --out against --resume/--overwrite and the policy spec; returns the policy's path."""
+    out = Path(args.out)
+    if args.resume:
+        check((out / "checkpoint" / "trainer.pt").exists(), f"--resume: no checkpoint in {out / 'checkpoint'}")
+    elif not args.overwrite:
+        check(not (out / "checkpoint").exists() and not (out / "metrics.jsonl").exists(),
+              f"{out} already has a run: pass --resume to continue it or --overwrite to start afresh")
+    spec = common.parse_spec(args.policy)
+    check(spec.backend == "hf", f"--policy {args.policy}: the trained policy is loaded with transformers (hf: or a path); "
+          "use --rollout vllm for vLLM generation")
+    policy_path = common.resolve_path(spec.name)
+    check(not common.is_adapter_folder(policy_path), f"--policy {args.policy}: pass the base model, not an adapter folder")
+    check(args.rollout != "vllm" or importlib.util.find_spec("vllm") is not None,
+          "--rollout vllm needs vLLM on a GPU machine (pip install vllm==0.33.0); use --rollout hf")
+    return policy_path
+
+
+@dataclass
+class Policy:
+    """The trained policy and everything its updates need (built by setup_policy)."""
+    model: torch.nn.Module  # the unwrapped policy (PEFT model with LoRA)
+    tok: object
+    lora: bool
+    lora_config: object  # peft.LoraConfig or None
+    ref_model: torch.nn.Module | None  # a frozen copy, only for full fine-tuning with beta > 0
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    cfg: LossConfig
+    total: int  # optimiser steps of the whole run
+    steps_per_epoch: int
+    rollout_fn: object  # VLLMRollout or None (hf generate)
+    args: argparse.Namespace
+
+    def generate(self, prompts: list[list[int]], G: int, step: int) -> list[list[int]]:
+        """G completions per prompt from the current policy: [B*G] token-id lists, group-major."""
+        a = self.args
+        if self.rollout_fn is not None:
+            return self.rollout_fn(self.model, prompts, G, step, max_new_tokens=a.max_new_tokens,
+                                   temperature=a.temperature, top_p=a.top_p)
+        return rollout(self.model, self.tok, prompts, G, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                       top_p=a.top_p, batch_size=a.gen_batch_size)
+
+
+def setup_policy(args, dist: common.Dist, n_groups: int) -> Policy:
+    """--overwrite clean-up, the vLLM engine, the policy with LoRA (or a frozen reference for full fine-tuning),
+    gradient checkpointing, AdamW and the schedule. Seeds: --seed before the weights are created (identical
+    on every rank), then --seed + rank (deviation 6)."""
+    out = Path(args.out)
+    if args.overwrite and dist.main:
+        for name in ("checkpoint", "adapter", "model", "vllm_adapters"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            (out / name).unlink(missing_ok=True)
+    common.barrier(dist)
+    device = dist.device
+    dtype = common.resolve_dtype(args.dtype, device)
+    policy_path = common.resolve_path(common.parse_spec(args.policy).name)
+    vllm_gen = VLLMRollout(policy_path, args, dist) if args.rollout == "vllm" else None  # before seeding: LLM() reseeds
+
+    # ---- model: LoRA on all projections (same initial weights on every rank), reference = adapter disabled
+    common.seed_everything(args.seed)
+    model, tok = common.load_causal_lm(policy_path, device, dtype)
+    ref_model = None
+    lora = not args.no_lora
+    lora_config = None
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                 target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora_config)
+    elif args.beta > 0:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # full fine-tuning: the only second model
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora:
+            model.enable_input_require_grads()  # frozen embeddings: make checkpointed blocks see a grad input
+    model.train()
+    common.seed_everything(args.seed + dist.rank)  # deviation 6: ranks sample different completions
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
+    steps_per_epoch = max(1, n_groups // args.prompts_per_step) if not args.rollouts_file else 1
+    total = args.max_steps or args.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_schedule, args.warmup_steps, total))
+    cfg = LossConfig(pad_id=tok.pad_token_id, temperature=args.temperature, eps_low=args.eps_low, eps_high=args.eps_high,
+                     beta=args.beta, loss_agg=args.loss_agg, l_gen=args.max_new_tokens, micro_batch=args.micro_batch,
+                     autocast_dtype=torch.bfloat16 if device.type == "cuda" and dtype == torch.float32 else None)
+    return Policy(model, tok, lora, lora_config, ref_model, optimizer, scheduler, cfg, total, steps_per_epoch, vllm_gen, args)
+
+
+def step_batch(turns: list[dict], step: int, steps_per_epoch: int, args) -> list[dict]:
+    """The prompts of a step over all ranks: epoch e is a permutation seeded by (--seed, e), so the data
+    position is the step number and a resumed run sees exactly the prompts it would have seen."""
+    epoch, pos = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([args.seed, epoch]).permutation(len(turns))
+    return [turns[i] for i in order[pos * args.prompts_per_step:(pos + 1) * args.prompts_per_step]]
+
+
+def prepare_logps(pol: Policy, ro: Rollouts):
+    """Reference log-probs (beta > 0; LoRA: the adapter disabled, no second model) and, with --ppo-epochs > 1,
+    logp_old from before the first update."""
+    if pol.args.beta > 0:
+        if pol.lora:
+            with pol.model.disable_adapter():
+                ro.logp_ref = sequence_logps(pol.model, ro, pol.cfg)
+        else:
+            ro.logp_ref = sequence_logps(pol.ref_model, ro, pol.cfg)
+    if pol.args.ppo_epochs > 1:
+        ro.logp_old = sequence_logps(pol.model, ro, pol.cfg)
+
+
+def start_logs(args, dist: common.Dist, pol: Policy, start: int, extra: dict):
+    """args.json, and on --resume drop what was logged after the checkpoint (it is redone identically)."""
+    out = Path(args.out)
+    if not dist.main:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    common.save_args(args, out, {"world_size": dist.world, "total_steps": pol.total,
+                                 "reference": "adapter disabled" if pol.lora else "frozen copy", **extra})
+    if args.resume:
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            if (out / name).exists():
+                recs = common.read_jsonl(out / name, allow_torn_tail=True)
+                common.write_jsonl(out / name, [r for r in recs if r["step"] <= start])
+
+
+def step_metrics(step: int, pol: Policy, dist: common.Dist, comps: list[list[int]], rewards: torch.Tensor,
+                 adv: torch.Tensor, st: dict, t0: float, t_gen: float, t_upd: float, reward_parts: dict) -> dict:
+    """One metrics.jsonl row (SPEC section 5 list; README table): sums all-reduced over ranks.
+    reward_parts: {name: per-completion values} logged as their means (e.g. reward_fmt)."""
+    args, device = pol.args, dist.device
+    n_local = len(comps)
+    lens = torch.tensor([len(c) for c in comps], dtype=torch.float64)
+    eos = set(common.eos_ids(pol.model, pol.tok))
+    names = list(reward_parts)
+    sums = torch.tensor([n_local, float(rewards.sum()), float((rewards.std(1) == 0).sum()), float(rewards.shape[0]),
+                         float(lens.sum()), sum(1.0 for c in comps if c[-1] not in eos), st["loss"], st["kl"],
+                         st["entropy"], st["clipped"], float(adv.abs().sum())] + [float(sum(reward_parts[k])) for k in names],
+                        dtype=torch.float64, device=device)
+    common.all_reduce_sum(sums, dist)
+    mx = torch.tensor([float(lens.max()), t_gen, t_upd], dtype=torch.float64, device=device)
+    if dist.world > 1:
+        torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
+    s = sums.tolist()
+    n, ntok = s[0], s[4]
+    row = {"step": step + 1, "epoch": step // pol.steps_per_epoch, "reward": s[1] / n}
+    row.update({k: v / n for k, v in zip(names, s[11:])})
+    row.update({"zero_std_frac": s[2] / s[3], "adv_abs_mean": s[10] / n,
+                "completion_len_mean": ntok / n, "completion_len_max": mx[0].item(), "truncated_frac": s[5] / n,
+                "loss": s[6], "kl": s[7] / ntok if args.beta > 0 else None, "entropy": s[8] / ntok,
+                "clip_frac": s[9] / ntok, "grad_norm": st["grad_norm"], "lr": st["lr"], "time_step": time.time() - t0,
+                "time_gen": mx[1].item(), "time_update": mx[2].item(), "gen_tokens_per_s": ntok / max(mx[1].item(), 1e-9),
+                "train_tokens_per_s": args.ppo_epochs * ntok / max(mx[2].item(), 1e-9)})
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    check_run_dir(args)  # validation before any work
+    fixed = load_fixed_rollouts(args.rollouts_file, args.group_size) if args.rollouts_file else None
+    if fixed is None:
+        turns = common.load_turns(args.data, split="train", learn_only=args.learn_only)
+        if args.max_examples:
+            turns = turns[:args.max_examples]
+        check(len(turns) >= args.prompts_per_step,
+              f"{args.data}: {len(turns)} train prompts, fewer than --prompts-per-step {args.prompts_per_step}")
+
+    dist = common.init_dist(args.device)
+    check(args.prompts_per_step % dist.world == 0, f"--prompts-per-step {args.prompts_per_step} must be divisible by "
+          f"the number of ranks ({dist.world})")
+    if fixed is not None:
+        check(len(fixed) % dist.world == 0, f"{args.rollouts_file}: {len(fixed)} groups, not divisible by {dist.world} ranks")
+    rm_fn = None if args.rm == "none" or fixed is not None else make_rm_scorer(args.rm, dist.device,
+                                                                              common.resolve_dtype(args.dtype, dist.device),
+                                                                              args.rm_batch_size)
+    pol = setup_policy(args, dist, n_groups=len(fixed) if fixed is not None else len(turns))
+    model, tok, lora, cfg = pol.model, pol.tok, pol.lora, pol.cfg
+    optimizer, scheduler, total, steps_per_epoch = pol.optimizer, pol.scheduler, pol.total, pol.steps_per_epoch
+    start = load_checkpoint(out, model, optimizer, scheduler, dist, lora) if args.resume else 0
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
+    system, prefill = system_prompt(args.think_prompt)
+    system = args.system_prompt if args.system_prompt is not None else system
+
+    start_logs(args, dist, pol, start, {"system_prompt": system, "prefill": prefill})
+    wandb = None
+    if args.wandb and dist.main:
+        try:
+            import wandb
+        except ImportError:
+            raise InputError("--wandb needs the wandb package (pip install wandb)") from None
+        wandb.init(project=args.wandb, config=vars(args), resume="allow")
+    common.print0(f"GRPO: {total} steps ({steps_per_epoch} per epoch), {args.prompts_per_step} prompts x G={args.group_size} "
+                  f"per step on {dist.world} rank(s), {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
+                  "trainable parameters, "
+                  f"starting at step {start}")
+
+    bar = common.progress(total=total, initial=start, desc="grpo")
+    stop = total if args.stop_after is None else min(total, start + args.stop_after)
+    for step in range(start, stop):
+        t0 = time.time()
+        # ---- this step's prompts (data position = step; deviation 6) and rollouts
+        if fixed is not None:
+            groups = common.shard(fixed, dist)
+            p_ids = [g["prompt_ids"] for g in groups]
+            comps = [c for g in groups for c in g["completions"]]
+            contexts = [[] for _ in groups]
+            given = torch.tensor([g["rewards"] for g in groups], dtype=torch.float32)  # [B_local, G]
+        else:
+            batch = common.shard(step_batch(turns, step, steps_per_epoch, args), dist)  # this rank's prompts
+            contexts = [t["context"] for t in batch]
+            p_ids = [prompt_ids(tok, c, system, prefill, args.max_prompt_tokens) for c in contexts]
+            comps = pol.generate(p_ids, args.group_size, step)  # [B_local*G], group-major
+        t_gen = time.time() - t0
+        # ---- ALGO LOGIC: rewards and group advantages (Eq. 1)
+        G = args.group_size
+        texts = [prefill + tok.decode(c, skip_special_tokens=True) for c in comps]
+        if fixed is not None:
+            rw = {"total": given.flatten().tolist(), "fut": [0.0] * len(comps), "fmt": [format_reward(t) for t in texts],
+                  "len": [0.0] * len(comps)}
+        else:
+            rw = compute_rewards(texts, [len(c) for c in comps], [c for c in contexts for _ in range(G)],
+                                 fmt_coef=args.fmt_coef, l_max=args.l_max, l_cache=args.l_cache, rm_fn=rm_fn)
+        rewards = torch.tensor(rw["total"], dtype=torch.float32).view(len(p_ids), G)  # [B_local, G]
+        adv = group_advantages(rewards, args.adv_norm, args.adv_eps).flatten()  # [B_local*G]
+        ro = Rollouts(prompts=[p for p in p_ids for _ in range(G)], completions=comps, advantages=adv)
+        t1 = time.time()
+        prepare_logps(pol, ro)  # reference log-probs (adapter disabled) and, for ppo-epochs > 1, logp_old
+        # ---- ALGO LOGIC: the update(s)
+        for _ in range(args.ppo_epochs):
+            st = grpo_step(model, train_model, optimizer, scheduler, ro, cfg, dist, args.max_grad_norm)
+        t_upd = time.time() - t1
+
+        # ---- logging (sums all-reduced over ranks; SPEC section 5 list, README table)
+        row = step_metrics(step, pol, dist, comps, rewards, adv, st, t0, t_gen, t_upd,
+                           {"reward_fut": rw["fut"], "reward_fmt": rw["fmt"], "reward_len": rw["len"]})
+        row["format_rate"] = row["reward_fmt"]
+        if dist.main:
+            common.append_jsonl(out / "metrics.jsonl", [row])
+            if wandb is not None:
+                wandb.log(row, step=step + 1)
+            if (step + 1) % args.sample_every == 0 or step == 0:
+                common.append_jsonl(out / "samples.jsonl", [{
+                    "step": step + 1, "context": contexts[0], "prompt": tok.decode(p_ids[0]),
+                    "completions": texts[:G], "replies": [common.strip_reasoning(t) for t in texts[:G]],
+                    "rewards": {k: v[:G] for k, v in rw.items()}, "advantages": adv[:G].tolist()}])
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", fmt=f"{row['format_rate']:.2f}", kl=f"{row['kl'] or 0:.2e}")
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == stop:
+            save_checkpoint(out, step + 1, model, tok, optimizer, scheduler, dist, lora)
+    bar.close()
+    if stop == total and dist.main:
+        save_model(model, out / ("adapter" if lora else "model"), tok, lora)
+        print(f"done: {total} steps; wrote {out / ('adapter' if lora else 'model')}, {out / 'metrics.jsonl'}")
+    common.barrier(dist)
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    common.run_main(main)

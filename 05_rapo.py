@@ -1,0 +1,501 @@
+"""Stage 05: RAPO, reaction-aware policy optimisation (RAPO sections 3.2-3.4, Eq. 8-15; SPEC section 6).
+
+Per prompt x (a train turn's context with learn == true from 01_select.py's hindsight selection, Eq. 8):
+  1. Chain-of-Supporting: G candidates a_i = <strategy>s_i</strategy> y_i (the assistant turn is prefilled
+     with "<strategy>"); only the reply y_i is shown to the other roles.
+  2. Reactions (Eq. 9): u_i ~ Seeker(x, y_i), one seeker message per candidate, one batched call.
+  3. Generative reward model (Eq. 10): one call per group sees x and every (y_i, u_i), shuffled (position
+     bias) and un-shuffled after, and returns {"i": {analysis, rank, score}}; validated, re-asked, scores
+     derived from ranks when only the ranks are valid; a group that never parses gets A = 0 and no
+     distillation (counted). r_i = score_i.
+  4. Scalar RL: 04_grpo.py's GRPO loss on the scores (imported, not copied).
+  5. Verbal RL (Eq. 11-14): w = argmin_i r_i. The teacher sees x with a hindsight block (y_w, u_w, the
+     critique c_w, the group's best reply) and scores the SAME token ids a_w under no_grad. Per token:
+         L_SD,t = KL_topK+tail(p_student || q_teacher)  (K = 256 from the student, fp32, logits / T)
+     weighted by min(exp(logp - logp_old), 2) and averaged over the distilled tokens (global count).
+  6. L = L_GRPO + eta * L_SD (Eq. 15), eta = 1e-3; after every optimiser step the teacher's weights move
+     towards the policy's: theta_T <- (1 - m) theta_T + m theta, m = 0.5 (EMA, initialised from the
+     initial policy). With LoRA the teacher is a second adapter ("teacher") on the same base model.
+
+Ablations (RAPO Table 3), each one flag:
+  --reward reaction      RAPO (the default)
+  --reward rubric-group  CPO: the judge ranks the group against a rubric, without reactions
+  --reward rubric-point  GRPO baseline: each reply scored alone by a rubric
+  --sd-coef 0            without verbal RL (w/o SD)
+  --teacher live|base    the teacher is the current policy / the initial policy instead of the EMA
+
+Deliberate deviations (numbered):
+ 1. Everything 04_grpo.py lists (CPU-friendly sizes, seeds, distributed denominators) applies here too.
+ 2. The GRM prompt is prefilled with '{"0": {"analysis": "' for hf:/vllm: judges (a small local judge
+    then writes the JSON shape far more often); openai: judges get no prefill.
+ 3. For rubric-* rewards there is no reaction; the teacher's hindsight block says so.
+ 4. The distillation tokens are the whole candidate a_w (strategy part and reply), as the student wrote it.
+
+Run:
+  python 05_rapo.py --data runs/demo/turns.jsonl --out runs/rapo
+  python 05_rapo.py --reward rubric-group --out runs/cpo          # and the other Table 3 variants
+  torchrun --nproc_per_node=8 05_rapo.py --policy Qwen/Qwen2.5-7B-Instruct --seeker openai:... --grm openai:... \\
+      --seeker-base-url http://host:8000/v1 --grm-base-url http://host:8000/v1 --prompts-per-step 128
+"""
+import argparse
+import copy
+import random
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+from common import check
+
+grpo = common.load_stage("04_grpo")  # the GRPO machinery: advantages, loss, update, checkpoints
+
+PREFILL = "<strategy>"
+RAPO_SYSTEM = (
+    "You are an emotional supporter. Understand the person deeply, comfort them and help them.\n"
+    "Guidelines: explore their emotional state, soothe, then support or suggest. Strategies you may use: "
+    "Inquiry (open questions about background, feelings, needs); Paraphrasing (restate to clarify feelings); "
+    "Listening (acknowledge feelings and needs); Self-disclosure (brief, relevant personal experience); "
+    "Soothing (warm, calming words); Validation (their feelings are legitimate); Advice-giving (suggestions, "
+    "only after understanding); Information (relevant facts or resources). Respect privacy and boundaries, do "
+    "not judge or dismiss feelings, do not advise too early, avoid jargon, keep a warm and sensitive tone, and "
+    "adapt to the person. Never produce dangerous, violent, sexual or political content.\n"
+    "Output format: first the strategy you choose and why inside <strategy></strategy>, then your reply."
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: pure functions of RAPO (importable; tests check them against exact computations)
+
+
+def topk_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int = 256,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Eq. 13: per-token reverse KL(student || teacher) over the student's top-K tokens plus one tail bucket.
+
+    student_logits, teacher_logits: [N, V] (one row per distilled token); returns [N], fp32.
+        S      = TopK(p), chosen from the student (as the SDPO code and RAPO's Eq. 13 do)
+        L_head = sum_{k in S} p_k (log p_k - log q_k)
+        L_tail = P_tail (log P_tail - log Q_tail),  P_tail = 1 - sum_S p_k,  Q_tail = 1 - sum_S q_k
+    Both are softmax(logits / temperature) over the full vocabulary; log(1 - exp(x)) is taken with the
+    log-mass x clamped at -1e-7, so a vanishing tail (K = V) stays finite. The teacher gets no gradient
+    (the caller computes it under no_grad).
+    """
+    lp = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # [N, V]
+    lq = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)  # [N, V]
+    k = min(k, lp.shape[-1])
+    idx = lp.detach().topk(k, dim=-1).indices  # [N, K]: S from the student, not differentiated
+    lp_s, lq_s = lp.gather(-1, idx), lq.gather(-1, idx)  # [N, K]
+    head = (lp_s.exp() * (lp_s - lq_s)).sum(-1)  # [N]
+    lp_tail = torch.log(-torch.expm1(torch.logsumexp(lp_s, -1).clamp(max=-1e-7)))  # log P_tail [N]
+    lq_tail = torch.log(-torch.expm1(torch.logsumexp(lq_s, -1).clamp(max=-1e-7)))  # log Q_tail [N]
+    return head + lp_tail.exp() * (lp_tail - lq_tail)
+
+
+def sd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, logp: torch.Tensor, logp_old: torch.Tensor,
+            mask: torch.Tensor, k: int = 256, temperature: float = 1.0, is_clip: float = 2.0) -> dict:
+    """Eq. 14 summed over the distilled tokens of a micro-batch (the caller divides by the global count).
+
+    student_logits/teacher_logits [n, C, V], logp/logp_old/mask [n, C]. Each token's KL is weighted by the
+    importance ratio min(exp(logp - logp_old), is_clip), detached (SDPO's clip, "upper limit 2"; 1 when
+    the update is on-policy). Returns {loss: weighted KL sum (with grad), kl: KL sum, topk_mass: sum of
+    the student's top-K probability mass, n: tokens}.
+    """
+    m = mask.bool()
+    s, t = student_logits[m], teacher_logits[m]  # [n_tok, V]
+    kl = topk_reverse_kl(s, t, k, temperature)  # [n_tok]
+    w = torch.exp(logp[m] - logp_old[m]).detach().clamp(max=is_clip)
+    with torch.no_grad():
+        mass = torch.softmax(s.float() / temperature, -1).topk(min(k, s.shape[-1]), -1).values.sum(-1)
+    return {"loss": (w * kl).sum(), "kl": kl.detach().sum(), "topk_mass": mass.sum(), "n": float(m.sum())}
+
+
+@torch.no_grad()
+def ema_update(teacher: list[torch.Tensor], student: list[torch.Tensor], m: float = 0.5):
+    """Teacher weights after each optimiser step: theta_T <- (1 - m) * theta_T + m * theta (in place)."""
+    for t, s in zip(teacher, student):
+        t.mul_(1.0 - m).add_(s.detach().to(t.dtype), alpha=m)
+
+
+def shuffle_group(items: list, rng: random.Random) -> tuple[list, list[int]]:
+    """Shown order for the GRM: shown[j] = items[perm[j]]."""
+    perm = list(range(len(items)))
+    rng.shuffle(perm)
+    return [items[p] for p in perm], perm
+
+
+def unshuffle(shown: list, perm: list[int]) -> list:
+    """Back to the candidates' order: out[perm[j]] = shown[j]."""
+    out = [None] * len(perm)
+    for j, p in enumerate(perm):
+        out[p] = shown[j]
+    return out
+
+
+TEACHER_BLOCK = (
+    "\n\n[Hindsight feedback for the supporter's next reply]\n"
+    "<Original Response>\n{response}\n</Original Response>\n"
+    "<User Reaction>\n{reaction}\n</User Reaction>\n"
+    "<Critic Feedback>\n{critique}\n</Critic Feedback>\n"
+    "<Example Better Response>\n{best}\n</Example Better Response>\n"
+    "Revise the original response: fix the issues the feedback names, learn from the strengths of the better "
+    "response, and be more empathetic, appropriate and helpful. Output only the revised response."
+)
+
+
+def teacher_context(context: list[dict], response: str, reaction: str, critique: str, best: str) -> list[dict]:
+    """The teacher's conversation (template "ESC Teacher Policy", our words): the student's context with the
+    hindsight block appended to its last user message."""
+    out = [dict(m) for m in context]
+    last = max(i for i, m in enumerate(out) if m["role"] == "user")
+    out[last]["content"] += TEACHER_BLOCK.format(response=response, reaction=reaction, critique=critique, best=best)
+    return out
+
+
+@contextmanager
+def active_adapter(model, name: str):
+    """Run a PEFT model with adapter `name` active, without touching requires_grad (PEFT's set_adapter
+    would make it trainable): the teacher forward happens between the student's forward and backward."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    old = [m._active_adapter for m in layers]
+    for m in layers:
+        m._active_adapter = name
+    try:
+        yield
+    finally:
+        for m, o in zip(layers, old):
+            m._active_adapter = o
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rewards: reactions, the generative reward model and its ablations (SPEC section 6)
+
+
+def grm_prefill(backend) -> str:
+    return "" if isinstance(backend, common.OpenAIBackend) else '{"0": {"analysis": "'  # deviation 2
+
+
+def score_groups(grm, mode: str, contexts: list[list[dict]], replies: list[list[str]], reactions: list[list[str]] | None,
+                 *, retries: int, max_new_tokens: int, seed: int) -> tuple[list[dict | None], dict]:
+    """Scores and critiques per group: [{scores [G], critiques [G], derived}] or None for a failed group."""
+    G = len(replies[0])
+    stats = {"grm_groups": len(contexts), "grm_failed": 0, "grm_derived": 0, "grm_retried": 0}
+    if mode == "rubric-point":  # every reply alone (the paper's GRPO baseline)
+        flat_ctx = [c for c in contexts for _ in range(G)]
+        res = common.ask_json(grm, common.rubric_point_chats(flat_ctx, [y for ys in replies for y in ys]),
+                              common.validate_point, retries=retries, max_new_tokens=max_new_tokens, seed=seed,
+                              prefill=grm_prefill(grm).replace('{"0": {"analysis": "', '{"analysis": "'))
+        stats["grm_retried"] = res.retried
+        out = []
+        for g in range(len(contexts)):
+            vals = res.values[g * G:(g + 1) * G]
+            if any(v is None for v in vals):
+                out.append(None)
+                stats["grm_failed"] += 1
+            else:
+                out.append({"scores": [v["score"] for v in vals], "critiques": [v["analysis"] for v in vals],
+                            "derived": False})
+        return out, stats
+    # reaction (RAPO) or rubric-group (CPO): one call per group, candidates shuffled against position bias
+    rng = random.Random(seed)
+    shown, perms = [], []
+    for g in range(len(contexts)):
+        order, perm = shuffle_group(list(range(G)), rng)
+        shown.append(order)
+        perms.append(perm)
+    sh_replies = [[replies[g][i] for i in shown[g]] for g in range(len(contexts))]
+    sh_reacts = None if reactions is None else [[reactions[g][i] for i in shown[g]] for g in range(len(contexts))]
+    res = common.ask_json(grm, common.grm_chats(contexts, sh_replies, sh_reacts), lambda obj, i: common.parse_grm(obj, G),
+                          retries=retries, max_new_tokens=max_new_tokens, seed=seed, prefill=grm_prefill(grm))
+    stats["grm_retried"] = res.retried
+    out = []
+    for g, v in enumerate(res.values):
+        if v is None:
+            out.append(None)
+            stats["grm_failed"] += 1
+            continue
+        stats["grm_derived"] += int(v["derived"])
+        out.append({"scores": unshuffle(v["scores"], perms[g]), "critiques": unshuffle(v["critiques"], perms[g]),
+                    "ranks": unshuffle(v["ranks"], perms[g]), "derived": v["derived"]})
+    return out, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# The teacher: EMA adapter (LoRA) or EMA copy (full fine-tuning), live policy, or the initial policy
+
+
+class Teacher:
+    """Forward passes of the feedback-conditioned teacher and its EMA update (SPEC section 6)."""
+
+    def __init__(self, model, kind: str, lora: bool, ref_model=None, lora_config=None):
+        self.model, self.kind, self.lora, self.ref_model = model, kind, lora, ref_model
+        self.student = [p for p in model.parameters() if p.requires_grad]
+        self.copy = None
+        if kind == "ema":
+            if lora:  # a second adapter on the same base, initialised from the initial policy's adapter
+                model.add_adapter("teacher", lora_config)
+                names = dict(model.named_parameters())
+                self.pairs = [(names[n.replace(".default.", ".teacher.")], p) for n, p in model.named_parameters()
+                              if p.requires_grad]
+                for t, s in self.pairs:
+                    t.requires_grad_(False)
+                    t.data.copy_(s.data)
+                self.params = [t for t, _ in self.pairs]
+            else:
+                self.copy = copy.deepcopy(model).eval().requires_grad_(False)
+                self.params = [p for p in self.copy.parameters()]
+                self.student = list(model.parameters())
+
+    def context(self):
+        if self.kind == "live":
+            return nullcontext()
+        if self.kind == "base":
+            return self.model.disable_adapter() if self.lora else nullcontext()
+        return active_adapter(self.model, "teacher") if self.lora else nullcontext()
+
+    def net(self):
+        if self.kind == "base" and not self.lora:
+            return self.ref_model
+        return self.copy if self.copy is not None else self.model
+
+    @torch.no_grad()
+    def logits(self, prompts: list[list[int]], completions: list[list[int]], pad_id: int, temperature: float,
+               autocast) -> torch.Tensor:
+        """[n, C, V] teacher logits / temperature on exactly the given completion token ids."""
+        net = self.net()
+        device = next(net.parameters()).device
+        ids, attn, pos, cmask = grpo.collate(prompts, completions, pad_id, device)
+        C = cmask.shape[1]
+        with self.context(), autocast:
+            out = net(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=C + 1, use_cache=False)
+        return out.logits[:, :-1].float() / temperature
+
+    def update(self, m: float):
+        if self.kind == "ema":
+            ema_update(self.params, self.student, m)
+
+    def state_dict(self) -> dict | None:
+        if self.kind != "ema":
+            return None
+        return {"teacher": [p.detach().cpu().clone() for p in self.params]}
+
+    def load_state_dict(self, st: dict | None):
+        if st is not None:
+            with torch.no_grad():
+                for p, v in zip(self.params, st["teacher"]):
+                    p.copy_(v)
+
+
+def make_sd_loss(teacher: Teacher, ro, distill: dict[int, list[int]], cfg, eta: float, k: int, is_clip: float,
+                 n_distill_tokens: float, autocast, stats: dict):
+    """The extra_loss callback for grpo.accumulate_gradients: eta * L_SD for the distilled rows of each
+    micro-batch, divided by the GLOBAL distilled-token count (so micro-batching and ranks do not change it).
+    distill: {row index in the rollouts: the teacher's prompt ids}."""
+
+    def extra(mb):
+        rows = [j for j, i in enumerate(mb.idx) if i in distill]
+        if not rows or eta == 0:
+            return mb.logp.sum() * 0.0
+        comps = [ro.completions[mb.idx[j]] for j in rows]
+        t_logits = teacher.logits([distill[mb.idx[j]] for j in rows], comps, cfg.pad_id, cfg.temperature, autocast)
+        C = t_logits.shape[1]  # the longest distilled completion of this micro-batch (<= mb's C)
+        r = torch.tensor(rows, device=mb.logits.device)
+        logp = mb.logp[r, :C]
+        logp_old = logp.detach() if ro.logp_old is None else torch.stack(
+            [torch.nn.functional.pad(ro.logp_old[mb.idx[j]], (0, max(0, C - len(ro.logp_old[mb.idx[j]]))))[:C] for j in rows]).to(logp)
+        # mb.logits are already divided by the sampling temperature, as the teacher's are
+        res = sd_loss(mb.logits[r, :C], t_logits, logp, logp_old, mb.completion_mask[r, :C], k, 1.0, is_clip)
+        stats["sd_loss"] += float(res["loss"].detach())
+        stats["sd_kl"] += float(res["kl"])
+        stats["topk_mass"] += float(res["topk_mass"])
+        stats["sd_tokens"] += res["n"]
+        return eta * res["loss"] / n_distill_tokens  # Eq. 15: L = L_GRPO + eta * L_SD
+
+    return extra
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    grpo.add_grpo_args(p, out="runs/rapo", temperature=1.0)
+    g = p.add_argument_group("RAPO (SPEC section 6)")
+    common.add_role_arg(p, "seeker", "user simulator that reacts to each candidate (Eq. 9)")
+    common.add_role_arg(p, "grm", "generative reward model ranking each group with critiques (Eq. 10)")
+    g.add_argument("--reward", default="reaction", choices=["reaction", "rubric-group", "rubric-point"],
+                   help="reaction = RAPO (GRM sees the seeker's reactions); rubric-group = CPO (group ranked against a "
+                        "rubric, no reactions); rubric-point = GRPO baseline (each reply scored alone)")
+    g.add_argument("--all-turns", action="store_true", help="train on every train turn, not only learn == true (HSD off)")
+    g.add_argument("--sd-coef", type=float, default=1e-3, help="eta, weight of the self-distillation loss (RAPO: 1e-3; 0 = w/o SD)")
+    g.add_argument("--sd-topk", type=int, default=256, help="K, student's top-K tokens in the distillation KL (RAPO: 256)")
+    g.add_argument("--sd-is-clip", type=float, default=2.0, help="upper clip of the per-token importance ratio (SDPO: 2)")
+    g.add_argument("--teacher", default="ema", choices=["ema", "live", "base"],
+                   help="ema = EMA of the policy (RAPO); live = the current policy; base = the initial policy")
+    g.add_argument("--ema-rate", type=float, default=0.5, help="m in theta_T <- (1 - m) theta_T + m theta (RAPO: 0.5)")
+    g.add_argument("--grm-retries", type=int, default=3, help="re-asks of an invalid GRM answer (SPEC: 3)")
+    g.add_argument("--grm-max-new-tokens", type=int, default=512, help="GRM answer length")
+    g.add_argument("--seeker-max-new-tokens", type=int, default=64, help="reaction length")
+    g.add_argument("--seeker-temperature", type=float, default=0.7, help="seeker sampling temperature")
+    args = p.parse_args(argv)
+    grpo.check_grpo_args(args)
+    check(args.sd_coef >= 0 and args.sd_topk >= 1 and args.sd_is_clip > 0, "--sd-coef >= 0, --sd-topk >= 1, --sd-is-clip > 0")
+    check(0 < args.ema_rate <= 1, "--ema-rate must be in (0, 1]")
+    check(args.grm_retries >= 0, "--grm-retries must be >= 0")
+    return args
+
+
+def load_fixed_groups(path: str, G: int) -> list[dict]:
+    """--rollouts-file for RAPO: groups {prompt_ids, completions [G], scores [G] or null (a failed group),
+    teacher_prompt_ids (ids of the teacher's prompt for the worst candidate) or null}."""
+    recs = common.read_jsonl(path, required=("prompt_ids", "completions", "scores"))
+    check(len(recs) > 0, f"{path}: no groups")
+    for i, r in enumerate(recs, 1):
+        check(len(r["completions"]) == G and (r["scores"] is None or len(r["scores"]) == G),
+              f"{path}: line {i}: 'completions' and 'scores' need --group-size={G} entries")
+    return recs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    grpo.check_run_dir(args)
+    fixed = load_fixed_groups(args.rollouts_file, args.group_size) if args.rollouts_file else None
+    if fixed is None:
+        turns = common.load_turns(args.data, split="train", learn_only=not args.all_turns)
+        check(len(turns) > 0, f"{args.data}: no train turns with learn == true (run 01_select.py with a judge, "
+              "or pass --all-turns)")
+        if args.max_examples:
+            turns = turns[:args.max_examples]
+        check(len(turns) >= args.prompts_per_step,
+              f"{args.data}: {len(turns)} train prompts, fewer than --prompts-per-step {args.prompts_per_step}")
+    dist = common.init_dist(args.device)
+    check(args.prompts_per_step % dist.world == 0, f"--prompts-per-step {args.prompts_per_step} must be divisible by "
+          f"the number of ranks ({dist.world})")
+    if fixed is not None:
+        check(len(fixed) % dist.world == 0, f"{args.rollouts_file}: {len(fixed)} groups, not divisible by {dist.world} ranks")
+    seeker = grm = None
+    if fixed is None:  # the role models (each its own engine; roles on one spec share it)
+        if args.reward == "reaction":
+            seeker = common.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype)
+        grm = common.make_backend(args.grm, args.grm_base_url, args.device, args.dtype)
+
+    pol = grpo.setup_policy(args, dist, n_groups=len(fixed) if fixed is not None else len(turns))
+    model, tok, lora = pol.model, pol.tok, pol.lora
+    teacher = Teacher(model, args.teacher if args.sd_coef > 0 else "live", lora, pol.ref_model, pol.lora_config)
+    start = 0
+    if args.resume:
+        start = grpo.load_checkpoint(out, model, pol.optimizer, pol.scheduler, dist, lora)
+        teacher.load_state_dict(torch.load(out / "checkpoint" / "teacher.pt", weights_only=False)["state"])
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
+    cfg = pol.cfg
+    autocast = grpo._autocast(cfg, dist.device)
+    grpo.start_logs(args, dist, pol, start, {"system_prompt": RAPO_SYSTEM, "prefill": PREFILL})
+    common.print0(f"RAPO ({args.reward}, sd-coef {args.sd_coef}, teacher {args.teacher}): {pol.total} steps, "
+                  f"{args.prompts_per_step} prompts x G={args.group_size} on {dist.world} rank(s), starting at step {start}")
+
+    G = args.group_size
+    bar = common.progress(total=pol.total, initial=start, desc="rapo")
+    stop = pol.total if args.stop_after is None else min(pol.total, start + args.stop_after)
+    for step in range(start, stop):
+        t0 = time.time()
+        seed = args.seed + 1_000_003 * step + dist.rank  # the roles' seeds for this step and rank
+        # ---- prompts and Chain-of-Supporting rollouts
+        if fixed is not None:
+            groups = common.shard(fixed, dist)
+            p_ids = [g["prompt_ids"] for g in groups]
+            comps = [c for g in groups for c in g["completions"]]
+            contexts = [[] for _ in groups]
+        else:
+            batch = common.shard(grpo.step_batch(turns, step, pol.steps_per_epoch, args), dist)
+            contexts = [t["context"] for t in batch]
+            p_ids = [grpo.prompt_ids(tok, c, RAPO_SYSTEM, PREFILL, args.max_prompt_tokens) for c in contexts]
+            comps = pol.generate(p_ids, G, step)  # [B_local*G], group-major
+        t_gen = time.time() - t0
+        texts = [PREFILL + tok.decode(c, skip_special_tokens=True) for c in comps]
+        replies = [common.strip_reasoning(t) for t in texts]
+        # ---- ALGO LOGIC: reactions (Eq. 9) and the generative reward model (Eq. 10)
+        reactions = None
+        st = {"grm_groups": len(p_ids), "grm_failed": 0, "grm_derived": 0, "grm_retried": 0}
+        if fixed is not None:
+            results = [None if g["scores"] is None else {"scores": g["scores"], "critiques": [""] * G} for g in groups]
+            st["grm_failed"] = sum(r is None for r in results)
+        else:
+            rep_g = [replies[g * G:(g + 1) * G] for g in range(len(p_ids))]
+            if args.reward == "reaction":
+                recs = [t for t in batch for _ in range(G)]
+                hists = [t["context"] + [{"role": "assistant", "content": y}] for t, y in zip(recs, replies)]
+                flat = seeker.complete(common.seeker_chats(recs, hists), max_new_tokens=args.seeker_max_new_tokens,
+                                       temperature=args.seeker_temperature, top_p=0.9, seed=seed)
+                reactions = [[" ".join(u.split()) or "..." for u in flat[g * G:(g + 1) * G]] for g in range(len(p_ids))]
+            results, st = score_groups(grm, args.reward, contexts, rep_g, reactions, retries=args.grm_retries,
+                                       max_new_tokens=args.grm_max_new_tokens, seed=seed)
+        # failed groups: all-equal rewards, so A = 0 (Eq. 1), and no distillation
+        rewards = torch.tensor([r["scores"] if r is not None else [0.0] * G for r in results], dtype=torch.float32)  # [B, G]
+        adv = grpo.group_advantages(rewards, args.adv_norm, args.adv_eps).flatten()  # [B*G]
+        ro = grpo.Rollouts(prompts=[p for p in p_ids for _ in range(G)], completions=comps, advantages=adv)
+        # ---- ALGO LOGIC: verbal RL targets (Eq. 11-12): the worst candidate of each valid group
+        distill = {}
+        for g, r in enumerate(results):
+            if r is None or args.sd_coef == 0:
+                continue
+            w = int(np.argmin(r["scores"]))
+            if fixed is not None:
+                if groups[g].get("teacher_prompt_ids"):
+                    distill[g * G + w] = groups[g]["teacher_prompt_ids"]
+                continue
+            best = int(np.argmax(r["scores"]))
+            react = reactions[g][w] if reactions is not None else "(no reaction observed; rubric feedback only)"
+            t_ctx = teacher_context(contexts[g], replies[g * G + w], react, r["critiques"][w], replies[g * G + best])
+            distill[g * G + w] = grpo.prompt_ids(tok, t_ctx, RAPO_SYSTEM, PREFILL, args.max_prompt_tokens + 1024)
+        n_sd = common.all_reduce_sum(torch.tensor([float(sum(len(comps[i]) for i in distill))], dtype=torch.float64,
+                                                  device=dist.device), dist).item()
+        t1 = time.time()
+        grpo.prepare_logps(pol, ro)  # reference log-probs (adapter disabled), logp_old for ppo-epochs > 1
+        sd_st = {"sd_loss": 0.0, "sd_kl": 0.0, "topk_mass": 0.0, "sd_tokens": 0.0}
+        extra = make_sd_loss(teacher, ro, distill, cfg, args.sd_coef, args.sd_topk, args.sd_is_clip, max(n_sd, 1.0),
+                             autocast, sd_st) if args.sd_coef > 0 else None
+        for _ in range(args.ppo_epochs):
+            upd = grpo.grpo_step(model, train_model, pol.optimizer, pol.scheduler, ro, cfg, dist, args.max_grad_norm,
+                                 extra_loss=extra)
+            teacher.update(args.ema_rate)  # EMA after every optimiser step
+        t_upd = time.time() - t1
+
+        # ---- logging: 04's metrics plus GRM counts and distillation statistics (README table)
+        row = grpo.step_metrics(step, pol, dist, comps, rewards, adv, upd, t0, t_gen, t_upd, {})
+        extra_sums = torch.tensor([st["grm_groups"], st["grm_failed"], st["grm_derived"], st["grm_retried"],
+                                   sd_st["sd_loss"], sd_st["sd_kl"], sd_st["topk_mass"], sd_st["sd_tokens"]],
+                                  dtype=torch.float64, device=dist.device)
+        common.all_reduce_sum(extra_sums, dist)
+        e = extra_sums.tolist()
+        row.update({"grm_failed_frac": e[1] / e[0], "grm_derived_frac": e[2] / e[0], "grm_retries": e[3],
+                    "sd_loss": e[4] / e[7] if e[7] else None, "sd_kl": e[5] / e[7] if e[7] else None,
+                    "sd_topk_mass": e[6] / e[7] if e[7] else None, "sd_tokens": e[7]})
+        if dist.main:
+            common.append_jsonl(out / "metrics.jsonl", [row])
+            if (step + 1) % args.sample_every == 0 or step == start:
+                common.append_jsonl(out / "samples.jsonl", [{
+                    "step": step + 1, "context": contexts[0], "completions": texts[:G], "replies": replies[:G],
+                    "reactions": reactions[0] if reactions else None, "grm": results[0], "advantages": adv[:G].tolist()}])
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", grm_fail=f"{row['grm_failed_frac']:.2f}",
+                        sd_kl=f"{row['sd_kl'] or 0:.3f}")
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == stop:
+            grpo.save_checkpoint(out, step + 1, model, tok, pol.optimizer, pol.scheduler, dist, lora)
+            if dist.main:
+                torch.save({"state": teacher.state_dict()}, out / "checkpoint" / "teacher.pt")
+            common.barrier(dist)
+    bar.close()
+    if stop == pol.total and dist.main:
+        grpo.save_model(model, out / ("adapter" if lora else "model"), tok, lora)
+        print(f"done: {pol.total} steps; wrote {out / ('adapter' if lora else 'model')}, {out / 'metrics.jsonl'}")
+    common.barrier(dist)
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    common.run_main(main)
