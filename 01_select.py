@@ -107,7 +107,8 @@ def main(argv=None):
         raise InputError("--judge-mode likelihood needs an hf: or vllm: judge (openai: servers give no prompt log-probs)")
 
     out = common.ResumableOutput(args.out, "turns.jsonl", overwrite=args.overwrite)
-    common.save_args(args, args.out, {"judge_mode_used": mode})
+    # 02_simulate.py writes its args.json into the same folder by default, so 01 keeps its own name
+    common.save_args(args, args.out, {"judge_mode_used": mode}, name="select_args.json")
     done = out.done
     todo = [t for t in turns if t["id"] not in done]
     print(f"{len(turns)} turns from {len({t['dialog_id'] for t in turns})} dialogues "

@@ -81,13 +81,13 @@ def check(cond: bool, msg: str):
         raise InputError(msg)
 
 
-def save_args(args: argparse.Namespace, out_dir: str | Path, extra: dict | None = None):
+def save_args(args: argparse.Namespace, out_dir: str | Path, extra: dict | None = None, name: str = "args.json"):
     """args.json beside the outputs: every setting of the run, as used."""
     d = dict(vars(args))
     if extra:
         d.update(extra)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    write_json(Path(out_dir) / "args.json", d)
+    write_json(Path(out_dir) / name, d)
 
 
 def write_json(path: str | Path, obj):
@@ -600,7 +600,7 @@ def option_logprobs(model, tok, prompts: list[list[int]], options: list[list[int
         ids, mask = left_pad(prompts[s:s + batch_size], tok.pad_token_id, device)  # [b, T]
         b, T = ids.shape
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), -1)  # [b, V]: p(first option token)
         cache = out.past_key_values
         cache.batch_repeat_interleave(K)  # [b*K, ...]: prompt i's keys/values for each of its K options

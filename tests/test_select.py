@@ -26,7 +26,7 @@ def test_select_none_keeps_every_train_turn(tmp_path, demo_data):
     assert all(r["learn"] is True for r in recs if r["split"] == "train")
     assert all(r["learn"] is None for r in recs if r["split"] != "train")
     stats = json.loads((tmp_path / "select_stats.json").read_text())
-    assert stats["kept_fraction"] == 1.0 and json.loads((tmp_path / "args.json").read_text())["judge"] == "none"
+    assert stats["kept_fraction"] == 1.0 and json.loads((tmp_path / "select_args.json").read_text())["judge"] == "none"
 
 
 def test_select_with_judges_and_resume(tmp_path, demo_data, tiny_model_dir):
@@ -59,7 +59,7 @@ def test_bad_input_exits_2_and_leaves_outputs(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {bad}: record 0: dialog[1].speaker: unknown speaker 'robot' "
                                              "(expected seeker/supporter, usr/sys or user/assistant)"]
-    assert (out / "turns.jsonl").read_text() == '{"id": "keep"}\n' and not (out / "args.json").exists()
+    assert (out / "turns.jsonl").read_text() == '{"id": "keep"}\n' and not (out / "select_args.json").exists()
     r = run("--data", tmp_path / "missing.json", "--out", out, "--judge", "none", check=False)
     assert r.returncode == 2 and "file not found" in r.stderr
     r = run("--test-frac", 1.5, "--out", out, check=False)
