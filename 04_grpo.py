@@ -481,18 +481,10 @@ def prompt_ids(tok, context: list[dict], system: str, prefill: str, max_tokens: 
         msgs = msgs[1:]
 
 
-def load_stage(name: str):
-    """Import a numbered stage script (e.g. 03_train_rm) as a module."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", Path(__file__).resolve().parent / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def make_rm_scorer(path: str, device, dtype, batch_size: int):
     """R_fut from 03_train_rm.py's reward model: fn(contexts, replies) -> list[float]."""
     check(Path(path).is_dir(), f"--rm {path}: no such folder (train one with 03_train_rm.py, or use --rm none)")
-    rm_mod = load_stage("03_train_rm")
+    rm_mod = common.load_stage("03_train_rm")
     loaded = rm_mod.load_reward_model(path, device, dtype)
     rm, rm_tok = loaded if isinstance(loaded, tuple) else (loaded, common.load_tokenizer(path))
     return lambda contexts, replies: rm_mod.score(rm, rm_tok, contexts, replies, batch_size)

@@ -412,6 +412,11 @@ def embedded_model_path() -> Path:
     """
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        cfg_path = target / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        if "quantization_config" in cfg:  # caches written before we dropped it (the weights are plain fp32)
+            cfg.pop("quantization_config")
+            write_json(cfg_path, cfg)
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -419,7 +424,10 @@ def embedded_model_path() -> Path:
     print(f"converting the embedded model {src / GGUF_FILE} -> {target} (once)", file=sys.stderr)
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):  # the weights are de-quantised: a plain fp32 model (Trainer and
+        del config.quantization_config          # PEFT refuse a model that says it is quantised)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     x = tok(["I feel anxious about my exams."], return_tensors="pt")
     with torch.no_grad():

@@ -67,11 +67,7 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="seed (chunk k uses 02's chunk_seed(seed, k))")
     args = p.parse_args()
 
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sim", Path(__file__).resolve().parents[1] / "02_simulate.py")
-    sim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sim)
+    sim = common.load_stage("02_simulate")
 
     dialogues = common.load_dialogues(args.data)
     turns = common.build_turns(dialogues, {d["dialog_id"]: "train" for d in dialogues})

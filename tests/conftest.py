@@ -1,6 +1,5 @@
 """Shared test fixtures: a tiny Llama-shaped model with the embedded tokenizer, saved as a normal HF folder,
 so every backend and stage can be run on it in seconds (`hf:<folder>`)."""
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -15,12 +14,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 import common  # noqa: E402
 
 
-def load_stage(name: str):
-    """Import a numbered stage script (e.g. '04_grpo') as a module."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+load_stage = common.load_stage  # import a numbered stage script (e.g. "04_grpo") as a module
 
 
 def make_tiny_model(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:

@@ -1,0 +1,224 @@
+"""Benchmark: one GRPO step of 04_grpo.py against TRL's GRPOTrainer, identical settings, on CPU.
+
+Settings (both sides): the embedded SmolLM2-135M-Instruct, fp32, 2 prompts x G=4 completions of exactly
+64 new tokens (min_new_tokens = max_new_tokens, so both do the same work), temperature 1.0, LoRA r=16
+alpha=32 on all seven projections, beta 5e-4 (reference = adapter disabled on both), eps 0.2/0.28,
+token-mean aggregation (TRL's loss_type="dapo"), one update per batch (TRL num_iterations=1), no
+gradient checkpointing (TRL's default is on: turned off), AdamW, 2 torch threads. The reward is the same
+function on both sides and varies within a group (distinct words / 50), so both do a real update.
+
+Each measurement is a fresh worker process (so peak RSS is that side's alone) running 1 warm-up step and
+--steps timed steps; the two sides alternate (ours first on even repetitions, TRL first on odd ones), and
+the table shows medians over all timed steps. Two prompt shapes: short single-message prompts, and
+multi-turn contexts from the demo data (200-500 prompt tokens, the shape ESC training sees).
+Timing split: gen = sampling only (our `rollout`; TRL's `_generate_single_turn`), update = the rest of
+the step (rewards, reference log-probs, loss, backward, optimiser step).
+
+Needs TRL (benchmark only; install without touching torch): pip install trl --no-deps && pip install datasets
+Run:  python bench/bench_grpo_vs_trl.py --reps 3 --steps 2
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHORT_PROMPTS = [
+    "I feel anxious about my exams next week.", "My best friend stopped talking to me.",
+    "I lost my job today and I don't know what to do.", "I can't sleep because I keep worrying.",
+    "My parents are getting divorced.", "I feel lonely since I moved to a new city.",
+    "I failed my driving test again.", "Work is overwhelming and my boss keeps yelling.",
+]
+
+
+def reward_value(text: str) -> float:
+    """Same reward on both sides; varies within a group."""
+    return len(set(text.split())) / 50.0
+
+
+def prompt_pool(shape: str, tok, n: int) -> list[list[dict]]:
+    import common
+
+    if shape == "short":
+        msgs = [[{"role": "system", "content": common.ESC_SYSTEM}, {"role": "user", "content": p}] for p in SHORT_PROMPTS]
+    else:
+        dialogues = common.load_dialogues(ROOT / "data" / "demo_esconv.json")
+        turns = common.build_turns(dialogues, {d["dialog_id"]: "train" for d in dialogues})
+        msgs = []
+        for t in turns:
+            m = [{"role": "system", "content": common.ESC_SYSTEM}] + t["context"]
+            if 200 <= len(common.chat_ids(tok, m)) <= 500:
+                msgs.append(m)
+    return [msgs[i % len(msgs)] for i in range(n)]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KB -> GB
+
+
+def worker_ours(args) -> dict:
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import common
+
+    g = common.load_stage("04_grpo")
+    torch.manual_seed(args.seed)
+    model, tok = common.load_causal_lm(common.parse_spec(args.policy).name, torch.device("cpu"), torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=g.LORA_TARGETS,
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    cfg = g.LossConfig(pad_id=tok.pad_token_id, temperature=1.0, eps_low=0.2, eps_high=0.28, beta=5e-4,
+                       loss_agg="token-mean", l_gen=args.max_new_tokens, micro_batch=8)
+    pool = prompt_pool(args.shape, tok, 2 * (args.steps + 1))
+    gen_t, step_t = [], []
+    for s in range(args.steps + 1):
+        t0 = time.perf_counter()
+        p_ids = [common.chat_ids(tok, m) for m in pool[2 * s:2 * s + 2]]
+        comps = g.rollout(model, tok, p_ids, 4, max_new_tokens=args.max_new_tokens, temperature=1.0,
+                          min_new_tokens=args.max_new_tokens)
+        t_gen = time.perf_counter() - t0
+        texts = [tok.decode(c, skip_special_tokens=True) for c in comps]
+        r = torch.tensor([reward_value(t) for t in texts]).view(2, 4)
+        ro = g.Rollouts([p for p in p_ids for _ in range(4)], comps, g.group_advantages(r).flatten())
+        with model.disable_adapter():
+            ro.logp_ref = g.sequence_logps(model, ro, cfg)
+        g.grpo_step(model, model, opt, None, ro, cfg, max_grad_norm=1.0)
+        if s > 0:  # step 0 is the warm-up
+            gen_t.append(t_gen)
+            step_t.append(time.perf_counter() - t0)
+    return {"gen": gen_t, "step": step_t, "peak_rss_gb": peak_rss_gb()}
+
+
+def worker_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    import common
+
+    torch.manual_seed(args.seed)
+    path = common.resolve_path(common.parse_spec(args.policy).name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # The embedded model's cached config still carries the GGUF `quantization_config` of its source, although
+    # its weights are plain fp32 (common.embedded_model_path de-quantised them); transformers' Trainer then
+    # refuses to train it. Drop the stale marker (our side never checks it).
+    model.is_quantized, model.hf_quantizer = False, None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tok = common.load_tokenizer(path)
+    pool = prompt_pool(args.shape, tok, 2 * (args.steps + 1))
+
+    def reward_fn(completions, **kw):
+        return [reward_value(c[-1]["content"] if isinstance(c, list) else c) for c in completions]
+
+    out = tempfile.mkdtemp(prefix="trl-bench-")
+    cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=8, num_generations=4,
+                     max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
+                     generation_kwargs={"min_new_tokens": args.max_new_tokens}, beta=5e-4, epsilon=0.2,
+                     epsilon_high=0.28, loss_type="dapo", num_iterations=1, learning_rate=1e-5, max_grad_norm=1.0,
+                     max_steps=args.steps + 1, logging_steps=1, use_cpu=True, bf16=False, report_to=[],
+                     save_strategy="no", gradient_checkpointing=False, seed=args.seed, dataloader_num_workers=0,
+                     disable_tqdm=True)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=cfg,
+                          train_dataset=Dataset.from_list([{"prompt": m} for m in pool]), processing_class=tok,
+                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                 "up_proj", "down_proj"], task_type="CAUSAL_LM"))
+    gen_acc = []
+    orig = trainer._generate_single_turn
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        res = orig(*a, **k)
+        gen_acc.append(time.perf_counter() - t0)
+        return res
+
+    trainer._generate_single_turn = timed
+    steps = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.t0, self.n_gen = time.perf_counter(), len(gen_acc)
+
+        def on_step_end(self, a, state, control, **kw):
+            steps.append((time.perf_counter() - self.t0, sum(gen_acc[self.n_gen:])))
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    steps = steps[1:]  # drop the warm-up
+    return {"gen": [s[1] for s in steps], "step": [s[0] for s in steps], "peak_rss_gb": peak_rss_gb()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=3, help="repetitions per side and shape (alternating order)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per worker (after 1 warm-up step)")
+    p.add_argument("--shapes", nargs="+", default=["short", "multiturn"], choices=["short", "multiturn"])
+    p.add_argument("--policy", default="hf:embedded", help="model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="completion length (exactly this many tokens)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per worker")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "bench_grpo_vs_trl.json"),
+                   help="raw results (json)")
+    p.add_argument("--worker", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--shape", default="short", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        res = (worker_ours if args.worker == "ours" else worker_trl)(args)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
+    results = {s: {"ours": [], "trl": []} for s in args.shapes}
+    for shape in args.shapes:
+        for rep in range(args.reps):
+            for side in (["ours", "trl"] if rep % 2 == 0 else ["trl", "ours"]):
+                cmd = [sys.executable, __file__, "--worker", side, "--shape", shape, "--steps", str(args.steps),
+                       "--policy", args.policy, "--max-new-tokens", str(args.max_new_tokens),
+                       "--threads", str(args.threads), "--seed", str(args.seed + rep)]
+                r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+                if r.returncode != 0 or not line:
+                    sys.exit(f"{side} worker failed:\n{r.stderr[-3000:]}")
+                res = json.loads(line[-1][7:])
+                results[shape][side].append(res)
+                print(f"{shape:9s} rep {rep} {side:4s}: step {statistics.median(res['step']):6.2f} s, "
+                      f"gen {statistics.median(res['gen']):6.2f} s, peak RSS {res['peak_rss_gb']:.2f} GB", flush=True)
+    rows = []
+    print("\n| prompts | side | s/step | gen s | update s | peak RSS GB |\n|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        med = {}
+        for side in ("ours", "trl"):
+            rs = results[shape][side]
+            st = statistics.median([x for r in rs for x in r["step"]])
+            ge = statistics.median([x for r in rs for x in r["gen"]])
+            up = statistics.median([s - g for r in rs for s, g in zip(r["step"], r["gen"])])
+            mem = statistics.median([r["peak_rss_gb"] for r in rs])
+            med[side] = (st, ge, up, mem)
+            print(f"| {shape} | {'04_grpo.py' if side == 'ours' else 'TRL GRPOTrainer'} | {st:.2f} | {ge:.2f} | {up:.2f} | {mem:.2f} |")
+        o, t = med["ours"], med["trl"]
+        print(f"| {shape} | ratio ours/TRL | {o[0] / t[0]:.2f} | {o[1] / t[1]:.2f} | {o[2] / t[2]:.2f} | {o[3] / t[3]:.2f} |")
+        rows.append({"shape": shape, "ours": dict(zip(["step", "gen", "update", "peak_rss_gb"], o)),
+                     "trl": dict(zip(["step", "gen", "update", "peak_rss_gb"], t))})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"settings": vars(args), "medians": rows, "raw": results}, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
