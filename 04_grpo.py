@@ -633,6 +633,22 @@ def load_fixed_rollouts(path: str, G: int) -> list[dict]:
 # TRY NOT TO MODIFY: the run's set-up and bookkeeping, shared with 05_rapo.py
 
 
+def init_run(args, turns: list[dict] | None, fixed: list[dict] | None) -> common.Dist:
+    """Check the prompts against the step size (cutting them to --max-examples in place), then set up the
+    process group and check that prompts and fixed groups divide over the ranks."""
+    if turns is not None:
+        if args.max_examples:
+            del turns[args.max_examples:]
+        check(len(turns) >= args.prompts_per_step,
+              f"{args.data}: {len(turns)} train prompts, fewer than --prompts-per-step {args.prompts_per_step}")
+    dist = common.init_dist(args.device)
+    check(args.prompts_per_step % dist.world == 0, f"--prompts-per-step {args.prompts_per_step} must be divisible by "
+          f"the number of ranks ({dist.world})")
+    if fixed is not None:
+        check(len(fixed) % dist.world == 0, f"{args.rollouts_file}: {len(fixed)} groups, not divisible by {dist.world} ranks")
+    return dist
+
+
 def check_run_dir(args) -> str:
     """Validate --out against --resume/--overwrite and the policy spec; returns the policy's path."""
     out = Path(args.out)
@@ -800,16 +816,7 @@ def main(argv=None):
     fixed = load_fixed_rollouts(args.rollouts_file, args.group_size) if args.rollouts_file else None
     if fixed is None:
         turns = common.load_turns(args.data, split="train", learn_only=args.learn_only)
-        if args.max_examples:
-            turns = turns[:args.max_examples]
-        check(len(turns) >= args.prompts_per_step,
-              f"{args.data}: {len(turns)} train prompts, fewer than --prompts-per-step {args.prompts_per_step}")
-
-    dist = common.init_dist(args.device)
-    check(args.prompts_per_step % dist.world == 0, f"--prompts-per-step {args.prompts_per_step} must be divisible by "
-          f"the number of ranks ({dist.world})")
-    if fixed is not None:
-        check(len(fixed) % dist.world == 0, f"{args.rollouts_file}: {len(fixed)} groups, not divisible by {dist.world} ranks")
+    dist = init_run(args, turns if fixed is None else None, fixed)
     rm_fn = None if args.rm == "none" or fixed is not None else make_rm_scorer(args.rm, dist.device,
                                                                               common.resolve_dtype(args.dtype, dist.device),
                                                                               args.rm_batch_size)

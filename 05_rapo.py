@@ -368,15 +368,7 @@ def main(argv=None):
         turns = common.load_turns(args.data, split="train", learn_only=not args.all_turns)
         check(len(turns) > 0, f"{args.data}: no train turns with learn == true (run 01_select.py with a judge, "
               "or pass --all-turns)")
-        if args.max_examples:
-            turns = turns[:args.max_examples]
-        check(len(turns) >= args.prompts_per_step,
-              f"{args.data}: {len(turns)} train prompts, fewer than --prompts-per-step {args.prompts_per_step}")
-    dist = common.init_dist(args.device)
-    check(args.prompts_per_step % dist.world == 0, f"--prompts-per-step {args.prompts_per_step} must be divisible by "
-          f"the number of ranks ({dist.world})")
-    if fixed is not None:
-        check(len(fixed) % dist.world == 0, f"{args.rollouts_file}: {len(fixed)} groups, not divisible by {dist.world} ranks")
+    dist = grpo.init_run(args, turns if fixed is None else None, fixed)
     seeker = grm = None
     if fixed is None:  # the role models (each its own engine; roles on one spec share it)
         if args.reward == "reaction":

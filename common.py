@@ -7,6 +7,7 @@ scripts, where a reader looks for them. See SPEC sections 1, 8 and 9.
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import concurrent.futures
 import importlib.util
@@ -641,15 +642,16 @@ def continuation_logprobs(model, tok, prompts: list[list[int]], conts: list[list
 # Backends: a batch of chats in, a batch of texts out (+ log-likelihood scoring); SPEC section 8
 
 
-class Backend:
+class Backend(abc.ABC):
     """generate(chats, n) -> [len(chats)][n] texts; loglik(chats, continuations) -> summed log-probs."""
 
     spec: str = ""
     calls: int = 0  # batched calls made (for benchmarks and the lock-step tests)
 
+    @abc.abstractmethod
     def generate(self, chats: list[list[dict]], *, max_new_tokens: int = 128, temperature: float = 1.0,
                  top_p: float = 1.0, n: int = 1, seed: int | None = None, prefill: str = "") -> list[list[str]]:
-        raise NotImplementedError
+        """[len(chats)][n] texts, each starting with `prefill`; one batched call."""
 
     def loglik(self, chats: list[list[dict]], continuations: list[str]) -> list[float]:
         raise InputError(f"{self.spec}: this backend cannot score log-likelihoods; use an hf: or vllm: "

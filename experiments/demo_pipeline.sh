@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false
 
 echo "== 01: turns + hindsight selection (judge: embedded, likelihood mode)"
-python3 01_select.py --data data/demo_esconv.json --out runs/demo --max-examples 10 --judge-context 4 --overwrite
+python3 01_select.py --data data/demo_esconv.json --out runs/demo --max-examples 10 --test-frac 0.3 --judge-context 2 --overwrite
 
 echo "== 02: future-oriented rewards by simulation (RLFF-ESC stage 1)"
 python3 02_simulate.py --data runs/demo/turns.jsonl --out runs/demo --overwrite --max-examples 8 --per-dialogue 1 \
@@ -19,18 +19,18 @@ python3 03_train_rm.py --data runs/demo/rollouts.jsonl --out runs/demo --max-len
 
 echo "== 04: GRPO on R_fut + 0.5 R_fmt + R_len (RLFF-ESC stage 3)"
 python3 04_grpo.py --data runs/demo/turns.jsonl --rm runs/demo/rm --out runs/grpo --overwrite \
-    --prompts-per-step 2 --group-size 4 --max-new-tokens 32 --max-prompt-tokens 256 --max-steps 2 --lr 1e-4
+    --prompts-per-step 2 --group-size 4 --max-new-tokens 24 --max-prompt-tokens 192 --max-steps 2 --lr 1e-4
 
 echo "== 05: RAPO (reactions, generative reward model, self-distillation)"
 python3 05_rapo.py --data runs/demo/turns.jsonl --out runs/rapo --overwrite \
-    --prompts-per-step 2 --group-size 4 --max-new-tokens 32 --max-prompt-tokens 256 --max-steps 2 --lr 1e-4 \
-    --seeker-max-new-tokens 24 --grm-max-new-tokens 160 --grm-retries 1
+    --prompts-per-step 2 --group-size 4 --max-new-tokens 24 --max-prompt-tokens 192 --max-steps 2 --lr 1e-4 \
+    --seeker-max-new-tokens 16 --grm-max-new-tokens 64 --grm-retries 0
 
 echo "== 06: evaluation of the base model and both trained adapters"
 python3 06_eval.py --data runs/demo/turns.jsonl --out runs/eval --overwrite \
     --policy base=hf:embedded --policy grpo=runs/grpo/adapter --policy rapo=runs/rapo/adapter \
-    --runs runs/grpo runs/rapo --max-examples 4 --max-turns 3 --max-new-tokens 32 --seeker-max-new-tokens 24 \
-    --judge-rounds 2 --max-ref-turns 8
+    --runs runs/grpo runs/rapo --max-examples 3 --max-turns 2 --max-new-tokens 24 --seeker-max-new-tokens 16 \
+    --judge-rounds 2 --max-ref-turns 6
 
 echo
 echo "Report: runs/eval/report.md (plots: runs/eval/*.png)"
