@@ -562,6 +562,9 @@ class NoCritic(common.Backend):
     def option_loglik(self, chats, options):
         return [[0.0] * len(options) for _ in chats]
 
+    def generate(self, chats, **kw):
+        raise TypeError("NoCritic is only asked for option log-likelihoods (likelihood mode)")
+
 
 def chunk_seed(seed: int, part: str, k: int) -> int:
     """Seed of chunk k of a part: a function of (--seed, part, k) only, never of the rank or the policy."""
