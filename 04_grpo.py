@@ -14,6 +14,14 @@ logp are computed from logits / sampling temperature. The reference is the initi
 the same network with the adapter disabled (`model.disable_adapter()`), so no second model is held; with
 `--no-lora` (full fine-tuning) a frozen copy is kept, the only case where a second model exists.
 
+Two paths compute the same log-probs (tested equal in tests/test_shared_prefix.py). Read the plain one first
+(`--no-shared-prefix`; collate() + per_token_logps(): every sequence is prompt + completion in one row). The
+default shared-prefix path (completion_logps() -> common.shared_prefix_logits, and the shared prefill of
+common.generate_ids) runs each distinct context once per micro-batch, in the rollout prefill and in the
+policy, reference and old-policy forwards, and lets its G completions attend to its keys/values with
+explicit position ids: ESC batches are long contexts with short replies, so most of the work is the
+context, repeated G times by the plain path. Micro-batches then hold whole groups (micro_batches()).
+
 Deliberate deviations and choices (numbered, so forks can find them):
  1. Thinking-format protocol (`--think-prompt`, default `prefill`): the system prompt asks for
     `<think>...</think>` then the reply, and the assistant turn is prefilled with `<think>` (as
@@ -99,6 +107,10 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float):
                         "(GPU, LoRA only), the adapter handed over each step")
     g.add_argument("--vllm-gpu-memory", type=float, default=0.3, help="fraction of the GPU for the vLLM engine")
     g.add_argument("--gen-batch-size", type=int, default=64, help="sequences per generate call (hf rollout)")
+    g.add_argument("--no-shared-prefix", action="store_true",
+                   help="the plain path: every sequence runs its whole context (rollout prefill, policy, reference and "
+                        "old-policy forwards). Default: each context runs once per micro-batch and its G completions "
+                        "attend to its keys/values (same numbers, fewer FLOPs); not with --gradient-checkpointing")
     g.add_argument("--rollouts-file", default=None,
                    help="train on fixed rollouts instead of sampling (replays, tests of the update); the same groups "
                         "every step. 04: JSONL of groups {prompt_ids, completions [[ids] x G], rewards [G]}; 05: "
@@ -149,6 +161,8 @@ def check_grpo_args(args):
     check(not (args.resume and args.overwrite), "--resume and --overwrite exclude each other")
     check(not (args.rollout == "vllm" and args.no_lora), "--rollout vllm hands LoRA adapters to the engine: not with --no-lora")
     check(args.lora_r >= 1, "--lora-r must be >= 1")
+    check(args.no_shared_prefix or not args.gradient_checkpointing,
+          "--gradient-checkpointing drops the key/value cache the shared-prefix forward needs: add --no-shared-prefix")
     check(args.rollout != "vllm" or args.lora_r <= 512, "--rollout vllm serves LoRA ranks up to 512")
 
 
@@ -238,21 +252,30 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
 def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
                     temperature: float = 1.0, position_ids: torch.Tensor | None = None,
                     return_entropy: bool = False, return_logits: bool = False):
-    """log p(completion token t | prefix) for the last n_completion positions: [N, C].
+    """The plain path: log p(completion token t | prefix) for the last n_completion positions of collate()'s
+    rows: [N, C] (+ entropy [N, C], + logits [N, C, V] as token_logps describes).
 
-    Only the last C+1 positions' logits are computed (`logits_to_keep`), divided by the temperature in
-    place, and the log-softmax is taken TOKEN_CHUNK positions at a time and gathered at the sampled ids
-    (common.selective_log_softmax): no [N, C, V] log-softmax (or softmax, for the entropy) is ever held.
-    return_entropy adds the policy entropy per token [N, C] (no grad); return_logits adds the scaled
-    logits [N, C, V] (with grad; for extra losses such as 05_rapo.py's distillation).
+    Only the last C+1 positions' logits are computed (`logits_to_keep`); the logits at position t predict
+    token t + 1, so the first completion token is predicted by the last prompt position.
     """
     C = n_completion
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=C + 1, use_cache=False)
-    logits = out.logits[:, :-1]  # [N, C, V]: the logits at position t predict token t + 1
+    return token_logps(out.logits[:, :-1], input_ids[:, -C:], temperature, return_entropy, return_logits)
+
+
+def token_logps(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False,
+                return_logits: bool = False):
+    """logits [N, C, V] predicting target [N, C] -> log-probs [N, C] of the targets under softmax(logits / T).
+
+    The logits are divided by the temperature in place, and the log-softmax is taken TOKEN_CHUNK positions at
+    a time and gathered at the sampled ids (common.selective_log_softmax): no [N, C, V] log-softmax (or
+    softmax, for the entropy) is ever held. return_entropy adds the policy entropy per token [N, C] (no grad);
+    return_logits adds the scaled logits [N, C, V] (with grad; for extra losses such as 05_rapo.py's
+    distillation).
+    """
     if temperature != 1.0:
         logits = logits.div_(temperature)  # in place: the lm_head's backward does not need its output
-    target = input_ids[:, -C:]  # [N, C]
     # per sequence, TOKEN_CHUNK positions at a time: [TOKEN_CHUNK, 1, V] blocks through selective_log_softmax
     logp = torch.stack([common.selective_log_softmax(logits[i].unsqueeze(1), target[i].unsqueeze(1), TOKEN_CHUNK)
                         .squeeze(1) for i in range(logits.shape[0])])  # [N, C]
@@ -267,6 +290,59 @@ def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if return_logits:
         res.append(logits)
     return res[0] if len(res) == 1 else tuple(res)
+
+
+def prefix_runs(prompts: list[list[int]]) -> list[tuple[int, int]]:
+    """[start, end) of each run of identical consecutive prompts (a GRPO group, group-major order)."""
+    runs = []
+    for i, p in enumerate(prompts):
+        if runs and prompts[runs[-1][0]] == p:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def micro_batches(prompts: list[list[int]], size: int, shared_prefix: bool) -> list[list[int]]:
+    """Sequence indices of each micro-batch (at most `size` sequences). Plain path: consecutive chunks.
+    Shared prefix: whole groups packed together (a group longer than `size` is split into pieces), so
+    each micro-batch runs each of its contexts once."""
+    if not shared_prefix:
+        return common.chunks(list(range(len(prompts))), size)
+    mbs, cur = [], []
+    for a, b in prefix_runs(prompts):
+        for s in range(a, b, size):
+            piece = list(range(s, min(b, s + size)))
+            if cur and len(cur) + len(piece) > size:
+                mbs.append(cur)
+                cur = []
+            cur += piece
+    return mbs + [cur] if cur else mbs
+
+
+def completion_logps(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int, temperature: float,
+                     shared_prefix: bool = True, cont_model=None, return_entropy: bool = False,
+                     return_logits: bool = False):
+    """Per-token completion log-probs of one micro-batch: (logp [n, C], completion_mask [n, C]) or, with the
+    return_* flags, (logp, entropy?, logits?, completion_mask) as token_logps returns them.
+
+    Plain path (read this one first): collate() prompt + completion into one row per sequence, one forward.
+    Shared prefix (default): each distinct context (a run of identical consecutive prompts) runs once and its
+    G completions run against its keys/values (common.shared_prefix_logits); the same numbers up to float
+    rounding, tested equal. cont_model: see common.shared_prefix_logits (DDP).
+    """
+    device = next(model.parameters()).device
+    if not shared_prefix:
+        ids, attn, pos, cmask = collate(prompts, completions, pad_id, device)
+        res = per_token_logps(model, ids, attn, cmask.shape[1], temperature, pos, return_entropy, return_logits)
+    else:
+        runs = prefix_runs(prompts)
+        index = torch.tensor([r for r, (a, b) in enumerate(runs) for _ in range(a, b)], device=device)
+        p_ids, p_mask = common.left_pad([prompts[a] for a, _ in runs], pad_id, device)  # [k, P]
+        c_ids, cmask = common.right_pad(completions, pad_id, device)  # [n, C]
+        logits = common.shared_prefix_logits(model, p_ids, p_mask, index, c_ids, cmask, cont_model)  # [n, C, V]
+        res = token_logps(logits, c_ids, temperature, return_entropy, return_logits)
+    return (*res, cmask) if isinstance(res, tuple) else (res, cmask)
 
 
 def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
@@ -330,6 +406,7 @@ class LossConfig:
     loss_agg: str = "token-mean"
     l_gen: int = 256  # L_gen for seq-mean-token-sum-norm
     micro_batch: int = 8
+    shared_prefix: bool = True  # one forward of each context per micro-batch (False: the plain path)
     autocast_dtype: torch.dtype | None = None  # bf16 autocast on GPU
 
 
@@ -337,9 +414,6 @@ class LossConfig:
 class MicroBatch:
     """What an extra-loss callback sees for one micro-batch (all tensors on the model's device)."""
     idx: list[int]  # positions of these sequences in the Rollouts
-    input_ids: torch.Tensor  # [n, P+C]
-    attention_mask: torch.Tensor  # [n, P+C]
-    position_ids: torch.Tensor  # [n, P+C]
     completion_mask: torch.Tensor  # [n, C]
     logits: torch.Tensor  # [n, C, V] policy logits / temperature, with grad
     logp: torch.Tensor  # [n, C] with grad
@@ -348,14 +422,16 @@ class MicroBatch:
 
 
 def rollout(model, tok, prompts: list[list[int]], G: int, *, max_new_tokens: int, temperature: float,
-            top_p: float = 1.0, batch_size: int = 64, min_new_tokens: int = 0) -> list[list[int]]:
+            top_p: float = 1.0, batch_size: int = 64, min_new_tokens: int = 0,
+            shared_prefix: bool = True) -> list[list[int]]:
     """Sample G completions per prompt from the policy (hf backend): [B*G] token-id lists, group-major.
+    shared_prefix: each context is prefilled once for its G completions (common.generate_ids).
     (min_new_tokens > 0 suppresses EOS before that length: fixed-work benchmarks.)"""
     was_training = model.training
     model.eval()
-    reps = [p for p in prompts for _ in range(G)]  # [B*G]
-    comps = common.generate_ids(model, tok, reps, max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_p=top_p, batch_size=batch_size, min_new_tokens=min_new_tokens)
+    comps = common.generate_ids(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, batch_size=batch_size, min_new_tokens=min_new_tokens, n=G,
+                                shared_prefill=shared_prefix)
     model.train(was_training)
     return comps
 
@@ -372,13 +448,13 @@ def sequence_logps(model, ro: Rollouts, cfg: LossConfig) -> list[torch.Tensor]:
     """Per-sequence completion log-probs [|y_i|] under `model` (no grad), in micro-batches. Called inside
     `model.disable_adapter()` for the reference, or before the first update for logp_old."""
     device = next(model.parameters()).device
-    res = []
-    for idx in common.chunks(list(range(len(ro.completions))), cfg.micro_batch):
-        ids, attn, pos, cmask = collate([ro.prompts[i] for i in idx], [ro.completions[i] for i in idx], cfg.pad_id, device)
+    res = [None] * len(ro.completions)
+    for idx in micro_batches(ro.prompts, cfg.micro_batch, cfg.shared_prefix):
         with _autocast(cfg, device):
-            lp = per_token_logps(model, ids, attn, cmask.shape[1], cfg.temperature, pos).float()
+            lp, _ = completion_logps(model, [ro.prompts[i] for i in idx], [ro.completions[i] for i in idx], cfg.pad_id,
+                                     cfg.temperature, cfg.shared_prefix)
         for k, i in enumerate(idx):
-            res.append(lp[k, :len(ro.completions[i])].cpu())
+            res[i] = lp[k, :len(ro.completions[i])].float().cpu()
     return res
 
 
@@ -405,18 +481,19 @@ def accumulate_gradients(train_model, ro: Rollouts, cfg: LossConfig, dist: commo
     counts = common.all_reduce_sum(torch.tensor([float(sum(lens)), float(N)], dtype=torch.float64, device=device), dist)
     n_tokens, n_seqs = counts[0].item(), counts[1].item()
     ddp = isinstance(train_model, torch.nn.parallel.DistributedDataParallel)
-    mbs = common.chunks(list(range(N)), cfg.micro_batch)
+    mbs = micro_batches(ro.prompts, cfg.micro_batch, cfg.shared_prefix)
+    inner = train_model.module if ddp else train_model  # shared prefix: DDP sees one forward (the prefix) per backward
     st = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0, "extra": 0.0, "n_tokens": n_tokens, "n_seqs": n_seqs,
           "local_tokens": float(sum(lens))}
     for k, idx in enumerate(mbs):
         # DDP: all-reduce the gradients only in the last micro-batch's backward
         sync = nullcontext() if (not ddp or k == len(mbs) - 1) else train_model.no_sync()
         with sync:
-            ids, attn, pos, cmask = collate([ro.prompts[i] for i in idx], [ro.completions[i] for i in idx], cfg.pad_id, device)
-            C = cmask.shape[1]
             with _autocast(cfg, device):
-                logp, ent, logits = per_token_logps(train_model, ids, attn, C, cfg.temperature, pos,
-                                                    return_entropy=True, return_logits=True)  # [n, C]
+                logp, ent, logits, cmask = completion_logps(
+                    train_model, [ro.prompts[i] for i in idx], [ro.completions[i] for i in idx], cfg.pad_id,
+                    cfg.temperature, cfg.shared_prefix, inner, return_entropy=True, return_logits=True)  # [n, C]
+            C = cmask.shape[1]
             logp = logp.float()
             logp_old = _pad_rows([ro.logp_old[i] for i in idx], C, device) if ro.logp_old is not None else logp.detach()
             logp_ref = _pad_rows([ro.logp_ref[i] for i in idx], C, device) if cfg.beta > 0 else None
@@ -424,7 +501,7 @@ def accumulate_gradients(train_model, ro: Rollouts, cfg: LossConfig, dist: commo
             tok_loss = grpo_token_loss(logp, logp_old, logp_ref, adv, cfg.eps_low, cfg.eps_high, cfg.beta)  # [n, C]
             loss = aggregate(tok_loss, cmask, cfg.loss_agg, n_tokens, n_seqs, cfg.l_gen)
             if extra_loss is not None:
-                extra = extra_loss(MicroBatch(idx, ids, attn, pos, cmask, logits, logp, n_tokens, n_seqs))
+                extra = extra_loss(MicroBatch(idx, cmask, logits, logp, n_tokens, n_seqs))
                 st["extra"] += float(extra.detach())
                 loss = loss + extra
             (loss * dist.world).backward()  # DDP averages over ranks: x world makes it the global-batch gradient
@@ -690,7 +767,7 @@ class Policy:
             return self.rollout_fn(self.model, prompts, G, step, max_new_tokens=a.max_new_tokens,
                                    temperature=a.temperature, top_p=a.top_p)
         return rollout(self.model, self.tok, prompts, G, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                       top_p=a.top_p, batch_size=a.gen_batch_size)
+                       top_p=a.top_p, batch_size=a.gen_batch_size, shared_prefix=not a.no_shared_prefix)
 
 
 def setup_policy(args, dist: common.Dist, n_groups: int) -> Policy:
@@ -736,6 +813,7 @@ def setup_policy(args, dist: common.Dist, n_groups: int) -> Policy:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_schedule, args.warmup_steps, total))
     cfg = LossConfig(pad_id=tok.pad_token_id, temperature=args.temperature, eps_low=args.eps_low, eps_high=args.eps_high,
                      beta=args.beta, loss_agg=args.loss_agg, l_gen=args.max_new_tokens, micro_batch=args.micro_batch,
+                     shared_prefix=not args.no_shared_prefix,
                      autocast_dtype=torch.bfloat16 if device.type == "cuda" and dtype == torch.float32 else None)
     return Policy(model, tok, lora, lora_config, ref_model, optimizer, scheduler, cfg, total, steps_per_epoch, vllm_gen, args)
 

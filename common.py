@@ -555,21 +555,37 @@ def eos_ids(model, tok) -> list[int]:
 
 @torch.no_grad()
 def generate_ids(model, tok, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, min_new_tokens: int = 0, batch_size: int = 64) -> list[list[int]]:
-    """Sample one completion per prompt (token ids, ending with EOS if one was produced).
+                 top_p: float = 1.0, min_new_tokens: int = 0, batch_size: int = 64, n: int = 1,
+                 shared_prefill: bool = False) -> list[list[int]]:
+    """Sample n completions per prompt (token ids, ending with EOS if one was produced): [len(prompts) * n]
+    lists, prompt-major (the n completions of a prompt are consecutive).
 
-    Batched with left padding and the KV cache; temperature 0 = greedy. Seed torch before calling for
-    reproducible samples (the draws depend on the batch composition, which callers keep fixed).
+    Batched with left padding and the KV cache, batch_size sequences per generate call; temperature 0 =
+    greedy. shared_prefill (n > 1): each prompt's keys/values are computed once (all its tokens but the
+    last) and selected for its n continuations, instead of n identical prefills; the same tokens under
+    greedy decoding (tested). Seed torch before calling for reproducible samples (the draws depend on the
+    batch composition, which callers keep fixed).
     """
     device = next(model.parameters()).device
     eos = eos_ids(model, tok)
+    kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
     out: list[list[int]] = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s:s + batch_size]
-        ids, mask = left_pad(chunk, tok.pad_token_id, device)
-        kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+    per_call = max(1, batch_size // n)  # prompts per generate call
+    for s in range(0, len(prompts), per_call):
+        chunk = prompts[s:s + per_call]
+        ids, mask = left_pad(chunk, tok.pad_token_id, device)  # [k, P]
+        extra = {}
+        if shared_prefill and n > 1 and ids.shape[1] > 1:
+            with torch.no_grad():  # prefill all but the last token once per prompt; generate() runs the last
+                pos = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
+                cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos, use_cache=True,
+                              logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(n)  # [k*n, ...]
+            extra["past_key_values"] = cache
+        ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)  # [k*n, P]
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             min_new_tokens=min_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id, **kw)
+                             min_new_tokens=min_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                             **kw, **extra)
         for row in gen[:, ids.shape[1]:].tolist():
             comp = []
             for t in row:
@@ -592,33 +608,66 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk: int 
     return torch.cat(out)
 
 
+def right_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids and attention mask, padded on the right (T >= 1)."""
+    T = max(max((len(s) for s in seqs), default=1), 1)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def shared_prefix_logits(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, index: torch.Tensor,
+                         cont_ids: torch.Tensor, cont_mask: torch.Tensor, cont_model=None) -> torch.Tensor:
+    """Logits predicting every continuation token, [N, L, V], with each distinct prefix run ONCE.
+
+    prefix_ids/prefix_mask [k, P]: the k distinct prefixes, left padded; index [N]: the prefix of each
+    continuation row; cont_ids/cont_mask [N, L]: the continuations, right padded. Row i of the result,
+    position t, holds the logits of p(cont_ids[i, t] | prefix[index[i]], cont_ids[i, :t]), as a plain
+    forward of the concatenated sequence would give them.
+
+    How: the prefixes run with use_cache=True; their keys/values are then selected for the N rows (an index,
+    so a group of G rows shares one prefix computation) and the continuations run against them with
+    explicit position ids (real prefix length + t) and the prefix's padding mask. The logits at the last
+    prefix position predict continuation token 0, so the continuation forward needs only cont_ids[:, :-1].
+    Gradients flow into both forwards when grad is enabled. `cont_model`: the module for the continuation
+    forward (default `model`); under DDP pass the DDP wrapper as `model` and the wrapped module as
+    `cont_model`, so DDP sees exactly one forward per backward.
+    """
+    pos = (prefix_mask.cumsum(-1) - 1).clamp(min=0)  # [k, P]: positions of real tokens (left padding)
+    out = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1:][index]  # [N, 1, V]: predicts continuation token 0
+    L = cont_ids.shape[1]
+    if L == 1:
+        return first
+    cache = out.past_key_values
+    cache.batch_select_indices(index)  # [N, heads, P, d]: prefix index[i]'s keys/values for row i
+    c_pos = pos[index, -1:] + 1 + torch.arange(L - 1, device=pos.device)  # [N, L-1]
+    mask = torch.cat([prefix_mask[index], cont_mask[:, :-1]], 1)  # [N, P + L - 1]
+    lg = (cont_model or model)(input_ids=cont_ids[:, :-1], attention_mask=mask, position_ids=c_pos,
+                               past_key_values=cache, use_cache=True).logits  # [N, L-1, V]
+    return torch.cat([first, lg], 1)
+
+
 @torch.no_grad()
 def option_logprobs(model, tok, prompts: list[list[int]], options: list[list[int]], batch_size: int = 16) -> torch.Tensor:
     """[len(prompts), K] sum_t log p(option_k,t | prompt, option_k,<t): every prompt scored against the
-    same K options, with the prompt run once and the K options run against its expanded KV cache
-    (a K-fold saving for the critic's four options and the judges' true/false)."""
+    same K options, with the prompt run once and the K options run against its keys/values
+    (shared_prefix_logits: a K-fold saving for the critic's four options and the judges' true/false)."""
     device = next(model.parameters()).device
-    K, L = len(options), max(len(o) for o in options)
-    opt = torch.full((K, L), tok.pad_token_id, dtype=torch.long)
-    opt_mask = torch.zeros((K, L), dtype=torch.long)
-    for k, o in enumerate(options):
-        opt[k, :len(o)], opt_mask[k, :len(o)] = torch.tensor(o), 1
-    opt, opt_mask = opt.to(device), opt_mask.to(device)
+    K = len(options)
+    opt, opt_mask = right_pad(options, tok.pad_token_id, device)  # [K, L]
     res = []
     for s in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[s:s + batch_size], tok.pad_token_id, device)  # [b, T]
-        b, T = ids.shape
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(out.logits[:, -1].float(), -1)  # [b, V]: p(first option token)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(K)  # [b*K, ...]: prompt i's keys/values for each of its K options
+        b = ids.shape[0]
+        index = torch.arange(b, device=device).repeat_interleave(K)  # row i*K + k: prompt i, option k
         o_ids, o_mask = opt.repeat(b, 1), opt_mask.repeat(b, 1)  # [b*K, L]
-        o_pos = pos[:, -1:].repeat_interleave(K, 0) + 1 + torch.arange(L, device=device)
-        full_mask = torch.cat([mask.repeat_interleave(K, 0), o_mask], 1)  # [b*K, T+L]
-        lg = model(input_ids=o_ids, attention_mask=full_mask, position_ids=o_pos, past_key_values=cache).logits
-        lp = torch.cat([first.repeat_interleave(K, 0).gather(-1, o_ids[:, :1]),
-                        selective_log_softmax(lg[:, :-1], o_ids[:, 1:])], 1)  # [b*K, L]
+        lg = shared_prefix_logits(model, ids, mask, index, o_ids, o_mask)  # [b*K, L, V]
+        lp = selective_log_softmax(lg, o_ids)  # [b*K, L]
         res.append((lp * o_mask).sum(-1).view(b, K))
     return torch.cat(res)
 
@@ -681,9 +730,9 @@ class HFBackend(Backend):
         self.calls += 1
         if seed is not None:
             torch.manual_seed(seed)
-        prompts = [chat_ids(self.tok, c, prefill) for c in chats for _ in range(n)]
+        prompts = [chat_ids(self.tok, c, prefill) for c in chats]
         ids = generate_ids(self.model, self.tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, batch_size=self.batch_size)
+                           top_p=top_p, batch_size=self.batch_size, n=n, shared_prefill=True)
         texts = [prefill + self.tok.decode(x, skip_special_tokens=True) for x in ids]
         return [texts[i * n:(i + 1) * n] for i in range(len(chats))]
 

@@ -1,21 +1,26 @@
-"""Benchmark: one GRPO step of 04_grpo.py against TRL's GRPOTrainer, identical settings, on CPU.
+"""Benchmark: one GRPO step of 04_grpo.py (shared-prefix and plain paths) against TRL's GRPOTrainer, on CPU.
 
-Settings (both sides): the embedded SmolLM2-135M-Instruct, fp32, 2 prompts x G=4 completions of exactly
-64 new tokens (min_new_tokens = max_new_tokens, so both do the same work), temperature 1.0, LoRA r=16
-alpha=32 on all seven projections, beta 5e-4 (reference = adapter disabled on both), eps 0.2/0.28,
-token-mean aggregation (TRL's loss_type="dapo"), one update per batch (TRL num_iterations=1), no
-gradient checkpointing (TRL's default is on: turned off), AdamW, 2 torch threads. The reward is the same
-function on both sides and varies within a group (distinct words / 50), so both do a real update.
+Settings (all sides): the embedded SmolLM2-135M-Instruct, fp32, 2 prompts x G completions of exactly
+64 new tokens (min_new_tokens = max_new_tokens, so all do the same work), temperature 1.0, LoRA r=16
+alpha=32 on all seven projections, beta 5e-4 (reference = adapter disabled on all), eps 0.2/0.28,
+token-mean aggregation (TRL's loss_type="dapo"), one update per batch (TRL num_iterations=1), the whole
+batch in one forward/backward (our micro-batch = TRL's per-device batch = 2G), no gradient checkpointing
+(TRL's default is on: turned off), AdamW, 2 torch threads. The reward is the same function on all sides
+and varies within a group (distinct words / 50), so each does a real update.
 
+Sides: `shared` = 04_grpo.py's default (each context prefilled once for its G samples; policy and reference
+forwards run each context once per micro-batch), `plain` = 04_grpo.py --no-shared-prefix, `trl` = TRL.
 Each measurement is a fresh worker process (so peak RSS is that side's alone) running 1 warm-up step and
---steps timed steps; the two sides alternate (ours first on even repetitions, TRL first on odd ones), and
-the table shows medians over all timed steps. Two prompt shapes: short single-message prompts, and
-multi-turn contexts from the demo data (200-500 prompt tokens, the shape ESC training sees).
-Timing split: gen = sampling only (our `rollout`; TRL's `_generate_single_turn`), update = the rest of
-the step (rewards, reference log-probs, loss, backward, optimiser step).
+--steps timed steps; the sides rotate their order over repetitions, and the table shows medians over all
+timed steps. Cases (shape:G): `short` single-message prompts; `multiturn` demo contexts of 200-500 tokens
+(issue 04's two shapes, G=4); `ctxN` demo contexts cut to about N tokens (the oldest messages dropped;
+two demo dialogues joined where one is too short), the ESC sweep of `--sweep` (N = 200, 400, 800 with G = 4
+and 8). Timing split: gen = sampling only (our `rollout`; TRL's `_generate_single_turn`), update = the rest
+of the step (rewards, reference log-probs, loss, backward, optimiser step).
 
 Needs TRL (benchmark only; install without touching torch): pip install trl --no-deps && pip install datasets
-Run:  python bench/bench_grpo_vs_trl.py --reps 3 --steps 2
+Run:  python bench/bench_grpo_vs_trl.py --reps 3 --steps 2            # issue 04: short:4 and multiturn:4
+      python bench/bench_grpo_vs_trl.py --sweep --reps 1 --steps 2    # issue 08: the ESC shape sweep
 """
 import argparse
 import json
@@ -44,12 +49,23 @@ def reward_value(text: str) -> float:
     return len(set(text.split())) / 50.0
 
 
+def fit_context(tok, msgs: list[dict], n_tokens: int) -> list[dict]:
+    """[system] + the latest messages of msgs whose chat-template ids fit n_tokens (the oldest dropped)."""
+    import common
+
+    msgs = list(msgs)
+    while len(msgs) > 1 and len(common.chat_ids(tok, [{"role": "system", "content": common.ESC_SYSTEM}] + msgs)) > n_tokens:
+        msgs = msgs[1:]
+    return [{"role": "system", "content": common.ESC_SYSTEM}] + msgs
+
+
 def prompt_pool(shape: str, tok, n: int) -> list[list[dict]]:
+    """n chat prompts of the given shape (see the docstring), cycling over the distinct ones."""
     import common
 
     if shape == "short":
         msgs = [[{"role": "system", "content": common.ESC_SYSTEM}, {"role": "user", "content": p}] for p in SHORT_PROMPTS]
-    else:
+    elif shape == "multiturn":
         dialogues = common.load_dialogues(ROOT / "data" / "demo_esconv.json")
         turns = common.build_turns(dialogues, {d["dialog_id"]: "train" for d in dialogues})
         msgs = []
@@ -57,6 +73,19 @@ def prompt_pool(shape: str, tok, n: int) -> list[list[dict]]:
             m = [{"role": "system", "content": common.ESC_SYSTEM}] + t["context"]
             if 200 <= len(common.chat_ids(tok, m)) <= 500:
                 msgs.append(m)
+    elif shape.startswith("ctx"):
+        N = int(shape[3:])
+        dialogues = common.load_dialogues(ROOT / "data" / "demo_esconv.json")
+        msgs = []
+        for i, d in enumerate(dialogues):
+            joined = dialogues[i - 1]["messages"] + d["messages"]  # long enough for any N up to ~1500
+            m = fit_context(tok, joined[:-1] if joined[-1]["role"] == "assistant" else joined, N)
+            if len(common.chat_ids(tok, m)) >= 0.8 * N:
+                msgs.append(m)
+    else:
+        raise SystemExit(f"unknown shape {shape!r}")
+    if not msgs:
+        raise SystemExit(f"no demo prompts of shape {shape!r}")
     return [msgs[i % len(msgs)] for i in range(n)]
 
 
@@ -78,19 +107,20 @@ def worker_ours(args) -> dict:
                                              task_type="CAUSAL_LM"))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    G, shared = args.group_size, args.worker == "shared"
     cfg = g.LossConfig(pad_id=tok.pad_token_id, temperature=1.0, eps_low=0.2, eps_high=0.28, beta=5e-4,
-                       loss_agg="token-mean", l_gen=args.max_new_tokens, micro_batch=8)
+                       loss_agg="token-mean", l_gen=args.max_new_tokens, micro_batch=2 * G, shared_prefix=shared)
     pool = prompt_pool(args.shape, tok, 2 * (args.steps + 1))
     gen_t, step_t = [], []
     for s in range(args.steps + 1):
         t0 = time.perf_counter()
         p_ids = [common.chat_ids(tok, m) for m in pool[2 * s:2 * s + 2]]
-        comps = g.rollout(model, tok, p_ids, 4, max_new_tokens=args.max_new_tokens, temperature=1.0,
-                          min_new_tokens=args.max_new_tokens)
+        comps = g.rollout(model, tok, p_ids, G, max_new_tokens=args.max_new_tokens, temperature=1.0,
+                          min_new_tokens=args.max_new_tokens, shared_prefix=shared)
         t_gen = time.perf_counter() - t0
         texts = [tok.decode(c, skip_special_tokens=True) for c in comps]
-        r = torch.tensor([reward_value(t) for t in texts]).view(2, 4)
-        ro = g.Rollouts([p for p in p_ids for _ in range(4)], comps, g.group_advantages(r).flatten())
+        r = torch.tensor([reward_value(t) for t in texts]).view(2, G)
+        ro = g.Rollouts([p for p in p_ids for _ in range(G)], comps, g.group_advantages(r).flatten())
         with model.disable_adapter():
             ro.logp_ref = g.sequence_logps(model, ro, cfg)
         g.grpo_step(model, model, opt, None, ro, cfg, max_grad_norm=1.0)
@@ -125,7 +155,7 @@ def worker_trl(args) -> dict:
         return [reward_value(c[-1]["content"] if isinstance(c, list) else c) for c in completions]
 
     out = tempfile.mkdtemp(prefix="trl-bench-")
-    cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=8, num_generations=4,
+    cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=2 * args.group_size, num_generations=args.group_size,
                      max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
                      generation_kwargs={"min_new_tokens": args.max_new_tokens}, beta=5e-4, epsilon=0.2,
                      epsilon_high=0.28, loss_type="dapo", num_iterations=1, learning_rate=1e-5, max_grad_norm=1.0,
@@ -162,62 +192,80 @@ def worker_trl(args) -> dict:
     return {"gen": [s[1] for s in steps], "step": [s[0] for s in steps], "peak_rss_gb": peak_rss_gb()}
 
 
+SIDES = {"shared": "04_grpo.py (shared prefix)", "plain": "04_grpo.py --no-shared-prefix", "trl": "TRL GRPOTrainer"}
+SWEEP = [f"ctx{n}:{G}" for n in (200, 400, 800) for G in (4, 8)]
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=3, help="repetitions per side and shape (alternating order)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per side and case (rotating the side order)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per worker (after 1 warm-up step)")
-    p.add_argument("--shapes", nargs="+", default=["short", "multiturn"], choices=["short", "multiturn"])
+    p.add_argument("--cases", nargs="+", default=["short:4", "multiturn:4"],
+                   help="shape:G pairs; shapes short, multiturn, ctxN (contexts of about N tokens)")
+    p.add_argument("--sweep", action="store_true", help="run the ESC sweep " + " ".join(SWEEP) + " instead of --cases")
+    p.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES), help="which implementations")
     p.add_argument("--policy", default="hf:embedded", help="model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion length (exactly this many tokens)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per worker")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "bench_grpo_vs_trl.json"),
-                   help="raw results (json)")
-    p.add_argument("--worker", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first repetition (+1 per repetition)")
+    p.add_argument("--out", default=None, help="raw results (json); default experiments/results/bench_grpo_vs_trl"
+                   "[_sweep].json")
+    p.add_argument("--worker", choices=list(SIDES), default=None, help=argparse.SUPPRESS)
     p.add_argument("--shape", default="short", help=argparse.SUPPRESS)
+    p.add_argument("--group-size", type=int, default=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         import torch
 
         torch.set_num_threads(args.threads)
-        res = (worker_ours if args.worker == "ours" else worker_trl)(args)
+        res = (worker_trl if args.worker == "trl" else worker_ours)(args)
         print("RESULT " + json.dumps(res), flush=True)
         return
+    cases = SWEEP if args.sweep else args.cases
+    for c in cases:
+        if not (":" in c and c.split(":")[1].isdigit() and int(c.split(":")[1]) >= 2):
+            sys.exit(f"--cases: {c!r} is not shape:G with G >= 2")
+    out = Path(args.out or ROOT / "experiments" / "results" / f"bench_grpo_vs_trl{'_sweep' if args.sweep else ''}.json")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
-    results = {s: {"ours": [], "trl": []} for s in args.shapes}
-    for shape in args.shapes:
+    results = {c: {side: [] for side in args.sides} for c in cases}
+    for case in cases:
+        shape, G = case.split(":")
         for rep in range(args.reps):
-            for side in (["ours", "trl"] if rep % 2 == 0 else ["trl", "ours"]):
-                cmd = [sys.executable, __file__, "--worker", side, "--shape", shape, "--steps", str(args.steps),
-                       "--policy", args.policy, "--max-new-tokens", str(args.max_new_tokens),
+            order = args.sides[rep % len(args.sides):] + args.sides[:rep % len(args.sides)]  # rotate the order
+            for side in order:
+                cmd = [sys.executable, __file__, "--worker", side, "--shape", shape, "--group-size", G,
+                       "--steps", str(args.steps), "--policy", args.policy, "--max-new-tokens", str(args.max_new_tokens),
                        "--threads", str(args.threads), "--seed", str(args.seed + rep)]
                 r = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
                 if r.returncode != 0 or not line:
-                    sys.exit(f"{side} worker failed:\n{r.stderr[-3000:]}")
+                    sys.exit(f"{side} worker failed on {case}:\n{r.stderr[-3000:]}")
                 res = json.loads(line[-1][7:])
-                results[shape][side].append(res)
-                print(f"{shape:9s} rep {rep} {side:4s}: step {statistics.median(res['step']):6.2f} s, "
-                      f"gen {statistics.median(res['gen']):6.2f} s, peak RSS {res['peak_rss_gb']:.2f} GB", flush=True)
+                results[case][side].append(res)
+                print(f"{case:12s} rep {rep} {side:6s}: step {med(res['step']):7.2f} s, gen {med(res['gen']):7.2f} s, "
+                      f"peak RSS {res['peak_rss_gb']:.2f} GB", flush=True)
     rows = []
-    print("\n| prompts | side | s/step | gen s | update s | peak RSS GB |\n|---|---|---|---|---|---|")
-    for shape in args.shapes:
-        med = {}
-        for side in ("ours", "trl"):
-            rs = results[shape][side]
-            st = statistics.median([x for r in rs for x in r["step"]])
-            ge = statistics.median([x for r in rs for x in r["gen"]])
-            up = statistics.median([s - g for r in rs for s, g in zip(r["step"], r["gen"])])
-            mem = statistics.median([r["peak_rss_gb"] for r in rs])
-            med[side] = (st, ge, up, mem)
-            print(f"| {shape} | {'04_grpo.py' if side == 'ours' else 'TRL GRPOTrainer'} | {st:.2f} | {ge:.2f} | {up:.2f} | {mem:.2f} |")
-        o, t = med["ours"], med["trl"]
-        print(f"| {shape} | ratio ours/TRL | {o[0] / t[0]:.2f} | {o[1] / t[1]:.2f} | {o[2] / t[2]:.2f} | {o[3] / t[3]:.2f} |")
-        rows.append({"shape": shape, "ours": dict(zip(["step", "gen", "update", "peak_rss_gb"], o)),
-                     "trl": dict(zip(["step", "gen", "update", "peak_rss_gb"], t))})
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": vars(args), "medians": rows, "raw": results}, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print("\n| case (shape:G) | side | s/step | gen s | update s | peak RSS GB | steps/s vs TRL |\n|---|---|---|---|---|---|---|")
+    for case in cases:
+        m = {}
+        for side in args.sides:
+            rs = results[case][side]
+            m[side] = {"step": med([x for r in rs for x in r["step"]]), "gen": med([x for r in rs for x in r["gen"]]),
+                       "update": med([s - g for r in rs for s, g in zip(r["step"], r["gen"])]),
+                       "peak_rss_gb": med([r["peak_rss_gb"] for r in rs])}
+        for side in args.sides:
+            x = m[side]
+            speed = f"{m['trl']['step'] / x['step']:.2f}x" if "trl" in m else "-"
+            print(f"| {case} | {SIDES[side]} | {x['step']:.2f} | {x['gen']:.2f} | {x['update']:.2f} | "
+                  f"{x['peak_rss_gb']:.2f} | {speed} |")
+        rows.append({"case": case, **m})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"settings": vars(args), "medians": rows, "raw": results}, indent=2) + "\n")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def parse_args():
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion cap (training and evaluation)")
     p.add_argument("--max-prompt-tokens", type=int, default=128, help="prompt budget (oldest messages dropped)")
     p.add_argument("--system-prompt", default=SHORT_SYSTEM, help="a short system prompt (CPU time goes with length)")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW lr for LoRA r=16 at this scale")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr for LoRA r=16 at this scale")
     p.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the run and of the evaluation samples")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
