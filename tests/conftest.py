@@ -20,7 +20,7 @@ load_stage = common.load_stage  # import a numbered stage script (e.g. "04_grpo"
 def make_tiny_model(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = common.load_tokenizer(str(common.embedded_model_path()))
+    tok = common.load_tokenizer(str(common.embedded_tokenizer_path()))
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,

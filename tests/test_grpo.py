@@ -219,7 +219,7 @@ def test_toy_verifiable_reward_rises():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    tok = common.load_tokenizer(str(common.embedded_model_path()))  # only its pad/eos id (2) is used
+    tok = common.load_tokenizer(str(common.embedded_tokenizer_path()))  # only its pad/eos id (2) is used
     cfg_m = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                         num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg_m)
