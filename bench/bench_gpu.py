@@ -80,6 +80,7 @@ def main():
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward in the update")
     p.add_argument("--sd-topk", type=int, default=256, help="K of RAPO's distillation")
     p.add_argument("--no-shared-prefix", action="store_true", help="04's plain path (each sequence runs its whole prompt)")
+    p.add_argument("--no-rollout-merge", action="store_true", help="sample through the LoRA layers (04's --no-rollout-merge)")
     p.add_argument("--static-cache", action="store_true",
                    help="generate with transformers' static KV cache (cache_implementation='static'; plain prefill)")
     p.add_argument("--save-model", default=None,
@@ -122,7 +123,8 @@ def main():
 
     def gen(n):
         return grpo.rollout(model, tok, prompts, G, max_new_tokens=n, temperature=1.0, min_new_tokens=n,
-                            batch_size=B * G, shared_prefix=shared and not args.static_cache)
+                            batch_size=B * G, shared_prefix=shared and not args.static_cache,
+                            merge_lora=not args.no_rollout_merge)
 
     gen(L)  # warm-up (kernels, allocator; compilation with the static cache)
     _, t_first = timed(lambda: gen(1), device)
@@ -138,9 +140,12 @@ def main():
     lcfg = grpo.LossConfig(pad_id=tok.pad_token_id, temperature=1.0, micro_batch=args.micro_batch,
                            autocast_dtype=None, l_gen=L, shared_prefix=shared)
     ro = grpo.Rollouts(prompts=reps, completions=comps, advantages=torch.randn(B * G))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    with model.disable_adapter():  # warm-up of the update's shapes (kernel selection, allocator), then timed
+        ro.logp_ref = grpo.sequence_logps(model, ro, lcfg)
+    grpo.grpo_step(model, model, opt, None, ro, lcfg)
     with model.disable_adapter():
         ro.logp_ref, t_ref = timed(lambda: grpo.sequence_logps(model, ro, lcfg), device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     _, t_upd = timed(lambda: grpo.grpo_step(model, model, opt, None, ro, lcfg), device)
     tokens = sum(len(r) + len(c) for r, c in zip(reps, comps))
 
@@ -158,7 +163,8 @@ def main():
         ("device", torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
         ("model", f"{args.arch} ({n_params / 1e9:.2f} B params, random weights), LoRA r={args.lora_r}, {dtype}"),
         ("shape", f"{B} prompts x G={G}, {P} prompt tokens, {L} new tokens"),
-        ("path", ("shared prefix" if shared else "plain (--no-shared-prefix)") + (", static KV cache" if args.static_cache else "")),
+        ("path", ("shared prefix" if shared else "plain (--no-shared-prefix)") + (", static KV cache" if args.static_cache else "")
+         + (", sampling through the LoRA layers" if args.no_rollout_merge else ", LoRA merged for sampling")),
         ("prefill + first token (batch {})".format(B * G), f"{t_first * 1e3:.1f} ms"),
         ("measured bandwidth / bf16 matmul peak", f"{bw / 1e9:.0f} GB/s / {peak / 1e12:.0f} TFLOP/s"),
         ("generated tokens/s", f"{n_gen / t_gen:,.0f}"),

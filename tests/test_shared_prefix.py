@@ -137,3 +137,26 @@ def test_gradient_checkpointing_needs_plain_path():
         g.parse_args(["--gradient-checkpointing"])
     args = g.parse_args(["--gradient-checkpointing", "--no-shared-prefix"])
     assert args.no_shared_prefix
+
+
+def test_rollout_with_merged_lora_equals_unmerged_and_restores_weights(tiny_model_dir):
+    """04's rollout samples with the adapter folded into the weights (merged_lora): the same greedy tokens as
+    through the LoRA layers, and afterwards every weight is bit-identical and the adapter is active again."""
+    model, tok = make_model(tiny_model_dir, True)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prompts, _ = groups([3, 12, 7], [1])
+    kw = dict(max_new_tokens=10, temperature=0.0, batch_size=64)
+    plain = g.rollout(model, tok, prompts, 2, merge_lora=False, **kw)
+    merged = g.rollout(model, tok, prompts, 2, merge_lora=True, **kw)
+    assert merged == plain
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    from peft.tuners.lora import LoraLayer
+
+    assert not any(m.merged for m in model.modules() if isinstance(m, LoraLayer))
+    assert model.training  # rollout() restores the mode
+    with torch.no_grad():  # the adapter still acts: the LoRA-disabled model gives other logits
+        x = torch.tensor([prompts[0]])
+        with model.disable_adapter():
+            base = model(input_ids=x).logits
+        assert not torch.allclose(model(input_ids=x).logits, base)
