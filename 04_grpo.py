@@ -21,6 +21,8 @@ common.generate_ids) runs each distinct context once per micro-batch, in the rol
 policy, reference and old-policy forwards, and lets its G completions attend to its keys/values with
 explicit position ids: ESC batches are long contexts with short replies, so most of the work is the
 context, repeated G times by the plain path. Micro-batches then hold whole groups (micro_batches()).
+hf rollouts also sample with the LoRA adapter folded into the weights (merged_lora(): fewer kernels per
+token, base weights restored exactly afterwards; `--no-rollout-merge` samples through the LoRA layers).
 
 Deliberate deviations and choices (numbered, so forks can find them):
  1. Thinking-format protocol (`--think-prompt`, default `prefill`): the system prompt asks for

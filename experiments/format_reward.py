@@ -2,21 +2,23 @@
 
 Protocol (04_grpo.py deviation 1): system prompt asking for <think>...</think> then the reply, assistant turn
 prefilled with "<think>"; reward = the format reward alone (--rm none, R_fmt in {0, 1}; overlong
-punishment off since completions are capped at --max-new-tokens; --beta 0, which skips the reference
-forward pass: at 2 CPU cores every forward counts, and the KL term at 5e-4 is negligible here).
-A short system prompt and a 128-token prompt budget (the latest messages of the context) keep a step
-affordable on CPU. The format rate on held-out prompts
-(the test split of the demo data, never trained on) is measured before and after training with the same
-prompts, the same sampling settings (temperature 1.0) and the same seed; the training curve is 04's own
-metrics.jsonl (format rate of the training rollouts per step).
+punishment off since completions are capped at --max-new-tokens); B=2 prompts x G=8, 64 new tokens, LoRA
+r=16, lr 1e-3, --beta 0 by default (no reference forward: at 2 CPU cores every forward counts). A short
+system prompt and a 128-token prompt budget (the latest messages of the context) keep a step affordable.
+The format rate on held-out prompts (the test split of the demo data, never trained on) is measured before
+and after training with the same prompts, sampling settings (temperature 1.0) and seed, together with the
+base model's negative log-likelihood per completion token (a coherence check: the format reward says
+nothing about the text inside and after the tags, and without a KL penalty the policy learns to fill them
+with gibberish, which this number exposes). The training curve is 04's own metrics.jsonl.
 
-Run (about an hour on 2 free CPU cores):
-  python experiments/format_reward.py --out runs/experiments/format_reward
-Outputs: <out>/grpo/ (the 04 run: metrics.jsonl, adapter/), and experiments/results/format_reward.json,
-format_reward_curve.png, format_reward_curve.csv. Re-running resumes the 04 run and reuses the measured
-"before" numbers.
+Run (about 50 minutes on 2 CPU cores):
+  python experiments/format_reward.py --out runs/experiments/format_reward_beta0 --tag _beta0
+Outputs: <out>/grpo/ (the 04 run: metrics.jsonl, samples.jsonl, adapter/), and in experiments/results/
+format_reward<tag>.json, format_reward<tag>_curve.png and format_reward<tag>_curve.csv. Re-running resumes
+the 04 run and reuses the measured "before" numbers.
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -50,6 +52,11 @@ def parse_args():
     p.add_argument("--max-prompt-tokens", type=int, default=128, help="prompt budget (oldest messages dropped)")
     p.add_argument("--system-prompt", default=SHORT_SYSTEM, help="a short system prompt (CPU time goes with length)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr for LoRA r=16 at this scale")
+    p.add_argument("--beta", type=float, default=0.0,
+                   help="k3 KL coefficient against the base model. 0 (the measured run) skips the reference forward; "
+                        "it also lets the policy satisfy the format with gibberish (README). A KL penalty (e.g. 0.04) is "
+                        "the usual guard; not measured here")
+    p.add_argument("--tag", default="", help="suffix of the result files (format_reward<tag>.json/.csv/.png)")
     p.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the run and of the evaluation samples")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -67,7 +74,14 @@ def format_rate(g, model, tok, turns, args) -> dict:
                       batch_size=64)
     texts = [prefill + tok.decode(c, skip_special_tokens=True) for c in comps]
     fmt = [g.format_reward(t) for t in texts]
-    return {"format_rate": sum(fmt) / len(fmt), "n": len(fmt), "examples": texts[:3]}
+    # coherence check: the base model's mean negative log-likelihood per completion token (the LoRA-disabled
+    # model scores the samples; a policy that games the format reward with gibberish shows a high value)
+    ro = g.Rollouts([p for p in p_ids for _ in range(args.eval_samples)], comps, torch.zeros(len(comps)))
+    cfg = g.LossConfig(pad_id=tok.pad_token_id, temperature=1.0, beta=0.0, micro_batch=16)
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+        lp = g.sequence_logps(model, ro, cfg)
+    nll = -float(torch.cat(lp).mean())
+    return {"format_rate": sum(fmt) / len(fmt), "n": len(fmt), "base_model_nll_per_token": nll, "examples": texts[:3]}
 
 
 def main():
@@ -86,7 +100,7 @@ def main():
     device = torch.device("cpu")
 
     before_path = out / "before.json"
-    if before_path.exists():
+    if before_path.exists() and "base_model_nll_per_token" in json.loads(before_path.read_text()):
         before = json.loads(before_path.read_text())
     else:
         model, tok = common.load_causal_lm("embedded", device, torch.float32)
@@ -100,7 +114,7 @@ def main():
            "--data", str(turns_path), "--out", str(run), "--think-prompt", "prefill", "--temperature", "1.0",
            "--prompts-per-step", str(args.prompts_per_step), "--group-size", str(args.group_size),
            "--max-new-tokens", str(args.max_new_tokens), "--max-prompt-tokens", str(args.max_prompt_tokens),
-           "--lr", str(args.lr), "--system-prompt", args.system_prompt, "--beta", "0", "--max-steps", str(args.steps), "--l-max", "0", "--micro-batch", "8",
+           "--lr", str(args.lr), "--system-prompt", args.system_prompt, "--beta", str(args.beta), "--max-steps", str(args.steps), "--l-max", "0", "--micro-batch", "8",
            "--checkpoint-every", "5", "--sample-every", "5", "--seed", str(args.seed), "--device", "cpu"]
     if not (run / "adapter").exists():
         if (run / "checkpoint").exists():
@@ -113,9 +127,11 @@ def main():
     model, tok = common.load_causal_lm(str(run / "adapter"), device, torch.float32)
     after = format_rate(g, model, tok, held_out, args)
     print(f"after:  format rate {after['format_rate']:.3f} on {after['n']} held-out samples", flush=True)
+    print(f"base-model NLL per completion token: before {before['base_model_nll_per_token']:.2f}, "
+          f"after {after['base_model_nll_per_token']:.2f}", flush=True)
 
     metrics = common.read_jsonl(run / "metrics.jsonl")
-    with open(res_dir / "format_reward_curve.csv", "w", newline="") as f:
+    with open(res_dir / f"format_reward{args.tag}_curve.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "train_format_rate", "zero_std_frac", "kl", "entropy", "completion_len_mean", "time_step"])
         for m in metrics:
@@ -125,7 +141,7 @@ def main():
               "before": before, "after": after, "steps": len(metrics),
               "mean_step_seconds": sum(m["time_step"] for m in metrics) / max(len(metrics), 1),
               "settings": vars(args)}
-    common.write_json(res_dir / "format_reward.json", result)
+    common.write_json(res_dir / f"format_reward{args.tag}.json", result)
     try:
         import matplotlib
 
@@ -144,13 +160,13 @@ def main():
         ax.set_xlabel("GRPO step")
         ax.set_ylabel("thinking-format rate")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title("04_grpo.py, format reward only, SmolLM2-135M on CPU")
+        ax.set_title(f"04_grpo.py, format reward only (beta {args.beta:g}, lr {args.lr:g}), SmolLM2-135M, CPU", fontsize=9)
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        fig.savefig(res_dir / "format_reward_curve.png", dpi=120)
+        fig.savefig(res_dir / f"format_reward{args.tag}_curve.png", dpi=120)
     except ImportError:
         print("matplotlib not installed: wrote the CSV curve only", file=sys.stderr)
-    print(f"wrote {res_dir / 'format_reward.json'}")
+    print(f"wrote {res_dir / f'format_reward{args.tag}.json'}")
 
 
 if __name__ == "__main__":
