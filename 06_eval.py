@@ -741,6 +741,7 @@ def plot_training_curves(runs: list[tuple[str, list[dict]]], panels: dict[str, l
             ax.legend(fontsize=9)
         ax.set_title(panel + (f"  ({next(iter(found))})" if len(found) == 1 and found != {panel} else ""), fontsize=13)
         ax.set_xlabel("step", fontsize=11)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

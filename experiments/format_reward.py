@@ -3,16 +3,17 @@
 Protocol (04_grpo.py deviation 1): system prompt asking for <think>...</think> then the reply, assistant turn
 prefilled with "<think>"; reward = the format reward alone (--rm none, R_fmt in {0, 1}; overlong
 punishment off since completions are capped at --max-new-tokens); B=2 prompts x G=8, 64 new tokens, LoRA
-r=16, lr 1e-3, --beta 0 by default (no reference forward: at 2 CPU cores every forward counts). A short
-system prompt and a 128-token prompt budget (the latest messages of the context) keep a step affordable.
+r=16, lr 1e-3, 30 steps, k3 KL penalty beta 0.04 against the base model. A short system prompt and a
+128-token prompt budget (the latest messages of the context) keep a step affordable on CPU.
 The format rate on held-out prompts (the test split of the demo data, never trained on) is measured before
 and after training with the same prompts, sampling settings (temperature 1.0) and seed, together with the
 base model's negative log-likelihood per completion token (a coherence check: the format reward says
-nothing about the text inside and after the tags, and without a KL penalty the policy learns to fill them
-with gibberish, which this number exposes). The training curve is 04's own metrics.jsonl.
+nothing about the text inside and after the tags; with --beta 0 the policy learns to fill them with
+gibberish, which this number exposes). The training curve is 04's own metrics.jsonl.
 
-Run (about 50 minutes on 2 CPU cores):
-  python experiments/format_reward.py --out runs/experiments/format_reward_beta0 --tag _beta0
+Run (about 25 minutes on 2 CPU cores; the beta-0 comparison, 60 steps, about 50):
+  python experiments/format_reward.py                      # -> experiments/results/format_reward_kl*
+  python experiments/format_reward.py --beta 0 --steps 60 --out runs/experiments/format_reward_beta0 --tag _beta0
 Outputs: <out>/grpo/ (the 04 run: metrics.jsonl, samples.jsonl, adapter/), and in experiments/results/
 format_reward<tag>.json, format_reward<tag>_curve.png and format_reward<tag>_curve.csv. Re-running resumes
 the 04 run and reuses the measured "before" numbers.
@@ -43,20 +44,19 @@ def load_grpo():
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/experiments/format_reward", help="working folder (turns, the 04 run)")
+    p.add_argument("--out", default="runs/experiments/format_reward_kl", help="working folder (turns, the 04 run)")
     p.add_argument("--results", default=str(ROOT / "experiments" / "results"), help="where the json/png/csv go")
-    p.add_argument("--steps", type=int, default=60, help="GRPO steps")
+    p.add_argument("--steps", type=int, default=30, help="GRPO steps")
     p.add_argument("--prompts-per-step", type=int, default=2, help="B")
     p.add_argument("--group-size", type=int, default=8, help="G (8: a rare success still lands in some groups)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion cap (training and evaluation)")
     p.add_argument("--max-prompt-tokens", type=int, default=128, help="prompt budget (oldest messages dropped)")
     p.add_argument("--system-prompt", default=SHORT_SYSTEM, help="a short system prompt (CPU time goes with length)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr for LoRA r=16 at this scale")
-    p.add_argument("--beta", type=float, default=0.0,
-                   help="k3 KL coefficient against the base model. 0 (the measured run) skips the reference forward; "
-                        "it also lets the policy satisfy the format with gibberish (README). A KL penalty (e.g. 0.04) is "
-                        "the usual guard; not measured here")
-    p.add_argument("--tag", default="", help="suffix of the result files (format_reward<tag>.json/.csv/.png)")
+    p.add_argument("--beta", type=float, default=0.04,
+                   help="k3 KL coefficient against the base model (0 skips the reference forward, and lets the policy "
+                        "satisfy the format with gibberish: README)")
+    p.add_argument("--tag", default="_kl", help="suffix of the result files (format_reward<tag>.json/.csv/.png)")
     p.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the run and of the evaluation samples")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
