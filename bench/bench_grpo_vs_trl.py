@@ -246,6 +246,8 @@ def main():
                     sys.exit(f"{side} worker failed on {case}:\n{r.stderr[-3000:]}")
                 res = json.loads(line[-1][7:])
                 results[case][side].append(res)
+                out.parent.mkdir(parents=True, exist_ok=True)  # raw results so far (a killed run keeps them)
+                out.write_text(json.dumps({"settings": vars(args), "raw": results}, indent=2) + "\n")
                 print(f"{case:12s} rep {rep} {side:6s}: step {med(res['step']):7.2f} s, gen {med(res['gen']):7.2f} s, "
                       f"peak RSS {res['peak_rss_gb']:.2f} GB", flush=True)
     rows = []
