@@ -76,7 +76,6 @@ import torch
 import common
 from common import InputError, check
 
-TOKEN_CHUNK = 256  # positions per log-softmax block in per_token_logps (memory vs. loop overhead)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 THINK_SYSTEM = (
     common.ESC_SYSTEM + " Before you reply, think briefly about the person's feelings and what would help them, "
@@ -252,7 +251,7 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
             ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
             attn[i, P:P + len(c)] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), attn.to(device), pos.to(device), attn[:, P:].to(device)
+    return tuple(common.to_device(t, device) for t in (ids, attn, pos, attn[:, P:].contiguous()))
 
 
 def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
@@ -274,25 +273,17 @@ def token_logps(logits: torch.Tensor, target: torch.Tensor, temperature: float =
                 return_logits: bool = False):
     """logits [N, C, V] predicting target [N, C] -> log-probs [N, C] of the targets under softmax(logits / T).
 
-    The logits are divided by the temperature in place, and the log-softmax is taken TOKEN_CHUNK positions at
-    a time and gathered at the sampled ids (common.selective_log_softmax): no [N, C, V] log-softmax (or
-    softmax, for the entropy) is ever held. return_entropy adds the policy entropy per token [N, C] (no grad);
-    return_logits adds the scaled logits [N, C, V] (with grad; for extra losses such as 05_rapo.py's
-    distillation).
+    The logits are divided by the temperature in place, and the log-softmax is taken in blocks of at most
+    common.LOGITS_BLOCK fp32 logits and gathered at the sampled ids (common.selective_log_softmax): no
+    [N, C, V] fp32 log-softmax (or softmax, for the entropy) is ever held. return_entropy adds the policy
+    entropy per token [N, C] (no grad); return_logits adds the scaled logits [N, C, V] (with grad; for extra
+    losses such as 05_rapo.py's distillation).
     """
     if temperature != 1.0:
         logits = logits.div_(temperature)  # in place: the lm_head's backward does not need its output
-    # per sequence, TOKEN_CHUNK positions at a time: [TOKEN_CHUNK, 1, V] blocks through selective_log_softmax
-    logp = torch.stack([common.selective_log_softmax(logits[i].unsqueeze(1), target[i].unsqueeze(1), TOKEN_CHUNK)
-                        .squeeze(1) for i in range(logits.shape[0])])  # [N, C]
-    res = [logp]
+    res = [common.selective_log_softmax(logits, target)]  # [N, C] fp32
     if return_entropy:
-        with torch.no_grad():
-            ents = []
-            for row in logits.detach():  # [C, V] per sequence, TOKEN_CHUNK positions at a time
-                lg = [x.float() for x in row.split(TOKEN_CHUNK)]
-                ents.append(torch.cat([torch.logsumexp(x, -1) - (torch.softmax(x, -1) * x).sum(-1) for x in lg]))  # H = lse - E_p[logit]
-            res.append(torch.stack(ents))  # [N, C]
+        res.append(common.softmax_entropy(logits))  # [N, C]
     if return_logits:
         res.append(logits)
     return res[0] if len(res) == 1 else tuple(res)
@@ -471,7 +462,7 @@ def _pad_rows(rows: list[torch.Tensor], C: int, device) -> torch.Tensor:
     out = torch.zeros((len(rows), C), dtype=torch.float32)
     for i, r in enumerate(rows):
         out[i, :len(r)] = r
-    return out.to(device)
+    return common.to_device(out, device)
 
 
 @torch.no_grad()
@@ -479,13 +470,16 @@ def sequence_logps(model, ro: Rollouts, cfg: LossConfig) -> list[torch.Tensor]:
     """Per-sequence completion log-probs [|y_i|] under `model` (no grad), in micro-batches. Called inside
     `model.disable_adapter()` for the reference, or before the first update for logp_old."""
     device = next(model.parameters()).device
-    res = [None] * len(ro.completions)
+    res, done = [None] * len(ro.completions), []
     for idx in micro_batches(ro.prompts, cfg.micro_batch, cfg.shared_prefix):
         with _autocast(cfg, device):
             lp, _ = completion_logps(model, [ro.prompts[i] for i in idx], [ro.completions[i] for i in idx], cfg.pad_id,
                                      cfg.temperature, cfg.shared_prefix)
+        done.append((idx, lp.float()))  # copied to the host after the loop: no wait for the GPU in between
+    for idx, lp in done:
+        lp = lp.cpu()
         for k, i in enumerate(idx):
-            res[i] = lp[k, :len(ro.completions[i])].float().cpu()
+            res[i] = lp[k, :len(ro.completions[i])]
     return res
 
 
@@ -514,8 +508,10 @@ def accumulate_gradients(train_model, ro: Rollouts, cfg: LossConfig, dist: commo
     ddp = isinstance(train_model, torch.nn.parallel.DistributedDataParallel)
     mbs = micro_batches(ro.prompts, cfg.micro_batch, cfg.shared_prefix)
     inner = train_model.module if ddp else train_model  # shared prefix: DDP sees one forward (the prefix) per backward
-    st = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0, "extra": 0.0, "n_tokens": n_tokens, "n_seqs": n_seqs,
-          "local_tokens": float(sum(lens))}
+    st = {"n_tokens": n_tokens, "n_seqs": n_seqs, "local_tokens": float(sum(lens))}
+    # loss, kl, entropy, clipped, extra: summed on the device and read once at the end (a read per micro-batch
+    # would make the host wait for the GPU before it could queue the next micro-batch's kernels)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
     for k, idx in enumerate(mbs):
         # DDP: all-reduce the gradients only in the last micro-batch's backward
         sync = nullcontext() if (not ddp or k == len(mbs) - 1) else train_model.no_sync()
@@ -528,12 +524,12 @@ def accumulate_gradients(train_model, ro: Rollouts, cfg: LossConfig, dist: commo
             logp = logp.float()
             logp_old = _pad_rows([ro.logp_old[i] for i in idx], C, device) if ro.logp_old is not None else logp.detach()
             logp_ref = _pad_rows([ro.logp_ref[i] for i in idx], C, device) if cfg.beta > 0 else None
-            adv = ro.advantages[idx].to(device)  # [n]
+            adv = common.to_device(ro.advantages[idx], device)  # [n]
             tok_loss = grpo_token_loss(logp, logp_old, logp_ref, adv, cfg.eps_low, cfg.eps_high, cfg.beta)  # [n, C]
             loss = aggregate(tok_loss, cmask, cfg.loss_agg, n_tokens, n_seqs, cfg.l_gen)
+            extra = torch.zeros((), device=device)
             if extra_loss is not None:
                 extra = extra_loss(MicroBatch(idx, cmask, logits, logp, n_tokens, n_seqs))
-                st["extra"] += float(extra.detach())
                 loss = loss + extra
             (loss * dist.world).backward()  # DDP averages over ranks: x world makes it the global-batch gradient
         m = cmask.float()
@@ -541,11 +537,9 @@ def accumulate_gradients(train_model, ro: Rollouts, cfg: LossConfig, dist: commo
             rho = torch.exp(logp.detach() - logp_old)
             a = adv.unsqueeze(-1)
             clipped = ((rho > 1 + cfg.eps_high) & (a > 0)) | ((rho < 1 - cfg.eps_low) & (a < 0))  # no gradient there
-            st["loss"] += float(loss.detach())
-            st["entropy"] += float((ent * m).sum())
-            st["clipped"] += float((clipped.float() * m).sum())
-            if logp_ref is not None:
-                st["kl"] += float((k3_kl(logp.detach(), logp_ref) * m).sum())
+            kl = (k3_kl(logp.detach(), logp_ref) * m).sum() if logp_ref is not None else torch.zeros((), device=device)
+            sums += torch.stack([loss.detach(), kl, (ent * m).sum(), (clipped.float() * m).sum(), extra.detach()]).double()
+    st.update(zip(["loss", "kl", "entropy", "clipped", "extra"], sums.tolist()))
     return st
 
 

@@ -555,7 +555,15 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
         if s:
             ids[i, T - len(s):] = torch.tensor(s)
             mask[i, T - len(s):] = 1
-    return ids.to(device), mask.to(device)
+    return to_device(ids, device), to_device(mask, device)
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`. On CUDA the copy goes through pinned memory with non_blocking=True: it is
+    queued behind the GPU's work instead of making the host wait for that work to finish."""
+    if device is not None and torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def eos_ids(model, tok) -> list[int]:
@@ -606,16 +614,45 @@ def generate_ids(model, tok, prompts: list[list[int]], *, max_new_tokens: int, t
     return out
 
 
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """log softmax(logits)[..., index] without a full [B, T, V] log-softmax in memory at once.
+LOGITS_BLOCK = 1 << 26  # fp32 logits handled at once by the blockwise log-softmax (256 MiB)
 
-    logits [B, T, V], index [B, T] -> [B, T]; works `chunk` rows at a time (logsumexp per row).
-    """
-    out = []
-    for lg, ix in zip(logits.split(chunk), index.split(chunk)):
-        lg = lg.float()
-        out.append(lg.gather(-1, ix.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
-    return torch.cat(out)
+
+def logit_blocks(logits: torch.Tensor, *others: torch.Tensor, budget: int = LOGITS_BLOCK):
+    """Split logits [B, T, V] (and tensors [B, T, ...] beside them) into blocks of at most `budget` elements:
+    whole rows when a row fits, else runs of positions of one row. Yields (fp32 logits block, *other blocks).
+    split() makes one backward node for all blocks (indexing rows one by one would allocate a full-size
+    gradient per row)."""
+    B, T, V = logits.shape
+    rows = max(1, budget // max(T * V, 1))
+    cols = T if T * V <= budget else max(1, budget // V)
+    for r in zip(logits.split(rows), *(o.split(rows) for o in others)):
+        for c in zip(*(x.split(cols, 1) for x in r)):
+            yield (c[0].float(), *c[1:])
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, budget: int = LOGITS_BLOCK) -> torch.Tensor:
+    """log softmax(logits)[..., index] in fp32 without a full [B, T, V] log-softmax in memory at once.
+
+    logits [B, T, V], index [B, T] -> [B, T]; logit_blocks() of at most `budget` elements, logsumexp per
+    position."""
+    out = [lg.gather(-1, ix.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1)
+           for lg, ix in logit_blocks(logits, index, budget=budget)]
+    return _unblock(out, logits.shape)
+
+
+@torch.no_grad()
+def softmax_entropy(logits: torch.Tensor, budget: int = LOGITS_BLOCK) -> torch.Tensor:
+    """Entropy of softmax(logits) per position, [B, T, V] -> [B, T] fp32 (no grad), blockwise:
+    H = logsumexp - E_p[logit]."""
+    out = [torch.logsumexp(lg, -1) - (torch.softmax(lg, -1) * lg).sum(-1) for (lg,) in logit_blocks(logits, budget=budget)]
+    return _unblock(out, logits.shape)
+
+
+def _unblock(blocks: list[torch.Tensor], shape) -> torch.Tensor:
+    """Reassemble logit_blocks() results ([r, c] each, row-major) into [B, T]."""
+    B, T, _ = shape
+    flat = torch.cat([b.reshape(-1) for b in blocks])  # blocks are row-major: rows, or runs of one row
+    return flat.view(B, T)
 
 
 def right_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -627,7 +664,7 @@ def right_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Te
         if s:
             ids[i, :len(s)] = torch.tensor(s)
             mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
+    return to_device(ids, device), to_device(mask, device)
 
 
 def shared_prefix_logits(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, index: torch.Tensor,

@@ -230,3 +230,21 @@ def test_sample_critic_matches_first_named_option():
     b = ScriptedBackend(["feels better", "nonsense", "worse", "nonsense"])
     b.generate = lambda chats, n=1, **kw: [["feels better", "nonsense", "worse"], ["nonsense"]]
     assert common.critic_scores(b, [[], []], mode="sample", n=3) == [(0.5 - 1.0) / 2, 0.0]
+
+
+@pytest.mark.parametrize("budget", [10**9, 3 * 7 * 11, 2 * 11, 11, 5])  # all at once, row groups, runs of positions
+def test_blockwise_log_softmax_and_entropy_match_full(budget):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(4, 7, 11)).requires_grad_()  # [B, T, V]
+    index = torch.randint(0, 11, (4, 7))
+    lp = common.selective_log_softmax(logits, index, budget=budget)
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref = torch.log_softmax(ref_logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(lp, ref, atol=1e-6)
+    w = torch.randn(4, 7)
+    (lp * w).sum().backward()
+    (ref * w).sum().backward()
+    assert torch.allclose(logits.grad, ref_logits.grad, atol=1e-6)
+    p = torch.softmax(ref_logits.detach(), -1)
+    ent = -(p * torch.log(p)).sum(-1)
+    assert torch.allclose(common.softmax_entropy(logits, budget=budget), ent, atol=1e-5)
