@@ -108,6 +108,10 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float):
                         "(GPU, LoRA only), the adapter handed over each step")
     g.add_argument("--vllm-gpu-memory", type=float, default=0.3, help="fraction of the GPU for the vLLM engine")
     g.add_argument("--gen-batch-size", type=int, default=64, help="sequences per generate call (hf rollout)")
+    g.add_argument("--decoder", default="hf", choices=list(common.DECODERS),
+                   help="hf rollout's decoding loop: hf = transformers generate(); static = our loop over a static "
+                        "KV cache, no host synchronisation per token; cuda-graph = the same with each decode step "
+                        "replayed as one CUDA graph (GPU; removes the per-token kernel-launch overhead)")
     g.add_argument("--no-rollout-merge", action="store_true",
                    help="sample through the LoRA layers as they are. Default (hf rollout): the adapter is folded into "
                         "the weights while sampling and the base weights are restored exactly afterwards (fewer kernels "
@@ -169,6 +173,8 @@ def check_grpo_args(args):
     check(args.no_shared_prefix or not args.gradient_checkpointing,
           "--gradient-checkpointing drops the key/value cache the shared-prefix forward needs: add --no-shared-prefix")
     check(args.rollout != "vllm" or args.lora_r <= 512, "--rollout vllm serves LoRA ranks up to 512")
+    check(args.decoder != "cuda-graph" or (args.device in ("auto", "cuda") or args.device.startswith("cuda:"))
+          and torch.cuda.is_available(), "--decoder cuda-graph needs a CUDA device")
 
 
 def parse_args(argv=None):
@@ -443,17 +449,18 @@ def merged_lora(model):
 
 def rollout(model, tok, prompts: list[list[int]], G: int, *, max_new_tokens: int, temperature: float,
             top_p: float = 1.0, batch_size: int = 64, min_new_tokens: int = 0,
-            shared_prefix: bool = True, merge_lora: bool = True) -> list[list[int]]:
+            shared_prefix: bool = True, merge_lora: bool = True, decoder: str = "hf") -> list[list[int]]:
     """Sample G completions per prompt from the policy (hf backend): [B*G] token-id lists, group-major.
     shared_prefix: each context is prefilled once for its G completions (common.generate_ids); merge_lora:
-    sample with the adapter folded into the weights (merged_lora). Neither changes the distribution sampled.
+    sample with the adapter folded into the weights (merged_lora); decoder: the decoding loop (common.generate_ids).
+    None of them changes the distribution sampled.
     (min_new_tokens > 0 suppresses EOS before that length: fixed-work benchmarks.)"""
     was_training = model.training
     model.eval()
     with merged_lora(model) if merge_lora else nullcontext():
         comps = common.generate_ids(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_p=top_p, batch_size=batch_size, min_new_tokens=min_new_tokens, n=G,
-                                    shared_prefill=shared_prefix)
+                                    shared_prefill=shared_prefix, decoder=decoder)
     model.train(was_training)
     return comps
 
@@ -793,7 +800,7 @@ class Policy:
                                    temperature=a.temperature, top_p=a.top_p)
         return rollout(self.model, self.tok, prompts, G, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                        top_p=a.top_p, batch_size=a.gen_batch_size, shared_prefix=not a.no_shared_prefix,
-                       merge_lora=not a.no_rollout_merge)
+                       merge_lora=not a.no_rollout_merge, decoder=a.decoder)
 
 
 def setup_policy(args, dist: common.Dist, n_groups: int) -> Policy:

@@ -445,7 +445,7 @@ def main(argv=None):
             distill[g * G + w] = grpo.prompt_ids(tok, t_ctx, RAPO_SYSTEM, PREFILL, args.max_prompt_tokens + 1024)
         n_sd = common.all_reduce_sum(torch.tensor([float(sum(len(comps[i]) for i in distill))], dtype=torch.float64,
                                                   device=dist.device), dist).item()
-        t1 = time.time()
+        t1 = time.time()  # t_gen .. t1: the seeker's reactions and the GRM (generation by the reward roles)
         grpo.prepare_logps(pol, ro)  # reference log-probs (adapter disabled), logp_old for ppo-epochs > 1
         sd_st = {"sd_loss": 0.0, "sd_kl": 0.0, "topk_mass": 0.0, "sd_tokens": 0.0}
         extra = make_sd_loss(teacher, ro, distill, cfg, args.sd_coef, args.sd_topk, args.sd_is_clip, max(n_sd, 1.0),
@@ -463,7 +463,7 @@ def main(argv=None):
                                   dtype=torch.float64, device=dist.device)
         common.all_reduce_sum(extra_sums, dist)
         e = extra_sums.tolist()
-        row.update({"grm_failed_frac": e[1] / e[0], "grm_derived_frac": e[2] / e[0], "grm_retries": e[3],
+        row.update({"time_reward": t1 - t0 - t_gen, "grm_failed_frac": e[1] / e[0], "grm_derived_frac": e[2] / e[0], "grm_retries": e[3],
                     "sd_loss": e[4] / e[7] if e[7] else None, "sd_kl": e[5] / e[7] if e[7] else None,
                     "sd_topk_mass": e[6] / e[7] if e[7] else None, "sd_tokens": e[7]})
         if dist.main:

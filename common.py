@@ -571,40 +571,50 @@ def eos_ids(model, tok) -> list[int]:
     return list(e) if isinstance(e, (list, tuple)) else [e]
 
 
+DECODERS = ("hf", "static", "cuda-graph")  # generate_ids(decoder=...): see static_decode
+
+
 @torch.no_grad()
 def generate_ids(model, tok, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, min_new_tokens: int = 0, batch_size: int = 64, n: int = 1,
-                 shared_prefill: bool = False) -> list[list[int]]:
+                 shared_prefill: bool = False, decoder: str = "hf") -> list[list[int]]:
     """Sample n completions per prompt (token ids, ending with EOS if one was produced): [len(prompts) * n]
     lists, prompt-major (the n completions of a prompt are consecutive).
 
-    Batched with left padding and the KV cache, batch_size sequences per generate call; temperature 0 =
-    greedy. shared_prefill (n > 1): each prompt's keys/values are computed once (all its tokens but the
-    last) and selected for its n continuations, instead of n identical prefills; the same tokens under
-    greedy decoding (tested). Seed torch before calling for reproducible samples (the draws depend on the
-    batch composition, which callers keep fixed).
+    Batched with left padding and the KV cache, batch_size sequences per call; temperature 0 = greedy.
+    decoder "hf": transformers' generate(); shared_prefill (n > 1) then computes each prompt's keys/values
+    once (all its tokens but the last) and selects them for its n continuations instead of n identical
+    prefills (the same tokens under greedy decoding, tested). "static" / "cuda-graph": static_decode (each
+    prompt is always prefilled once). Seed torch before calling for reproducible samples (the draws depend
+    on the batch composition, which callers keep fixed).
     """
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r} (one of {', '.join(DECODERS)})")
     device = next(model.parameters()).device
     eos = eos_ids(model, tok)
     kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
     out: list[list[int]] = []
-    per_call = max(1, batch_size // n)  # prompts per generate call
+    per_call = max(1, batch_size // n)  # prompts per call
     for s in range(0, len(prompts), per_call):
-        chunk = prompts[s:s + per_call]
-        ids, mask = left_pad(chunk, tok.pad_token_id, device)  # [k, P]
-        extra = {}
-        if shared_prefill and n > 1 and ids.shape[1] > 1:
-            with torch.no_grad():  # prefill all but the last token once per prompt; generate() runs the last
+        ids, mask = left_pad(prompts[s:s + per_call], tok.pad_token_id, device)  # [k, P]
+        if decoder != "hf":
+            gen = static_decode(model, ids, mask, n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, min_new_tokens=min_new_tokens, eos=eos, pad_id=tok.pad_token_id,
+                                cuda_graph=decoder == "cuda-graph")  # [k*n, max_new_tokens]
+        else:
+            extra = {}
+            if shared_prefill and n > 1 and ids.shape[1] > 1:
+                # prefill all but the last token once per prompt; generate() runs the last
                 pos = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
                 cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos, use_cache=True,
                               logits_to_keep=1).past_key_values
-            cache.batch_repeat_interleave(n)  # [k*n, ...]
-            extra["past_key_values"] = cache
-        ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)  # [k*n, P]
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             min_new_tokens=min_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id,
-                             **kw, **extra)
-        for row in gen[:, ids.shape[1]:].tolist():
+                cache.batch_repeat_interleave(n)  # [k*n, ...]
+                extra["past_key_values"] = cache
+            rep_ids, rep_mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)  # [k*n, P]
+            gen = model.generate(input_ids=rep_ids, attention_mask=rep_mask, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=min_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                                 **kw, **extra)[:, ids.shape[1]:]
+        for row in gen.tolist():
             comp = []
             for t in row:
                 comp.append(t)
@@ -612,6 +622,122 @@ def generate_ids(model, tok, prompts: list[list[int]], *, max_new_tokens: int, t
                     break
             out.append(comp)
     return out
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """One token id per row of logits [B, V] (temperature 0: argmax), without a host synchronisation.
+
+    Nucleus (top-p) sampling keeps the smallest set of most likely tokens whose probability reaches top_p
+    (the most likely token always). The draw is argmax(p / E) with E ~ Exp(1) i.i.d., which picks token i
+    with probability p_i (the minimum of exponentials E_i / p_i is E_i / p_i with rate p_i), and unlike
+    torch.multinomial never waits for the GPU.
+    """
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        srt, order = logits.sort(-1, descending=True)
+        p = srt.softmax(-1)
+        drop = p.cumsum(-1) - p >= top_p  # the mass before a token already reaches top_p
+        logits = logits.scatter(-1, order, srt.masked_fill(drop, float("-inf")))
+    p = logits.softmax(-1)
+    return (p / torch.empty_like(p).exponential_()).argmax(-1)
+
+
+@torch.no_grad()
+def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, n: int, *, max_new_tokens: int, temperature: float,
+                  top_p: float, min_new_tokens: int, eos: list[int], pad_id: int, cuda_graph: bool = False,
+                  check_every: int = 16) -> torch.Tensor:
+    """Our own decoding loop: [k*n, max_new_tokens] token ids for prompts ids/mask [k, P] (left padded),
+    n samples each (prompt-major); after a row's EOS its tokens are pad_id.
+
+    1. Prefill: each prompt runs once; its keys/values are copied n times into a transformers StaticCache
+       of P + max_new_tokens positions (fixed addresses), and its last logits give the first token's logits.
+    2. Decode: one forward per token with fixed shapes. The attention mask is a [B, 1, 1, P + max_new] buffer
+       (passed as a ready 4D mask, so transformers builds none) whose column P + t is opened before token t
+       runs; position ids count real tokens only (left padding), as generate() does.
+    3. cuda_graph: the decode forward is captured once as a CUDA graph and replayed per token: one launch
+       instead of hundreds of kernel launches from Python (a decode step of a small model at batch 32 is
+       otherwise launch-bound). The captured kernels are the eager ones, so the tokens equal the eager loop's.
+    Sampling (sample_tokens), the min_new_tokens EOS ban and the finished-row bookkeeping stay on the device;
+    the host reads `all rows finished?` once every check_every tokens.
+    Supports full-attention decoder models with the sdpa or eager attention (Llama, Qwen2, Mistral, ...).
+    """
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    device = ids.device
+    k, P = ids.shape
+    B, M = k * n, P + max_new_tokens
+    impl = model.config._attn_implementation
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"static decoding needs sdpa or eager attention, not {impl!r}; use the hf decoder")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError("the cuda-graph decoder needs a CUDA device")
+    # 1. prefill each prompt once
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [k, P]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1].repeat_interleave(n, 0)  # [B, V]: predicts token 0
+    cache = StaticCache(config=model.config, max_cache_len=M)
+    if len(cache.layers) != len(out.past_key_values.layers) or not all(type(l) is StaticLayer for l in cache.layers):
+        raise ValueError("static decoding supports full-attention models only; use the hf decoder")
+    for layer, pre in zip(cache.layers, out.past_key_values.layers):
+        kh, vh = pre.keys, pre.values  # [k, heads, P, d]
+        layer.lazy_initialization(kh[:1].expand(B, *kh.shape[1:]), vh[:1].expand(B, *vh.shape[1:]))  # allocates [B, heads, M, d]
+        layer.keys.view(k, n, *layer.keys.shape[1:])[:, :, :, :P].copy_(kh.unsqueeze(1))  # n copies per prompt
+        layer.values.view(k, n, *layer.values.shape[1:])[:, :, :, :P].copy_(vh.unsqueeze(1))
+        layer.cumulative_length.fill_(P)  # the next token is written at position P
+    del out
+    # fixed-address inputs of the decode forward
+    dtype = cache.layers[0].keys.dtype
+    allowed = mask.bool().repeat_interleave(n, 0)  # [B, P]
+    if impl == "sdpa":  # boolean, True = attend
+        attn, open_ = torch.zeros(B, 1, 1, M, dtype=torch.bool, device=device), True
+        attn[:, 0, 0, :P] = allowed
+    else:  # eager attention adds the mask to the scores
+        attn, open_ = torch.full((B, 1, 1, M), torch.finfo(dtype).min, dtype=dtype, device=device), 0.0
+        attn[:, 0, 0, :P].masked_fill_(allowed, 0.0)
+    tok_in = torch.zeros(B, 1, dtype=torch.long, device=device)
+    pos_in = pos[:, -1:].repeat_interleave(n, 0).clone()  # [B, 1]: advanced by one before each forward
+
+    def forward():
+        return model(input_ids=tok_in, attention_mask=attn, position_ids=pos_in, past_key_values=cache,
+                     use_cache=True).logits[:, -1]  # [B, V]
+
+    step = forward
+    if cuda_graph and max_new_tokens > 1:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (library handles, workspace allocations)
+            forward()
+        torch.cuda.current_stream().wait_stream(side)
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(P)  # the warm-up wrote position P: rewind (token 0 overwrites it)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # recorded, not run
+            graph_logits = forward()
+
+        def step():
+            graph.replay()
+            return graph_logits
+
+    eos_t = torch.tensor(eos, device=device)
+    ban = torch.zeros(logits.shape[-1], device=device)
+    ban[eos_t] = float("-inf")  # added to the logits while t < min_new_tokens
+    toks = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        nxt = sample_tokens(logits + ban if t < min_new_tokens else logits, temperature, top_p)  # [B]
+        nxt = nxt.masked_fill(done, pad_id)
+        toks[:, t] = nxt
+        done |= torch.isin(nxt, eos_t)
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
+            break  # the only host read of the loop: every check_every tokens
+        tok_in.copy_(nxt.unsqueeze(1))
+        pos_in.add_(1)
+        attn[:, :, :, P + t] = open_  # token t sits at cache position P + t
+        logits = step()
+    return toks
 
 
 LOGITS_BLOCK = 1 << 26  # fp32 logits handled at once by the blockwise log-softmax (256 MiB)

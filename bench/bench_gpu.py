@@ -81,8 +81,9 @@ def main():
     p.add_argument("--sd-topk", type=int, default=256, help="K of RAPO's distillation")
     p.add_argument("--no-shared-prefix", action="store_true", help="04's plain path (each sequence runs its whole prompt)")
     p.add_argument("--no-rollout-merge", action="store_true", help="sample through the LoRA layers (04's --no-rollout-merge)")
-    p.add_argument("--static-cache", action="store_true",
-                   help="generate with transformers' static KV cache (cache_implementation='static'; plain prefill)")
+    p.add_argument("--decoder", default="hf", choices=list(common.DECODERS),
+                   help="the rollout's decoding loop (04's --decoder): hf generate(), our static-cache loop, or that "
+                        "loop with each decode step replayed as a CUDA graph")
     p.add_argument("--save-model", default=None,
                    help="only save the random-weight model (+ the embedded tokenizer) to this folder, e.g. to run "
                         "04_grpo.py / 05_rapo.py on it, and exit")
@@ -118,19 +119,17 @@ def main():
     # ---- rollout: B*G sequences, forced to L new tokens; the decode step time is (t(L) - t(1)) / (L - 1)
     model.eval()
     reps = [p for p in prompts for _ in range(G)]
-    if args.static_cache:
-        model.generation_config.cache_implementation = "static"
 
     def gen(n):
         return grpo.rollout(model, tok, prompts, G, max_new_tokens=n, temperature=1.0, min_new_tokens=n,
-                            batch_size=B * G, shared_prefix=shared and not args.static_cache,
-                            merge_lora=not args.no_rollout_merge)
+                            batch_size=B * G, shared_prefix=shared, merge_lora=not args.no_rollout_merge,
+                            decoder=args.decoder)
 
-    gen(L)  # warm-up (kernels, allocator; compilation with the static cache)
+    gen(L)  # warm-up (kernels, allocator)
     _, t_first = timed(lambda: gen(1), device)
     comps, t_gen = timed(lambda: gen(L), device)
     n_gen = sum(len(c) for c in comps)
-    step_time = max(t_gen - t_first, 1e-9) / (L - 1)
+    step_time = max(t_gen - t_first, 1e-9) / (L - 1)  # cuda-graph: includes the capture (about 2 steps) of gen(L)
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
     kv_bytes = kv_per_token * B * G * (P + L / 2)  # KV read per decode step, at the average context length
     floor = (weight_bytes + kv_bytes) / bw
@@ -163,7 +162,8 @@ def main():
         ("device", torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
         ("model", f"{args.arch} ({n_params / 1e9:.2f} B params, random weights), LoRA r={args.lora_r}, {dtype}"),
         ("shape", f"{B} prompts x G={G}, {P} prompt tokens, {L} new tokens"),
-        ("path", ("shared prefix" if shared else "plain (--no-shared-prefix)") + (", static KV cache" if args.static_cache else "")
+        ("path", ("shared prefix" if shared else "plain (--no-shared-prefix)") + f", decoder {args.decoder}"
+         + f", micro-batch {args.micro_batch}"
          + (", sampling through the LoRA layers" if args.no_rollout_merge else ", LoRA merged for sampling")),
         ("prefill + first token (batch {})".format(B * G), f"{t_first * 1e3:.1f} ms"),
         ("measured bandwidth / bf16 matmul peak", f"{bw / 1e9:.0f} GB/s / {peak / 1e12:.0f} TFLOP/s"),

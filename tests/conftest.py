@@ -41,3 +41,27 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_data() -> Path:
     return ROOT / "data" / "demo_esconv.json"
+
+
+@pytest.fixture(scope="session")
+def eos_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with an untied output row for EOS aligned with its typical hidden state (logit ~6), so
+    some completions stop at once and others run to the cap: the overlong reward then differs within groups
+    (a random model otherwise never stops, and every reward would be equal)."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("eos") / "model"
+    src = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = src.config
+    cfg.tie_word_embeddings = False
+    model = LlamaForCausalLM(cfg)
+    model.load_state_dict(src.state_dict(), strict=False)
+    tok = common.load_tokenizer(str(tiny_model_dir))
+    with torch.no_grad():
+        model.lm_head.weight.copy_(src.model.embed_tokens.weight)
+        x = torch.tensor([common.chat_ids(tok, [{"role": "user", "content": "I feel worried today."}], "<think>")])
+        h = model.model(input_ids=x).last_hidden_state[0].mean(0)
+        model.lm_head.weight[2] = 6.0 * h / h.norm() ** 2
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
