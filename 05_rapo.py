@@ -108,7 +108,7 @@ def sd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, logp: to
     w = torch.exp(logp[m] - logp_old[m]).detach().clamp(max=is_clip)
     with torch.no_grad():
         mass = torch.softmax(s.float() / temperature, -1).topk(min(k, s.shape[-1]), -1).values.sum(-1)
-    return {"loss": (w * kl).sum(), "kl": kl.detach().sum(), "topk_mass": mass.sum(), "n": float(m.sum())}
+    return {"loss": (w * kl).sum(), "kl": kl.detach().sum(), "topk_mass": mass.sum(), "n": m.sum()}
 
 
 @torch.no_grad()
@@ -308,10 +308,8 @@ def make_sd_loss(teacher: Teacher, ro, distill: dict[int, list[int]], cfg, eta: 
             [torch.nn.functional.pad(ro.logp_old[mb.idx[j]], (0, max(0, C - len(ro.logp_old[mb.idx[j]]))))[:C] for j in rows]).to(logp)
         # mb.logits are already divided by the sampling temperature, as the teacher's are
         res = sd_loss(mb.logits[r, :C], t_logits, logp, logp_old, mb.completion_mask[r, :C], k, 1.0, is_clip)
-        stats["sd_loss"] += float(res["loss"].detach())
-        stats["sd_kl"] += float(res["kl"])
-        stats["topk_mass"] += float(res["topk_mass"])
-        stats["sd_tokens"] += res["n"]
+        for key, v in (("sd_loss", res["loss"]), ("sd_kl", res["kl"]), ("topk_mass", res["topk_mass"]), ("sd_tokens", res["n"])):
+            stats[key] = stats[key] + v.detach().double()  # summed on the device, read once per step
         return eta * res["loss"] / n_distill_tokens  # Eq. 15: L = L_GRPO + eta * L_SD
 
     return extra
@@ -459,7 +457,7 @@ def main(argv=None):
         # ---- logging: 04's metrics plus GRM counts and distillation statistics (README table)
         row = grpo.step_metrics(step, pol, dist, comps, rewards, adv, upd, t0, t_gen, t_upd, {})
         extra_sums = torch.tensor([st["grm_groups"], st["grm_failed"], st["grm_derived"], st["grm_retried"],
-                                   sd_st["sd_loss"], sd_st["sd_kl"], sd_st["topk_mass"], sd_st["sd_tokens"]],
+                                   *(float(sd_st[key]) for key in ("sd_loss", "sd_kl", "topk_mass", "sd_tokens"))],
                                   dtype=torch.float64, device=dist.device)
         common.all_reduce_sum(extra_sums, dist)
         e = extra_sums.tolist()

@@ -100,7 +100,7 @@ def main():
                                   torch.autocast("cpu", enabled=False), st)
         grpo.grpo_step(model, model, opt, None, ro, cfg, extra_loss=extra)
         teacher.update(0.5)
-        curve.append({"step": step + 1, "train_sd_kl": st["sd_kl"] / st["sd_tokens"]})
+        curve.append({"step": step + 1, "train_sd_kl": float(st["sd_kl"] / st["sd_tokens"])})
     after = {"heldout": mean_kl(teacher, model, prompts[ho], comps[ho], t_prompts[ho], cfg),
              "train": mean_kl(teacher, model, prompts[tr], comps[tr], t_prompts[tr], cfg)}
     print(f"after {args.steps} steps ({time.time() - t0:.0f} s): held-out KL {after['heldout']:.4f}, "
