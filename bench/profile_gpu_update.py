@@ -1,7 +1,7 @@
 """Where the update's time goes on a GPU: the reference forward and one GRPO step of 04_grpo.py on fixed random
 rollouts (no generation), shared-prefix path against the plain path, at Qwen2.5-1.5B shapes with LoRA r=16 in
-bf16. Prints seconds per call (median of --reps after a warm-up) and the top CUDA kernels of each path
-(torch.profiler).
+bf16. Prints seconds per call (median of --reps after a warm-up) and, for the reference forward and the
+GRPO step of each path, the top operators by GPU and by host time (torch.profiler).
   python bench/profile_gpu_update.py [--micro-batch 8] [--prompt-len 512] [--new-tokens 256]
 """
 import argparse
@@ -75,11 +75,13 @@ def main():
         if not args.no_profile:
             from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                ref()
-                torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
-            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+            for name, fn in (("reference forward", ref), ("GRPO step", step)):
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    fn()
+                    torch.cuda.synchronize()
+                print(f"#### {name}: top kernels by GPU time, then by host time")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+                print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
 
 
 if __name__ == "__main__":
