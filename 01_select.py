@@ -39,6 +39,7 @@ def parse_args(argv=None):
                         "then every --data dialogue is train/valid")
     g = p.add_argument_group("hindsight selection judge")
     common.add_role_arg(p, "judge", "judge LLM deciding learn true/false, or 'none' to keep every turn")
+    common.add_decoder_arg(g)
     g.add_argument("--judge-mode", default="auto", choices=["auto", "generate", "likelihood"],
                    help="auto = likelihood for hf:/vllm: judges, generate for openai: judges")
     g.add_argument("--retries", type=int, default=2, help="re-asks of an unparseable judge answer (generate mode)")
@@ -50,6 +51,7 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=32, help="turns judged per batched call")
     g.add_argument("--max-new-tokens", type=int, default=96, help="judge answer length (generate mode)")
     args = p.parse_args(argv)
+    common.check_decoder(args)
     check(0 <= args.test_frac < 1 and 0 <= args.valid_frac < 1 and args.test_frac + args.valid_frac < 1,
           "--test-frac and --valid-frac must be in [0, 1) and sum to less than 1")
     check(args.batch_size >= 1 and args.judge_context >= 0, "--batch-size must be >= 1 and --judge-context >= 0")
@@ -115,7 +117,8 @@ def main(argv=None):
           f"({sum(t['split'] == 'train' for t in turns)} train, {sum(t['split'] == 'valid' for t in turns)} valid, "
           f"{sum(t['split'] == 'test' for t in turns)} test); {len(done)} already written, {len(todo)} to do")
 
-    backend = None if judge_spec is None else common.make_backend(args.judge, args.judge_base_url, args.device, args.dtype)
+    backend = None if judge_spec is None else common.make_backend(args.judge, args.judge_base_url, args.device, args.dtype,
+                                                                   decoder=args.decoder)
     retried = failed = 0
     bar = common.progress(total=len(todo), desc="select")
     for batch in common.chunks(todo, args.batch_size):

@@ -74,6 +74,7 @@ def parse_args(argv=None):
     common.add_role_arg(g, "policy", "ESC model writing the candidates and the later supporter turns")
     common.add_role_arg(g, "seeker", "user simulator playing the help-seeker (paper: Qwen2.5-72B)")
     common.add_role_arg(g, "critic", "critic judging the seeker's state after each seeker message")
+    common.add_decoder_arg(g)
     g = p.add_argument_group("candidates and supporter")
     g.add_argument("-m", "--num-candidates", type=int, default=4, help="candidates sampled per context (paper: m=4)")
     g.add_argument("--temperature", type=float, default=1.0, help="candidate sampling temperature (paper: 1.0)")
@@ -97,6 +98,7 @@ def parse_args(argv=None):
     g.add_argument("--lambda-eff", type=float, default=0.5, help="weight of the efficiency bonus in r_fut (ours: 0.5)")
     g.add_argument("--delta", type=float, default=0.5, help="label = 1[r_fut > delta] (ours: 0.5)")
     args = p.parse_args(argv)
+    common.check_decoder(args)
     check(args.num_candidates >= 1, "--num-candidates must be >= 1")
     check(args.max_turns >= 2, "--max-turns must be >= 2 (r_fut divides by T - 1)")
     check(-1.0 <= args.theta < 1.0, "--theta must be in [-1, 1): critic scores lie in [-1, 1] and success needs c_t > theta")
@@ -316,7 +318,8 @@ def main(argv=None):
 
     roles = None
     if todo_all:  # every rank loads the models at the same point (vLLM under torchrun needs that)
-        mk = lambda r: common.make_backend(getattr(args, r), getattr(args, f"{r}_base_url"), str(dist.device), args.dtype)
+        mk = lambda r: common.make_backend(getattr(args, r), getattr(args, f"{r}_base_url"), str(dist.device), args.dtype,
+                                       decoder=args.decoder)
         roles = common.Roles(
             policy=mk("policy"), seeker=mk("seeker"), critic=mk("critic"),
             policy_kw=dict(max_new_tokens=args.max_new_tokens, temperature=args.supporter_temperature, top_p=args.top_p),

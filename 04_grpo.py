@@ -108,10 +108,7 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float):
                         "(GPU, LoRA only), the adapter handed over each step")
     g.add_argument("--vllm-gpu-memory", type=float, default=0.3, help="fraction of the GPU for the vLLM engine")
     g.add_argument("--gen-batch-size", type=int, default=64, help="sequences per generate call (hf rollout)")
-    g.add_argument("--decoder", default="hf", choices=list(common.DECODERS),
-                   help="hf rollout's decoding loop: hf = transformers generate(); static = our loop over a static "
-                        "KV cache, no host synchronisation per token; cuda-graph = the same with each decode step "
-                        "replayed as one CUDA graph (GPU; removes the per-token kernel-launch overhead)")
+    common.add_decoder_arg(g)  # the hf rollout's decoding loop (05: also the seeker's and the GRM's)
     g.add_argument("--no-rollout-merge", action="store_true",
                    help="sample through the LoRA layers as they are. Default (hf rollout): the adapter is folded into "
                         "the weights while sampling and the base weights are restored exactly afterwards (fewer kernels "
@@ -173,8 +170,7 @@ def check_grpo_args(args):
     check(args.no_shared_prefix or not args.gradient_checkpointing,
           "--gradient-checkpointing drops the key/value cache the shared-prefix forward needs: add --no-shared-prefix")
     check(args.rollout != "vllm" or args.lora_r <= 512, "--rollout vllm serves LoRA ranks up to 512")
-    check(args.decoder != "cuda-graph" or (args.device in ("auto", "cuda") or args.device.startswith("cuda:"))
-          and torch.cuda.is_available(), "--decoder cuda-graph needs a CUDA device")
+    common.check_decoder(args)
 
 
 def parse_args(argv=None):

@@ -370,8 +370,8 @@ def main(argv=None):
     seeker = grm = None
     if fixed is None:  # the role models (each its own engine; roles on one spec share it)
         if args.reward == "reaction":
-            seeker = common.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype)
-        grm = common.make_backend(args.grm, args.grm_base_url, args.device, args.dtype)
+            seeker = common.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype, decoder=args.decoder)
+        grm = common.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder)
 
     pol = grpo.setup_policy(args, dist, n_groups=len(fixed) if fixed is not None else len(turns))
     model, tok, lora = pol.model, pol.tok, pol.lora

@@ -111,6 +111,7 @@ def parse_args(argv=None):
     common.add_role_arg(g, "seeker", "user simulator playing the help-seeker (PPDPP: ChatGPT; ESC-Eval: ESC-Role)")
     common.add_role_arg(g, "critic", "critic judging the seeker's state after each seeker message (PPDPP's four options)")
     common.add_role_arg(g, "judge", "judge rating role-plays (7 dimensions) and comparing replies (pairwise)")
+    common.add_decoder_arg(g)
     g.add_argument("--seeker-temperature", type=float, default=0.7, help="seeker temperature (PPDPP: 0.7)")
     g.add_argument("--seeker-top-p", type=float, default=0.9, help="seeker top-p")
     g.add_argument("--seeker-max-new-tokens", type=int, default=48, help="length limit of a seeker message")
@@ -145,6 +146,7 @@ def parse_args(argv=None):
                    help="override the metrics.jsonl keys plotted, e.g. 'reward=reward/mean,entropy=entropy,"
                         "length=completion_len/mean' (default: the first of each panel's known names present)")
     args = p.parse_args(argv)
+    common.check_decoder(args)
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     bad = [s for s in parts if s not in PARTS]
     check(parts and not bad, f"--parts: unknown part {bad[0] if bad else '(none)'}; choose from {','.join(PARTS)}")
@@ -907,7 +909,8 @@ def main(argv=None):
     common.print0(f"{len(policies)} policies x {len(cases)} test dialogues ({len(turns)} turns); parts: {args.parts}; "
                   f"{len(done)} records already written; {dist.world} rank(s)")
 
-    mk = lambda r: common.make_backend(getattr(args, r), getattr(args, f"{r}_base_url"), str(dist.device), args.dtype)
+    mk = lambda r: common.make_backend(getattr(args, r), getattr(args, f"{r}_base_url"), str(dist.device), args.dtype,
+                                       decoder=args.decoder)
     role_backends = {}
     policy_kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     seeker_kw = dict(max_new_tokens=args.seeker_max_new_tokens, temperature=args.seeker_temperature, top_p=args.seeker_top_p)
@@ -928,7 +931,7 @@ def main(argv=None):
             continue
         for r in ("seeker", "critic") + (("judge",) if todo.get("roleplay") else ()):
             role_backends[r] = role_backends.get(r) or mk(r)
-        policy = common.make_backend(spec, args.policy_base_url, str(dist.device), args.dtype)
+        policy = common.make_backend(spec, args.policy_base_url, str(dist.device), args.dtype, decoder=args.decoder)
         roles = common.Roles(policy=policy, seeker=role_backends["seeker"], critic=role_backends["critic"],
                              policy_system=system, policy_kw=policy_kw, seeker_kw=seeker_kw,
                              critic_mode=args.critic_mode_used, critic_n=args.critic_samples,

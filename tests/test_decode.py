@@ -94,6 +94,21 @@ def test_sampler_greedy_and_decoder_errors(tiny_model_dir):
         common.generate_ids(model, tok, prompts([3]), max_new_tokens=2, decoder="cuda-graph")
     with pytest.raises(ValueError, match="unknown decoder"):
         common.generate_ids(model, tok, prompts([3]), max_new_tokens=2, decoder="vllm")
-    if not torch.cuda.is_available():
-        with pytest.raises(common.InputError, match="cuda-graph needs a CUDA device"):
-            g.parse_args(["--decoder", "cuda-graph"])
+
+
+def test_hf_backend_static_decoder_equals_generate(tiny_model_dir):
+    """The roles' backend (02, 05, 06) with --decoder static: generate()'s greedy texts, with a prefill."""
+    chats = [[{"role": "user", "content": "I feel alone."}], [{"role": "user", "content": "My exams went badly, help."}]]
+    out = {}
+    for decoder in ("hf", "static"):
+        b = common.HFBackend(str(tiny_model_dir), torch.device("cpu"), torch.float32, decoder=decoder)
+        out[decoder] = b.generate(chats, max_new_tokens=10, temperature=0.0, n=2, prefill="<think>")
+    assert out["static"] == out["hf"] and all(t.startswith("<think>") for ts in out["hf"] for t in ts)
+
+
+@pytest.mark.parametrize("stage", ["01_select", "02_simulate", "04_grpo", "05_rapo", "06_eval"])
+def test_every_stage_takes_decoder_and_refuses_cuda_graph_on_cpu(stage):
+    mod = load_stage(stage)
+    assert mod.parse_args(["--decoder", "static"]).decoder == "static"
+    with pytest.raises(common.InputError, match="cuda-graph needs a CUDA device"):
+        mod.parse_args(["--decoder", "cuda-graph", "--device", "cpu"])
