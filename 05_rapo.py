@@ -103,12 +103,16 @@ def sd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, logp: to
     the student's top-K probability mass, n: tokens}.
     """
     m = mask.bool()
-    s, t = student_logits[m], teacher_logits[m]  # [n_tok, V]
-    kl = topk_reverse_kl(s, t, k, temperature)  # [n_tok]
-    w = torch.exp(logp[m] - logp_old[m]).detach().clamp(max=is_clip)
+    V = student_logits.shape[-1]
+    # every position, padding included, then masked (selecting the distilled positions first would make the
+    # host wait for the GPU to count them)
+    s = student_logits.reshape(-1, V)  # [n*C, V]
+    kl = topk_reverse_kl(s, teacher_logits.reshape(-1, V), k, temperature).view(m.shape)  # [n, C]
+    kl = torch.where(m, kl, 0.0)  # the distilled tokens only
+    w = torch.exp(logp - logp_old).detach().clamp(max=is_clip)
     with torch.no_grad():
-        mass = torch.softmax(s.float() / temperature, -1).topk(min(k, s.shape[-1]), -1).values.sum(-1)
-    return {"loss": (w * kl).sum(), "kl": kl.detach().sum(), "topk_mass": mass.sum(), "n": m.sum()}
+        mass = torch.softmax(s.float() / temperature, -1).topk(min(k, V), -1).values.sum(-1).view(m.shape)
+    return {"loss": (w * kl).sum(), "kl": kl.detach().sum(), "topk_mass": torch.where(m, mass, 0.0).sum(), "n": m.sum()}
 
 
 @torch.no_grad()

@@ -61,6 +61,15 @@ def test_sd_loss_importance_clip_and_mask():
     w = torch.tensor([[1.0, 2.0, 0.0], [math.exp(0.1), 0.0, 0.0]])  # exp(2) clipped at 2; masked tokens out
     assert math.isclose(res["loss"].item(), (w * kl).sum().item(), rel_tol=1e-5)
     assert math.isclose(res["kl"].item(), (kl * mask).sum().item(), rel_tol=1e-5) and res["n"] == 3
+    # padded positions take no part, whatever their logits (the loss runs on every position, then masks)
+    s2, t2 = s.clone().requires_grad_(), t.clone()
+    s2.data[0, 2], t2[1, 1] = 1e4 * torch.randn(20), -1e4 * torch.rand(20)
+    res2 = rapo.sd_loss(s2, t2, logp, old, mask, k=5)
+    s1 = s.clone().requires_grad_()
+    res1 = rapo.sd_loss(s1, t, logp, old, mask, k=5)
+    res1["loss"].backward(), res2["loss"].backward()
+    assert torch.allclose(res1["loss"], res2["loss"]) and torch.isfinite(s2.grad).all()
+    assert torch.allclose(s1.grad * mask.unsqueeze(-1), s2.grad) and (s2.grad[mask == 0] == 0).all()
 
 
 def test_ema_update_on_hand_values():
