@@ -336,7 +336,7 @@ def completion_logps(model, prompts: list[list[int]], completions: list[list[int
         res = per_token_logps(model, ids, attn, cmask.shape[1], temperature, pos, return_entropy, return_logits)
     else:
         runs = prefix_runs(prompts)
-        index = torch.tensor([r for r, (a, b) in enumerate(runs) for _ in range(a, b)], device=device)
+        index = common.to_device(torch.tensor([r for r, (a, b) in enumerate(runs) for _ in range(a, b)]), device)
         p_ids, p_mask = common.left_pad([prompts[a] for a, _ in runs], pad_id, device)  # [k, P]
         c_ids, cmask = common.right_pad(completions, pad_id, device)  # [n, C]
         logits = common.shared_prefix_logits(model, p_ids, p_mask, index, c_ids, cmask, cont_model)  # [n, C, V]

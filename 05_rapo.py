@@ -306,7 +306,7 @@ def make_sd_loss(teacher: Teacher, ro, distill: dict[int, list[int]], cfg, eta: 
         comps = [ro.completions[mb.idx[j]] for j in rows]
         t_logits = teacher.logits([distill[mb.idx[j]] for j in rows], comps, cfg.pad_id, cfg.temperature, autocast)
         C = t_logits.shape[1]  # the longest distilled completion of this micro-batch (<= mb's C)
-        r = torch.tensor(rows, device=mb.logits.device)
+        r = common.to_device(torch.tensor(rows), mb.logits.device)
         logp = mb.logp[r, :C]
         logp_old = logp.detach() if ro.logp_old is None else torch.stack(
             [torch.nn.functional.pad(ro.logp_old[mb.idx[j]], (0, max(0, C - len(ro.logp_old[mb.idx[j]]))))[:C] for j in rows]).to(logp)

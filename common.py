@@ -577,7 +577,7 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
     """A host tensor on `device`. On CUDA the copy goes through pinned memory with non_blocking=True: it is
-    queued behind the GPU's work instead of making the host wait for that work to finish."""
+    queued behind the GPU's work (a plain copy from pageable memory waits for the GPU to finish its queue)."""
     if device is not None and torch.device(device).type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
