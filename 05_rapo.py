@@ -449,7 +449,7 @@ def main(argv=None):
                                                   device=dist.device), dist).item()
         t1 = time.time()  # t_gen .. t1: the seeker's reactions and the GRM (generation by the reward roles)
         grpo.prepare_logps(pol, ro)  # reference log-probs (adapter disabled), logp_old for ppo-epochs > 1
-        check = grpo.sampler_check(pol, ro, dist)  # --rollout vllm: engine vs trainer log-probs of the samples
+        sampler = grpo.sampler_check(pol, ro, dist)  # --rollout vllm: engine vs trainer log-probs of the samples
         sd_st = {"sd_loss": 0.0, "sd_kl": 0.0, "topk_mass": 0.0, "sd_tokens": 0.0}
         extra = make_sd_loss(teacher, ro, distill, cfg, args.sd_coef, args.sd_topk, args.sd_is_clip, max(n_sd, 1.0),
                              autocast, sd_st) if args.sd_coef > 0 else None
@@ -468,7 +468,7 @@ def main(argv=None):
         e = extra_sums.tolist()
         row.update({"time_reward": t1 - t0 - t_gen, "grm_failed_frac": e[1] / e[0], "grm_derived_frac": e[2] / e[0], "grm_retries": e[3],
                     "sd_loss": e[4] / e[7] if e[7] else None, "sd_kl": e[5] / e[7] if e[7] else None,
-                    "sd_topk_mass": e[6] / e[7] if e[7] else None, "sd_tokens": e[7], **check})
+                    "sd_topk_mass": e[6] / e[7] if e[7] else None, "sd_tokens": e[7], **sampler})
         if dist.main:
             common.append_jsonl(out / "metrics.jsonl", [row])
             if (step + 1) % args.sample_every == 0 or step == start:

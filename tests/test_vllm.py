@@ -36,14 +36,14 @@ def first_token_prompt(tok) -> list[int]:
     return common.chat_ids(tok, [{"role": "user", "content": PROMPT_TEXT}])
 
 
-@pytest.fixture(scope="module")
-def vmodel_dir(tmp_path_factory):
+def make_vllm_model(folder, eos_boost: bool):
     """A 2-layer Llama (head size 32, which vLLM's CPU attention supports) with the embedded tokenizer, whose
     first-token distribution after PROMPT_TEXT is peaked on ten tokens (the first one occurs in the prompt, so a
-    leaked repetition penalty changes it) and whose generation_config carries Qwen2.5-Instruct's sampling defaults."""
+    leaked repetition penalty changes it) and whose generation_config carries Qwen2.5-Instruct's sampling defaults.
+    eos_boost: EOS made likely after typical hidden states of 04/05 prompts, so that some completions end at once
+    and others run to the cap: the overlong penalty then gives groups different rewards and the adapter moves."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("vtiny") / "model"
     tok = common.load_tokenizer(str(common.embedded_tokenizer_path()))
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -58,17 +58,26 @@ def vmodel_dir(tmp_path_factory):
         picks = [in_prompt] + [t for t in range(1000, 1100, 11) if t not in ids][:9]
         for k, t in enumerate(picks):
             model.lm_head.weight[t] = (13.0 - 0.4 * k) * h / h.norm() ** 2
-        # and EOS likely after typical hidden states (04/05 prompts): some completions end at once, others run to
-        # the cap, so the overlong penalty gives groups different rewards and the adapter moves
-        x = common.chat_ids(tok, [{"role": "system", "content": load_stage("04_grpo").THINK_SYSTEM},
-                                  {"role": "user", "content": PROMPT_TEXT}], "<think>")
-        hm = model.model(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0)
-        model.lm_head.weight[tok.eos_token_id] += 6.3 * hm / hm.norm() ** 2
+        if eos_boost:
+            x = common.chat_ids(tok, [{"role": "system", "content": load_stage("04_grpo").THINK_SYSTEM},
+                                      {"role": "user", "content": PROMPT_TEXT}], "<think>")
+            hm = model.model(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0)
+            model.lm_head.weight[tok.eos_token_id] += 6.3 * hm / hm.norm() ** 2
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id, **QWEN_DEFAULTS)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def vmodel_dir(tmp_path_factory):
+    return make_vllm_model(tmp_path_factory.mktemp("vtiny") / "model", eos_boost=False)
+
+
+@pytest.fixture(scope="module")
+def vtrain_dir(tmp_path_factory):
+    return make_vllm_model(tmp_path_factory.mktemp("vtrain") / "model", eos_boost=True)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +166,7 @@ def test_vllm_backend_roles(engine, vmodel_dir):
 # the stages with vLLM, end to end (subprocesses, as a user runs them)
 
 
-def run(script, args, nproc=1, timeout=600):
+def run(script, args, nproc=1, timeout=600, codes=(0,)):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), VLLM_CPU_KVCACHE_SPACE="1")
     cmd = [sys.executable, str(ROOT / script), *args]
     if nproc > 1:
@@ -166,7 +175,7 @@ def run(script, args, nproc=1, timeout=600):
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master-port={free_port()}", str(ROOT / script), *args]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.returncode in codes, r.stderr[-4000:]
     return r
 
 
@@ -181,9 +190,9 @@ def turns_file(tmp_path_factory):
 
 
 # lengths vary (the model often ends at once) and the overlong penalty makes them differ in reward: the adapter moves
-TRAIN = ["--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "12", "--l-max", "8", "--l-cache", "6",
-         "--max-steps", "3", "--lr", "5e-2",
+TRAIN = ["--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "12", "--max-steps", "3", "--lr", "5e-2",
          "--lora-r", "8", "--lora-alpha", "16", "--beta", "0.1", "--device", "cpu", "--rollout", "vllm"]
+OVERLONG = ["--l-max", "8", "--l-cache", "6"]
 
 
 def check_sampler_rows(rows):
@@ -196,49 +205,52 @@ def check_sampler_rows(rows):
         assert r["sampler_logp_gap_ref"] > 1e-2, r
 
 
-def test_grpo_vllm_rollout_serves_the_current_adapter(vmodel_dir, turns_file, tmp_path):
-    run("04_grpo.py", ["--policy", str(vmodel_dir), "--data", str(turns_file), "--out", str(tmp_path / "g"), *TRAIN])
+def test_grpo_vllm_rollout_serves_the_current_adapter(vtrain_dir, turns_file, tmp_path):
+    run("04_grpo.py", ["--policy", str(vtrain_dir), "--data", str(turns_file), "--out", str(tmp_path / "g"), *TRAIN, *OVERLONG])
     check_sampler_rows(common.read_jsonl(tmp_path / "g" / "metrics.jsonl"))
     assert (tmp_path / "g" / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_rapo_vllm_rollout_serves_the_current_adapter(vmodel_dir, turns_file, tmp_path):
-    spec = f"hf:{vmodel_dir}"
-    run("05_rapo.py", ["--policy", str(vmodel_dir), "--data", str(turns_file), "--out", str(tmp_path / "r"),
+def test_rapo_vllm_rollout_serves_the_current_adapter(vtrain_dir, turns_file, tmp_path):
+    spec = f"hf:{vtrain_dir}"
+    run("05_rapo.py", ["--policy", str(vtrain_dir), "--data", str(turns_file), "--out", str(tmp_path / "r"),
                        "--seeker", spec, "--grm", spec, "--seeker-max-new-tokens", "6", "--grm-max-new-tokens", "16",
                        *TRAIN])
     rows = common.read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert len(rows) == 3 and all(r["sampler_logp_gap"] < 1e-3 for r in rows), rows
 
 
-def test_grpo_vllm_rollout_two_ranks(vmodel_dir, turns_file, tmp_path):
-    run("04_grpo.py", ["--policy", str(vmodel_dir), "--data", str(turns_file), "--out", str(tmp_path / "g2"),
-                       *TRAIN[:-6], "--max-steps", "2", "--beta", "0.1", "--device", "cpu", "--rollout", "vllm",
-                       "--sample-every", "1"], nproc=2)
+def test_grpo_vllm_rollout_two_ranks(vtrain_dir, turns_file, tmp_path):
+    run("04_grpo.py", ["--policy", str(vtrain_dir), "--data", str(turns_file), "--out", str(tmp_path / "g2"),
+                       *TRAIN, *OVERLONG, "--max-steps", "2"], nproc=2)
     rows = common.read_jsonl(tmp_path / "g2" / "metrics.jsonl")
     assert len(rows) == 2 and all(r["sampler_logp_gap"] < 1e-3 for r in rows), rows
     assert json.loads((tmp_path / "g2" / "args.json").read_text())["world_size"] == 2
 
 
-def test_simulate_with_vllm_policy(vmodel_dir, turns_file, tmp_path):
-    spec = f"hf:{vmodel_dir}"
-    run("02_simulate.py", ["--data", str(turns_file), "--out", str(tmp_path / "s"), "--policy", f"vllm:{vmodel_dir}",
-                           "--seeker", spec, "--critic", spec, "--num-candidates", "2", "--max-turns", "2",
-                           "--max-new-tokens", "6", "--max-examples", "2", "--device", "cpu"])
+def test_simulate_with_vllm_policy(vtrain_dir, turns_file, tmp_path):
+    spec = f"hf:{vtrain_dir}"
+    r = run("02_simulate.py", ["--data", str(turns_file), "--out", str(tmp_path / "s"), "--policy", f"vllm:{vtrain_dir}",
+                               "--seeker", spec, "--critic", spec, "--num-candidates", "2", "--max-turns", "2",
+                               "--max-new-tokens", "6", "--max-examples", "2", "--device", "cpu"], codes=(0, 2))
+    # a random critic scores every conversation alike: 02 writes its rollouts, then refuses degenerate labels (exit 2)
+    assert r.returncode == 0 or "labels are" in r.stderr, r.stderr[-2000:]
     recs = common.read_jsonl(tmp_path / "s" / "rollouts.jsonl")
-    assert len(recs) == 4 and all(isinstance(r["candidate"], str) for r in recs)
+    assert len(recs) == 4 and all(isinstance(r["response"], str) for r in recs)
 
 
-def test_eval_with_vllm_adapter_policy(vmodel_dir, turns_file, tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(vmodel_dir),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=load_stage("04_grpo").LORA_TARGETS,
-                                      init_lora_weights=False))
-    model.save_pretrained(tmp_path / "adapter")
-    spec = f"hf:{vmodel_dir}"
-    run("06_eval.py", ["--test-data", str(turns_file), "--out", str(tmp_path / "e"), "--policy", f"base={spec}",
+def test_eval_with_vllm_adapter_policy(vtrain_dir, turns_file, tmp_path):
+    # a non-zero LoRA adapter on the model, made in a fresh process (vLLM, imported by the tests above, patches
+    # modules that PEFT's adapter creation then trips on in this one)
+    make = ("import sys, common; from peft import LoraConfig, get_peft_model; "
+            "from transformers import AutoModelForCausalLM; "
+            "m = get_peft_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]), LoraConfig(r=8, lora_alpha=16, "
+            "target_modules=common.load_stage('04_grpo').LORA_TARGETS, init_lora_weights=False)); "
+            "m.save_pretrained(sys.argv[2])")
+    subprocess.run([sys.executable, "-c", make, str(vtrain_dir), str(tmp_path / "adapter")], cwd=ROOT, check=True,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, timeout=300)
+    spec = f"hf:{vtrain_dir}"
+    run("06_eval.py", ["--data", str(turns_file), "--out", str(tmp_path / "e"), "--policy", f"base={spec}",
                        "--policy", f"lora=vllm:{tmp_path / 'adapter'}", "--seeker", spec, "--critic", spec,
                        "--judge", spec, "--parts", "interactive", "--max-turns", "2", "--max-new-tokens", "6",
                        "--seeker-max-new-tokens", "6", "--max-examples", "2", "--device", "cpu"])
