@@ -77,14 +77,14 @@ def parse_args(argv=None):
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (RAPO: 1.0)")
     g.add_argument("--eval-batch-size", type=int, default=16, help="examples per forward pass when scoring valid (ours: 16)")
     g.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimiser steps (the schedule still spans --epochs; continue with --resume, "
-                        "which restores every other setting of the run and refuses a different one: README, Reliability)")
+                   help="stop after this many optimiser steps (the schedule still spans --epochs; continue with --resume)")
     g.add_argument("--save-every", type=int, default=50, help="checkpoint to OUT/rm_ckpt every N optimiser steps (ours: 50)")
     g.add_argument("--delta", type=float, default=None,
                    help="regression only: valid label threshold on the predicted r_fut (default: the --delta "
                         "of the 02 run, from the args.json beside --data, else 0.5)")
     args = p.parse_args(argv)
-    args = common.resume_args(p, args, argv, Path(args.out) / "rm_ckpt")  # --resume: the run's own settings
+    # --resume: the run's own settings; --max-steps stops one invocation here (like 04's --stop-after), never restored
+    args = common.resume_args(p, args, argv, Path(args.out) / "rm_ckpt", per_call=("max_steps",))
     check(args.max_length >= 8, "--max-length must be >= 8")
     check(0 < args.valid_frac < 1, "--valid-frac must be in (0, 1)")
     check(args.epochs >= 1 and args.batch_size >= 1 and args.grad_accum >= 1 and args.eval_batch_size >= 1,

@@ -142,9 +142,7 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float):
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (overrides --epochs)")
     g.add_argument("--stop-after", type=int, default=None,
                    help="stop this invocation after N steps (checkpointing first), e.g. to fit a job's time limit; "
-                        "continue with --resume. --resume restores every setting of the run from its checkpoint; a flag "
-                        "given again must equal the saved one, except --stop-after, --max-steps, --device, --wandb, "
-                        "--sample-every, --checkpoint-every, --vllm-gpu-memory (common.RESUME_MAY_CHANGE)")
+                        "continue with --resume")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--sample-every", type=int, default=10, help="write a group of sample dialogues to samples.jsonl every N steps")
     g.add_argument("--checkpoint-every", type=int, default=50, help="save --out/checkpoint every N steps (and at the end)")

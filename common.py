@@ -65,9 +65,15 @@ def add_common_args(p: argparse.ArgumentParser, data: str, out: str, resume_flag
                    help="model dtype; auto = bfloat16 on CUDA, float32 on CPU")
     if resume_flag == "overwrite":
         g.add_argument("--overwrite", action="store_true",
-                       help="start afresh instead of resuming (skipping ids already in the output)")
+                       help="start afresh instead of resuming (a re-run skips ids already in the output, and only with the "
+                            "input content and record-shaping settings of the earlier run); the old output is deleted "
+                            "once the models have loaded")
     else:
-        g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+        g.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its newest complete checkpoint, with the run's own settings "
+                            "(restored from it); a flag given again must equal the saved value, except "
+                            + ", ".join(flag_name(k) for k in RESUME_MAY_CHANGE + ("stop_after",))
+                            + " (README, Reliability)")
     return g
 
 
@@ -327,10 +333,11 @@ def given_flags(parser: argparse.ArgumentParser, argv=None) -> set[str]:
 
 
 def resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv, ckpt: str | Path,
-                inputs: tuple[str, ...] = ("data",)) -> argparse.Namespace:
+                per_call: tuple[str, ...] = ()) -> argparse.Namespace:
     """--resume: the run's own settings from its newest complete checkpoint (meta.json). A flag given again
-    must equal the saved value (InputError naming it), except RESUME_PER_CALL and RESUME_MAY_CHANGE; the
-    files named by `inputs` must have the content they had (sha256). Without --resume: args unchanged."""
+    must equal the saved value (InputError naming it), except RESUME_PER_CALL (+ a stage's own `per_call`)
+    and RESUME_MAY_CHANGE; the input files hashed into the checkpoint must have the content they had (sha256).
+    Without --resume: args unchanged."""
     if not getattr(args, "resume", False):
         return args
     check(not getattr(args, "overwrite", False), "--resume and --overwrite exclude each other")
@@ -340,7 +347,7 @@ def resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv,
     saved, given = meta["args"], given_flags(parser, argv)
     dests = [a.dest for a in parser._actions if a.dest != "help"]
     for k in dests:
-        if k in RESUME_PER_CALL:
+        if k in RESUME_PER_CALL or k in per_call:
             continue
         if k not in saved:
             print(f"warning: {path / CHECKPOINT_META} has no {flag_name(k)} (an older version): using "
@@ -351,7 +358,8 @@ def resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv,
             raise InputError(f"--resume: {flag_name(k)} {getattr(args, k)} differs from the run's {saved[k]} "
                              f"({path / CHECKPOINT_META}); omit it to continue the run as it was, or start a new run "
                              "(--overwrite or another --out)")
-    check_same_inputs(meta.get("inputs", {}), input_digests(args, inputs), f"--resume: the run in {path}")
+    check_same_inputs(meta.get("inputs", {}), input_digests(args, tuple(meta.get("inputs", {}))),
+                      f"--resume: the run in {path}")
     return args
 
 
