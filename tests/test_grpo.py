@@ -385,3 +385,23 @@ def test_bad_input_is_one_clear_error(bad, msg, tmp_path, capsys):
     assert e.value.code == 2
     assert msg in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_overwrite_deletes_only_after_the_models_load(tmp_path):
+    """A typo in --policy with --overwrite: the previous run's outputs survive (they are deleted last)."""
+    out = tmp_path / "out"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "trainer.pt").write_text("previous run")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    prompts, comps, rewards = fixed_rollouts(seed=1, n_groups=2, G=2)
+    rfile = tmp_path / "rollouts.jsonl"
+    common.write_jsonl(rfile, [{"prompt_ids": prompts[2 * k], "completions": comps[2 * k:2 * k + 2],
+                                "rewards": rewards[k].tolist()} for k in range(2)])
+    (tmp_path / "not_a_model").mkdir()
+    r = subprocess.run([sys.executable, str(ROOT / "04_grpo.py"), "--out", str(out), "--overwrite", "--policy",
+                        f"hf:{tmp_path / 'not_a_model'}", "--rollouts-file", str(rfile), "--group-size", "2",
+                        "--prompts-per-step", "2", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode != 0
+    assert (out / "checkpoint" / "trainer.pt").read_text() == "previous run"
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
