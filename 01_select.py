@@ -120,8 +120,8 @@ def main(argv=None):
     # 02_simulate.py writes its args.json into the same folder by default, so 01 keeps its own name
     settings_path = Path(args.out) / "select_args.json"
     done = set() if args.overwrite else common.ResumableOutput(args.out, "turns.jsonl").done
-    common.check_resumed_output(settings_path, "01_select", len(done), {"inputs": inputs, **{k: getattr(args, k) for k in SELECT_KEYS}},
-                                "turns")
+    settings = {"inputs": inputs, **{k: getattr(args, k) for k in SELECT_KEYS}}
+    common.check_resumed_output(settings_path, "01_select", len(done), settings, "turns")  # same input and settings
     backend = None if judge_spec is None else common.make_backend(args.judge, args.judge_base_url, args.device, args.dtype,
                                                                    decoder=args.decoder)
     out = common.ResumableOutput(args.out, "turns.jsonl", overwrite=args.overwrite)  # (deletes only now: the judge loaded)

@@ -493,7 +493,7 @@ def main(argv=None):
         shutil.rmtree(rm_dir, ignore_errors=True)
         os.replace(tmp, rm_dir)  # the whole folder appears at once
         if g >= total:  # finished: nothing to resume
-            for p in common._ckpt_paths(ckpt):
+            for p in common.checkpoint_paths(ckpt):
                 shutil.rmtree(p, ignore_errors=True)
         print(f"valid ({metrics['n']} candidates, {len(metrics['valid_dialogues'])} dialogues): accuracy "
               f"{metrics['accuracy']:.3f}, ROC-AUC {metrics['roc_auc']:.3f}, F1 {metrics['f1']:.3f}, predicted positive "

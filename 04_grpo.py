@@ -752,7 +752,7 @@ def check_run_dir(args) -> str:
     if args.resume:  # (parse_args restored the run's settings from it)
         check(common.find_checkpoint(out / "checkpoint") is not None, f"--resume: no checkpoint in {out / 'checkpoint'}")
     elif not args.overwrite:
-        check(common.find_checkpoint(out / "checkpoint") is None and not (out / "metrics.jsonl").exists(),
+        check(not any(p.exists() for p in common.checkpoint_paths(out / "checkpoint")) and not (out / "metrics.jsonl").exists(),
               f"{out} already has a run: pass --resume to continue it or --overwrite to start afresh")
     spec = common.parse_spec(args.policy)
     check(spec.backend == "hf", f"--policy {args.policy}: the trained policy is loaded with transformers (hf: or a path); "

@@ -363,7 +363,8 @@ def resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv,
     return args
 
 
-def _ckpt_paths(ckpt: str | Path) -> tuple[Path, Path, Path]:
+def checkpoint_paths(ckpt: str | Path) -> tuple[Path, Path, Path]:
+    """ckpt, ckpt.tmp (being written, or complete after a kill mid-swap) and ckpt.old (the previous one)."""
     ckpt = Path(ckpt)
     return ckpt, ckpt.with_name(ckpt.name + ".tmp"), ckpt.with_name(ckpt.name + ".old")
 
@@ -372,7 +373,7 @@ def find_checkpoint(ckpt: str | Path) -> tuple[Path, dict] | None:
     """(folder, meta) of the newest complete checkpoint among ckpt, ckpt.tmp and ckpt.old (a kill between the
     two renames of save_checkpoint leaves only the last two), or None."""
     best = None
-    for p in _ckpt_paths(ckpt):
+    for p in checkpoint_paths(ckpt):
         if (p / CHECKPOINT_META).is_file():
             meta = json.loads((p / CHECKPOINT_META).read_text(encoding="utf-8"))
             if best is None or meta["step"] > best[1]["step"]:
@@ -384,7 +385,7 @@ def save_checkpoint(ckpt: str | Path, step: int, args: argparse.Namespace, dist,
     """Write a checkpoint so that a crash at any moment leaves a complete one: write(tmp) fills ckpt.tmp
     (called on every rank: each writes its own files; model, optimiser and every extra state on rank 0),
     meta.json (step, settings, input hashes) is written last, then ckpt.tmp is swapped in for ckpt."""
-    ckpt, tmp, old = _ckpt_paths(ckpt)
+    ckpt, tmp, old = checkpoint_paths(ckpt)
     main = dist is None or dist.main
     if main:
         best = find_checkpoint(ckpt)
