@@ -17,7 +17,9 @@ Deviation: valid/test turns are not judged (learn = null); they are for evaluati
 Run:
   python 01_select.py --data data/demo_esconv.json --out runs/demo
   python 01_select.py --data ESConv.json --judge openai:Qwen2.5-72B-Instruct --judge-base-url http://host:8000/v1
-Re-running on the same --out resumes (turns already written are skipped); --overwrite starts afresh.
+Re-running on the same --out resumes (turns already written are skipped) if the input files and the settings
+that shape the records (SELECT_KEYS) are those of the earlier run, else it stops with one line; --overwrite
+starts afresh (the old output is deleted only once the judge has loaded).
 """
 import argparse
 import math
@@ -27,6 +29,10 @@ from pathlib import Path
 import common
 from common import InputError, check
 
+# Settings that shape the records: a re-run on an --out that holds records must use the same ones (and the same
+# --data / --test-data content); --null-as, --batch-size and the device settings may change.
+SELECT_KEYS = ("seed", "test_frac", "valid_frac", "max_examples", "judge", "judge_mode_used", "judge_context", "retries",
+               "max_new_tokens")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,17 +114,23 @@ def main(argv=None):
     if judge_spec is not None and judge_spec.backend == "openai" and mode == "likelihood":
         raise InputError("--judge-mode likelihood needs an hf: or vllm: judge (openai: servers give no prompt log-probs)")
 
-    out = common.ResumableOutput(args.out, "turns.jsonl", overwrite=args.overwrite)
+    args.judge_mode_used = mode
+    inputs = common.input_digests(args, ("data", "test_data"))
+    common.lock_out(args.out)  # one run at a time on --out
     # 02_simulate.py writes its args.json into the same folder by default, so 01 keeps its own name
-    common.save_args(args, args.out, {"judge_mode_used": mode}, name="select_args.json")
-    done = out.done
+    settings_path = Path(args.out) / "select_args.json"
+    done = set() if args.overwrite else common.ResumableOutput(args.out, "turns.jsonl").done
+    settings = {"inputs": inputs, **{k: getattr(args, k) for k in SELECT_KEYS}}
+    common.check_resumed_output(settings_path, "01_select", len(done), settings, "turns")  # same input and settings
+    backend = None if judge_spec is None else common.make_backend(args.judge, args.judge_base_url, args.device, args.dtype,
+                                                                   decoder=args.decoder)
+    out = common.ResumableOutput(args.out, "turns.jsonl", overwrite=args.overwrite)  # (deletes only now: the judge loaded)
+    common.save_args(args, args.out, {"stage": "01_select", "inputs": inputs}, name=settings_path.name)
     todo = [t for t in turns if t["id"] not in done]
     print(f"{len(turns)} turns from {len({t['dialog_id'] for t in turns})} dialogues "
           f"({sum(t['split'] == 'train' for t in turns)} train, {sum(t['split'] == 'valid' for t in turns)} valid, "
           f"{sum(t['split'] == 'test' for t in turns)} test); {len(done)} already written, {len(todo)} to do")
 
-    backend = None if judge_spec is None else common.make_backend(args.judge, args.judge_base_url, args.device, args.dtype,
-                                                                   decoder=args.decoder)
     retried = failed = 0
     bar = common.progress(total=len(todo), desc="select")
     for batch in common.chunks(todo, args.batch_size):

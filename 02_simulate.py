@@ -38,7 +38,6 @@ Run:
 Re-running on the same --out resumes (finished candidates are skipped); --overwrite starts afresh.
 """
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -48,7 +47,8 @@ import torch
 import common
 from common import InputError, check
 
-# Settings that change the simulation itself: a resumed run must use the same ones (rewards/labels may change).
+# Settings that change the simulation itself: a resumed run must use the same ones, and the same --data content
+# (rewards/labels may change: --delta and --lambda-eff only relabel).
 SIM_KEYS = ("seed", "context_window", "num_candidates", "temperature", "top_p",
             "max_new_tokens", "supporter_temperature", "seeker_temperature", "seeker_top_p", "seeker_max_new_tokens",
             "critic_mode", "critic_samples", "critic_temperature", "max_turns", "theta", "batch_size",
@@ -274,22 +274,6 @@ def degenerate_label_message(s: dict, args) -> str | None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def check_resume_settings(args, out_dir: Path, done: set):
-    """Resuming with other simulation settings would mix two experiments in one file: refuse."""
-    prev_path = out_dir / "args.json"
-    if not done or not prev_path.exists():
-        return
-    prev = json.loads(prev_path.read_text(encoding="utf-8"))
-    if prev.get("stage") != "02_simulate":
-        return
-    diff = [k for k in SIM_KEYS if k in prev and prev[k] != getattr(args, k)]
-    if diff:
-        k = diff[0]
-        raise InputError(f"{out_dir}: resuming {len(done)} rollouts made with --{k.replace('_', '-')} {prev[k]} "
-                         f"(now {getattr(args, k)}): use the same simulation settings, or --overwrite "
-                         "(--delta and --lambda-eff may change: they only relabel)")
-
-
 def main(argv=None):
     args = parse_args(argv)
     # Validation before any work: input file, selection, role specs.
@@ -309,10 +293,15 @@ def main(argv=None):
     order = [cid for t in turns for cid in candidate_ids(t, m)]
 
     out_dir = Path(args.out)
-    done = set() if args.overwrite or not out_dir.exists() else common.ResumableOutput(out_dir, "rollouts.jsonl").done
-    check_resume_settings(args, out_dir, done)  # on every rank, before the process group: all stop together
-
+    inputs = common.input_digests(args, ("data",))
     dist = common.init_dist(args.device)
+    common.lock_out(out_dir, dist)  # one run at a time on --out
+    done = set() if args.overwrite or not out_dir.exists() else common.ResumableOutput(out_dir, "rollouts.jsonl").done
+    # resuming with another input or other simulation settings would mix two experiments in one file: refuse
+    # (on every rank alike, so all stop together)
+    common.check_resumed_output(out_dir / "args.json", "02_simulate", len(done),
+                                {"inputs": inputs, **{k: getattr(args, k) for k in SIM_KEYS}}, "rollouts",
+                                "--delta and --lambda-eff may change: they only relabel")
     all_chunks = common.chunks(turns, C)  # chunk k = contexts [k*C, (k+1)*C)
     todo_all = [k for k, ch in enumerate(all_chunks) if not all(c in done for t in ch for c in candidate_ids(t, m))]
 
@@ -329,7 +318,7 @@ def main(argv=None):
     common.barrier(dist)  # every rank has read `done` before rank 0 may delete outputs (--overwrite)
     out = common.ResumableOutput(out_dir, "rollouts.jsonl", dist.rank, dist.world, overwrite=args.overwrite)
     if dist.main:
-        common.save_args(args, out_dir, {"stage": "02_simulate", "critic_mode_used": mode})
+        common.save_args(args, out_dir, {"stage": "02_simulate", "critic_mode_used": mode, "inputs": inputs})
     mine = [k for k in todo_all if k % dist.world == dist.rank]  # whole chunks, round-robin over ranks
     common.print0(f"{len(turns)} contexts x {m} candidates = {len(order)} conversations in {len(all_chunks)} chunks of "
                   f"{C} contexts; {len(order) - len(done & set(order))} missing, {len(todo_all)} chunk(s) to simulate "

@@ -83,6 +83,8 @@ def parse_args(argv=None):
                    help="regression only: valid label threshold on the predicted r_fut (default: the --delta "
                         "of the 02 run, from the args.json beside --data, else 0.5)")
     args = p.parse_args(argv)
+    # --resume: the run's own settings; --max-steps stops one invocation here (like 04's --stop-after), never restored
+    args = common.resume_args(p, args, argv, Path(args.out) / "rm_ckpt", per_call=("max_steps",))
     check(args.max_length >= 8, "--max-length must be >= 8")
     check(0 < args.valid_frac < 1, "--valid-frac must be in (0, 1)")
     check(args.epochs >= 1 and args.batch_size >= 1 and args.grad_accum >= 1 and args.eval_batch_size >= 1,
@@ -350,14 +352,17 @@ def evaluate(model, tok, recs: list[dict], args, threshold: float) -> dict:
     return m
 
 
-def save_checkpoint(path: Path, model, opt, sched, step: int, micro_batches_per_step: int):
-    """Trainable weights, optimiser, scheduler and step (the data order and dropout seeds follow from the step)."""
-    path.mkdir(parents=True, exist_ok=True)
-    trainable = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
-    tmp = path / "state.pt.tmp"
-    torch.save({"model": trainable, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                "micro_batches_per_step": micro_batches_per_step}, tmp)
-    os.replace(tmp, path / "state.pt")
+def save_checkpoint(path: Path, args, dist, inputs: dict, model, opt, sched, step: int, micro_batches_per_step: int,
+                    history: list, valid_history: list):
+    """Trainable weights, optimiser, scheduler, step and the loss history so far (the data order and dropout
+    seeds follow from the step), swapped in atomically by common.save_checkpoint."""
+    def write(tmp: Path):
+        if dist.main:
+            trainable = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
+            torch.save({"model": trainable, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                        "micro_batches_per_step": micro_batches_per_step, "history": history,
+                        "valid_history": valid_history}, tmp / "state.pt")
+    common.save_checkpoint(path, step, args, dist, write, inputs)
 
 
 def main(argv=None):
@@ -380,9 +385,10 @@ def main(argv=None):
         d = json.loads(prev.read_text()).get("delta") if prev.exists() else None
         threshold = args.delta if args.delta is not None else d if d is not None else 0.5
     out_dir, rm_dir, ckpt = Path(args.out), Path(args.out) / "rm", Path(args.out) / "rm_ckpt"
-    check(not args.resume or (ckpt / "state.pt").exists(), f"--resume: no checkpoint in {ckpt}")
+    inputs = common.input_digests(args, ("data",))
 
     dist = common.init_dist(args.device)
+    common.lock_out(out_dir, dist)  # one run at a time on --out
     dtype = common.resolve_dtype(args.dtype, dist.device)
     common.seed_everything(args.seed)  # same on every rank: identical score-head / LoRA init
     tok = common.load_tokenizer(common.resolve_path(common.parse_spec(args.rm).name))
@@ -399,8 +405,11 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     step = 0
+    history, valid_history = [], []  # per optimiser step / per epoch; restored on --resume
     if args.resume:
-        st = torch.load(ckpt / "state.pt", map_location=dist.device, weights_only=False)
+        found = common.find_checkpoint(ckpt)
+        check(found is not None, f"--resume: no checkpoint in {ckpt}")
+        st = common.load_state(found[0] / "state.pt", map_location=dist.device)
         named = dict(raw.named_parameters())
         with torch.no_grad():
             for k, v in st["model"].items():
@@ -408,6 +417,7 @@ def main(argv=None):
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step = st["step"]
+        history, valid_history = st["history"], st["valid_history"]
         check(st.get("micro_batches_per_step") == W * A,
               f"--resume: {ckpt} was made with {st.get('micro_batches_per_step')} micro-batches per step (ranks x "
               f"--grad-accum), now {W * A}: the data position would not match")
@@ -417,14 +427,12 @@ def main(argv=None):
                   f"{args.objective}, {'full' if args.full else 'LoRA'} ({n_train_params:,} trainable parameters), "
                   f"{total} optimiser steps of {W} rank(s) x {A} micro-batches; starting at step {step}")
 
-    history, valid_history = [], []
     t0 = time.time()
     bar = common.progress(total=stop, initial=step, desc="train rm", unit="step")
     model.train()
     g = 0  # global step counter while walking the epochs (the data position is a function of the step)
     for epoch in range(args.epochs):
         batches = epoch_batches(train, args.seed, epoch, args.batch_size)
-        ran = False
         for s in range(steps_per_epoch[epoch]):
             if g >= stop:
                 break
@@ -453,13 +461,14 @@ def main(argv=None):
                 history.append({"step": g + 1, "epoch": epoch, "loss": loss_t, "grad_norm": gnorm,
                                 "lr": sched.get_last_lr()[0], "terms": n_glob})
                 bar.set_postfix(loss=f"{loss_t:.4f}")
-                ran = True
             sched.step()
             g += 1
             bar.update(1)
-            if dist.main and (g % args.save_every == 0 or g == stop) and g < total:
-                save_checkpoint(ckpt, raw, opt, sched, g, W * A)
-        if dist.main and ran and g < stop:  # (the final evaluation follows the loop)
+            if (g % args.save_every == 0 or g == stop) and g < total:  # every rank (barriers inside)
+                save_checkpoint(ckpt, args, dist, inputs, raw, opt, sched, g, W * A, history, valid_history)
+        # every finished epoch but the last is evaluated once (the final evaluation follows the loop); a run resumed
+        # from a checkpoint at an epoch's end evaluates that epoch here, with the weights it had then
+        if dist.main and step <= g < stop and not any(v["epoch"] == epoch for v in valid_history):
             v = evaluate(raw, tok, valid, args, threshold)
             valid_history.append({"epoch": epoch, "step": g, **{k: v[k] for k in ("roc_auc", "accuracy", "f1")}})
             bar.write(f"epoch {epoch}: valid ROC-AUC {v['roc_auc']:.3f} accuracy {v['accuracy']:.3f} F1 {v['f1']:.3f}")
@@ -483,8 +492,9 @@ def main(argv=None):
                                                     for k, v in metrics.items()})  # NaN (one-class valid) -> null
         shutil.rmtree(rm_dir, ignore_errors=True)
         os.replace(tmp, rm_dir)  # the whole folder appears at once
-        if g >= total:
-            shutil.rmtree(ckpt, ignore_errors=True)  # finished: nothing to resume
+        if g >= total:  # finished: nothing to resume
+            for p in common.checkpoint_paths(ckpt):
+                shutil.rmtree(p, ignore_errors=True)
         print(f"valid ({metrics['n']} candidates, {len(metrics['valid_dialogues'])} dialogues): accuracy "
               f"{metrics['accuracy']:.3f}, ROC-AUC {metrics['roc_auc']:.3f}, F1 {metrics['f1']:.3f}, predicted positive "
               f"rate {metrics['positive_rate']:.3f} (true {metrics['label_positive_rate']:.3f})"

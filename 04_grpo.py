@@ -61,8 +61,6 @@ import argparse
 import copy
 import importlib.util
 import math
-import os
-import random
 import re
 import shutil
 import time
@@ -87,7 +85,9 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float):
     """The flags every GRPO-trained stage shares (04 and 05): data, policy/LoRA, rollouts, loss, optimiser,
     logging. Defaults are the papers' (SPEC section 5) except the CPU-sized ones of deviation 3."""
     common.add_common_args(p, data="runs/demo/turns.jsonl", out=out, resume_flag="resume")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing checkpoint/metrics in --out and start afresh")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh: the previous run's checkpoint, adapter and logs in --out are deleted once every "
+                        "model has loaded")
     g = p.add_argument_group("models")
     common.add_role_arg(p, "policy", "the ESC policy to train (a base model, not an adapter folder)")
     g.add_argument("--no-lora", action="store_true", help="full fine-tuning (keeps a frozen reference copy) instead of LoRA")
@@ -195,6 +195,7 @@ def parse_args(argv=None):
     g.add_argument("--l-max", type=int, default=200, help="soft overlong punishment L_max in tokens; 0 disables (RAPO: 200)")
     g.add_argument("--l-cache", type=int, default=80, help="soft overlong punishment L_cache (RAPO: 80)")
     args = p.parse_args(argv)
+    args = common.resume_args(p, args, argv, Path(args.out) / "checkpoint")  # --resume: the run's own settings
     check_grpo_args(args)
     check(args.l_max == 0 or 0 < args.l_cache <= args.l_max, "--l-cache must be in (0, --l-max] (or --l-max 0)")
     return args
@@ -691,53 +692,43 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
-def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict):
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 def save_model(model, folder: Path, tok, lora: bool):
     model.save_pretrained(folder)  # LoRA: adapter only (PEFT-loadable); full: the whole model
     tok.save_pretrained(folder)
 
 
-def save_checkpoint(out: Path, step: int, model, tok, optimizer, scheduler, dist: common.Dist, lora: bool):
-    """out/checkpoint/: adapter (or model), trainer.pt (optimizer, scheduler, step), rng_rank{r}.pt per rank.
-    Written into checkpoint.tmp and swapped in, so a crash mid-save keeps the previous checkpoint."""
-    ck, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
-    if dist.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    common.barrier(dist)
-    torch.save(rng_state(), tmp / f"rng_rank{dist.rank}.pt")
-    common.barrier(dist)
-    if dist.main:
-        save_model(model, tmp / ("adapter" if lora else "model"), tok, lora)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "world": dist.world}, tmp / "trainer.pt")
-        if ck.exists():
-            os.replace(ck, old)
-        os.replace(tmp, ck)
-        shutil.rmtree(old, ignore_errors=True)
-    common.barrier(dist)
+def run_inputs(args) -> tuple[str, ...]:
+    """The flags naming the run's input files/folders, hashed into every checkpoint (checked on --resume)."""
+    if args.rollouts_file:
+        return ("rollouts_file",)
+    return ("data",) + (("rm",) if getattr(args, "rm", "none") != "none" else ())
 
 
-def load_checkpoint(out: Path, model, optimizer, scheduler, dist: common.Dist, lora: bool) -> int:
-    """Restore weights, optimiser, scheduler and this rank's RNG; returns the step to continue from."""
+def save_checkpoint(out: Path, step: int, model, tok, optimizer, scheduler, dist: common.Dist, lora: bool, args,
+                    inputs: dict, extra: dict | None = None):
+    """out/checkpoint/: adapter (or model), trainer.pt (optimizer, scheduler, step), rng_rank{r}.pt per rank,
+    extra.pt (a stage's own state, e.g. 05's teacher) and meta.json (step, settings, input hashes), all written
+    into checkpoint.tmp and swapped in by common.save_checkpoint: a crash at any point keeps a complete one."""
+    def write(tmp: Path):
+        torch.save(common.rng_state(), tmp / f"rng_rank{dist.rank}.pt")
+        if dist.main:
+            save_model(model, tmp / ("adapter" if lora else "model"), tok, lora)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                        "world": dist.world}, tmp / "trainer.pt")
+            if extra is not None:
+                torch.save(extra, tmp / "extra.pt")
+    common.save_checkpoint(out / "checkpoint", step, args, dist, write, inputs)
+
+
+def load_checkpoint(out: Path, model, optimizer, scheduler, dist: common.Dist, lora: bool) -> tuple[int, dict | None]:
+    """Restore weights, optimiser, scheduler and this rank's RNG from the newest complete checkpoint (tensors and
+    plain containers only: weights_only); returns (the step to continue from, the extra state or None)."""
     from safetensors.torch import load_file
 
-    ck = out / "checkpoint"
-    st = torch.load(ck / "trainer.pt", map_location="cpu", weights_only=False)
+    found = common.find_checkpoint(out / "checkpoint")
+    check(found is not None, f"--resume: no checkpoint in {out / 'checkpoint'}")
+    ck = found[0]
+    st = common.load_state(ck / "trainer.pt")
     check(st["world"] == dist.world, f"{ck}: saved with {st['world']} ranks, resumed with {dist.world}; "
           "resume with the same number of processes")
     if lora:
@@ -750,8 +741,9 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, dist: common.Dist, l
         model.load_state_dict(AutoModelForCausalLM.from_pretrained(ck / "model", dtype=next(model.parameters()).dtype).state_dict())
     optimizer.load_state_dict(st["optimizer"])
     scheduler.load_state_dict(st["scheduler"])
-    set_rng_state(torch.load(ck / f"rng_rank{dist.rank}.pt", weights_only=False))
-    return int(st["step"])
+    common.set_rng_state(common.load_state(ck / f"rng_rank{dist.rank}.pt"))
+    extra = common.load_state(ck / "extra.pt") if (ck / "extra.pt").exists() else None
+    return int(st["step"]), extra
 
 
 def load_fixed_rollouts(path: str, G: int) -> list[dict]:
@@ -789,10 +781,10 @@ def init_run(args, turns: list[dict] | None, fixed: list[dict] | None) -> common
 def check_run_dir(args) -> str:
     """Validate --out against --resume/--overwrite and the policy spec; returns the policy's path."""
     out = Path(args.out)
-    if args.resume:
-        check((out / "checkpoint" / "trainer.pt").exists(), f"--resume: no checkpoint in {out / 'checkpoint'}")
+    if args.resume:  # (parse_args restored the run's settings from it)
+        check(common.find_checkpoint(out / "checkpoint") is not None, f"--resume: no checkpoint in {out / 'checkpoint'}")
     elif not args.overwrite:
-        check(not (out / "checkpoint").exists() and not (out / "metrics.jsonl").exists(),
+        check(not any(p.exists() for p in common.checkpoint_paths(out / "checkpoint")) and not (out / "metrics.jsonl").exists(),
               f"{out} already has a run: pass --resume to continue it or --overwrite to start afresh")
     spec = common.parse_spec(args.policy)
     check(spec.backend == "hf", f"--policy {args.policy}: the trained policy is loaded with transformers (hf: or a path); "
@@ -833,16 +825,10 @@ class Policy:
 
 
 def setup_policy(args, dist: common.Dist, n_groups: int) -> Policy:
-    """--overwrite clean-up, the vLLM engine, the policy with LoRA (or a frozen reference for full fine-tuning),
-    gradient checkpointing, AdamW and the schedule. Seeds: --seed before the weights are created (identical
-    on every rank), then --seed + rank (deviation 6)."""
+    """The vLLM engine, the policy with LoRA (or a frozen reference for full fine-tuning), gradient checkpointing,
+    AdamW and the schedule, then the --overwrite clean-up (last: a model that fails to load deletes nothing).
+    Seeds: --seed before the weights are created (identical on every rank), then --seed + rank (deviation 6)."""
     out = Path(args.out)
-    if args.overwrite and dist.main:
-        for name in ("checkpoint", "adapter", "model", "vllm_adapters"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            (out / name).unlink(missing_ok=True)
-    common.barrier(dist)
     device = dist.device
     dtype = common.resolve_dtype(args.dtype, device)
     policy_path = common.resolve_path(common.parse_spec(args.policy).name)
@@ -877,6 +863,12 @@ def setup_policy(args, dist: common.Dist, n_groups: int) -> Policy:
                      beta=args.beta, loss_agg=args.loss_agg, l_gen=args.max_new_tokens, micro_batch=args.micro_batch,
                      shared_prefix=not args.no_shared_prefix,
                      autocast_dtype=torch.bfloat16 if device.type == "cuda" and dtype == torch.float32 else None)
+    if args.overwrite and dist.main:  # every model has loaded (the reward roles before this function)
+        for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old", "adapter", "model", "vllm_adapters"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            (out / name).unlink(missing_ok=True)
+    common.barrier(dist)
     return Policy(model, tok, lora, lora_config, ref_model, optimizer, scheduler, cfg, total, steps_per_epoch, vllm_gen, args)
 
 
@@ -957,13 +949,15 @@ def main(argv=None):
     if fixed is None:
         turns = common.load_turns(args.data, split="train", learn_only=args.learn_only)
     dist = init_run(args, turns if fixed is None else None, fixed)
+    common.lock_out(out, dist)  # one run at a time on --out
+    inputs = common.input_digests(args, run_inputs(args))
     rm_fn = None if args.rm == "none" or fixed is not None else make_rm_scorer(args.rm, dist.device,
                                                                               common.resolve_dtype(args.dtype, dist.device),
                                                                               args.rm_batch_size)
     pol = setup_policy(args, dist, n_groups=len(fixed) if fixed is not None else len(turns))
     model, tok, lora, cfg = pol.model, pol.tok, pol.lora, pol.cfg
     optimizer, scheduler, total, steps_per_epoch = pol.optimizer, pol.scheduler, pol.total, pol.steps_per_epoch
-    start = load_checkpoint(out, model, optimizer, scheduler, dist, lora) if args.resume else 0
+    start = load_checkpoint(out, model, optimizer, scheduler, dist, lora)[0] if args.resume else 0
     train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
     system, prefill = system_prompt(args.think_prompt)
     system = args.system_prompt if args.system_prompt is not None else system
@@ -1035,7 +1029,7 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", fmt=f"{row['format_rate']:.2f}", kl=f"{row['kl'] or 0:.2e}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == stop:
-            save_checkpoint(out, step + 1, model, tok, optimizer, scheduler, dist, lora)
+            save_checkpoint(out, step + 1, model, tok, optimizer, scheduler, dist, lora, args, inputs)
     bar.close()
     if stop == total and dist.main:
         save_model(model, out / ("adapter" if lora else "model"), tok, lora)

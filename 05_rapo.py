@@ -343,6 +343,7 @@ def parse_args(argv=None):
     g.add_argument("--seeker-max-new-tokens", type=int, default=64, help="reaction length")
     g.add_argument("--seeker-temperature", type=float, default=0.7, help="seeker sampling temperature")
     args = p.parse_args(argv)
+    args = common.resume_args(p, args, argv, Path(args.out) / "checkpoint")  # --resume: the run's own settings
     grpo.check_grpo_args(args)
     check(args.sd_coef >= 0 and args.sd_topk >= 1 and args.sd_is_clip > 0, "--sd-coef >= 0, --sd-topk >= 1, --sd-is-clip > 0")
     check(0 < args.ema_rate <= 1, "--ema-rate must be in (0, 1]")
@@ -371,6 +372,8 @@ def main(argv=None):
         check(len(turns) > 0, f"{args.data}: no train turns with learn == true (run 01_select.py with a judge, "
               "or pass --all-turns)")
     dist = grpo.init_run(args, turns if fixed is None else None, fixed)
+    common.lock_out(out, dist)  # one run at a time on --out
+    inputs = common.input_digests(args, grpo.run_inputs(args))
     seeker = grm = None
     if fixed is None:  # the role models (each its own engine; roles on one spec share it)
         if args.reward == "reaction":
@@ -381,9 +384,10 @@ def main(argv=None):
     model, tok, lora = pol.model, pol.tok, pol.lora
     teacher = Teacher(model, args.teacher if args.sd_coef > 0 else "live", lora, pol.ref_model, pol.lora_config)
     start = 0
-    if args.resume:
-        start = grpo.load_checkpoint(out, model, pol.optimizer, pol.scheduler, dist, lora)
-        teacher.load_state_dict(torch.load(out / "checkpoint" / "teacher.pt", weights_only=False)["state"])
+    if args.resume:  # the teacher's state is the checkpoint's extra state (inside its atomic swap)
+        start, extra = grpo.load_checkpoint(out, model, pol.optimizer, pol.scheduler, dist, lora)
+        check(extra is not None and "teacher" in extra, f"--resume: the checkpoint in {out} has no teacher state")
+        teacher.load_state_dict(extra["teacher"])
     train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
     cfg = pol.cfg
     autocast = grpo._autocast(cfg, dist.device)
@@ -479,10 +483,8 @@ def main(argv=None):
         bar.set_postfix(reward=f"{row['reward']:.3f}", grm_fail=f"{row['grm_failed_frac']:.2f}",
                         sd_kl=f"{row['sd_kl'] or 0:.3f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == stop:
-            grpo.save_checkpoint(out, step + 1, model, tok, pol.optimizer, pol.scheduler, dist, lora)
-            if dist.main:
-                torch.save({"state": teacher.state_dict()}, out / "checkpoint" / "teacher.pt")
-            common.barrier(dist)
+            grpo.save_checkpoint(out, step + 1, model, tok, pol.optimizer, pol.scheduler, dist, lora, args, inputs,
+                                 extra={"teacher": teacher.state_dict()})
     bar.close()
     if stop == pol.total and dist.main:
         grpo.save_model(model, out / ("adapter" if lora else "model"), tok, lora)

@@ -51,8 +51,10 @@ Run:
       --seeker openai:Qwen2.5-72B-Instruct --seeker-base-url http://host:8000/v1 \\
       --critic openai:Qwen2.5-72B-Instruct --critic-base-url http://host:8000/v1 \\
       --judge openai:gpt-4o --bertscore-model roberta-large
-Re-running on the same --out resumes (finished ids are skipped; a new --policy only adds its records);
---overwrite starts afresh.
+Re-running on the same --out resumes (finished ids are skipped; a new --policy only adds its records) if the
+test file's content, the protocol settings (EVAL_KEYS) and each earlier policy label's spec (and adapter
+content) are those of the earlier run, else it stops with one line; --overwrite starts afresh (the old records
+are deleted only once the first policy and the roles have loaded).
 """
 import argparse
 import itertools
@@ -842,19 +844,32 @@ def write_report(scores: dict, path: Path):
 # ----------------------------------------------------------------------------------------------------
 
 
-def check_resume_settings(args, out_dir: Path, n_done: int):
-    """Resuming with other protocol settings would mix two evaluations in one folder: refuse."""
-    prev_path = out_dir / "args.json"
-    if not n_done or not prev_path.exists():
+def policy_digests(policies: list[tuple[str, str]]) -> dict[str, dict]:
+    """{label: {spec, sha256}}: the sha256 of a local adapter folder (small), None for other specs (a full model
+    folder is not hashed: gigabytes)."""
+    out = {}
+    for label, spec in policies:
+        ms = common.parse_spec(spec)
+        path = os.path.expanduser(ms.name)
+        adapter = ms.backend != "openai" and ms.name != "embedded" and common.is_adapter_folder(path)
+        out[label] = {"spec": spec, "sha256": common.input_digest(path) if adapter else None}
+    return out
+
+
+def check_resume_settings(args, out_dir: Path, n_done: int, inputs: dict, policies: dict):
+    """Resuming with another test file, other protocol settings, or another model under an earlier policy label
+    would mix two evaluations in one folder: refuse (a new label only adds its records)."""
+    common.check_resumed_output(out_dir / "args.json", "06_eval", n_done,
+                                {"inputs": inputs, **{k: getattr(args, k) for k in EVAL_KEYS}})
+    if not n_done:
         return
-    prev = json.loads(prev_path.read_text(encoding="utf-8"))
-    if prev.get("stage") != "06_eval":
-        return
-    diff = [k for k in EVAL_KEYS if k in prev and prev[k] != getattr(args, k)]
-    if diff:
-        k = diff[0]
-        raise InputError(f"{out_dir}: resuming {n_done} records made with {k} = {prev[k]} (now {getattr(args, k)}): "
-                         "use the same settings, another --out, or --overwrite")
+    prev = json.loads((out_dir / "args.json").read_text(encoding="utf-8")).get("policies", {})
+    for label, now in policies.items():
+        if label in prev and prev[label] != now:
+            what = "spec" if prev[label]["spec"] != now["spec"] else "adapter content (sha256)"
+            raise InputError(f"{out_dir}: the records of policy '{label}' were made with another {what} "
+                             f"({prev[label]['spec']}, now {now['spec']}): give it another LABEL=, use another --out, "
+                             "or --overwrite")
 
 
 def release(backend, keep: list):
@@ -896,16 +911,33 @@ def main(argv=None):
     runs = [load_run_metrics(r) for r in args.runs]
     panels = parse_curve_keys(args.curve_keys)
 
+    inputs = common.input_digests(args, ("test_data",) if args.test_data else ("data",))
+    inputs["policy_system"] = common.input_digest(args.policy_system) if Path(args.policy_system).is_file() else None
+    pol_digests = policy_digests(policies)
+
     dist = common.init_dist(args.device)
     out_dir = Path(args.out)
+    common.lock_out(out_dir, dist)  # one run at a time on --out
     names = ("replies.jsonl", "dialogs.jsonl", "pairwise.jsonl")
     done = set() if args.overwrite else set().union(*(common.ResumableOutput(out_dir, n).done for n in names))
-    if dist.main and not args.overwrite:
-        check_resume_settings(args, out_dir, len(done))
-    common.barrier(dist)  # every rank has read `done` before rank 0 may delete outputs (--overwrite)
-    outs = {n: common.ResumableOutput(out_dir, n, dist.rank, dist.world, overwrite=args.overwrite) for n in names}
-    if dist.main:
-        common.save_args(args, out_dir, {"stage": "06_eval"})
+    if not args.overwrite:  # on every rank alike: all stop together
+        check_resume_settings(args, out_dir, len(done), inputs, pol_digests)
+    outs = {}
+
+    def open_outputs():
+        """The outputs, and args.json, once the first models have loaded: only then does --overwrite delete."""
+        if outs:
+            return outs
+        common.barrier(dist)  # every rank has read `done` before rank 0 may delete outputs (--overwrite)
+        outs.update({n: common.ResumableOutput(out_dir, n, dist.rank, dist.world, overwrite=args.overwrite) for n in names})
+        if dist.main:
+            prev = out_dir / "args.json"
+            earlier = {} if args.overwrite or not prev.is_file() else json.loads(prev.read_text(encoding="utf-8"))
+            common.save_args(args, out_dir, {"stage": "06_eval", "inputs": inputs,  # earlier labels' records stay
+                                             "policies": {**earlier.get("policies", {}), **pol_digests}})
+        common.barrier(dist)
+        return outs
+
     common.print0(f"{len(policies)} policies x {len(cases)} test dialogues ({len(turns)} turns); parts: {args.parts}; "
                   f"{len(done)} records already written; {dist.world} rank(s)")
 
@@ -932,6 +964,7 @@ def main(argv=None):
         for r in ("seeker", "critic") + (("judge",) if todo.get("roleplay") else ()):
             role_backends[r] = role_backends.get(r) or mk(r)
         policy = common.make_backend(spec, args.policy_base_url, str(dist.device), args.dtype, decoder=args.decoder)
+        open_outputs()  # (the same point on every rank: `todo` is decided alike)
         roles = common.Roles(policy=policy, seeker=role_backends["seeker"], critic=role_backends["critic"],
                              policy_system=system, policy_kw=policy_kw, seeker_kw=seeker_kw,
                              critic_mode=args.critic_mode_used, critic_n=args.critic_samples,
@@ -957,6 +990,7 @@ def main(argv=None):
         release(policy, list(role_backends.values()))
 
     # Pairwise: every pair of policies on the same test turns, both orders.
+    open_outputs()
     common.barrier(dist)
     pair_note = ""
     if "pairwise" in parts and not pairs:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import abc
 import argparse
 import concurrent.futures
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -64,9 +66,15 @@ def add_common_args(p: argparse.ArgumentParser, data: str, out: str, resume_flag
                    help="model dtype; auto = bfloat16 on CUDA, float32 on CPU")
     if resume_flag == "overwrite":
         g.add_argument("--overwrite", action="store_true",
-                       help="start afresh instead of resuming (skipping ids already in the output)")
+                       help="start afresh instead of resuming (a re-run skips ids already in the output, and only with the "
+                            "input content and record-shaping settings of the earlier run); the old output is deleted "
+                            "once the models have loaded")
     else:
-        g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+        g.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its newest complete checkpoint, with the run's own settings "
+                            "(restored from it); a flag given again must equal the saved value, except "
+                            + ", ".join(flag_name(k) for k in RESUME_MAY_CHANGE + ("stop_after",))
+                            + " (README, Reliability)")
     return g
 
 
@@ -242,6 +250,230 @@ class ResumableOutput:
         for p in self.parts():
             p.unlink()
         return merged
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run plumbing: the --out lock, input hashes, settings on resume, atomic checkpoints (SPEC section 8)
+#
+# What makes a re-run or a --resume continue the SAME run, or stop with one line (exit 2) before any work.
+
+# --resume restores every setting of the run from its checkpoint (meta.json). A flag given again must equal
+# the saved value, except these two lists:
+RESUME_PER_CALL = ("resume", "overwrite", "out", "stop_after")  # this invocation only: never restored
+RESUME_MAY_CHANGE = ("max_steps", "device", "wandb", "sample_every", "checkpoint_every", "save_every",
+                     "vllm_gpu_memory")  # restored unless given again, and then the new value is used
+CHECKPOINT_META = "meta.json"  # written last into a checkpoint folder: a folder without it is incomplete
+_HELD_LOCKS = []  # open lock files, kept for the life of the process
+
+
+def _plain(v):
+    """A value as it reads back from JSON (tuples -> lists, paths -> str): for comparing saved settings."""
+    return json.loads(json.dumps(v, default=str))
+
+
+def flag_name(dest: str) -> str:
+    """The flag of an args dest ('judge_mode_used', the resolved --judge-mode, names --judge-mode)."""
+    return "--" + dest.removesuffix("_used").replace("_", "-")
+
+
+def input_digest(path: str | Path | None) -> str | None:
+    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, sorted); None if absent."""
+    if path is None or not Path(path).exists():
+        return None
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        if f != path:
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def input_digests(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, str | None]:
+    """{flag dest: sha256 of the file or folder it names} for a run's inputs (None: unset or 'none')."""
+    return {k: input_digest(getattr(args, k)) if getattr(args, k) not in (None, "none") else None for k in keys}
+
+
+def check_same_inputs(saved: dict, now: dict, where: str):
+    """InputError naming the first input whose content differs from the one the run was made from."""
+    for k, h in now.items():
+        if k in saved and saved[k] != h:
+            raise InputError(f"{where} was made from another {flag_name(k)} (sha256 {str(saved[k])[:12]}, now "
+                             f"{str(h)[:12]}): its content or path changed; use the original input, or start afresh "
+                             "with --overwrite / another --out")
+
+
+def check_resumed_output(settings_path: str | Path, stage: str, n_done: int, now: dict, what: str = "records",
+                         note: str = ""):
+    """A JSONL stage re-run on an --out that already holds n_done records: the record-shaping settings and
+    input hashes `now` must equal those saved in settings_path (written at the start of the earlier run)."""
+    if not n_done:
+        return
+    settings_path = Path(settings_path)
+    prev = json.loads(settings_path.read_text(encoding="utf-8")) if settings_path.is_file() else {}
+    out = settings_path.parent
+    if prev.get("stage") != stage or "inputs" not in prev:
+        raise InputError(f"{out}: {n_done} {what} already written, but {settings_path.name} does not say how they were "
+                         "made: use --overwrite (start afresh) or another --out")
+    check_same_inputs(prev["inputs"], now.get("inputs", {}), f"{out}: {n_done} {what}")
+    for k, v in now.items():
+        if k != "inputs" and _plain(prev.get(k)) != _plain(v):
+            raise InputError(f"{out}: {n_done} {what} were made with {flag_name(k)} {prev.get(k)} (now {v}): use the same "
+                             "settings, another --out, or --overwrite" + (f" ({note})" if note else ""))
+
+
+def given_flags(parser: argparse.ArgumentParser, argv=None) -> set[str]:
+    """The dests set on the command line itself (not by their defaults)."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    parser.parse_args(argv, ns)
+    return {k for k, v in vars(ns).items() if v is not unset}
+
+
+def resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv, ckpt: str | Path,
+                per_call: tuple[str, ...] = ()) -> argparse.Namespace:
+    """--resume: the run's own settings from its newest complete checkpoint (meta.json). A flag given again
+    must equal the saved value (InputError naming it), except RESUME_PER_CALL (+ a stage's own `per_call`)
+    and RESUME_MAY_CHANGE; the input files hashed into the checkpoint must have the content they had (sha256).
+    Without --resume: args unchanged."""
+    if not getattr(args, "resume", False):
+        return args
+    check(not getattr(args, "overwrite", False), "--resume and --overwrite exclude each other")
+    found = find_checkpoint(ckpt)
+    check(found is not None, f"--resume: no checkpoint in {ckpt}")
+    path, meta = found
+    saved, given = meta["args"], given_flags(parser, argv)
+    dests = [a.dest for a in parser._actions if a.dest != "help"]
+    for k in dests:
+        if k in RESUME_PER_CALL or k in per_call:
+            continue
+        if k not in saved:
+            print(f"warning: {path / CHECKPOINT_META} has no {flag_name(k)} (an older version): using "
+                  f"{getattr(args, k)}", file=sys.stderr)
+        elif k not in given:
+            setattr(args, k, saved[k])
+        elif k not in RESUME_MAY_CHANGE and _plain(getattr(args, k)) != _plain(saved[k]):
+            raise InputError(f"--resume: {flag_name(k)} {getattr(args, k)} differs from the run's {saved[k]} "
+                             f"({path / CHECKPOINT_META}); omit it to continue the run as it was, or start a new run "
+                             "(--overwrite or another --out)")
+    check_same_inputs(meta.get("inputs", {}), input_digests(args, tuple(meta.get("inputs", {}))),
+                      f"--resume: the run in {path}")
+    return args
+
+
+def checkpoint_paths(ckpt: str | Path) -> tuple[Path, Path, Path]:
+    """ckpt, ckpt.tmp (being written, or complete after a kill mid-swap) and ckpt.old (the previous one)."""
+    ckpt = Path(ckpt)
+    return ckpt, ckpt.with_name(ckpt.name + ".tmp"), ckpt.with_name(ckpt.name + ".old")
+
+
+def find_checkpoint(ckpt: str | Path) -> tuple[Path, dict] | None:
+    """(folder, meta) of the newest complete checkpoint among ckpt, ckpt.tmp and ckpt.old (a kill between the
+    two renames of save_checkpoint leaves only the last two), or None."""
+    best = None
+    for p in checkpoint_paths(ckpt):
+        if (p / CHECKPOINT_META).is_file():
+            meta = json.loads((p / CHECKPOINT_META).read_text(encoding="utf-8"))
+            if best is None or meta["step"] > best[1]["step"]:
+                best = (p, meta)
+    return best
+
+
+def save_checkpoint(ckpt: str | Path, step: int, args: argparse.Namespace, dist, write, inputs: dict | None = None):
+    """Write a checkpoint so that a crash at any moment leaves a complete one: write(tmp) fills ckpt.tmp
+    (called on every rank: each writes its own files; model, optimiser and every extra state on rank 0),
+    meta.json (step, settings, input hashes) is written last, then ckpt.tmp is swapped in for ckpt."""
+    ckpt, tmp, old = checkpoint_paths(ckpt)
+    main = dist is None or dist.main
+    if main:
+        best = find_checkpoint(ckpt)
+        if best is not None and best[0] != ckpt:  # after a kill mid-swap: the newest complete one becomes ckpt
+            shutil.rmtree(ckpt, ignore_errors=True)
+            os.replace(best[0], ckpt)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if dist is not None:
+        barrier(dist)
+    write(tmp)
+    if dist is not None:
+        barrier(dist)
+    if main:
+        write_json(tmp / CHECKPOINT_META, {"step": step, "world": 1 if dist is None else dist.world,
+                                           "args": _plain(vars(args)), "inputs": inputs or {}})
+        shutil.rmtree(old, ignore_errors=True)  # (a leftover of a kill: older than ckpt)
+        if ckpt.exists():
+            os.replace(ckpt, old)
+        os.replace(tmp, ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist is not None:
+        barrier(dist)
+
+
+def load_state(path: str | Path, map_location="cpu"):
+    """torch.load with weights_only=True: tensors and plain containers only. A pickle that would build any
+    other object (and so could run code) is refused with an InputError."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: refused to load: not plain tensors and containers ({reason[:200]})") from None
+
+
+def rng_state() -> dict:
+    """python, numpy, torch (and CUDA) RNG states as tensors and plain lists: loadable with weights_only=True."""
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": [version, list(state), gauss], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                              has_gauss, cached], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict):
+    version, state, gauss = st["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def lock_out(out_dir: str | Path, dist=None):
+    """An exclusive lock on --out (OUT/.lock) for the life of this process; the OS releases it when the
+    process ends, even on SIGKILL. A second run on the same folder stops with one line naming the holder.
+    Under torchrun rank 0 holds it for the job and every rank stops if it cannot."""
+    import fcntl
+    import socket
+
+    out = Path(out_dir)
+    err = None
+    if dist is None or dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / ".lock", "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                    + " ".join(["python"] + sys.argv)[:300] + "\n")
+            f.flush()
+            _HELD_LOCKS.append(f)
+        except BlockingIOError:
+            f.seek(0)
+            err = f"{out} is in use by another run ({f.read().strip() or 'holder unknown'}): wait for it, or use another --out"
+            f.close()
+    if dist is not None and dist.world > 1:
+        failed = torch.tensor([float(err is not None)], device=dist.device)
+        all_reduce_sum(failed, dist)
+        if failed.item() and err is None:
+            sys.exit(2)  # rank 0 reports it
+    if err is not None:
+        raise InputError(err)
 
 
 # ----------------------------------------------------------------------------------------------------

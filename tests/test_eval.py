@@ -403,6 +403,18 @@ def test_end_to_end_two_policies_report_and_resume(tmp_path, turns_file, tiny_mo
     p = run(*args[:-2], "--theta", "0.2", *args[-2:], check=False)
     assert p.returncode == 2 and "theta" in p.stderr
     assert (out / "dialogs.jsonl").read_text() == before
+    # ... and so is another test file (path and content are recorded at the start)
+    changed = tmp_path / "turns_changed.jsonl"
+    common.write_jsonl(changed, lines(turns_file)[::-1])
+    p = run(*[changed if x == turns_file else x for x in args], check=False)
+    assert p.returncode == 2 and "--data" in p.stderr, p.stderr
+    # --overwrite deletes nothing until the models have loaded: a policy that cannot load leaves the outputs
+    saved = {n: (out / n).read_bytes() for n in ("dialogs.jsonl", "replies.jsonl", "pairwise.jsonl", "args.json")}
+    (tmp_path / "not_a_model").mkdir()
+    p = run(*small_args(turns_file, out, tiny_model_dir, "--policy", f"hf:{tmp_path / 'not_a_model'}", "--overwrite"),
+            check=False)
+    assert p.returncode != 0
+    assert {n: (out / n).read_bytes() for n in saved} == saved
 
 
 def test_one_policy_skips_pairwise_with_a_note(tmp_path, turns_file, tiny_model_dir):

@@ -3,6 +3,7 @@ a 2-rank gloo torchrun update against a 1-process update, exact resume, and lear
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -327,7 +328,14 @@ def test_resume_equals_uninterrupted(eos_model_dir, turns_file, tmp_path):
     run_stage([*args, "--out", str(tmp_path / "full")])
     run_stage([*args, "--out", str(tmp_path / "cut"), "--stop-after", "2"])
     assert not (tmp_path / "cut" / "adapter").exists()
-    run_stage([*args, "--out", str(tmp_path / "cut"), "--resume"])
+    cut = tmp_path / "cut"
+    # a kill between the two renames of the checkpoint swap: the newest complete checkpoint is checkpoint.tmp
+    os.replace(cut / "checkpoint", cut / "checkpoint.tmp")
+    shutil.copytree(cut / "checkpoint.tmp", cut / "checkpoint.old")
+    meta = json.loads((cut / "checkpoint.old" / "meta.json").read_text())
+    common.write_json(cut / "checkpoint.old" / "meta.json", dict(meta, step=1))
+    # the README's command: --resume alone continues the run with its own settings (data, model, sizes, lr...)
+    run_stage(["--out", str(cut), "--resume"])
     mf = common.read_jsonl(tmp_path / "full" / "metrics.jsonl")
     mc = common.read_jsonl(tmp_path / "cut" / "metrics.jsonl")
     assert len(mf) == 4
@@ -340,6 +348,27 @@ def test_resume_equals_uninterrupted(eos_model_dir, turns_file, tmp_path):
     # the final adapter reloads with PEFT
     m, _ = common.load_causal_lm(str(tmp_path / "full" / "adapter"), torch.device("cpu"), torch.float32)
     assert type(m).__name__.startswith("Peft")
+    assert sorted(p.name for p in cut.glob("checkpoint*")) == ["checkpoint"]
+    # a setting given again must equal the run's (else one line, exit 2); --max-steps may change
+    for bad, msg in ((["--lr", "0.1"], "--resume: --lr 0.1 differs from the run's 0.05"),
+                     (["--group-size", "2"], "--resume: --group-size 2 differs from the run's 4")):
+        r = subprocess.run([sys.executable, str(ROOT / "04_grpo.py"), "--out", str(cut), "--resume", *bad], cwd=ROOT,
+                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {msg} ({cut / 'checkpoint' / 'meta.json'}); "
+                                                                       "omit it to continue the run as it was, or start a "
+                                                                       "new run (--overwrite or another --out)"], r.stderr
+    # a crafted checkpoint file cannot run code: weights_only loading refuses it (one line, exit 2)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    st = torch.load(cut / "checkpoint" / "trainer.pt", weights_only=True)
+    torch.save(dict(st, step=Payload()), cut / "checkpoint" / "trainer.pt")
+    r = subprocess.run([sys.executable, str(ROOT / "04_grpo.py"), "--out", str(cut), "--resume", "--max-steps", "5"],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2 and "trainer.pt: refused to load" in r.stderr and not marker.exists(), r.stderr
 
 
 @pytest.mark.parametrize("bad,msg", [
@@ -356,3 +385,23 @@ def test_bad_input_is_one_clear_error(bad, msg, tmp_path, capsys):
     assert e.value.code == 2
     assert msg in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_overwrite_deletes_only_after_the_models_load(tmp_path):
+    """A typo in --policy with --overwrite: the previous run's outputs survive (they are deleted last)."""
+    out = tmp_path / "out"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "trainer.pt").write_text("previous run")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    prompts, comps, rewards = fixed_rollouts(seed=1, n_groups=2, G=2)
+    rfile = tmp_path / "rollouts.jsonl"
+    common.write_jsonl(rfile, [{"prompt_ids": prompts[2 * k], "completions": comps[2 * k:2 * k + 2],
+                                "rewards": rewards[k].tolist()} for k in range(2)])
+    (tmp_path / "not_a_model").mkdir()
+    r = subprocess.run([sys.executable, str(ROOT / "04_grpo.py"), "--out", str(out), "--overwrite", "--policy",
+                        f"hf:{tmp_path / 'not_a_model'}", "--rollouts-file", str(rfile), "--group-size", "2",
+                        "--prompts-per-step", "2", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode != 0
+    assert (out / "checkpoint" / "trainer.pt").read_text() == "previous run"
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'

@@ -275,7 +275,9 @@ def test_two_rank_gloo_equals_one_process(tiny_model_dir, fixed_groups, tmp_path
 def test_resume_equals_uninterrupted(tiny_model_dir, fixed_groups, tmp_path):
     _run(_fixed_args(tiny_model_dir, fixed_groups, tmp_path / "full", "--max-steps", "3"))
     _run(_fixed_args(tiny_model_dir, fixed_groups, tmp_path / "part", "--max-steps", "3", "--stop-after", "1"))
-    _run(_fixed_args(tiny_model_dir, fixed_groups, tmp_path / "part", "--max-steps", "3", "--resume"))
+    _run(["--out", str(tmp_path / "part"), "--resume"])  # the run's own settings (--max-steps 3 included)
+    ck = tmp_path / "part" / "checkpoint"  # the teacher's EMA state is inside the atomic checkpoint
+    assert (ck / "extra.pt").exists() and not (ck / "teacher.pt").exists()
     a, b = _adapter(tmp_path / "full" / "adapter"), _adapter(tmp_path / "part" / "adapter")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-7), k

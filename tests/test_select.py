@@ -40,6 +40,7 @@ def test_select_with_judges_and_resume(tmp_path, demo_data, tiny_model_dir):
     b.mkdir()
     text = (a / "turns.jsonl").read_text().splitlines(keepends=True)
     (b / "turns.jsonl").write_text("".join(text[:5]) + text[5][:20])
+    (b / "select_args.json").write_text((a / "select_args.json").read_text())  # written at the start of a run
     r = run(*common_args, "--out", b)
     assert "5 already written" in r.stdout
     assert (b / "turns.jsonl").read_text() == (a / "turns.jsonl").read_text()

@@ -199,6 +199,13 @@ def test_resume_after_interruption_equals_uninterrupted(ref):
     p = run02(ref["args"] + ["--out", out, "--theta", 0.2])
     assert p.returncode == 2 and "--theta" in p.stderr and "--overwrite" in p.stderr
     assert (out / "rollouts.jsonl").read_bytes() == ref["bytes"]
+    # so is another --data with the same simulation flags (its content is hashed into args.json at the start)
+    other = ref["dir"] / "other_turns.jsonl"
+    turns = common.read_jsonl(ref["dir"] / "turns.jsonl")
+    common.write_jsonl(other, turns[1:] + turns[:1])
+    p = run02(ref["args"] + ["--out", out, "--data", other])
+    assert p.returncode == 2 and "made from another --data" in p.stderr, p.stderr
+    assert (out / "rollouts.jsonl").read_bytes() == ref["bytes"]
 
 
 def test_torchrun_two_ranks_equals_one_process(ref):

@@ -220,12 +220,22 @@ def test_resume_after_max_steps_equals_uninterrupted(toy):
     run03(common_args + ["--out", cut, "--max-steps", "7"])
     assert (cut / "rm_ckpt" / "state.pt").exists()
     assert json.loads((cut / "rm" / "rm_metrics.json").read_text())["steps"] == 7
-    run03(common_args + ["--out", cut, "--resume"])
+    # --resume alone restores the run's settings (data, model, objective, ...); a different one is refused
+    p = subprocess.run([sys.executable, str(ROOT / "03_train_rm.py"), "--out", str(cut), "--resume", "--lr", "0.5"],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 2 and "--resume: --lr 0.5 differs from the run's 0.01" in p.stderr, p.stderr
+    run03(["--out", cut, "--resume"])
     a, b = predictions(toy["dir"] / "straight"), predictions(cut)
     np.testing.assert_allclose([b[k] for k in a], list(a.values()), atol=1e-6)
     assert not (cut / "rm_ckpt").exists()  # finished: the checkpoint is removed
     m = json.loads((cut / "rm" / "rm_metrics.json").read_text())
     assert m["steps"] == m["total_steps"] and m["ece"] is None  # ranking: sigmoid(s) is not a probability
+    # the loss history survives the resume: the same per-step rows as the uninterrupted run
+    s = json.loads((toy["dir"] / "straight" / "rm" / "rm_metrics.json").read_text())
+    assert [h["step"] for h in m["history"]] == [h["step"] for h in s["history"]] and len(s["history"]) > 7
+    np.testing.assert_allclose([h["loss"] for h in m["history"]], [h["loss"] for h in s["history"]], rtol=1e-5)
+    assert [v["epoch"] for v in m["valid_history"]] == [v["epoch"] for v in s["valid_history"]] == [0]
+    np.testing.assert_allclose([v["roc_auc"] for v in m["valid_history"]], [v["roc_auc"] for v in s["valid_history"]])
 
 
 def test_torchrun_two_ranks_equals_one_process_with_accumulation(toy):
