@@ -256,5 +256,5 @@ def test_eval_with_vllm_adapter_policy(vtrain_dir, turns_file, tmp_path):
                        "--seeker-max-new-tokens", "6", "--max-examples", "2", "--device", "cpu"])
     scores = json.loads((tmp_path / "e" / "scores.json").read_text())
     assert [p["label"] for p in scores["policies"]] == ["base", "lora"]
-    assert all(p["interactive"]["n"] == 1 for p in scores["policies"])  # one test case each, simulated
+    assert all(p["interactive"]["n"] >= 1 for p in scores["policies"])  # test cases simulated with each policy
     assert (tmp_path / "e" / "report.md").exists()
