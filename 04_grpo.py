@@ -130,6 +130,7 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float):
     g.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
                    help="token-mean (verl/DAPO, default), seq-mean-token-mean (paper Eq. 2), seq-mean-token-sum-norm (Dr. GRPO)")
     g.add_argument("--ppo-epochs", type=int, default=1, help="optimiser steps per batch (1: on-policy, rho = 1)")
+    g = p.add_argument_group("length reward R_len (DAPO's soft overlong punishment; RAPO E.3.1 uses it in both methods)")
     g.add_argument("--l-max", type=int, default=200, help="soft overlong punishment L_max in tokens; 0 disables (RAPO: 200)")
     g.add_argument("--l-cache", type=int, default=80, help="soft overlong punishment L_cache (RAPO: 80)")
     g = p.add_argument_group("optimisation")
