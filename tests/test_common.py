@@ -60,7 +60,7 @@ def test_ppdpp_and_chat_formats(tmp_path):
 
 @pytest.mark.parametrize("content,needle", [
     ("[{\"dialog\": [", "invalid JSON"),
-    (json.dumps([{"emotion_type": "x"}]), "record 0: missing field 'dialog'"),
+    (json.dumps([{"emotion_type": "x"}]), "record 1: missing field 'dialog'"),
     (json.dumps([{"dialog": [{"speaker": "therapist", "content": "hi"}]}]), "unknown speaker 'therapist'"),
     (json.dumps([{"dialog": [{"speaker": "seeker"}]}]), "dialog[0]: missing field 'content'"),
     ("", "empty file"),

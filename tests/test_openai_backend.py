@@ -210,7 +210,9 @@ def test_make_backend_builds_a_working_openai_backend(server, monkeypatch):
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
 
 
-def test_failed_request_returns_empty_and_never_prints_the_key(monkeypatch, capfd, caplog):
+def test_unreachable_server_stops_with_server_error_and_never_prints_the_key(monkeypatch, capfd, caplog):
+    """An outage is not an answer: after its retries a request raises ServerError (the stage stops, exit 1)
+    instead of returning "" for the caller to record as the model's output (issue 14, item 2)."""
     secret = "sk-test-DO-NOT-PRINT-5f1e9c0b7a"
     monkeypatch.setenv("ESC_TEST_API_KEY", secret)
     monkeypatch.setenv("OPENAI_API_KEY", secret)
@@ -219,14 +221,13 @@ def test_failed_request_returns_empty_and_never_prints_the_key(monkeypatch, capf
                              concurrency=2, timeout=5.0, retries=1)
     assert b.client.api_key == secret  # the key is read from the named environment variable
     t0 = time.monotonic()
-    out = b.generate(CHATS[:2], max_new_tokens=4, n=1)
+    with pytest.raises(common.ServerError) as e:
+        b.generate(CHATS[:2], max_new_tokens=4, n=1)
     elapsed = time.monotonic() - t0
-    assert out == [[""], [""]]
     assert elapsed < 20.0  # 2 tries with one 1 s back-off each, the two requests in parallel
+    assert "failed 2 times (APIConnectionError)" in str(e.value) and f"127.0.0.1:{port}" in str(e.value)
     captured = capfd.readouterr()
-    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 2 and all("after 2 tries" in w for w in warnings)
-    assert secret not in captured.out + captured.err + caplog.text
+    assert secret not in captured.out + captured.err + caplog.text + str(e.value)
 
     monkeypatch.delenv("ESC_TEST_API_KEY")
     assert common.OpenAIBackend("m", f"http://127.0.0.1:{port}/v1", key_env="ESC_TEST_API_KEY").client.api_key == "EMPTY"

@@ -58,7 +58,7 @@ def test_bad_input_exits_2_and_leaves_outputs(tmp_path):
     bad.write_text(json.dumps([{"dialog": [{"speaker": "seeker", "content": "hi"}, {"speaker": "robot", "content": "x"}]}]))
     r = run("--data", bad, "--out", out, "--judge", "none", check=False)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"error: {bad}: record 0: dialog[1].speaker: unknown speaker 'robot' "
+    assert r.stderr.strip().splitlines() == [f"error: {bad}: record 1: dialog[1].speaker: unknown speaker 'robot' "
                                              "(expected seeker/supporter, usr/sys or user/assistant)"]
     assert (out / "turns.jsonl").read_text() == '{"id": "keep"}\n' and not (out / "select_args.json").exists()
     r = run("--data", tmp_path / "missing.json", "--out", out, "--judge", "none", check=False)
