@@ -78,7 +78,8 @@ ESC_DIM_KEYS = ("fluency", "diversity", "empathic", "suggestion", "human", "tech
 EVAL_KEYS = ("data", "test_data", "seed", "batch_size", "temperature", "top_p", "max_new_tokens", "policy_system",
              "seeker", "seeker_temperature", "seeker_top_p", "seeker_max_new_tokens", "critic", "critic_mode_used",
              "critic_samples", "critic_temperature", "max_turns", "theta", "judge", "judge_mode_used", "judge_rounds",
-             "retries", "judge_max_new_tokens", "esc_rounds", "emoharbor_rounds", "user_judge", "user_judge_mode_used")
+             "retries", "judge_max_new_tokens", "esc_judge_prompts", "esc_rounds", "emoharbor_rounds", "user_judge",
+             "user_judge_mode_used")
 PART_SEED = {"reply": 1, "interactive": 2, "roleplay": 3, "pairwise": 4, "esc-eval": 5, "emoharbor": 6}
 
 
@@ -147,6 +148,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("benchmark protocols: esc-eval (ESC-Eval, 0-4) and emoharbor (EmoHarbor-style user-as-judge, 1-5)")
     g.add_argument("--esc-rounds", type=int, default=5,
                    help="esc-eval: rounds of (seeker, policy) after the fixed greeting (ESC-Eval: 5)")
+    g.add_argument("--esc-judge-prompts", default=None,
+                   help="esc-eval: a JSON file {dimension: prompt} replacing our judge prompts, each with a '{dialogue}' "
+                        f"placeholder, for every dimension of {','.join(ESC_DIM_KEYS)} (e.g. the wording a fine-tuned "
+                        "scorer such as ESC-Rank was trained on; our prompts are our own words)")
     g.add_argument("--emoharbor-rounds", type=int, default=5,
                    help="emoharbor: rounds of (user, policy), the user opening (our choice; not from the paper)")
     g = p.add_argument_group("reference metrics")
@@ -768,12 +773,32 @@ def profile_text(profile: dict) -> str:
     return "\n".join(f"{PROFILE_LABELS[k]}: {profile[k]}" for k in PROFILE_FIELDS if profile.get(k))
 
 
-def esc_judge_chats(dialogue: list[dict]) -> dict[str, list[dict]]:
+def esc_judge_chats(dialogue: list[dict], prompts: dict[str, str] | None = None) -> dict[str, list[dict]]:
     """{dimension: chat}: one question per ESC-Eval dimension about a whole transcript (the greeting included),
-    as ESC-Rank is asked: one rubric at a time."""
+    as ESC-Rank is asked: one rubric at a time. prompts: {dimension: template with '{dialogue}'} replacing ours."""
     text = common.render_dialogue(dialogue, user="User", assistant="AI assistant")
+    if prompts:
+        return {k: [{"role": "user", "content": prompts[k].replace("{dialogue}", text)}] for k in ESC_DIMS}
     return {k: [{"role": "user", "content": ESC_JUDGE_PROMPT.format(name=n, rubric=r, dialogue=text)}]
             for k, (n, r) in ESC_DIMS.items()}
+
+
+def load_judge_prompts(path: str | None) -> dict[str, str] | None:
+    """--esc-judge-prompts: {dimension: template}, every ESC-Eval dimension, each with '{dialogue}'."""
+    if path is None:
+        return None
+    check(Path(path).is_file(), f"--esc-judge-prompts {path}: no such file")
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+    check(isinstance(obj, dict), f"{path}: expected a JSON object {{dimension: prompt}}")
+    for k in ESC_DIMS:
+        check(isinstance(obj.get(k), str) and "{dialogue}" in obj[k],
+              f"{path}: field '{k}' must be a prompt string containing '{{dialogue}}'")
+    extra = sorted(set(obj) - set(ESC_DIMS))
+    check(not extra, f"{path}: unknown dimension '{extra[0] if extra else ''}' (dimensions: {', '.join(ESC_DIMS)})")
+    return {k: obj[k] for k in ESC_DIMS}
 
 
 def rating_chats(dialogue: list[dict], profile: dict) -> dict[str, list[dict]]:
@@ -988,14 +1013,14 @@ def protocol_record(kind: str, label: str, case: dict, messages: list[dict], sco
 
 
 def esc_eval_chunk(roles: common.Roles, judges: dict, label: str, cases: list[dict], *, rounds: int, judge_mode: str,
-                   retries: int, judge_max_new_tokens: int, seed: int) -> list[dict]:
+                   retries: int, judge_max_new_tokens: int, seed: int, prompts: dict | None = None) -> list[dict]:
     """ESC-Eval for a chunk of role cards: the assistant's fixed greeting, then `rounds` x (seeker, policy), the
     seeker playing the card; then the seven 0-4 dimensions of each transcript, one question per dimension."""
     common.seed_everything(seed)
     systems = [ESC_SEEKER_SYSTEM.format(base=card_text(c)) for c in cases]
     starts = [[{"role": "assistant", "content": ESC_GREETING}] for _ in cases]
     dialogs = converse(roles, systems, starts, rounds=rounds, hidden=1, seed=seed)
-    scores, raw, counts = rate_dimensions(judges, [esc_judge_chats(d) for d in dialogs], 0, 4, judge_mode,
+    scores, raw, counts = rate_dimensions(judges, [esc_judge_chats(d, prompts) for d in dialogs], 0, 4, judge_mode,
                                           retries=retries, max_new_tokens=judge_max_new_tokens, seed=seed)
     recs = [protocol_record("esc-eval", label, c, d, s, r, n) for c, d, s, r, n in zip(cases, dialogs, scores, raw, counts)]
     for rec, c in zip(recs, cases):
@@ -1295,6 +1320,7 @@ def main(argv=None):
         check_local_spec(s, "--policy")
         check(common.parse_spec(s).backend != "openai" or args.policy_base_url or os.environ.get("OPENAI_API_KEY"),
               f"--policy {s}: an openai: model needs --policy-base-url or $OPENAI_API_KEY")
+    judge_prompts = load_judge_prompts(args.esc_judge_prompts)
     args.user_judge = args.user_judge or args.seeker
     if args.user_judge == args.seeker and args.user_judge_base_url is None:
         args.user_judge_base_url = args.seeker_base_url
@@ -1393,8 +1419,9 @@ def main(argv=None):
                 else:  # the benchmark protocols
                     fn, rounds, mode = ((esc_eval_chunk, args.esc_rounds, args.judge_mode_used) if kind == "esc-eval"
                                         else (emoharbor_chunk, args.emoharbor_rounds, args.user_judge_mode_used))
+                    kw = dict(prompts=judge_prompts) if kind == "esc-eval" else {}
                     recs = fn(roles, protocol_judges[kind], label, case_chunks[k], rounds=rounds, judge_mode=mode,
-                              retries=args.retries, judge_max_new_tokens=args.judge_max_new_tokens, seed=s)
+                              retries=args.retries, judge_max_new_tokens=args.judge_max_new_tokens, seed=s, **kw)
                     out = outs["dialogs.jsonl"]
                 out.append([r for r in recs if r["id"] not in done])  # a chunk cut short earlier: only its missing ids
                 bar.update(1)
@@ -1506,7 +1533,8 @@ def main(argv=None):
                                  "not see the greeting; 7 dimensions 0-4 on the whole transcript, one question each",
                      "seeker": args.seeker, "judge": args.judge,
                      "judge_models": {d: args.judge.replace("{dim}", d) for d in ESC_DIMS} if "{dim}" in args.judge else None,
-                     "judge_settings": protocol_judge_note(args.judge_mode_used, args.retries, 0, 4),
+                     "judge_settings": protocol_judge_note(args.judge_mode_used, args.retries, 0, 4) + (
+                         f"; prompts from {args.esc_judge_prompts}" if args.esc_judge_prompts else "; our prompts"),
                      "cards": "role cards of " + str(args.test_data) if source == "cards" else f"cards written from the {source}' fields"},
         "emoharbor": {"protocol": "EmoHarbor-style user-as-judge (Ye et al., 2026; our implementation, not the official "
                                   f"code): the simulated user opens, {args.emoharbor_rounds} rounds of (user, policy), then "

@@ -186,6 +186,23 @@ def test_profiles_seeded_from_cards_and_dialogues():
     assert "Your personality" not in ev.profile_text(p)  # empty fields are left out of the prompt
 
 
+def test_judge_prompts_file_replaces_ours(tmp_path):
+    prompts = {d: f"Rate {d} of:\n{{dialogue}}\nThe number only." for d in ev.ESC_DIMS}
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(prompts))
+    loaded = ev.load_judge_prompts(str(path))
+    dialogue = [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "I'm tired"}]
+    chats = ev.esc_judge_chats(dialogue, loaded)
+    assert chats["tech"] == [{"role": "user", "content": "Rate tech of:\nAI assistant: hello\nUser: I'm tired\nThe number only."}]
+    assert ev.esc_judge_chats(dialogue)["tech"][0]["content"].startswith("You annotate")  # ours by default
+    for bad, msg in (({**prompts, "overall": "no placeholder"}, "field 'overall'"),
+                     ({k: v for k, v in prompts.items() if k != "human"}, "field 'human'"),
+                     ({**prompts, "empathy": "x {dialogue}"}, "unknown dimension 'empathy'")):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(common.InputError, match=re.escape(msg)):
+            ev.load_judge_prompts(str(path))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Parsing the two scales: out-of-range and unparseable answers re-asked and counted
 
