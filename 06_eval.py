@@ -3,7 +3,7 @@ Appendix D/E.3.2/E.4, RLFF-ESC's success rate after PPDPP).
 
 Every policy given (`--policy` repeated: the base model, a trained adapter folder, an openai: endpoint) is
 evaluated on the same test cases, with the same roles and the same seeds, so the table compares like with
-like. Four parts (`--parts`):
+like. Six parts (`--parts`):
 
   reference    each policy answers every test turn's context once (temperature 0.3, top-p 0.9, RAPO E.3.2);
                the reply (<think>/<strategy> parts stripped) is scored against the human reply (RAPO
@@ -16,6 +16,12 @@ like. Four parts (`--parts`):
                (0-4 each).
   pairwise     for every pair of policies, the judge compares their replies to the same test context, in
                both orders (A/B, then B/A); a win counts only if it holds in both orders.
+  esc-eval     ESC-Eval (Zhao et al. 2024; RAPO Tables 6/8) on role cards: the assistant's fixed greeting, 5 rounds
+               of (seeker playing the card, policy), then 7 dimensions 0-4 (fluency, diversity, empathy, suggestion
+               effectiveness, humanoid, emotional knowledge, human preference), one judge question each; a '{dim}'
+               judge spec gives one model per dimension (ESC-Rank).
+  emoharbor    EmoHarbor-style user-as-judge (Ye et al. 2026; RAPO Tables 5/7; our implementation): a simulated user
+               with a profile opens and talks for 5 rounds, then rates the supporter as itself, 1-5, on 10 dimensions.
 
 Every statistic comes with a percentile bootstrap 95% confidence interval over cases (the papers give none).
 
@@ -42,6 +48,12 @@ Decisions and deviations (numbered so a fork can find them):
  7. Determinism and sharding as in 02: chunk k of --batch-size cases is seeded from (--seed, part, k) only,
     ranks take whole chunks round-robin, so a 2-rank run equals a 1-process run and a resumed run an
     uninterrupted one.
+ 8. esc-eval: as in the official script, the policy under test does not see the greeting; the seeker uses the
+    --seeker-* sampling settings; a judge answer is the JSON "score" or the first number of the text (the official
+    scorer takes the smallest digit present anywhere); invalid answers are re-asked and counted, not set to -1.
+ 9. emoharbor: one prompted model plays the user (EmoHarbor splits the user's inner world into three agents);
+    the user opens; a fixed number of rounds (--emoharbor-rounds); the rating questions reuse the user's profile
+    prompt. Profiles can be seeded from role cards or dialogues.
 
 Run:
   python 06_eval.py --data runs/demo/turns.jsonl --out runs/eval --policy hf:embedded --policy grpo=runs/grpo/adapter \\
@@ -51,6 +63,10 @@ Run:
       --seeker openai:Qwen2.5-72B-Instruct --seeker-base-url http://host:8000/v1 \\
       --critic openai:Qwen2.5-72B-Instruct --critic-base-url http://host:8000/v1 \\
       --judge openai:gpt-4o --bertscore-model roberta-large
+  python 06_eval.py --test-data card_high_en.json --parts esc-eval --out runs/eval-esc --policy rapo=runs/rapo/adapter \
+      --seeker hf:haidequanbu/ESC-Role --judge 'openai:{dim}' --judge-base-url http://host:8001/v1 --judge-mode generate
+  python 06_eval.py --test-data profiles.jsonl --out runs/eval-emoharbor --policy rapo=runs/rapo/adapter \
+      --seeker openai:gpt-4o --judge-mode generate        # emoharbor: gpt-4o plays the user and rates as the user
 Re-running on the same --out resumes (finished ids are skipped; a new --policy only adds its records);
 --overwrite starts afresh.
 """
