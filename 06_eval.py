@@ -1324,6 +1324,10 @@ def main(argv=None):
     command = "python 06_eval.py " + " ".join(sys.argv[1:] if argv is None else map(str, argv))
     # Validation before any work: test set, parts, specs, plot inputs.
     cases, turns, source = load_test_set(args)
+    other = sorted({c["language"] for c in cases if c.get("language", "").lower() not in ("", "english", "en")})
+    if other:
+        print(f"warning: {args.test_data}: cards in {', '.join(other)}; the seeker and judge prompts are English",
+              file=sys.stderr)
     args.parts = args.parts or DEFAULT_PARTS[source]
     parts = args.parts.split(",")
     for part in parts:

@@ -345,7 +345,11 @@ def test_bad_protocol_input_exits_2_before_any_work(tmp_path, tiny_model_dir):
     p = run("06_eval.py", "--test-data", bad, "--out", out, check=False)
     assert p.returncode == 2 and f"{bad}: record 1: field 'base'" in p.stderr
     p = run("06_eval.py", "--test-data", CARDS, "--out", out, "--parts", "reference", check=False)
-    assert p.returncode == 2 and "needs dialogues" in p.stderr
+    assert p.returncode == 2 and "needs dialogues" in p.stderr and "warning" not in p.stderr
+    zh = tmp_path / "zh.json"
+    zh.write_text(json.dumps([{"id": 1, "base": "Problem: x", "language": "chinese"}]))
+    p = run("06_eval.py", "--test-data", zh, "--out", out, "--parts", "reference", check=False)
+    assert p.returncode == 2 and "cards in chinese; the seeker and judge prompts are English" in p.stderr
     p = run("06_eval.py", "--test-data", CARDS, "--out", out, "--parts", "judge,esc-eval", "--judge", "hf:x/{dim}",
             check=False)
     assert p.returncode == 2 and "{dim}" in p.stderr
