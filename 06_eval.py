@@ -1270,10 +1270,10 @@ def write_report(scores: dict, path: Path):
                        [[p["label"], str(p.get(part, {}).get("n", 0))]
                         + [fmt(p.get(part, {}).get("dims", {}).get(k), 2) for k in dims] + [fmt(p.get(part, {}).get("mean"), 2)]
                         for p in pols]), "",
-              "" if not pr["judge_settings"].startswith("generate") else "Answers: " + "; ".join(
+              *([] if not pr["judge_settings"].startswith("generate") else ["Answers: " + "; ".join(
                   f"{p['label']}: {a['asked']} asked, {a['unparseable']} unparseable, {a['out_of_range']} out of range, "
                   f"{a['retried']} re-asked, {a['failed']} never valid; {p[part]['complete']}/{p[part]['n']} dialogues "
-                  "with every dimension" for p in pols if p.get(part, {}).get("n") for a in [p[part]["answers"]]), ""]
+                  "with every dimension" for p in pols if p.get(part, {}).get("n") for a in [p[part]["answers"]]), ""])]
     if "pairwise" in st["parts"]:
         L += ["## Pairwise preference (judge sees both orders; a verdict that changes with the order is a tie)", ""]
         if not scores["pairwise"]:
@@ -1513,7 +1513,7 @@ def main(argv=None):
                 ps[part] = protocol_summary(rs, list(dims), B, seed)
         pol_scores.append(ps)
     pair_scores = []
-    for a, b in pairs:
+    for a, b in pairs if "pairwise" in parts else []:
         rs = [pw[f"pairwise/{a} vs {b}/{t['id']}"] for t in turns if f"pairwise/{a} vs {b}/{t['id']}" in pw]
         pair_scores.append({"a": a, "b": b, **pairwise_summary(rs, B, seed)})
 

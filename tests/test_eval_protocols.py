@@ -289,6 +289,7 @@ def test_end_to_end_cards_two_policies_both_protocols_and_resume(tmp_path, tiny_
                       "--judge", f"hf:{judges}/{{dim}}_en")
     p = run(*args)
     assert "parts: esc-eval,emoharbor" in p.stdout  # the default for a role-card file
+    assert "base vs tiny2" not in p.stdout  # no pairwise part, no pairwise line
     scores = json.loads((out / "scores.json").read_text())
     recs = lines(out / "dialogs.jsonl")
     assert sorted((r["kind"], r["policy"]) for r in recs) == sorted(
