@@ -322,7 +322,7 @@ def test_end_to_end_cards_two_policies_both_protocols_and_resume(tmp_path, tiny_
     assert json.loads((out / "scores.json").read_text())["policies"] == scores["policies"]
     # another round count is another protocol: refused, outputs untouched
     p = run(*args, "--esc-rounds", 3, check=False)
-    assert p.returncode == 2 and "esc_rounds" in p.stderr and (out / "dialogs.jsonl").read_text() == before
+    assert p.returncode == 2 and "--esc-rounds 2 (now 3)" in p.stderr and (out / "dialogs.jsonl").read_text() == before
 
 
 def test_end_to_end_profiles_generate_mode_counts_failures(tmp_path, tiny_model_dir):
