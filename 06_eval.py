@@ -789,6 +789,9 @@ def write_report(scores: dict, path: Path):
         L += ["> **The critic or judge here is the embedded SmolLM2-135M, which does not discriminate (README, "
               "'What the embedded model can show'): these numbers demonstrate the plumbing, not the policies.** "
               "Put capable models on --seeker/--critic/--judge for results.", ""]
+    if st.get("scripted_roles"):
+        L += [f"> **Scripted roles: {', '.join(st['scripted_roles'])}** (`scripted`: the rules of esc_env.py; the critic's "
+              "score is the seeker's rule-based mood). Their numbers are results in a scripted environment, not on people.", ""]
     L += ["## Policies and roles", "",
           md_table(["role", "model", "settings"],
                    [[f"policy `{p['label']}`", f"`{p['spec']}`", st["policy_decoding"]] for p in pols]
@@ -1051,6 +1054,7 @@ def main(argv=None):
                                "(use_stemmer=True); Distinct-n corpus-level on lower-cased 13a tokens, no CI; "
                                f"bert-score {lib_version('bert-score')}."),
         "embedded_judges": any(common.parse_spec(getattr(args, r)).name == "embedded" for r in ("critic", "judge")),
+        "scripted_roles": [r for r in ("seeker", "critic", "judge") if common.parse_spec(getattr(args, r)).backend == "scripted"],
         "pairwise_note": pair_note, "plots": plots,
         "versions": {k: lib_version(k) for k in ("torch", "transformers", "sacrebleu", "rouge-score", "bert-score")},
     }
