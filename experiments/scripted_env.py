@@ -16,7 +16,7 @@ to set the rules. The data is read in place and never copied into the repository
 policy sees the same cases and seeds. Beside 06's per-policy bootstrap CIs, the script computes a paired
 bootstrap CI of trained minus base over the same cases.
 
-Run (sized for about 45 minutes each on one CPU thread of a shared 2-core machine):
+Run (sized to finish within about 45 minutes each on one thread of a 2-core machine shared with other jobs):
   OMP_NUM_THREADS=1 python experiments/scripted_env.py --method rlff
   OMP_NUM_THREADS=1 python experiments/scripted_env.py --method rapo
 Outputs: <out>/<method>/ (every stage's folder), and in experiments/results/: scripted_<method>.json (settings,
@@ -50,23 +50,23 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/experiments/scripted", help="working folder (a subfolder per method)")
     p.add_argument("--results", default=str(ROOT / "experiments" / "results"), help="where the json/csv/png go")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="supporter reply length (all stages)")
-    p.add_argument("--max-prompt-tokens", type=int, default=256, help="04/05 prompt budget (oldest messages dropped)")
-    p.add_argument("--contexts", type=int, default=12, help="02: train contexts (one per dialogue)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="supporter reply length (all stages)")
+    p.add_argument("--max-prompt-tokens", type=int, default=192, help="04/05 prompt budget (oldest messages dropped)")
+    p.add_argument("--contexts", type=int, default=6, help="02: train contexts (one per dialogue)")
     p.add_argument("--candidates", type=int, default=4, help="02: m candidates per context (paper: 4)")
-    p.add_argument("--sim-turns", type=int, default=3, help="02: T, supporter turns simulated (paper: 8)")
+    p.add_argument("--sim-turns", type=int, default=2, help="02: T, supporter turns simulated (paper: 8)")
     p.add_argument("--delta", type=float, default=0.0,
                    help="02: label = 1[r_fut > delta] (SPEC default 0.5; 0: the seeker ends above neutral, set before the "
                         "runs so that labels are not all 0 when successes within T are rare)")
     p.add_argument("--context-window", type=int, default=4, help="02: simulate from the last N context messages")
     p.add_argument("--rm-epochs", type=int, default=2, help="03: epochs")
-    p.add_argument("--steps", type=int, default=16, help="04/05: optimiser steps")
+    p.add_argument("--steps", type=int, default=8, help="04/05: optimiser steps")
     p.add_argument("--prompts-per-step", type=int, default=2, help="04/05: B")
     p.add_argument("--group-size", type=int, default=4, help="04/05: G")
     p.add_argument("--lr", type=float, default=1e-3, help="04/05: AdamW lr (LoRA r=16; the format-reward experiment's)")
     p.add_argument("--beta", type=float, default=0.04, help="04/05: k3 KL coefficient against the base model")
-    p.add_argument("--eval-cases", type=int, default=20, help="06: held-out dialogues")
-    p.add_argument("--eval-turns", type=int, default=6, help="06: T (PPDPP: 8)")
+    p.add_argument("--eval-cases", type=int, default=12, help="06: held-out dialogues")
+    p.add_argument("--eval-turns", type=int, default=4, help="06: T (PPDPP: 8)")
     p.add_argument("--bootstrap", type=int, default=2000, help="resamples of the paired bootstrap")
     return p.parse_args(argv)
 
@@ -160,7 +160,9 @@ def main(argv=None):
             runs.append(d)
 
     ev = out / "eval"
-    if not (ev / "scores.json").exists() or json.loads((ev / "scores.json").read_text())["settings"]["cases"] != a.eval_cases:
+    done = json.loads((ev / "scores.json").read_text()) if (ev / "scores.json").exists() else None
+    if done is None or done["settings"]["cases"] != a.eval_cases or [p["label"] for p in done["policies"]] != [l for l, _ in policies]:
+        # 06 resumes: policies already evaluated in ev (e.g. the base, run early) are not simulated again
         cmd = ["06_eval.py", "--test-data", a.test_data, "--out", str(ev), "--parts", "interactive", "--seeker", "scripted",
                "--critic", "scripted", "--max-examples", str(a.eval_cases), "--max-turns", str(a.eval_turns),
                "--max-new-tokens", str(a.max_new_tokens), "--batch-size", "20", "--seed", str(a.seed), "--device", "cpu",
