@@ -5,8 +5,10 @@
 # of esc_env.py (`scripted`: a documented rule model of the seeker's mood): 02's labels, 03's reward model,
 # 05's ranks and critiques and 06's interactive rows then carry a signal a reader can trace to those rules.
 # The seeker and 01's and 06's judges stay the embedded LLM. Results in a scripted environment, not on people.
-# 02 labels r_fut > 0 (--delta 0: the seeker ends above neutral; with 3 simulated turns a pass of theta 0.5 is
-# rare). The sizes are tiny; scale up with the flags named in the README ("Scaling the demo up").
+# 02 labels r_fut > 0 (--delta 0: the seeker ends above neutral); with 3 simulated turns of 24 tokens the
+# scripted critic rarely sees that, and when no label is positive 02 says so (exit 2) and the rollouts are
+# relabelled at their median r_fut (02 re-run with that --delta: no new simulation), so 03 gets both labels.
+# The sizes are tiny; scale up with the flags named in the README ("Scaling the demo up").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false
@@ -15,8 +17,10 @@ echo "== 01: turns + hindsight selection (judge: embedded, likelihood mode)"
 python3 01_select.py --data data/demo_esconv.json --out runs/demo --max-examples 8 --test-frac 0.3 --judge-context 2 --overwrite
 
 echo "== 02: future-oriented rewards by simulation (RLFF-ESC stage 1)"
-python3 02_simulate.py --data runs/demo/turns.jsonl --out runs/demo --overwrite --max-examples 6 --per-dialogue 1 \
-    -m 2 --max-turns 3 --max-new-tokens 24 --seeker-max-new-tokens 20 --context-window 2 --critic scripted --delta 0.0
+SIM=(02_simulate.py --data runs/demo/turns.jsonl --out runs/demo --max-examples 6 --per-dialogue 1 -m 2 --max-turns 3
+     --max-new-tokens 24 --seeker-max-new-tokens 20 --context-window 2 --critic scripted)
+python3 "${SIM[@]}" --overwrite --delta 0.0 || python3 "${SIM[@]}" --delta "$(python3 -c \
+    'import json; print(json.load(open("runs/demo/simulate_stats.json"))["reward_quantiles"]["median"])')"
 
 echo "== 03: the reward model (RLFF-ESC stage 2)"
 python3 03_train_rm.py --data runs/demo/rollouts.jsonl --out runs/demo --max-length 256

@@ -28,6 +28,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,12 +56,13 @@ def parse_args(argv=None):
     p.add_argument("--contexts", type=int, default=6, help="02: train contexts (one per dialogue)")
     p.add_argument("--candidates", type=int, default=4, help="02: m candidates per context (paper: 4)")
     p.add_argument("--sim-turns", type=int, default=2, help="02: T, supporter turns simulated (paper: 8)")
-    p.add_argument("--delta", type=float, default=0.0,
-                   help="02: label = 1[r_fut > delta] (SPEC default 0.5; 0: the seeker ends above neutral, set before the "
-                        "runs so that labels are not all 0 when successes within T are rare)")
+    p.add_argument("--delta", default="median",
+                   help="02: label = 1[r_fut > delta] (SPEC default 0.5), or 'median': the median r_fut of these train "
+                        "rollouts (balanced labels; with a strict critic and short simulations almost no r_fut passes 0.5 "
+                        "or even 0, and a reward model cannot learn from one positive). 02 relabels without simulating")
     p.add_argument("--context-window", type=int, default=4, help="02: simulate from the last N context messages")
     p.add_argument("--rm-epochs", type=int, default=2, help="03: epochs")
-    p.add_argument("--steps", type=int, default=8, help="04/05: optimiser steps")
+    p.add_argument("--steps", type=int, default=5, help="04/05: optimiser steps")
     p.add_argument("--prompts-per-step", type=int, default=2, help="04/05: B")
     p.add_argument("--group-size", type=int, default=4, help="04/05: G")
     p.add_argument("--lr", type=float, default=1e-3, help="04/05: AdamW lr (LoRA r=16; the format-reward experiment's)")
@@ -124,11 +126,20 @@ def main(argv=None):
     runs = []
     if a.method == "rlff":
         sim = out / "sim"
-        if not (sim / "simulate_stats.json").exists():
-            run(["02_simulate.py", "--data", str(turns), "--out", str(sim), "--policy", "hf:embedded", "--seeker", "scripted",
-                 "--critic", "scripted", "--max-examples", str(a.contexts), "--per-dialogue", "1", "-m", str(a.candidates),
-                 "--max-turns", str(a.sim_turns), "--max-new-tokens", str(a.max_new_tokens), "--context-window",
-                 str(a.context_window), "--delta", str(a.delta), "--batch-size", "16", "--seed", str(a.seed), "--device", "cpu"], log, "02_simulate")
+        sim_cmd = ["02_simulate.py", "--data", str(turns), "--out", str(sim), "--policy", "hf:embedded", "--seeker", "scripted",
+                   "--critic", "scripted", "--max-examples", str(a.contexts), "--per-dialogue", "1", "-m", str(a.candidates),
+                   "--max-turns", str(a.sim_turns), "--max-new-tokens", str(a.max_new_tokens), "--context-window",
+                   str(a.context_window), "--batch-size", "16", "--seed", str(a.seed), "--device", "cpu"]
+        if not (sim / "simulate_stats.json").exists():  # simulate (labels at delta 0 first when 'median')
+            run(sim_cmd + ["--delta", "0" if a.delta == "median" else a.delta], log, "02_simulate")
+            save()
+        delta = a.delta
+        if a.delta == "median":
+            delta = str(float(np.median([r["reward"] for r in common.read_jsonl(sim / "rollouts.jsonl")])))
+        if json.loads((sim / "simulate_stats.json").read_text())["delta"] != float(delta):
+            run(sim_cmd + ["--delta", delta], log, "02_relabel")  # every id done: relabels only
+            for obj in ("classification", "regression", "ranking"):  # reward models of the old labels are stale
+                shutil.rmtree(out / f"rm_{obj}", ignore_errors=True)
             save()
         log["simulate_stats"] = json.loads((sim / "simulate_stats.json").read_text())
         log["rm"] = {}
