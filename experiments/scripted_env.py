@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-cases", type=int, default=12, help="06: held-out dialogues")
     p.add_argument("--eval-turns", type=int, default=4, help="06: T (PPDPP: 8)")
     p.add_argument("--bootstrap", type=int, default=2000, help="resamples of the paired bootstrap")
+    p.add_argument("--until", default="eval", choices=["rm", "eval"],
+                   help="rlff: stop after the three reward models (write their AUCs) or run on to 04 and 06")
     return p.parse_args(argv)
 
 
@@ -153,6 +155,14 @@ def main(argv=None):
             m = json.loads((rm_out / "rm" / "rm_metrics.json").read_text())
             log["rm"][obj] = {k: m.get(k) for k in ("roc_auc", "accuracy", "f1", "ece", "n", "positive_rate",
                                                      "label_positive_rate", "train_examples")}
+        if a.until == "rm":  # the reward models' valid metrics only
+            log.update(settings=vars(a), environment="scripted (esc_env.py): rule-based seeker and critic; not people")
+            common.write_json(res_dir / f"scripted_{a.method}.json", log)
+            save()
+            for obj, m in log["rm"].items():
+                print(f"{obj}: valid ROC-AUC {m['roc_auc']} accuracy {m['accuracy']} (n={m['n']})")
+            print(f"wrote {res_dir / f'scripted_{a.method}.json'}")
+            return
         grpo = out / "grpo"
         if not (grpo / "adapter").exists():
             run(train_cmd("04_grpo.py", turns, grpo, a, ["--rm", str(out / "rm_classification" / "rm"),
