@@ -27,11 +27,11 @@ python3 03_train_rm.py --data runs/demo/rollouts.jsonl --out runs/demo --max-len
 
 echo "== 04: GRPO on R_fut + 0.5 R_fmt + R_len (RLFF-ESC stage 3)"
 python3 04_grpo.py --data runs/demo/turns.jsonl --rm runs/demo/rm --out runs/grpo --overwrite \
-    --prompts-per-step 2 --group-size 4 --max-new-tokens 24 --max-prompt-tokens 192 --max-steps 2 --lr 1e-4
+    --prompts-per-step 2 --group-size 4 --max-new-tokens 24 --max-prompt-tokens 192 --max-steps 2 --lr 1e-3
 
 echo "== 05: RAPO (reactions, generative reward model, self-distillation)"
 python3 05_rapo.py --data runs/demo/turns.jsonl --out runs/rapo --overwrite \
-    --prompts-per-step 2 --group-size 4 --max-new-tokens 24 --max-prompt-tokens 192 --max-steps 2 --lr 1e-4 \
+    --prompts-per-step 2 --group-size 4 --max-new-tokens 24 --max-prompt-tokens 192 --max-steps 2 --lr 1e-3 \
     --seeker-max-new-tokens 16 --grm scripted --grm-retries 0
 
 echo "== 06: evaluation of the base model and both trained adapters"
