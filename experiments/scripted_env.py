@@ -17,8 +17,8 @@ policy sees the same cases and seeds. Beside 06's per-policy bootstrap CIs, the 
 bootstrap CI of trained minus base over the same cases.
 
 Run (sized to finish within about 45 minutes each on one thread of a 2-core machine shared with other jobs):
-  OMP_NUM_THREADS=1 python experiments/scripted_env.py --method rlff
-  OMP_NUM_THREADS=1 python experiments/scripted_env.py --method rapo
+  OMP_NUM_THREADS=1 python experiments/scripted_env.py --method rlff --steps 8   # the README's run (--until rm: 02-03 only)
+  OMP_NUM_THREADS=1 python experiments/scripted_env.py --method rapo             # the README's run (5 steps)
 Outputs: <out>/<method>/ (every stage's folder), and in experiments/results/: scripted_<method>.json (settings,
 commands, wall times, results), scripted_<method>_curve.csv (training metrics per step) and scripted_<method>.png
 (training reward curve and SR / average reward with CIs). Re-running resumes: finished stages are skipped,
