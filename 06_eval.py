@@ -1220,6 +1220,9 @@ def write_report(scores: dict, path: Path):
     if st["source"] != "dialogues":
         L[4] = (f"Test set: {st['test_source']}: {st['cases']} {'ESC-Eval role cards' if st['source'] == 'cards' else 'profiles'}."
                 f" Every policy saw the same cases, roles and seeds. Brackets: {st['ci']}.")
+    if st.get("scripted_roles"):
+        L += [f"> **Scripted roles: {', '.join(st['scripted_roles'])}** (`scripted`: the rules of esc_env.py; the critic's "
+              "score is the seeker's rule-based mood). Their numbers are results in a scripted environment, not on people.", ""]
     L += ["## Policies and roles", "",
           md_table(["role", "model", "settings"],
                    [[f"policy `{p['label']}`", f"`{p['spec']}`", st["policy_decoding"]] for p in pols]
@@ -1593,6 +1596,7 @@ def main(argv=None):
             ["judge", args.judge, None, bool({"judge", "pairwise"} & set(parts))],
             ["judge (esc-eval)", args.judge, None, "esc-eval" in parts],
             ["user judge (emoharbor)", args.user_judge, None, "emoharbor" in parts]],
+        "scripted_roles": [r for r in ("seeker", "critic", "judge", "user_judge") if common.parse_spec(getattr(args, r)).backend == "scripted"],
         "pairwise_note": pair_note, "plots": plots,
         "versions": {k: lib_version(k) for k in ("torch", "transformers", "sacrebleu", "rouge-score", "bert-score")},
     }

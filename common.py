@@ -102,7 +102,8 @@ def add_role_arg(p: argparse.ArgumentParser, role: str, what: str, default: str 
     """--<role> model spec and --<role>-base-url (for openai: specs)."""
     p.add_argument(f"--{role}", default=default,
                    help=f"{what}: model spec hf:PATH | vllm:PATH | openai:MODEL | bare path (= hf:); "
-                        f"'embedded' is the bundled SmolLM2-135M-Instruct (default: {default})")
+                        f"'embedded' is the bundled SmolLM2-135M-Instruct; 'scripted' the rule-based role of esc_env.py "
+                        f"(seeker, critic, grm) (default: {default})")
     p.add_argument(f"--{role}-base-url", default=None,
                    help=f"base URL of the OpenAI-compatible server for an openai: --{role} "
                         "(API key from $OPENAI_API_KEY)")
@@ -795,7 +796,7 @@ def embedded_model_path() -> Path:
 
 @dataclass
 class ModelSpec:
-    backend: str  # hf | vllm | openai
+    backend: str  # hf | vllm | openai | scripted
     name: str  # path, hub id, or served model name
 
     def __str__(self):
@@ -803,9 +804,12 @@ class ModelSpec:
 
 
 def parse_spec(spec: str) -> ModelSpec:
-    """`hf:PATH`, `vllm:PATH`, `openai:MODEL` or a bare path/hub id (= hf:). 'embedded' = the bundled model."""
+    """`hf:PATH`, `vllm:PATH`, `openai:MODEL` or a bare path/hub id (= hf:). 'embedded' = the bundled model;
+    'scripted' = esc_env.py's rule-based roles."""
     if not spec or not str(spec).strip():
         raise InputError("empty model spec")
+    if spec.strip() == "scripted":  # the rule-based roles of esc_env.py (--seeker/--critic/--grm scripted)
+        return ModelSpec("scripted", "rules")
     backend, _, name = spec.partition(":")
     if backend not in ("hf", "vllm", "openai") or not name:
         backend, name = "hf", spec
@@ -1502,6 +1506,10 @@ def make_backend(spec: str, base_url: str | None = None, device: str = "auto", d
         if not base_url and not os.environ.get("OPENAI_API_KEY"):
             raise InputError(f"{spec}: an openai: model needs --<role>-base-url or $OPENAI_API_KEY for the hosted API")
         b = OpenAIBackend(ms.name, base_url)
+    elif ms.backend == "scripted":
+        import esc_env
+
+        b = esc_env.ScriptedBackend()
     elif ms.backend == "vllm":
         b = VLLMBackend(ms.name, dtype=vllm_dtype(dtype, device), **vllm_args)
     else:
