@@ -48,9 +48,8 @@ import torch
 import torch.nn.functional as F
 
 import common
+import training
 from common import check
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def parse_args(argv=None):
@@ -354,7 +353,7 @@ def build_model(args, device, dtype, tok):
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(task_type="SEQ_CLS", r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                         target_modules=LORA_TARGETS)  # SEQ_CLS: the score head is trained and saved (modules_to_save)
+                         target_modules=training.LORA_TARGETS)  # SEQ_CLS: the score head is trained and saved (modules_to_save)
         model = get_peft_model(model, cfg)
     return model.to(device)
 
@@ -429,8 +428,7 @@ def main(argv=None):
     tok = common.load_tokenizer(common.resolve_path(common.parse_spec(args.rm).name))
     model = build_model(args, dist.device, dtype, tok)
     raw = model  # the unwrapped model: saved, evaluated
-    if dist.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+    model = training.wrap_ddp(model, dist)
     params = [p for p in raw.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     W, A = dist.world, args.grad_accum
@@ -490,13 +488,12 @@ def main(argv=None):
                         (ls * weight * W / n_glob).backward()
                     loss_sum += weight * ls.item()
                 loss_t = common.all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64), dist).item() / n_glob
-                gnorm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()  # after the all-reduce
-                if not (math.isfinite(loss_t) and math.isfinite(gnorm)):  # the same numbers on every rank
+                try:  # clip (after the all-reduce), and step unless the loss or gradient norm is not finite
+                    gnorm = training.optimizer_step(params, opt, None, loss_t, args.max_grad_norm, dist)
+                except common.StageFailure as e:
                     raise common.StageFailure(
-                        f"step {g + 1}: non-finite training (loss {loss_t}, grad norm {gnorm}); stopped before the "
-                        f"update: {ckpt if (ckpt / 'state.pt').exists() else 'no checkpoint'} is the last good state, "
-                        f"{rm_dir} was not written")
-                opt.step()
+                        f"step {g + 1}: {e}: {ckpt if (ckpt / 'state.pt').exists() else 'no checkpoint'} is the last "
+                        f"good state, {rm_dir} was not written") from None
                 opt.zero_grad(set_to_none=True)
                 history.append({"step": g + 1, "epoch": epoch, "loss": loss_t, "grad_norm": gnorm,
                                 "lr": sched.get_last_lr()[0], "terms": n_glob})
@@ -546,8 +543,7 @@ def main(argv=None):
             print("\n" + "!" * 100 + f"\nWARNING: valid ROC-AUC {what}.\nGRPO with it optimises noise (the paper's "
                   "GRPO_Random: 18.5% SR). More rollouts, a capable --critic in 02, or more epochs.\n" + "!" * 100,
                   file=sys.stderr)
-    if dist.world > 1:
-        torch.distributed.destroy_process_group()
+    training.finish(out_dir, None, dist, done=False)  # (the rm folder is written above)
 
 
 if __name__ == "__main__":

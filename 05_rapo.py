@@ -49,9 +49,11 @@ import numpy as np
 import torch
 
 import common
+import speed
+import training
 from common import check
 
-grpo = common.load_stage("04_grpo")  # the GRPO machinery: advantages, loss, update, checkpoints
+grpo = common.load_stage("04_grpo")  # GRPO: prompts, advantages, the loss and its update (Eq. 1-3)
 
 PREFILL = "<strategy>"
 RAPO_SYSTEM = (
@@ -278,16 +280,12 @@ class Teacher:
         return self.copy if self.copy is not None else self.model
 
     @torch.no_grad()
-    def logits(self, prompts: list[list[int]], completions: list[list[int]], pad_id: int, temperature: float,
-               autocast) -> torch.Tensor:
-        """[n, C, V] teacher logits / temperature on exactly the given completion token ids."""
+    def logits(self, prompts: list[list[int]], completions: list[list[int]], pad_id: int, autocast) -> torch.Tensor:
+        """[n, C, V] the teacher's logits (fp32, not divided by T) on exactly the given completion token ids."""
         net = self.net()
-        device = next(net.parameters()).device
-        ids, attn, pos, cmask = grpo.collate(prompts, completions, pad_id, device)
-        C = cmask.shape[1]
         with self.context(), autocast:
-            out = net(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=C + 1, use_cache=False)
-        return out.logits[:, :-1].float() / temperature
+            logits = grpo.completion_logps(net, prompts, completions, pad_id, 1.0)[1]
+        return logits.float()
 
     def update(self, m: float):
         if self.kind == "ema":
@@ -305,30 +303,29 @@ class Teacher:
                     p.copy_(v)
 
 
-def make_sd_loss(teacher: Teacher, ro, distill: dict[int, list[int]], cfg, eta: float, k: int, is_clip: float,
-                 n_distill_tokens: float, autocast, stats: dict):
-    """The extra_loss callback for grpo.accumulate_gradients: eta * L_SD for the distilled rows of each
+def make_sd_loss(teacher: Teacher, ro, distill: dict[int, list[int]], cfg, k: int, is_clip: float,
+                 n_distill_tokens: float, stats: dict):
+    """L_SD (Eq. 14) as a function of 04's MicroBatch: the distillation loss of the distilled rows of a
     micro-batch, divided by the GLOBAL distilled-token count (so micro-batching and ranks do not change it).
-    distill: {row index in the rollouts: the teacher's prompt ids}."""
+    distill: {row index in the rollouts: the teacher's prompt ids}. Both sides' logits are divided by the
+    sampling temperature inside sd_loss. stats: sums for logging, added to on the device."""
 
-    def extra(mb):
+    def loss(mb):
         rows = [j for j, i in enumerate(mb.idx) if i in distill]
-        if not rows or eta == 0:
+        if not rows:
             return mb.logp.sum() * 0.0
         comps = [ro.completions[mb.idx[j]] for j in rows]
-        t_logits = teacher.logits([distill[mb.idx[j]] for j in rows], comps, cfg.pad_id, cfg.temperature, autocast)
+        t_logits = teacher.logits([distill[mb.idx[j]] for j in rows], comps, cfg.pad_id,
+                                  grpo.autocast(cfg, mb.logits.device))  # [r, C', V]
         C = t_logits.shape[1]  # the longest distilled completion of this micro-batch (<= mb's C)
         r = common.to_device(torch.tensor(rows), mb.logits.device)
-        logp = mb.logp[r, :C]
-        logp_old = logp.detach() if ro.logp_old is None else torch.stack(
-            [torch.nn.functional.pad(ro.logp_old[mb.idx[j]], (0, max(0, C - len(ro.logp_old[mb.idx[j]]))))[:C] for j in rows]).to(logp)
-        # mb.logits are already divided by the sampling temperature, as the teacher's are
-        res = sd_loss(mb.logits[r, :C], t_logits, logp, logp_old, mb.completion_mask[r, :C], k, 1.0, is_clip)
+        res = sd_loss(mb.logits[r, :C], t_logits, mb.logp[r, :C], mb.logp_old[r, :C], mb.completion_mask[r, :C], k,
+                      cfg.temperature, is_clip)
         for key, v in (("sd_loss", res["loss"]), ("sd_kl", res["kl"]), ("topk_mass", res["topk_mass"]), ("sd_tokens", res["n"])):
             stats[key] = stats[key] + v.detach().double()  # summed on the device, read once per step
-        return eta * res["loss"] / n_distill_tokens  # Eq. 15: L = L_GRPO + eta * L_SD
+        return res["loss"] / n_distill_tokens
 
-    return extra
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,14 +333,13 @@ def make_sd_loss(teacher: Teacher, ro, distill: dict[int, list[int]], cfg, eta: 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    grpo.add_grpo_args(p, out="runs/rapo", temperature=1.0)
+    training.add_grpo_args(p, out="runs/rapo", temperature=1.0, learn_only=True, d=grpo.LossConfig(pad_id=0))
     g = p.add_argument_group("RAPO (SPEC section 6)")
     common.add_role_arg(p, "seeker", "user simulator that reacts to each candidate (Eq. 9)")
     common.add_role_arg(p, "grm", "generative reward model ranking each group with critiques (Eq. 10)")
     g.add_argument("--reward", default="reaction", choices=["reaction", "rubric-group", "rubric-point"],
                    help="reaction = RAPO (GRM sees the seeker's reactions); rubric-group = CPO (group ranked against a "
                         "rubric, no reactions); rubric-point = GRPO baseline (each reply scored alone)")
-    g.add_argument("--all-turns", action="store_true", help="train on every train turn, not only learn == true (HSD off)")
     g.add_argument("--sd-coef", type=float, default=1e-3, help="eta, weight of the self-distillation loss (RAPO: 1e-3; 0 = w/o SD)")
     g.add_argument("--sd-topk", type=int, default=256, help="K, student's top-K tokens in the distillation KL (RAPO: 256)")
     g.add_argument("--sd-is-clip", type=float, default=2.0, help="upper clip of the per-token importance ratio (SDPO: 2)")
@@ -354,14 +350,19 @@ def parse_args(argv=None):
     g.add_argument("--grm-max-new-tokens", type=int, default=512, help="GRM answer length")
     g.add_argument("--seeker-max-new-tokens", type=int, default=64, help="reaction length")
     g.add_argument("--seeker-temperature", type=float, default=0.7, help="seeker sampling temperature")
+    g.add_argument("--seeker-top-p", type=float, default=0.9, help="seeker top-p (as 02/06's --seeker-top-p)")
+    g.add_argument("--teacher-extra-tokens", type=int, default=1024,
+                   help="prompt tokens the teacher gets beyond --max-prompt-tokens, for the hindsight block")
     args = p.parse_args(argv)
     args = common.resume_args(p, args, argv, Path(args.out) / "checkpoint")  # --resume: the run's own settings
-    grpo.check_grpo_args(args)
+    training.check_grpo_args(args)
     for role in ("seeker", "grm"):
         common.check_model_path(getattr(args, role), f"--{role}")
     check(args.sd_coef >= 0 and args.sd_topk >= 1 and args.sd_is_clip > 0, "--sd-coef >= 0, --sd-topk >= 1, --sd-is-clip > 0")
     check(0 < args.ema_rate <= 1, "--ema-rate must be in (0, 1]")
     check(args.grm_retries >= 0, "--grm-retries must be >= 0")
+    check(0 < args.seeker_top_p <= 1 and args.teacher_extra_tokens >= 0,
+          "--seeker-top-p must be in (0, 1] and --teacher-extra-tokens >= 0")
     return args
 
 
@@ -378,72 +379,67 @@ def load_fixed_groups(path: str, G: int) -> list[dict]:
 
 def main(argv=None):
     args = parse_args(argv)
-    out = Path(args.out)
-    grpo.check_run_dir(args)
-    fixed = load_fixed_groups(args.rollouts_file, args.group_size) if args.rollouts_file else None
-    if fixed is None:
-        turns = common.load_turns(args.data, split="train", learn_only=not args.all_turns, max_chars=args.max_message_chars)
+    out, G = Path(args.out), args.group_size
+    policy_path = training.check_run_dir(args)  # validation before any work
+    fixed = load_fixed_groups(args.rollouts_file, G) if args.rollouts_file else None
+    turns = None
+    if not fixed:
+        turns = common.load_turns(args.data, split="train", learn_only=args.learn_only, max_chars=args.max_message_chars)
         check(len(turns) > 0, f"{args.data}: no train turns with learn == true (run 01_select.py with a judge, "
               "or pass --all-turns)")
-    dist = grpo.init_run(args, turns if fixed is None else None, fixed)
+    dist = training.init_run(args, turns, fixed)
     common.lock_out(out, dist)  # one run at a time on --out
-    inputs = common.input_digests(args, grpo.run_inputs(args))
+    inputs = common.input_digests(args, training.run_inputs(args))
     seeker = grm = None
-    if fixed is None:  # the role models (each its own engine; roles on one spec share it)
+    if not fixed:  # the role models (each its own engine; roles on one spec share it)
         if args.reward == "reaction":
             seeker = common.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype, decoder=args.decoder)
         grm = common.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder)
-
+    engine = speed.VLLMRollout(policy_path, args, dist) if args.rollout == "vllm" else None  # before the seeding
     # full fine-tuning with --teacher base needs the frozen initial model even when beta = 0
-    pol = grpo.setup_policy(args, dist, n_groups=len(fixed) if fixed is not None else len(turns),
-                            need_ref=args.teacher == "base" and args.sd_coef > 0)
-    model, tok, lora = pol.model, pol.tok, pol.lora
-    teacher = Teacher(model, args.teacher if args.sd_coef > 0 else "live", lora, pol.ref_model, pol.lora_config)
+    pol = training.setup_policy(args, dist, n_groups=len(fixed or turns), need_ref=args.teacher == "base" and args.sd_coef > 0)
+    cfg = grpo.loss_config(args, pol.tok.pad_token_id, dist.device, pol.dtype)
+    generate = grpo.sampler(args, pol, engine)
+    teacher = Teacher(pol.model, args.teacher if args.sd_coef > 0 else "live", pol.lora, pol.ref_model, pol.lora_config)
     start = 0
     if args.resume:  # the teacher's state is the checkpoint's extra state (inside its atomic swap)
-        start, extra = grpo.load_checkpoint(out, model, pol.optimizer, pol.scheduler, dist, lora)
+        start, extra = training.load_checkpoint(out, pol, dist)
         check(extra is not None and "teacher" in extra, f"--resume: the checkpoint in {out} has no teacher state")
         teacher.load_state_dict(extra["teacher"])
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
-    cfg = pol.cfg
-    autocast = grpo._autocast(cfg, dist.device)
-    grpo.start_logs(args, dist, pol, start, {"system_prompt": RAPO_SYSTEM, "prefill": PREFILL})
+    log = training.RunLog(args, dist, pol, start, {"system_prompt": RAPO_SYSTEM, "prefill": PREFILL})
     common.print0(f"RAPO ({args.reward}, sd-coef {args.sd_coef}, teacher {args.teacher}): {pol.total} steps, "
-                  f"{args.prompts_per_step} prompts x G={args.group_size} on {dist.world} rank(s), starting at step {start}")
+                  f"{args.prompts_per_step} prompts x G={G} on {dist.world} rank(s), starting at step {start}")
 
-    G = args.group_size
     bar = common.progress(total=pol.total, initial=start, desc="rapo")
     stop = pol.total if args.stop_after is None else min(pol.total, start + args.stop_after)
     for step in range(start, stop):
         t0 = time.time()
-        seed = args.seed + 1_000_003 * step + dist.rank  # the roles' seeds for this step and rank
+        seed = common.step_seed(args.seed, step, dist.rank)  # the roles' seeds for this step and rank
         # ---- prompts and Chain-of-Supporting rollouts
-        if fixed is not None:
+        if fixed:
             groups = common.shard(fixed, dist)
-            p_ids = [g["prompt_ids"] for g in groups]
+            p_ids, contexts = [g["prompt_ids"] for g in groups], [[] for _ in groups]
             comps = [c for g in groups for c in g["completions"]]
-            contexts = [[] for _ in groups]
         else:
-            batch = common.shard(grpo.step_batch(turns, step, pol.steps_per_epoch, args), dist)
+            batch = common.shard(training.step_batch(turns, step, pol.steps_per_epoch, args), dist)
             contexts = [t["context"] for t in batch]
-            p_ids = [grpo.prompt_ids(tok, c, RAPO_SYSTEM, PREFILL, args.max_prompt_tokens) for c in contexts]
-            comps = pol.generate(p_ids, G, step)  # [B_local*G], group-major
+            p_ids = [grpo.prompt_ids(pol.tok, c, RAPO_SYSTEM, PREFILL, args.max_prompt_tokens) for c in contexts]
+            comps = generate(p_ids, G, step)  # [B_local*G], group-major
         t_gen = time.time() - t0
-        texts = [PREFILL + tok.decode(c, skip_special_tokens=True) for c in comps]
+        texts = [PREFILL + pol.tok.decode(c, skip_special_tokens=True) for c in comps]
         replies = [common.strip_reasoning(t) for t in texts]
-        # ---- ALGO LOGIC: reactions (Eq. 9) and the generative reward model (Eq. 10)
+        # ---- reactions (Eq. 9) and the generative reward model (Eq. 10)
         reactions = None
-        st = {"grm_groups": len(p_ids), "grm_failed": 0, "grm_derived": 0, "grm_retried": 0}
-        if fixed is not None:
+        if fixed:
             results = [None if g["scores"] is None else {"scores": g["scores"], "critiques": [""] * G} for g in groups]
-            st["grm_failed"] = sum(r is None for r in results)
+            st = {"grm_groups": len(p_ids), "grm_failed": sum(r is None for r in results), "grm_derived": 0, "grm_retried": 0}
         else:
             rep_g = [replies[g * G:(g + 1) * G] for g in range(len(p_ids))]
             if args.reward == "reaction":
                 recs = [t for t in batch for _ in range(G)]
                 hists = [t["context"] + [{"role": "assistant", "content": y}] for t, y in zip(recs, replies)]
                 flat = seeker.complete(common.seeker_chats(recs, hists), max_new_tokens=args.seeker_max_new_tokens,
-                                       temperature=args.seeker_temperature, top_p=0.9, seed=seed)
+                                       temperature=args.seeker_temperature, top_p=args.seeker_top_p, seed=seed)
                 reactions = [[" ".join(u.split()) or "..." for u in flat[g * G:(g + 1) * G]] for g in range(len(p_ids))]
             results, st = score_groups(grm, args.reward, contexts, rep_g, reactions, retries=args.grm_retries,
                                        max_new_tokens=args.grm_max_new_tokens, seed=seed)
@@ -451,67 +447,61 @@ def main(argv=None):
         rewards, r_len = group_rewards(results, [len(c) for c in comps], G, args.l_max, args.l_cache)  # [B, G]
         adv = grpo.group_advantages(rewards, args.adv_norm, args.adv_eps).flatten()  # [B*G]
         ro = grpo.Rollouts(prompts=[p for p in p_ids for _ in range(G)], completions=comps, advantages=adv)
-        # ---- ALGO LOGIC: verbal RL targets (Eq. 11-12): the worst candidate of each valid group
+        # ---- verbal RL targets (Eq. 11-12): the worst candidate of each valid group, and the teacher's prompt
         distill = {}
         for g, r in enumerate(results):
             if r is None or args.sd_coef == 0:
                 continue
             w = int(np.argmin(r["scores"]))
-            if fixed is not None:
+            if fixed:
                 if groups[g].get("teacher_prompt_ids"):
                     distill[g * G + w] = groups[g]["teacher_prompt_ids"]
                 continue
             best = int(np.argmax(r["scores"]))
             react = reactions[g][w] if reactions is not None else "(no reaction observed; rubric feedback only)"
             t_ctx = teacher_context(contexts[g], replies[g * G + w], react, r["critiques"][w], replies[g * G + best])
-            distill[g * G + w] = grpo.prompt_ids(tok, t_ctx, RAPO_SYSTEM, PREFILL, args.max_prompt_tokens + 1024)
-        n_sd = common.all_reduce_sum(torch.tensor([float(sum(len(comps[i]) for i in distill))], dtype=torch.float64,
-                                                  device=dist.device), dist).item()
+            distill[g * G + w] = grpo.prompt_ids(pol.tok, t_ctx, RAPO_SYSTEM, PREFILL,
+                                                 args.max_prompt_tokens + args.teacher_extra_tokens)
+        n_sd = common.all_reduce_named({"n": sum(len(comps[i]) for i in distill)}, dist)["n"]
+        # ---- the update: L = L_GRPO + eta * L_SD (Eq. 15), then the teacher's EMA step
         t1 = time.time()  # t_gen .. t1: the seeker's reactions and the GRM (generation by the reward roles)
-        grpo.prepare_logps(pol, ro)  # reference log-probs (adapter disabled), logp_old for ppo-epochs > 1
-        sampler = grpo.sampler_check(pol, ro, dist)  # --rollout vllm: engine vs trainer log-probs of the samples
+        grpo.prepare_logps(pol, ro, cfg, args.ppo_epochs)  # reference log-probs; logp_old for --ppo-epochs > 1
+        check_row = speed.sampler_check(engine, ro, lambda: ro.logp_old or grpo.sequence_logps(pol.model, ro, cfg),
+                                        args.top_p, dist)  # --rollout vllm: engine vs trainer log-probs
         sd_st = {"sd_loss": 0.0, "sd_kl": 0.0, "topk_mass": 0.0, "sd_tokens": 0.0}
-        extra = make_sd_loss(teacher, ro, distill, cfg, args.sd_coef, args.sd_topk, args.sd_is_clip, max(n_sd, 1.0),
-                             autocast, sd_st) if args.sd_coef > 0 else None
+        l_sd = make_sd_loss(teacher, ro, distill, cfg, args.sd_topk, args.sd_is_clip, max(n_sd, 1.0), sd_st)
+        eta_l_sd = (lambda mb: args.sd_coef * l_sd(mb)) if args.sd_coef > 0 else None  # Eq. 15: + eta * L_SD
         try:
             for _ in range(args.ppo_epochs):
-                upd = grpo.grpo_step(model, train_model, pol.optimizer, pol.scheduler, ro, cfg, dist, args.max_grad_norm,
-                                     extra_loss=extra)
+                upd = grpo.grpo_step(pol.model, pol.train_model, pol.optimizer, pol.scheduler, ro, cfg, dist,
+                                     args.max_grad_norm, extra_loss=eta_l_sd)  # L_GRPO + eta_l_sd, per micro-batch
                 teacher.update(args.ema_rate)  # EMA after every optimiser step
         except common.StageFailure as e:
-            raise common.StageFailure(f"step {step + 1}: {e}; {grpo.kept_note(out)}") from None
+            raise common.StageFailure(f"step {step + 1}: {e}; {training.kept_note(out)}") from None
         t_upd = time.time() - t1
 
         # ---- logging: 04's metrics plus GRM counts and distillation statistics (README table)
-        row = grpo.step_metrics(step, pol, dist, comps, rewards, adv, upd, t0, t_gen, t_upd,
-                                {"reward_len": r_len.flatten().tolist()})
-        extra_sums = torch.tensor([st["grm_groups"], st["grm_failed"], st["grm_derived"], st["grm_retried"],
-                                   *(float(sd_st[key]) for key in ("sd_loss", "sd_kl", "topk_mass", "sd_tokens"))],
-                                  dtype=torch.float64, device=dist.device)
-        common.all_reduce_sum(extra_sums, dist)
-        e = extra_sums.tolist()
-        row.update({"time_reward": t1 - t0 - t_gen, "grm_failed_frac": e[1] / e[0], "grm_derived_frac": e[2] / e[0], "grm_retries": e[3],
-                    "sd_loss": e[4] / e[7] if e[7] else None, "sd_kl": e[5] / e[7] if e[7] else None,
-                    "sd_topk_mass": e[6] / e[7] if e[7] else None, "sd_tokens": e[7], **sampler})
-        if dist.main:
-            common.append_jsonl(out / "metrics.jsonl", [row])
-            if (step + 1) % args.sample_every == 0 or step == start:
-                common.append_jsonl(out / "samples.jsonl", [{
-                    "step": step + 1, "context": contexts[0], "completions": texts[:G], "replies": replies[:G],
-                    "reactions": reactions[0] if reactions else None, "grm": results[0], "advantages": adv[:G].tolist()}])
+        row = training.step_metrics(step, pol, dist, comps, rewards, adv, upd, args.beta,
+                                    {"reward_len": r_len.flatten().tolist()})
+        row.update(training.timings(t0, t_gen, t_upd, row.pop("_tokens"), args.ppo_epochs, dist))
+        e = common.all_reduce_named({**st, **{k: float(v) for k, v in sd_st.items()}}, dist)
+        n_tok = e["sd_tokens"]
+        row.update({"time_reward": t1 - t0 - t_gen, "grm_failed_frac": e["grm_failed"] / e["grm_groups"],
+                    "grm_derived_frac": e["grm_derived"] / e["grm_groups"], "grm_retries": e["grm_retried"],
+                    **{k: e[s] / n_tok if n_tok else None for k, s in (("sd_loss", "sd_loss"), ("sd_kl", "sd_kl"),
+                                                                      ("sd_topk_mass", "topk_mass"))},
+                    "sd_tokens": n_tok, **check_row})
+        log.metrics(row)
+        if log.sample_step(step):
+            log.sample({"step": step + 1, "context": contexts[0], "completions": texts[:G], "replies": replies[:G],
+                        "reactions": reactions[0] if reactions else None, "grm": results[0], "advantages": adv[:G].tolist()})
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", grm_fail=f"{row['grm_failed_frac']:.2f}",
                         sd_kl=f"{row['sd_kl'] or 0:.3f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == stop:
-            grpo.save_checkpoint(out, step + 1, model, tok, pol.optimizer, pol.scheduler, dist, lora, args, inputs,
-                                 extra={"teacher": teacher.state_dict()})
+            training.save_checkpoint(out, step + 1, pol, dist, args, inputs, extra={"teacher": teacher.state_dict()})
     bar.close()
-    if stop == pol.total and dist.main:
-        grpo.save_model(model, out / ("adapter" if lora else "model"), tok, lora)
-        print(f"done: {pol.total} steps; wrote {out / ('adapter' if lora else 'model')}, {out / 'metrics.jsonl'}")
-    common.barrier(dist)
-    if dist.world > 1:
-        torch.distributed.destroy_process_group()
+    training.finish(out, pol, dist, done=stop == pol.total)
 
 
 if __name__ == "__main__":

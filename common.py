@@ -204,6 +204,12 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of a training step's sampling calls on one rank (04/05 rollouts and 05's roles): distinct for
+    every (step, rank), the same on a resumed run."""
+    return seed + 1_000_003 * step + 100_003 * rank
+
+
 # ----------------------------------------------------------------------------------------------------
 # JSONL: append as we go, resume by id, a torn last line is dropped (SPEC section 8)
 
@@ -1124,21 +1130,28 @@ def logit_blocks(logits: torch.Tensor, *others: torch.Tensor, budget: int = LOGI
             yield (c[0].float(), *c[1:])
 
 
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, budget: int = LOGITS_BLOCK) -> torch.Tensor:
-    """log softmax(logits)[..., index] in fp32 without a full [B, T, V] log-softmax in memory at once.
-
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, budget: int = LOGITS_BLOCK,
+                          temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[..., index] in fp32 without a full [B, T, V] log-softmax (or scaled
+    copy of the logits) in memory at once: equal to
+        torch.log_softmax(logits.float() / temperature, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
     logits [B, T, V], index [B, T] -> [B, T]; logit_blocks() of at most `budget` elements, logsumexp per
     position."""
-    out = [lg.gather(-1, ix.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1)
-           for lg, ix in logit_blocks(logits, index, budget=budget)]
+    out = []
+    for lg, ix in logit_blocks(logits, index, budget=budget):
+        lg = lg / temperature if temperature != 1.0 else lg
+        out.append(lg.gather(-1, ix.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
     return _unblock(out, logits.shape)
 
 
 @torch.no_grad()
-def softmax_entropy(logits: torch.Tensor, budget: int = LOGITS_BLOCK) -> torch.Tensor:
-    """Entropy of softmax(logits) per position, [B, T, V] -> [B, T] fp32 (no grad), blockwise:
+def softmax_entropy(logits: torch.Tensor, budget: int = LOGITS_BLOCK, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per position, [B, T, V] -> [B, T] fp32 (no grad), blockwise:
     H = logsumexp - E_p[logit]."""
-    out = [torch.logsumexp(lg, -1) - (torch.softmax(lg, -1) * lg).sum(-1) for (lg,) in logit_blocks(logits, budget=budget)]
+    out = []
+    for (lg,) in logit_blocks(logits, budget=budget):
+        lg = lg / temperature if temperature != 1.0 else lg
+        out.append(torch.logsumexp(lg, -1) - (torch.softmax(lg, -1) * lg).sum(-1))
     return _unblock(out, logits.shape)
 
 
@@ -1836,6 +1849,15 @@ def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world > 1:
         torch.distributed.all_reduce(x)
     return x
+
+
+def all_reduce_named(values: dict[str, float], d: Dist, op: str = "sum") -> dict[str, float]:
+    """{name: number} summed (op "sum") or maximised (op "max") over ranks, by name: one all-reduce."""
+    names = list(values)
+    x = torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=d.device)
+    if d.world > 1:
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX)
+    return dict(zip(names, x.tolist()))
 
 
 def print0(*a, **k):

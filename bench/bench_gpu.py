@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import speed  # noqa: E402
+import training  # noqa: E402
 
 grpo = common.load_stage("04_grpo")
 rapo = common.load_stage("05_rapo")
@@ -105,7 +107,7 @@ def main():
         return
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=grpo.LORA_TARGETS,
+    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=training.LORA_TARGETS,
                                              task_type="CAUSAL_LM"))
     tok = common.load_tokenizer(str(common.embedded_tokenizer_path()))  # only its special ids are used
     V = cfg.vocab_size
@@ -121,9 +123,9 @@ def main():
     reps = [p for p in prompts for _ in range(G)]
 
     def gen(n):
-        return grpo.rollout(model, tok, prompts, G, max_new_tokens=n, temperature=1.0, min_new_tokens=n,
-                            batch_size=B * G, shared_prefix=shared, merge_lora=not args.no_rollout_merge,
-                            decoder=args.decoder)
+        return speed.rollout(model, tok, prompts, G, max_new_tokens=n, temperature=1.0, min_new_tokens=n,
+                             batch_size=B * G, shared_prefix=shared, merge_lora=not args.no_rollout_merge,
+                             decoder=args.decoder)
 
     gen(L)  # warm-up (kernels, allocator)
     _, t_first = timed(lambda: gen(1), device)
@@ -152,7 +154,7 @@ def main():
     teacher = rapo.Teacher(model, "base", True)
     idx = [g * G for g in range(B)]
     t_prompts = [prompts[g] + prompts[g][:64] for g in range(B)]  # a teacher prompt ~64 tokens longer (hindsight block)
-    _, t_teacher = timed(lambda: teacher.logits(t_prompts, [comps[i] for i in idx], tok.pad_token_id, 1.0,
+    _, t_teacher = timed(lambda: teacher.logits(t_prompts, [comps[i] for i in idx], tok.pad_token_id,
                                                 torch.autocast(device.type, enabled=False)), device)
     t_tokens = sum(len(p) + len(comps[i]) for p, i in zip(t_prompts, idx))
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")

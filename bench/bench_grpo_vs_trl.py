@@ -102,6 +102,8 @@ def worker_ours(args) -> dict:
     from peft import LoraConfig, get_peft_model
 
     import common
+    import speed
+    import training
 
     g = common.load_stage("04_grpo")
     engine = None
@@ -113,7 +115,7 @@ def worker_ours(args) -> dict:
         adapters = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     torch.manual_seed(args.seed)
     model, tok = common.load_causal_lm(common.parse_spec(args.policy).name, torch.device("cpu"), torch.float32)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=g.LORA_TARGETS,
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=training.LORA_TARGETS,
                                              task_type="CAUSAL_LM"))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -131,8 +133,8 @@ def worker_ours(args) -> dict:
             comps, _ = engine.sample_ids(p_ids, G, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0,
                                          seed=args.seed + s, min_new_tokens=args.max_new_tokens)
         else:
-            comps = g.rollout(model, tok, p_ids, G, max_new_tokens=args.max_new_tokens, temperature=1.0,
-                              min_new_tokens=args.max_new_tokens, shared_prefix=shared)
+            comps = speed.rollout(model, tok, p_ids, G, max_new_tokens=args.max_new_tokens, temperature=1.0,
+                                  min_new_tokens=args.max_new_tokens, shared_prefix=shared)
         t_gen = time.perf_counter() - t0
         texts = [tok.decode(c, skip_special_tokens=True) for c in comps]
         r = torch.tensor([reward_value(t) for t in texts]).view(2, G)

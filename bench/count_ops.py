@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import training  # noqa: E402
 
 grpo = common.load_stage("04_grpo")
 
@@ -51,7 +52,7 @@ def main():
     cfg = AutoConfig.for_model("qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=args.layers,
                                num_attention_heads=4, num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_config(cfg)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=grpo.LORA_TARGETS, task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=training.LORA_TARGETS, task_type="CAUSAL_LM"))
     model.train()
     B, G, P, L = args.prompts, args.group_size, args.prompt_len, args.new_tokens
     prompts = torch.randint(100, 4000, (B, P)).tolist()

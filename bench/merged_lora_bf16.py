@@ -17,6 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import speed  # noqa: E402
+import training  # noqa: E402
 
 grpo = common.load_stage("04_grpo")
 
@@ -42,7 +44,7 @@ def main():
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         model, tok = common.load_causal_lm("embedded", torch.device("cpu"), dtype)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=grpo.LORA_TARGETS,
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=training.LORA_TARGETS,
                                                  init_lora_weights=False))
         with torch.no_grad():  # trained-sized adapter: |s B A| about args.scale of |W|
             from peft.tuners.lora import LoraLayer
@@ -58,12 +60,12 @@ def main():
         prompts = [grpo.prompt_ids(tok, [{"role": "user", "content": t}], common.ESC_SYSTEM, "", 512)
                    for t in PROMPTS[:args.prompts]]
         torch.manual_seed(1)
-        comps = grpo.rollout(model, tok, prompts, 2, max_new_tokens=args.new_tokens, temperature=1.0, merge_lora=True)
+        comps = speed.rollout(model, tok, prompts, 2, max_new_tokens=args.new_tokens, temperature=1.0, merge_lora=True)
         ro = grpo.Rollouts(prompts=[q for q in prompts for _ in range(2)], completions=comps,
                            advantages=torch.zeros(len(comps)))
         cfg = grpo.LossConfig(pad_id=tok.pad_token_id, temperature=1.0, micro_batch=4)
         unmerged = logps_of(model, ro, cfg)
-        with grpo.merged_lora(model):
+        with speed.merged_lora(model):
             merged = logps_of(model, ro, cfg)
         d = (merged - unmerged).abs()
         rows.append((str(dtype).replace("torch.", ""), len(d), d.mean().item(), d.max().item()))

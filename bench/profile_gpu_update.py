@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import training  # noqa: E402
 
 grpo = common.load_stage("04_grpo")
 
@@ -39,7 +40,7 @@ def main():
     cfg = AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).to(device)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=grpo.LORA_TARGETS, task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=training.LORA_TARGETS, task_type="CAUSAL_LM"))
     model.train()
     B, G, P, L = args.prompts, args.group_size, args.prompt_len, args.new_tokens
     prompts = torch.randint(100, cfg.vocab_size - 1, (B, P)).tolist()

@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import speed  # noqa: E402
 
 
 SHORT_SYSTEM = ("You are a warm emotional supporter. First think briefly about the person's feelings inside "
@@ -70,8 +71,8 @@ def format_rate(g, model, tok, turns, args) -> dict:
     system = args.system_prompt
     p_ids = [g.prompt_ids(tok, t["context"], system, prefill, args.max_prompt_tokens) for t in turns]
     torch.manual_seed(args.seed + 12345)
-    comps = g.rollout(model, tok, p_ids, args.eval_samples, max_new_tokens=args.max_new_tokens, temperature=1.0,
-                      batch_size=64)
+    comps = speed.rollout(model, tok, p_ids, args.eval_samples, max_new_tokens=args.max_new_tokens,
+                          temperature=1.0, batch_size=64)
     texts = [prefill + tok.decode(c, skip_special_tokens=True) for c in comps]
     fmt = [g.format_reward(t) for t in texts]
     # coherence check: the base model's mean negative log-likelihood per completion token (the LoRA-disabled

@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import training  # noqa: E402
 
 grpo = common.load_stage("04_grpo")
 rapo = common.load_stage("05_rapo")
@@ -52,7 +53,7 @@ def mean_kl(teacher, model, prompts, comps, t_prompts, cfg) -> float:
     """Mean top-K KL(student || teacher) per completion token, no gradient."""
     ids, attn, pos, cmask = grpo.collate(prompts, comps, cfg.pad_id)
     s_logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=cmask.shape[1] + 1).logits[:, :-1]
-    t_logits = teacher.logits(t_prompts, comps, cfg.pad_id, cfg.temperature, torch.autocast("cpu", enabled=False))
+    t_logits = teacher.logits(t_prompts, comps, cfg.pad_id, torch.autocast("cpu", enabled=False))
     m = cmask.bool()
     return rapo.topk_reverse_kl(s_logits[m], t_logits[m], 256, cfg.temperature).mean().item()
 
@@ -74,7 +75,7 @@ def main():
     from peft import LoraConfig, get_peft_model
 
     model, tok = common.load_causal_lm("embedded", torch.device("cpu"), torch.float32)
-    lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=grpo.LORA_TARGETS, task_type="CAUSAL_LM")
+    lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=training.LORA_TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
     ctxs = [t["context"][-args.context_messages:] for t in picked]
     prompts = [grpo.prompt_ids(tok, c, rapo.RAPO_SYSTEM, rapo.PREFILL, 512) for c in ctxs]
@@ -96,9 +97,8 @@ def main():
     t0 = time.time()
     for step in common.progress(range(args.steps), desc="sd"):
         st = {"sd_loss": 0.0, "sd_kl": 0.0, "topk_mass": 0.0, "sd_tokens": 0.0}
-        extra = rapo.make_sd_loss(teacher, ro, distill, cfg, args.sd_coef, 256, 2.0, n_tok,
-                                  torch.autocast("cpu", enabled=False), st)
-        grpo.grpo_step(model, model, opt, None, ro, cfg, extra_loss=extra)
+        l_sd = rapo.make_sd_loss(teacher, ro, distill, cfg, 256, 2.0, n_tok, st)
+        grpo.grpo_step(model, model, opt, None, ro, cfg, extra_loss=lambda mb: args.sd_coef * l_sd(mb))  # Eq. 15
         teacher.update(0.5)
         curve.append({"step": step + 1, "train_sd_kl": float(st["sd_kl"] / st["sd_tokens"])})
     after = {"heldout": mean_kl(teacher, model, prompts[ho], comps[ho], t_prompts[ho], cfg),

@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, load_stage
 
 import common  # noqa: E402
+import training  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -77,7 +78,7 @@ def lora_on_cuda(folder):
 
     model, tok = common.load_causal_lm(str(folder), torch.device("cuda"), torch.float32)
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=g.LORA_TARGETS, init_lora_weights=False))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=training.LORA_TARGETS, init_lora_weights=False))
     return model.train(), tok
 
 

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import common
+import speed  # noqa: E402
+import training  # noqa: E402
 from conftest import load_stage
 
 g = load_stage("04_grpo")
@@ -15,7 +17,7 @@ def load(folder, lora=False, impl="sdpa"):
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=g.LORA_TARGETS, task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=training.LORA_TARGETS, task_type="CAUSAL_LM"))
         with torch.no_grad():  # a non-zero adapter, so that it changes the tokens
             for n, p in model.named_parameters():
                 if "lora_B" in n:
@@ -63,7 +65,7 @@ def test_rollout_with_static_decoder_equals_generate(tiny_model_dir):
     model, tok = load(tiny_model_dir, lora=True)
     ps = prompts([4, 10])
     kw = dict(max_new_tokens=8, temperature=0.0)
-    assert g.rollout(model, tok, ps, 3, decoder="static", **kw) == g.rollout(model, tok, ps, 3, **kw)
+    assert speed.rollout(model, tok, ps, 3, decoder="static", **kw) == speed.rollout(model, tok, ps, 3, **kw)
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8), (1.3, 0.5)])

@@ -16,6 +16,7 @@ import torch
 from conftest import ROOT, load_stage
 
 import common  # noqa: E402
+import training  # noqa: E402
 
 grpo = load_stage("04_grpo")
 rapo = load_stage("05_rapo")
@@ -252,7 +253,7 @@ def test_k3_kl_in_the_update_with_pad_logprobs_below_the_overflow(tiny_model_dir
     ref_model, _ = common.load_causal_lm(str(tiny_model_dir_2), torch.device("cpu"), torch.float32)
     T = 1e-3
     prompts = [common.chat_ids(tok, [{"role": "user", "content": f"I feel low, number {k}."}]) for k in range(2)]
-    greedy = grpo.rollout(model, tok, prompts, 1, max_new_tokens=4, temperature=0.0, merge_lora=False)
+    greedy = grpo.rollout(model, tok, prompts, 1, max_new_tokens=4, temperature=0.0)
     comps = [greedy[0][:4], greedy[0][:1], greedy[1][:3], greedy[1][:2]]  # greedy prefixes: logp ~ 0, ragged
     ro = grpo.Rollouts([prompts[0]] * 2 + [prompts[1]] * 2, comps, torch.tensor([1.0, -1.0, 0.5, -0.5]))
     grads, losses = [], []
@@ -260,7 +261,7 @@ def test_k3_kl_in_the_update_with_pad_logprobs_below_the_overflow(tiny_model_dir
         cfg = grpo.LossConfig(pad_id=tok.pad_token_id, temperature=T, beta=0.1, micro_batch=mb, shared_prefix=False)
         ro.logp_ref = grpo.sequence_logps(ref_model, ro, cfg)
         if mb == 4:  # the padded positions really are below the overflow point
-            lp, cmask = grpo.completion_logps(model, ro.prompts, ro.completions, tok.pad_token_id, T, False)
+            lp, _, cmask = grpo.completion_logps(model, ro.prompts, ro.completions, tok.pad_token_id, T)
             assert lp[cmask == 0].max() < -89
         model.zero_grad()
         st = grpo.accumulate_gradients(model, ro, cfg)
@@ -287,7 +288,7 @@ def test_lr_schedule_counts_optimiser_steps(schedule, tiny_model_dir, tmp_path):
     args = grpo.parse_args(["--policy", f"hf:{tiny_model_dir}", "--out", str(tmp_path), "--ppo-epochs", "2",
                             "--max-steps", "5", "--warmup-steps", "1", "--lr-schedule", schedule, "--lr", "0.1",
                             "--lora-r", "2"])
-    pol = grpo.setup_policy(args, common.Dist(), n_groups=40)
+    pol = training.setup_policy(args, common.Dist(), n_groups=40)
     got = []
     for _ in range(10):  # 5 training steps x 2 PPO epochs = 10 optimiser steps, each followed by scheduler.step()
         got.append(pol.optimizer.param_groups[0]["lr"])

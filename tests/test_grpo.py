@@ -16,6 +16,8 @@ from conftest import ROOT, load_stage
 
 g = load_stage("04_grpo")
 import common  # noqa: E402
+import speed  # noqa: E402
+import training  # noqa: E402
 
 AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
@@ -133,7 +135,8 @@ def test_per_token_logps_match_full_log_softmax(tiny_model_dir):
     ids, attn, pos, cmask = g.collate(prompts, comps, tok.pad_token_id)
     assert cmask.tolist() == [[1, 1, 0], [1, 1, 1]]
     with torch.no_grad():
-        lp, ent = g.per_token_logps(model, ids, attn, 3, temperature=0.7, position_ids=pos, return_entropy=True)
+        lp, logits, _ = g.completion_logps(model, prompts, comps, tok.pad_token_id, 0.7)
+        ent = common.softmax_entropy(logits, temperature=0.7)
         for i, (p, c) in enumerate(zip(prompts, comps)):  # each sequence alone, unpadded, full log-softmax
             x = torch.tensor([p + c])
             full = torch.log_softmax(model(input_ids=x).logits[0] / 0.7, -1)  # [T, V]
@@ -152,7 +155,7 @@ def lora_model(model_dir, seed=0):
 
     torch.manual_seed(seed)
     model, tok = common.load_causal_lm(str(model_dir), torch.device("cpu"), torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=g.LORA_TARGETS))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=training.LORA_TARGETS))
     with torch.no_grad():  # non-zero B so that every LoRA parameter gets a gradient
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -231,7 +234,7 @@ def test_toy_verifiable_reward_rises():
     means = []
     for step in range(20):
         prompts = [torch.randint(3, 64, (4,), generator=gen).tolist() for _ in range(8)]
-        comps = g.rollout(model, tok, prompts, 4, max_new_tokens=8, temperature=1.0)
+        comps = speed.rollout(model, tok, prompts, 4, max_new_tokens=8, temperature=1.0)
         r = torch.tensor([sum(t % 2 == 0 for t in c) / len(c) for c in comps]).view(8, 4)  # [B, G]
         means.append(r.mean().item())
         ro = g.Rollouts([p for p in prompts for _ in range(4)], comps, g.group_advantages(r).flatten())

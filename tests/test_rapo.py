@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import training  # noqa: E402
 from conftest import ROOT, load_stage
 
 rapo = load_stage("05_rapo")
@@ -127,7 +128,7 @@ def test_teacher_scores_the_students_token_ids(tiny_model_dir):
     comp = tok("Question</strategy>How are you holding up?", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     teacher = rapo.Teacher(model, "live", lora=False)
     # batch of two: a short prompt forces left padding on the longer completion's row
-    logits = teacher.logits([p_teacher, p_short], [comp, comp[:3]], tok.pad_token_id, 1.0, torch.autocast("cpu", enabled=False))
+    logits = teacher.logits([p_teacher, p_short], [comp, comp[:3]], tok.pad_token_id, torch.autocast("cpu", enabled=False))
     with torch.no_grad():
         full = model(torch.tensor([p_teacher + comp])).logits[0]
     # row 0, completion position j is predicted by the logits at prompt_len - 1 + j
@@ -148,7 +149,7 @@ def _lora_model(path, b_std=0.02):
 
     torch.manual_seed(0)
     model, tok = common.load_causal_lm(str(path), torch.device("cpu"), torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=grpo.LORA_TARGETS, task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=training.LORA_TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
     for n, p in model.named_parameters():
         if "lora_B" in n:
@@ -171,8 +172,8 @@ def test_sd_coef_zero_is_exactly_grpo_and_sd_changes_the_update(tiny_model_dir):
             distill = {g * G + int(scores[g].argmin()): prompts[1 - g] for g in range(2)}  # some other prompt as teacher's
             n_sd = float(sum(len(comps[i]) for i in distill))
             st = {"sd_loss": 0.0, "sd_kl": 0.0, "topk_mass": 0.0, "sd_tokens": 0.0}
-            extra = rapo.make_sd_loss(teacher, ro, distill, cfg, 0.0 if name == "rapo0" else 0.5, 50, 2.0, n_sd,
-                                      torch.autocast("cpu", enabled=False), st)
+            eta, l_sd = 0.0 if name == "rapo0" else 0.5, rapo.make_sd_loss(teacher, ro, distill, cfg, 50, 2.0, n_sd, st)
+            extra = lambda mb, eta=eta, l_sd=l_sd: eta * l_sd(mb)  # noqa: E731 (05's Eq. 15 term)
         model.zero_grad()
         grpo.accumulate_gradients(model, ro, cfg, extra_loss=extra)
         grads[name] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
@@ -195,8 +196,7 @@ def test_sd_loss_is_invariant_to_micro_batching(tiny_model_dir):
         teacher = rapo.Teacher(model, "base", True)
         distill = {1: prompts[1], 6: prompts[0]}
         st = {"sd_loss": 0.0, "sd_kl": 0.0, "topk_mass": 0.0, "sd_tokens": 0.0}
-        extra = rapo.make_sd_loss(teacher, ro, distill, cfg, 1.0, 30, 2.0, float(len(comps[1]) + len(comps[6])),
-                                  torch.autocast("cpu", enabled=False), st)
+        extra = rapo.make_sd_loss(teacher, ro, distill, cfg, 30, 2.0, float(len(comps[1]) + len(comps[6])), st)  # eta = 1
         model.zero_grad()
         res = grpo.accumulate_gradients(model, ro, cfg, extra_loss=extra)
         out.append((res["extra"], torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))

@@ -8,6 +8,8 @@ import torch
 from conftest import load_stage
 
 import common  # noqa: E402
+import speed  # noqa: E402
+import training  # noqa: E402
 
 g = load_stage("04_grpo")
 
@@ -21,7 +23,7 @@ def make_model(folder, lora: bool):
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(0)
-        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=g.LORA_TARGETS, init_lora_weights=False)  # B != 0
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=training.LORA_TARGETS, init_lora_weights=False)  # B != 0
         model = get_peft_model(model, cfg)
     model.train()
     return model, tok
@@ -57,7 +59,7 @@ def test_logps_and_gradients_equal_plain_path(tiny_model_dir, lora, case):
     res = {}
     for shared in (False, True):
         cfg = g.LossConfig(pad_id=tok.pad_token_id, temperature=0.8, beta=0.1, micro_batch=64, shared_prefix=shared)
-        lp, cmask = g.completion_logps(model, prompts, comps, tok.pad_token_id, 0.8, shared)
+        lp, _, cmask = g.logps_fn(cfg)(model, prompts, comps, tok.pad_token_id, 0.8)
         ro.logp_ref = [x - 0.05 for x in g.sequence_logps(model, ro, cfg)]  # a reference != policy: KL term active
         ro.logp_old = [x + 0.1 for x in g.sequence_logps(model, ro, cfg)]  # rho != 1
         model.zero_grad(set_to_none=True)
@@ -83,7 +85,7 @@ def test_micro_batches_hold_whole_groups():
     assert g.micro_batches(prompts, 6, True) == [list(range(0, 4)), list(range(4, 8)), list(range(8, 12))]
     assert g.micro_batches(prompts, 3, True) == [[0, 1, 2], [3], [4, 5, 6], [7], [8, 9, 10], [11]]  # G > size: split
     assert g.micro_batches(prompts, 5, False) == [list(range(0, 5)), list(range(5, 10)), [10, 11]]
-    assert g.prefix_runs(prompts) == [(0, 4), (4, 8), (8, 12)]
+    assert speed.prefix_runs(prompts) == [(0, 4), (4, 8), (8, 12)]
 
 
 def test_extra_loss_sees_same_logits(tiny_model_dir):
@@ -147,8 +149,8 @@ def test_rollout_with_merged_lora_equals_unmerged_and_restores_weights(tiny_mode
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     prompts, _ = groups([3, 12, 7], [1])
     kw = dict(max_new_tokens=10, temperature=0.0, batch_size=64)
-    plain = g.rollout(model, tok, prompts, 2, merge_lora=False, **kw)
-    merged = g.rollout(model, tok, prompts, 2, merge_lora=True, **kw)
+    plain = speed.rollout(model, tok, prompts, 2, merge_lora=False, **kw)
+    merged = speed.rollout(model, tok, prompts, 2, merge_lora=True, **kw)
     assert merged == plain
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     from peft.tuners.lora import LoraLayer

@@ -128,7 +128,7 @@ def test_hf_rollout_samples_only_the_given_parameters(vmodel_dir, temperature, t
     assert expected[first_token_prompt(tok)[-6]] > 0.2  # the in-prompt token carries mass: a penalty would show
     torch.manual_seed(0)
     comps = grpo.rollout(model, tok, [first_token_prompt(tok)] * 40, N_DRAWS // 40, max_new_tokens=1,
-                         temperature=temperature, top_p=top_p, batch_size=N_DRAWS, merge_lora=False)
+                         temperature=temperature, top_p=top_p, batch_size=N_DRAWS)
     assert_frequencies([c[0] for c in comps], expected, f"hf rollout T={temperature} top_p={top_p}")
     assert model.generation_config.repetition_penalty == 1.05  # restored after the call
 
@@ -245,7 +245,7 @@ def test_eval_with_vllm_adapter_policy(vtrain_dir, turns_file, tmp_path):
     make = ("import sys, common; from peft import LoraConfig, get_peft_model; "
             "from transformers import AutoModelForCausalLM; "
             "m = get_peft_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]), LoraConfig(r=8, lora_alpha=16, "
-            "target_modules=common.load_stage('04_grpo').LORA_TARGETS, init_lora_weights=False)); "
+            "target_modules=__import__('training').LORA_TARGETS, init_lora_weights=False)); "
             "m.save_pretrained(sys.argv[2])")
     subprocess.run([sys.executable, "-c", make, str(vtrain_dir), str(tmp_path / "adapter")], cwd=ROOT, check=True,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, timeout=300)
