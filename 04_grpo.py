@@ -481,22 +481,11 @@ def grpo_step(model, train_model, optimizer, scheduler, ro: Rollouts, cfg: LossC
 # The training loop
 
 
-def load_fixed_rollouts(path: str, G: int) -> list[dict]:
-    """--rollouts-file: groups {prompt_ids, completions [[ids] x G], rewards [G]}, validated."""
-    recs = common.read_jsonl(path, required=("prompt_ids", "completions", "rewards"))
-    check(len(recs) > 0, f"{path}: no groups")
-    for i, r in enumerate(recs, 1):
-        check(len(r["completions"]) == G and len(r["rewards"]) == G,
-              f"{path}: line {i}: 'completions' and 'rewards' need --group-size={G} entries")
-        check(all(len(c) >= 1 for c in r["completions"]), f"{path}: line {i}: empty completion in 'completions'")
-    return recs
-
-
 def main(argv=None):
     args = parse_args(argv)
     out, G = Path(args.out), args.group_size
     policy_path = training.check_run_dir(args)  # validation before any work
-    fixed = load_fixed_rollouts(args.rollouts_file, G) if args.rollouts_file else None
+    fixed = training.load_fixed_groups(args.rollouts_file, G, "rewards") if args.rollouts_file else None
     turns = None if fixed else common.load_turns(args.data, split="train", learn_only=args.learn_only,
                                                  max_chars=args.max_message_chars)
     dist = training.init_run(args, turns, fixed)

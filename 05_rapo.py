@@ -366,22 +366,11 @@ def parse_args(argv=None):
     return args
 
 
-def load_fixed_groups(path: str, G: int) -> list[dict]:
-    """--rollouts-file for RAPO: groups {prompt_ids, completions [G], scores [G] or null (a failed group),
-    teacher_prompt_ids (ids of the teacher's prompt for the worst candidate) or null}."""
-    recs = common.read_jsonl(path, required=("prompt_ids", "completions", "scores"))
-    check(len(recs) > 0, f"{path}: no groups")
-    for i, r in enumerate(recs, 1):
-        check(len(r["completions"]) == G and (r["scores"] is None or len(r["scores"]) == G),
-              f"{path}: line {i}: 'completions' and 'scores' need --group-size={G} entries")
-    return recs
-
-
 def main(argv=None):
     args = parse_args(argv)
     out, G = Path(args.out), args.group_size
     policy_path = training.check_run_dir(args)  # validation before any work
-    fixed = load_fixed_groups(args.rollouts_file, G) if args.rollouts_file else None
+    fixed = training.load_fixed_groups(args.rollouts_file, G, "scores") if args.rollouts_file else None
     turns = None
     if not fixed:
         turns = common.load_turns(args.data, split="train", learn_only=args.learn_only, max_chars=args.max_message_chars)

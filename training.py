@@ -184,6 +184,19 @@ def init_run(args, turns: list[dict] | None, fixed: list[dict] | None) -> common
     return dist
 
 
+def load_fixed_groups(path: str, G: int, scores: str) -> list[dict]:
+    """--rollouts-file: groups {prompt_ids, completions [[ids] x G], <scores> [G]}, validated. 04: scores =
+    "rewards"; 05: "scores", null for a failed group, and teacher_prompt_ids (the teacher's prompt for the
+    worst candidate) or null."""
+    recs = common.read_jsonl(path, required=("prompt_ids", "completions", scores))
+    check(len(recs) > 0, f"{path}: no groups")
+    for i, r in enumerate(recs, 1):
+        check(len(r["completions"]) == G and (len(r[scores]) == G if r[scores] is not None else scores == "scores"),
+              f"{path}: line {i}: 'completions' and '{scores}' need --group-size={G} entries")
+        check(all(len(c) >= 1 for c in r["completions"]), f"{path}: line {i}: empty completion in 'completions'")
+    return recs
+
+
 def run_inputs(args) -> tuple[str, ...]:
     """The flags naming the run's input files/folders, hashed into every checkpoint (checked on --resume)."""
     if args.rollouts_file:
