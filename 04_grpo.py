@@ -439,10 +439,10 @@ def accumulate_gradients(train_model, ro: Rollouts, cfg: LossConfig, dist: commo
     counts = torch.tensor([float(sum(len(c) for c in ro.completions)), float(len(ro.completions))], dtype=torch.float64)
     n_tokens, n_seqs = common.all_reduce_sum(counts.to(device), dist).tolist()  # every micro-batch divides by these
     mbs = micro_batches(ro.prompts, cfg.micro_batch, cfg.shared_prefix)
+    ddp = isinstance(train_model, torch.nn.parallel.DistributedDataParallel)
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # read once at the end: no host wait per micro-batch
     for k, idx in enumerate(mbs):
-        last = k == len(mbs) - 1
-        with train_model.no_sync() if dist.world > 1 and not last else nullcontext():  # DDP: sync on the last only
+        with train_model.no_sync() if ddp and k < len(mbs) - 1 else nullcontext():  # DDP: sync on the last only
             mb = forward(train_model, ro, idx, cfg, n_tokens, n_seqs)
             loss = grpo_loss(mb, cfg)
             extra = extra_loss(mb) if extra_loss is not None else torch.zeros((), device=device)
@@ -484,13 +484,7 @@ def grpo_step(model, train_model, optimizer, scheduler, ro: Rollouts, cfg: LossC
 def main(argv=None):
     args = parse_args(argv)
     out, G = Path(args.out), args.group_size
-    policy_path = training.check_run_dir(args)  # validation before any work
-    fixed = training.load_fixed_groups(args.rollouts_file, G, "rewards") if args.rollouts_file else None
-    turns = None if fixed else common.load_turns(args.data, split="train", learn_only=args.learn_only,
-                                                 max_chars=args.max_message_chars)
-    dist = training.init_run(args, turns, fixed)
-    common.lock_out(out, dist)  # one run at a time on --out
-    inputs = common.input_digests(args, training.run_inputs(args))
+    dist, turns, fixed, inputs, policy_path = training.start_run(args, "rewards")  # all checks before any work
     rm_fn = None if args.rm == "none" or fixed else make_rm_scorer(args.rm, dist.device, common.resolve_dtype(
         args.dtype, dist.device), args.rm_batch_size)
     engine = speed.VLLMRollout(policy_path, args, dist) if args.rollout == "vllm" else None  # before the seeding

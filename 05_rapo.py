@@ -369,16 +369,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     out, G = Path(args.out), args.group_size
-    policy_path = training.check_run_dir(args)  # validation before any work
-    fixed = training.load_fixed_groups(args.rollouts_file, G, "scores") if args.rollouts_file else None
-    turns = None
-    if not fixed:
-        turns = common.load_turns(args.data, split="train", learn_only=args.learn_only, max_chars=args.max_message_chars)
-        check(len(turns) > 0, f"{args.data}: no train turns with learn == true (run 01_select.py with a judge, "
-              "or pass --all-turns)")
-    dist = training.init_run(args, turns, fixed)
-    common.lock_out(out, dist)  # one run at a time on --out
-    inputs = common.input_digests(args, training.run_inputs(args))
+    dist, turns, fixed, inputs, policy_path = training.start_run(args, "scores")  # all checks before any work
     seeker = grm = None
     if not fixed:  # the role models (each its own engine; roles on one spec share it)
         if args.reward == "reaction":

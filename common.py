@@ -1133,15 +1133,38 @@ def logit_blocks(logits: torch.Tensor, *others: torch.Tensor, budget: int = LOGI
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, budget: int = LOGITS_BLOCK,
                           temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature)[..., index] in fp32 without a full [B, T, V] log-softmax (or scaled
-    copy of the logits) in memory at once: equal to
+    or fp32 copy of the logits) in memory at once: equal to
         torch.log_softmax(logits.float() / temperature, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
     logits [B, T, V], index [B, T] -> [B, T]; logit_blocks() of at most `budget` elements, logsumexp per
-    position."""
-    out = []
-    for lg, ix in logit_blocks(logits, index, budget=budget):
-        lg = lg / temperature if temperature != 1.0 else lg
-        out.append(lg.gather(-1, ix.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
-    return _unblock(out, logits.shape)
+    position. Differentiable: the backward recomputes each block's softmax from the logits themselves (no copy
+    of them is saved between forward and backward; tests/test_common.py checks values and gradients)."""
+    return _SelectiveLogSoftmax.apply(logits, index, temperature, budget)
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, index, temperature, budget):
+        out, lse = [], []
+        for lg, ix in logit_blocks(logits, index, budget=budget):
+            lg = lg / temperature if temperature != 1.0 else lg
+            z = torch.logsumexp(lg, dim=-1)
+            out.append(lg.gather(-1, ix.unsqueeze(-1)).squeeze(-1) - z)
+            lse.append(z)
+        ctx.save_for_backward(logits, index, _unblock(lse, logits.shape))
+        ctx.temperature, ctx.budget = temperature, budget
+        return _unblock(out, logits.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        """d out_t / d logits_tv = (1[v = index_t] - p_tv) / T, block by block into one [B, T, V] gradient."""
+        logits, index, lse = ctx.saved_tensors
+        T = ctx.temperature
+        g = torch.empty_like(logits)
+        for lg, ix, z, gr, slot in logit_blocks(logits, index, lse, grad.float(), g, budget=ctx.budget):
+            gr = gr.unsqueeze(-1) / T  # [r, c, 1]
+            d = -torch.exp((lg / T if T != 1.0 else lg) - z.unsqueeze(-1)) * gr
+            slot.copy_(d.scatter_add_(-1, ix.unsqueeze(-1), gr))
+        return g, None, None, None
 
 
 @torch.no_grad()

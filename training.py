@@ -168,10 +168,18 @@ def check_run_dir(args) -> str:
     return policy_path
 
 
-def init_run(args, turns: list[dict] | None, fixed: list[dict] | None) -> common.Dist:
-    """Check the prompts against the step size (cutting them to --max-examples in place), then set up the
-    process group and check that prompts and fixed groups divide over the ranks."""
-    if turns is not None:
+def start_run(args, scores: str):
+    """Everything a training run does before its models load: --out and the policy spec checked, the train
+    prompts (or the --rollouts-file groups, whose rewards are under `scores`) loaded and checked against the
+    step size and the ranks, the process group, the --out lock (one run at a time) and the input hashes.
+    Returns (dist, turns or None, fixed groups or None, input hashes, the policy's path)."""
+    policy_path = check_run_dir(args)
+    fixed = load_fixed_groups(args.rollouts_file, args.group_size, scores) if args.rollouts_file else None
+    turns = None
+    if not fixed:
+        turns = common.load_turns(args.data, split="train", learn_only=args.learn_only, max_chars=args.max_message_chars)
+        check(len(turns) > 0, f"{args.data}: no train turns" + (" with learn == true (run 01_select.py with a judge, or "
+                                                               "pass --all-turns)" if args.learn_only else ""))
         if args.max_examples:
             del turns[args.max_examples:]
         check(len(turns) >= args.prompts_per_step,
@@ -179,9 +187,10 @@ def init_run(args, turns: list[dict] | None, fixed: list[dict] | None) -> common
     dist = common.init_dist(args.device)
     check(args.prompts_per_step % dist.world == 0, f"--prompts-per-step {args.prompts_per_step} must be divisible by "
           f"the number of ranks ({dist.world})")
-    if fixed is not None:
+    if fixed:
         check(len(fixed) % dist.world == 0, f"{args.rollouts_file}: {len(fixed)} groups, not divisible by {dist.world} ranks")
-    return dist
+    common.lock_out(args.out, dist)
+    return dist, turns, fixed, common.input_digests(args, run_inputs(args)), policy_path
 
 
 def load_fixed_groups(path: str, G: int, scores: str) -> list[dict]:

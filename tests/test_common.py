@@ -248,3 +248,25 @@ def test_blockwise_log_softmax_and_entropy_match_full(budget):
     p = torch.softmax(ref_logits.detach(), -1)
     ent = -(p * torch.log(p)).sum(-1)
     assert torch.allclose(common.softmax_entropy(logits, budget=budget), ent, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [10**9, 2 * 11, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blockwise_log_softmax_with_temperature_matches_full(budget, dtype):
+    """The speed path's log-probs at T != 1 (04's default 1.1): values and gradients equal a full fp32
+    log_softmax(logits / T), for fp32 and bf16 logits (the gradient comes back in the logits' dtype)."""
+    torch.manual_seed(1)
+    T = 1.1
+    logits = (3 * torch.randn(3, 5, 11)).to(dtype).requires_grad_()
+    index = torch.randint(0, 11, (3, 5))
+    lp = common.selective_log_softmax(logits, index, budget=budget, temperature=T)
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref = torch.log_softmax(ref_logits.float() / T, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    assert lp.dtype == torch.float32 and torch.allclose(lp, ref, atol=1e-5)
+    w = torch.randn(3, 5)
+    (lp * w).sum().backward()
+    (ref * w).sum().backward()
+    assert logits.grad.dtype == dtype
+    assert torch.allclose(logits.grad.float(), ref_logits.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+    p = torch.softmax(ref_logits.detach().float() / T, -1)
+    assert torch.allclose(common.softmax_entropy(logits, budget=budget, temperature=T), -(p * p.log()).sum(-1), atol=1e-4)
