@@ -263,8 +263,10 @@ def completion_logps(model, prompts: list[list[int]], completions: list[list[int
     C = cmask.shape[1]
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=C + 1,
                    use_cache=False).logits[:, :-1]  # [n, C, V]
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [n, C, V]
-    return logp.gather(-1, ids[:, -C:].unsqueeze(-1)).squeeze(-1), logits, cmask
+    # log_softmax(logits / T) gathered at the completion tokens: common.selective_log_softmax is exactly
+    #   torch.log_softmax(logits.float() / T, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    # taken in blocks, so that no fp32 [n, C, V] copy is held (tests/test_common.py)
+    return common.selective_log_softmax(logits, ids[:, -C:], temperature=temperature), logits, cmask
 
 
 def micro_batches(prompts: list[list[int]], size: int, shared_prefix: bool) -> list[list[int]]:

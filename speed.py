@@ -7,8 +7,7 @@ how a step gets fast. Each twin names the test that holds it to its plain versio
 
   shared_prefix_logps  ~ grpo.completion_logps   each distinct context runs ONCE per micro-batch and its G
                          completions attend to its keys/values (ESC batches: long contexts, short replies,
-                         so most of the plain path's work is the same context G times); the log-softmax in
-                         blocks (common.selective_log_softmax: no [n, C, V] fp32 copy held)
+                         so most of the plain path's work is the same context G times)
                          (tests/test_shared_prefix.py)
   group_micro_batches  ~ grpo.micro_batches       micro-batches that hold whole groups, so the above runs each
                          context once per micro-batch (tests/test_shared_prefix.py)
