@@ -134,7 +134,7 @@ class Scripted(common.Backend):
 
 def one_hot_critic(traces):
     """The critic gives case i at supporter turn t the score traces[i][t-1], as a one-hot option distribution."""
-    values = [v for _, v in common.CRITIC_OPTIONS]
+    values = [v for _, v in ev.simulate.CRITIC_OPTIONS]
 
     def ll(chat, options):
         text = chat[-1]["content"]
@@ -158,7 +158,7 @@ def test_success_rate_turns_reward_and_sr_at_t_on_scripted_critic_traces():
     policy = Scripted(text_fn=lambda c: "<think>plan</think>I hear you.")
     seeker = Scripted(text_fn=lambda c: "ok")
     critic = Scripted(ll_fn=one_hot_critic(traces))
-    roles = common.Roles(policy=policy, seeker=seeker, critic=critic)
+    roles = ev.simulate.Roles(policy=policy, seeker=seeker, critic=critic)
     recs = ev.interactive_chunk(roles, "p", make_cases(4), max_turns=4, theta=0.5, seed=0)
     assert [r["success"] for r in recs] == [True, True, False, False]
     assert [r["end_turn"] for r in recs] == [1, 3, 4, 4]
@@ -182,7 +182,7 @@ def test_success_rate_turns_reward_and_sr_at_t_on_scripted_critic_traces():
 def test_roleplay_runs_fixed_rounds_and_is_judged():
     policy, seeker = Scripted(text_fn=lambda c: "tell me more"), Scripted(text_fn=lambda c: "well")
     judge = Scripted(ll_fn=lambda c, o: [0.0, -1e9, -1e9, -1e9, 0.0])  # p(0) = p(4) = 1/2 -> expected 2
-    roles = common.Roles(policy=policy, seeker=seeker, critic=None)
+    roles = ev.simulate.Roles(policy=policy, seeker=seeker, critic=None)
     recs = ev.roleplay_chunk(roles, judge, "p", make_cases(3), rounds=5, judge_mode="likelihood", retries=0,
                              judge_max_new_tokens=16, seed=0)
     assert [len(r["messages"]) for r in recs] == [11, 11, 11]  # opening + 5 x (supporter, seeker)

@@ -101,7 +101,7 @@ def cards(n):
 def test_esc_eval_greeting_then_five_rounds_seeker_first():
     policy, seeker = Recorder(numbered("policy")), Recorder(numbered("seeker"))
     judge = Recorder(ll_fn=lambda c, o: [0.0] * len(o))  # uniform over 0..4 -> expected 2
-    roles = common.Roles(policy=policy, seeker=seeker, critic=None, policy_system="SYS")
+    roles = ev.simulate.Roles(policy=policy, seeker=seeker, critic=None, policy_system="SYS")
     recs = ev.esc_eval_chunk(roles, {d: judge for d in ev.ESC_DIMS}, "p", cards(3), rounds=5, judge_mode="likelihood",
                              retries=0, judge_max_new_tokens=4, seed=0)
     for r in recs:
@@ -138,7 +138,7 @@ def test_esc_eval_per_dimension_judges_get_only_their_dimension():
         return made[spec]
     judges = ev.dim_backends("hf:/models/ESC-RANK/{dim}_en", ev.ESC_DIMS, make)
     assert sorted(made) == sorted(f"hf:/models/ESC-RANK/{d}_en" for d in ev.ESC_DIM_KEYS)
-    roles = common.Roles(policy=Recorder(numbered("policy")), seeker=Recorder(numbered("seeker")), critic=None)
+    roles = ev.simulate.Roles(policy=Recorder(numbered("policy")), seeker=Recorder(numbered("seeker")), critic=None)
     recs = ev.esc_eval_chunk(roles, judges, "p", cards(2), rounds=1, judge_mode="generate", retries=1,
                              judge_max_new_tokens=4, seed=0)
     for d, (name, rubric) in ev.ESC_DIMS.items():
@@ -157,7 +157,7 @@ def test_emoharbor_user_opens_and_rates_as_itself():
             "profile": profile}
     policy, user = Recorder(numbered("policy")), Recorder(numbered("seeker"))
     rater = Recorder(ll_fn=lambda c, o: list(np.log([0.1, 0.1, 0.2, 0.2, 0.4])))  # E = .1+.2+.6+.8+2.0 = 3.7
-    roles = common.Roles(policy=policy, seeker=user, critic=None, policy_system=None)
+    roles = ev.simulate.Roles(policy=policy, seeker=user, critic=None, policy_system=None)
     [r] = ev.emoharbor_chunk(roles, {d: rater for d in ev.EH_DIMS}, "p", [case], rounds=3, judge_mode="likelihood",
                              retries=0, judge_max_new_tokens=4, seed=0)
     assert [x["role"] for x in r["messages"]] == ["user", "assistant"] * 3  # the user opens, 3 rounds

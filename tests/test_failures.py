@@ -108,8 +108,8 @@ def test_http_500_is_retried_then_stops(server_500):
 
 def test_unparseable_answers_are_retried_recorded_and_counted(server_garbage):
     b = common.OpenAIBackend("m", server_garbage.url, concurrency=2, timeout=5.0, retries=0)
-    res = common.ask_json(b, common.select_chats([{"context": [{"role": "user", "content": "hi"}], "target": "hello"}] * 2),
-                          common.validate_select, retries=1)
+    res = common.ask_json(b, select.select_chats([{"context": [{"role": "user", "content": "hi"}], "target": "hello"}] * 2),
+                          select.validate_select, retries=1)
     assert res.values == [None, None] and res.failed == 2 and res.retried == 2
     assert res.raw == ["I think so, yes."] * 2 and server_garbage.hits == 4
 

@@ -98,7 +98,7 @@ def test_lockstep_one_call_per_role_per_round():
     T, m = 4, 3
     success = {"ctx0 c0": 1, "ctx0 c1": 2, "ctx1 c0": 3, "ctx1 c2": 1}  # ctx0 c2, ctx1 c1: never
     pol, see, cri = Recording("policy"), Recording("seeker"), Recording("critic", success)
-    roles = common.Roles(policy=pol, seeker=see, critic=cri)
+    roles = sim.Roles(policy=pol, seeker=see, critic=cri)
     turns = [{"id": f"d{k}-t01", "dialog_id": f"d{k}", "context": [{"role": "user", "content": f"ctx{k}"}],
               "situation": "s", "emotion_type": "e", "problem_type": "p"} for k in range(2)]
     recs = sim.simulate_chunk(roles, turns, m=m, max_turns=T, theta=0.5, seed=0, cand_kw={}, lambda_eff=0.5, delta=1.2)
