@@ -84,18 +84,8 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=64, help="length limit of a supporter reply in tokens (paper: not given; ours: 64)")
     g.add_argument("--supporter-temperature", type=float, default=1.0,
                    help="temperature of supporter turns 2..T (paper: not given; the ESC model's 1.0)")
-    g = p.add_argument_group("seeker")
-    g.add_argument("--seeker-temperature", type=float, default=0.7, help="seeker temperature (PPDPP: 0.7)")
-    g.add_argument("--seeker-top-p", type=float, default=0.9, help="seeker top-p (ours: 0.9)")
-    g.add_argument("--seeker-max-new-tokens", type=int, default=48, help="length limit of a seeker message in tokens (ours: 48)")
-    g = p.add_argument_group("critic and stopping")
-    g.add_argument("--critic-mode", default="auto", choices=["auto", "likelihood", "sample"],
-                   help="likelihood: exact expectation over the four options; sample: PPDPP's n samples; "
-                        "auto = likelihood for hf:/vllm: critics, sample for openai:")
-    g.add_argument("--critic-samples", type=int, default=10, help="samples per judgement in sample mode (PPDPP: 10)")
-    g.add_argument("--critic-temperature", type=float, default=1.1, help="critic temperature in sample mode (PPDPP: 1.1)")
-    g.add_argument("--max-turns", type=int, default=8, help="T: supporter turns per simulation, candidate included (paper: 8)")
-    g.add_argument("--theta", type=float, default=0.5, help="success when the critic score c_t > theta (PPDPP: 0.5; DPDP: 0.1)")
+    add_simulation_args(p.add_argument_group("seeker"), p.add_argument_group("critic and stopping"),
+                        "T: supporter turns per simulation, candidate included (paper: 8)")
     g = p.add_argument_group("future reward and label (recomputed at the end of every run)")
     g.add_argument("--lambda-eff", type=float, default=0.5, help="weight of the efficiency bonus in r_fut (ours: 0.5)")
     g.add_argument("--delta", type=float, default=0.5, help="label = 1[r_fut > delta] (ours: 0.5)")
@@ -121,6 +111,37 @@ def parse_args(argv=None):
     for role in ("policy", "seeker", "critic"):
         common.check_model_path(getattr(args, role), f"--{role}")
     return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings shared with 06_eval.py: the simulation's flags, and the check that a re-run keeps its settings
+
+
+def add_simulation_args(seeker, critic, max_turns_help: str):
+    """The lock-step simulation's flags, shared with 06_eval.py: the seeker's sampling (on argument group `seeker`),
+    PPDPP's critic and the stopping rule (on group `critic`). Each stage checks their values in its parse_args."""
+    seeker.add_argument("--seeker-temperature", type=float, default=0.7, help="seeker temperature (PPDPP: 0.7)")
+    seeker.add_argument("--seeker-top-p", type=float, default=0.9, help="seeker top-p (ours: 0.9)")
+    seeker.add_argument("--seeker-max-new-tokens", type=int, default=48,
+                        help="length limit of a seeker message in tokens (ours: 48)")
+    critic.add_argument("--critic-mode", default="auto", choices=["auto", "likelihood", "sample"],
+                        help="likelihood: exact expectation over the four options; sample: PPDPP's n samples; "
+                             "auto = likelihood for hf:/vllm: critics, sample for openai:")
+    critic.add_argument("--critic-samples", type=int, default=10, help="samples per judgement in sample mode (PPDPP: 10)")
+    critic.add_argument("--critic-temperature", type=float, default=1.1,
+                        help="critic temperature in sample mode (PPDPP: 1.1)")
+    critic.add_argument("--max-turns", type=int, default=8, help=max_turns_help)
+    critic.add_argument("--theta", type=float, default=0.5,
+                        help="success when the critic score c_t > theta (PPDPP: 0.5; DPDP: 0.1)")
+
+
+def check_resume_settings(args, out_dir: Path, n_done: int, inputs: dict, keys: tuple[str, ...] = SIM_KEYS,
+                          stage: str = "02_simulate", what: str = "rollouts",
+                          note: str = "--delta and --lambda-eff may change: they only relabel"):
+    """Resuming with another input or other settings (`keys` of args) would mix two experiments in one file:
+    refuse with one line (on every rank alike, so all stop together). 06_eval.py checks its protocol with it."""
+    common.check_resumed_output(out_dir / "args.json", stage, n_done,
+                                {"inputs": inputs, **{k: getattr(args, k) for k in keys}}, what, note)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -421,11 +442,7 @@ def main(argv=None):
     dist = common.init_dist(args.device)
     common.lock_out(out_dir, dist)  # one run at a time on --out
     done = set() if args.overwrite or not out_dir.exists() else common.ResumableOutput(out_dir, "rollouts.jsonl").done
-    # resuming with another input or other simulation settings would mix two experiments in one file: refuse
-    # (on every rank alike, so all stop together)
-    common.check_resumed_output(out_dir / "args.json", "02_simulate", len(done),
-                                {"inputs": inputs, **{k: getattr(args, k) for k in SIM_KEYS}}, "rollouts",
-                                "--delta and --lambda-eff may change: they only relabel")
+    check_resume_settings(args, out_dir, len(done), inputs)  # same input and simulation settings, else stop
     all_chunks = common.chunks(turns, C)  # chunk k = contexts [k*C, (k+1)*C)
     todo_all = [k for k, ch in enumerate(all_chunks) if not all(c in done for t in ch for c in candidate_ids(t, m))]
 

@@ -87,7 +87,7 @@ import torch
 import common
 from common import InputError, check
 
-simulate = common.load_stage("02_simulate")  # the lock-step simulation, its roles and PPDPP's critic
+simulate = common.load_stage("02_simulate")  # the lock-step simulation, PPDPP's critic and their flags
 rapo = common.load_stage("05_rapo")  # RUBRIC: the pairwise judge compares replies by RAPO's criteria
 
 PARTS = ("reference", "interactive", "judge", "pairwise", "esc-eval", "emoharbor")
@@ -148,17 +148,8 @@ def parse_args(argv=None):
                         "model, as RAPO used GPT-4o for both); same spec forms as --judge, '{dim}' included")
     g.add_argument("--user-judge-base-url", default=None, help="base URL for an openai: --user-judge")
     common.add_decoder_arg(g)
-    g.add_argument("--seeker-temperature", type=float, default=0.7, help="seeker temperature (PPDPP: 0.7)")
-    g.add_argument("--seeker-top-p", type=float, default=0.9, help="seeker top-p")
-    g.add_argument("--seeker-max-new-tokens", type=int, default=48, help="length limit of a seeker message")
-    g = p.add_argument_group("interactive success (PPDPP protocol)")
-    g.add_argument("--critic-mode", default="auto", choices=["auto", "likelihood", "sample"],
-                   help="likelihood: exact expectation over the four options; sample: PPDPP's n samples; "
-                        "auto = likelihood for hf:/vllm: critics, sample for openai:")
-    g.add_argument("--critic-samples", type=int, default=10, help="samples per judgement in sample mode (PPDPP: 10)")
-    g.add_argument("--critic-temperature", type=float, default=1.1, help="critic temperature in sample mode (PPDPP: 1.1)")
-    g.add_argument("--max-turns", type=int, default=8, help="T: supporter turns before a failure (PPDPP, RLFF-ESC: 8)")
-    g.add_argument("--theta", type=float, default=0.5, help="success when the critic score c_t > theta (PPDPP: 0.5; DPDP: 0.1)")
+    simulate.add_simulation_args(g, p.add_argument_group("interactive success (PPDPP protocol)"),
+                                 "T: supporter turns before a failure (PPDPP, RLFF-ESC: 8)")
     g = p.add_argument_group("judge dimensions and pairwise preference")
     g.add_argument("--judge-mode", default="auto", choices=["auto", "likelihood", "generate"],
                    help="likelihood: expected score from the digits' log-likelihoods; generate: JSON answers "
@@ -1312,8 +1303,7 @@ def policy_digests(policies: list[tuple[str, str]]) -> dict[str, dict]:
 def check_resume_settings(args, out_dir: Path, n_done: int, inputs: dict, policies: dict):
     """Resuming with another test file, other protocol settings, or another model under an earlier policy label
     would mix two evaluations in one folder: refuse (a new label only adds its records)."""
-    common.check_resumed_output(out_dir / "args.json", "06_eval", n_done,
-                                {"inputs": inputs, **{k: getattr(args, k) for k in EVAL_KEYS}})
+    simulate.check_resume_settings(args, out_dir, n_done, inputs, EVAL_KEYS, "06_eval", "records", note="")
     if not n_done:
         return
     prev = json.loads((out_dir / "args.json").read_text(encoding="utf-8")).get("policies", {})
