@@ -3,16 +3,12 @@ and end-to-end runs on the tiny model: degenerate-label error + relabel without 
 interrupted run, and a 2-rank gloo torchrun run equal to the 1-process run."""
 import json
 import math
-import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 
 import common
-from conftest import ROOT, load_stage
+from conftest import load_stage, run_script
 
 sim = load_stage("02_simulate")
 
@@ -126,18 +122,8 @@ def test_lockstep_one_call_per_role_per_round():
 # End to end on the tiny model (subprocesses, one thread each so runs compare byte for byte)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run02(args, nproc=1):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    pre = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                                              f"--master-port={free_port()}"]
-    return subprocess.run(pre + [str(ROOT / "02_simulate.py"), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_script("02_simulate.py", *args, nproc=nproc, timeout=600, check=False)
 
 
 @pytest.fixture(scope="module")
