@@ -8,8 +8,9 @@ environment, not on people.
 Choose it with the spec `scripted` for a role (`--critic scripted`, `--grm scripted`, `--seeker scripted`);
 common.make_backend builds a ScriptedBackend, which implements the Backend interface of the LLM roles, so the
 stages need no special case. It reads the same prompts an LLM would read (the roles' templates, inverted by
-`unformat`: the critic's in 02_simulate.py, the GRM's and the rubric judge's in 05_rapo.py, the seeker's in common) and answers in the same form: the critic's option log-likelihoods (or sampled option texts),
-the GRM's JSON, the seeker's message.
+`unformat`: the critic's in 02_simulate.py, the GRM's and the rubric judge's in 05_rapo.py, the seeker's in
+common.py) and answers in the same form: the critic's option log-likelihoods (or sampled option texts), the GRM's
+JSON, the seeker's message.
 
 THE RULES (fixed before any experiment; a reader checks each in a few lines below)
 Each supporter reply y that answers a seeker message gets a score d(y) = the sum of the terms that apply:
