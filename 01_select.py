@@ -68,6 +68,44 @@ def parse_args(argv=None):
     return args
 
 
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the hindsight-selection judge (RAPO section 3.2, Eq. 8): its prompt (our words) and its answer
+
+SELECT_PROMPT = (
+    "You curate training data for an emotional-support assistant. Decide whether the assistant reply below "
+    "is worth learning from.\n"
+    "Worth learning: empathy and validation, reflecting feelings, coping strategies, grounding or reframing, "
+    "safety-aware guidance (suggesting professional help when it fits), clarifying questions that move the "
+    "support forward, support tailored to this person.\n"
+    "Not worth learning: greetings, small talk, pleasantries, logistics unrelated to support, bare "
+    "acknowledgements ('ok', 'sure', 'thanks'), repetition without new value, unsafe or judgmental content.\n\n"
+    "Conversation so far:\n{context}\n\nAssistant reply to judge:\n{target}\n\n"
+    "Answer with one JSON object and nothing else, for example {{\"learn\": true, \"reason\": \"validates the "
+    "feeling and asks an open question\"}} or {{\"learn\": false, \"reason\": \"a greeting with no support value\"}}."
+)
+SELECT_PREFIX = '{"learn": '  # likelihood mode compares p(SELECT_PREFIX + "true") with p(SELECT_PREFIX + "false")
+
+
+def select_chats(turns: list[dict]) -> list[list[dict]]:
+    """One question per turn: its context and the reply to judge."""
+    return [[{"role": "user", "content": SELECT_PROMPT.format(context=common.render_dialogue(t["context"]),
+                                                              target=t["target"])}] for t in turns]
+
+
+def validate_select(obj, i):
+    """{learn, reason} from a generate-mode answer (ask_json's validate); ValueError if learn is not a boolean."""
+    learn = obj.get("learn") if isinstance(obj, dict) else None
+    if isinstance(learn, str) and learn.lower() in ("true", "false"):
+        learn = learn.lower() == "true"
+    if not isinstance(learn, bool):
+        raise ValueError("learn must be a boolean")
+    return {"learn": learn, "reason": str(obj.get("reason", ""))}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Turns, and the judge's verdicts on a batch of them
+
+
 def load_all_turns(args) -> list[dict]:
     """Dialogues -> split -> turn records (no model involved)."""
     dialogues = common.load_dialogues(args.data, id_prefix="d", max_chars=args.max_message_chars)
@@ -89,16 +127,16 @@ def judge_batch(backend, batch: list[dict], mode: str, args) -> tuple[list[dict]
     """learn / learn_reason for a batch of turns; returns (updates, retried, failed)."""
     if args.judge_context:
         batch = [dict(t, context=common.last_messages(t["context"], args.judge_context)) for t in batch]
-    chats = common.select_chats(batch)
+    chats = select_chats(batch)
     if mode == "likelihood":
-        pre = common.SELECT_PREFIX
+        pre = SELECT_PREFIX
         ll = backend.option_loglik(chats, [pre + "true", pre + "false"])
         ups = []
         for i in range(len(batch)):
             p = 1.0 / (1.0 + math.exp(ll[i][1] - ll[i][0]))  # p(true) over {true, false}
             ups.append({"learn": p > 0.5, "learn_reason": f"likelihood judge: p(learn)={p:.3f}"})
         return ups, 0, 0
-    res = common.ask_json(backend, chats, common.validate_select, retries=args.retries,
+    res = common.ask_json(backend, chats, validate_select, retries=args.retries,
                           max_new_tokens=args.max_new_tokens, seed=args.seed)
     ups = []
     for v, raw in zip(res.values, res.raw):

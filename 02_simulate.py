@@ -13,7 +13,7 @@ c_end is the last critic score and t_end the supporter turns used. The reward mo
 
 Lock-step batching: within a chunk of --batch-size contexts, the m candidates come from one batched policy
 call (n = m), and all live conversations advance together, one batched call per role per round
-(common.simulate_lockstep); finished conversations drop out.
+(simulate_lockstep); finished conversations drop out.
 
 Deviations and decisions (the summary of the paper gives no formula; see SPEC section 3):
  1. r_fut is our reading of "terminal reward combined with efficiency"; every constant is an option.
@@ -39,6 +39,7 @@ Re-running on the same --out resumes (finished candidates are skipped); --overwr
 """
 import argparse
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -83,18 +84,8 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=64, help="length limit of a supporter reply in tokens (paper: not given; ours: 64)")
     g.add_argument("--supporter-temperature", type=float, default=1.0,
                    help="temperature of supporter turns 2..T (paper: not given; the ESC model's 1.0)")
-    g = p.add_argument_group("seeker")
-    g.add_argument("--seeker-temperature", type=float, default=0.7, help="seeker temperature (PPDPP: 0.7)")
-    g.add_argument("--seeker-top-p", type=float, default=0.9, help="seeker top-p (ours: 0.9)")
-    g.add_argument("--seeker-max-new-tokens", type=int, default=48, help="length limit of a seeker message in tokens (ours: 48)")
-    g = p.add_argument_group("critic and stopping")
-    g.add_argument("--critic-mode", default="auto", choices=["auto", "likelihood", "sample"],
-                   help="likelihood: exact expectation over the four options; sample: PPDPP's n samples; "
-                        "auto = likelihood for hf:/vllm: critics, sample for openai:")
-    g.add_argument("--critic-samples", type=int, default=10, help="samples per judgement in sample mode (PPDPP: 10)")
-    g.add_argument("--critic-temperature", type=float, default=1.1, help="critic temperature in sample mode (PPDPP: 1.1)")
-    g.add_argument("--max-turns", type=int, default=8, help="T: supporter turns per simulation, candidate included (paper: 8)")
-    g.add_argument("--theta", type=float, default=0.5, help="success when the critic score c_t > theta (PPDPP: 0.5; DPDP: 0.1)")
+    add_simulation_args(p.add_argument_group("seeker"), p.add_argument_group("critic and stopping"),
+                        "T: supporter turns per simulation, candidate included (paper: 8)")
     g = p.add_argument_group("future reward and label (recomputed at the end of every run)")
     g.add_argument("--lambda-eff", type=float, default=0.5, help="weight of the efficiency bonus in r_fut (ours: 0.5)")
     g.add_argument("--delta", type=float, default=0.5, help="label = 1[r_fut > delta] (ours: 0.5)")
@@ -120,6 +111,37 @@ def parse_args(argv=None):
     for role in ("policy", "seeker", "critic"):
         common.check_model_path(getattr(args, role), f"--{role}")
     return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings shared with 06_eval.py: the simulation's flags, and the check that a re-run keeps its settings
+
+
+def add_simulation_args(seeker, critic, max_turns_help: str):
+    """The lock-step simulation's flags, shared with 06_eval.py: the seeker's sampling (on argument group `seeker`),
+    PPDPP's critic and the stopping rule (on group `critic`). Each stage checks their values in its parse_args."""
+    seeker.add_argument("--seeker-temperature", type=float, default=0.7, help="seeker temperature (PPDPP: 0.7)")
+    seeker.add_argument("--seeker-top-p", type=float, default=0.9, help="seeker top-p (ours: 0.9)")
+    seeker.add_argument("--seeker-max-new-tokens", type=int, default=48,
+                        help="length limit of a seeker message in tokens (ours: 48)")
+    critic.add_argument("--critic-mode", default="auto", choices=["auto", "likelihood", "sample"],
+                        help="likelihood: exact expectation over the four options; sample: PPDPP's n samples; "
+                             "auto = likelihood for hf:/vllm: critics, sample for openai:")
+    critic.add_argument("--critic-samples", type=int, default=10, help="samples per judgement in sample mode (PPDPP: 10)")
+    critic.add_argument("--critic-temperature", type=float, default=1.1,
+                        help="critic temperature in sample mode (PPDPP: 1.1)")
+    critic.add_argument("--max-turns", type=int, default=8, help=max_turns_help)
+    critic.add_argument("--theta", type=float, default=0.5,
+                        help="success when the critic score c_t > theta (PPDPP: 0.5; DPDP: 0.1)")
+
+
+def check_resume_settings(args, out_dir: Path, n_done: int, inputs: dict, keys: tuple[str, ...] = SIM_KEYS,
+                          stage: str = "02_simulate", what: str = "rollouts",
+                          note: str = "--delta and --lambda-eff may change: they only relabel"):
+    """Resuming with another input or other settings (`keys` of args) would mix two experiments in one file:
+    refuse with one line (on every rank alike, so all stop together). 06_eval.py checks its protocol with it."""
+    common.check_resumed_output(out_dir / "args.json", stage, n_done,
+                                {"inputs": inputs, **{k: getattr(args, k) for k in keys}}, what, note)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,6 +178,123 @@ def label_records(records: list[dict], args) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# The critic (PPDPP): four options for the seeker's state, each with its value (SPEC section 3)
+
+CRITIC_OPTIONS = [("The seeker feels worse.", -1.0), ("The seeker feels the same.", -0.5),
+                  ("The seeker feels better.", 0.5), ("The seeker's issue is solved.", 1.0)]
+CRITIC_PROMPT = (
+    "Read this conversation between a supporter and a help-seeker and judge how the seeker feels now, at "
+    "its end.\n\n{dialogue}\n\nChoose exactly one option:\n"
+    "- The seeker feels worse.\n- The seeker feels the same.\n- The seeker feels better.\n"
+    "- The seeker's issue is solved.\nAnswer with the option only."
+)
+
+
+def critic_chats(histories: list[list[dict]]) -> list[list[dict]]:
+    """One question per dialogue: how does the seeker feel at its end?"""
+    return [[{"role": "user", "content": CRITIC_PROMPT.format(dialogue=common.render_dialogue(h))}] for h in histories]
+
+
+def match_critic_option(text: str) -> float | None:
+    """Value of the first option the text names (sample mode), or None."""
+    t = text.lower()
+    keys = [("worse", -1.0), ("the same", -0.5), ("solved", 1.0), ("better", 0.5)]
+    hits = [(t.find(k), v) for k, v in keys if k in t]
+    return min(hits)[1] if hits else None
+
+
+def critic_scores(backend: common.Backend, histories: list[list[dict]], mode: str = "likelihood", n: int = 10,
+                  temperature: float = 1.1, seed: int | None = None) -> list[float]:
+    """Critic score in [-1, 1] of each dialogue, one batched call.
+
+    likelihood: sum_k p_k v_k with p_k = softmax over the four options of log p(option_k | prompt)
+                (the exact expectation over the option set; deterministic);
+    sample:     PPDPP: n samples at `temperature`, each matched to the first option it names; the mean
+                of matched values (0 if none matched).
+    """
+    chats = critic_chats(histories)
+    if mode == "likelihood":
+        lp = torch.tensor(backend.option_loglik(chats, [o for o, _ in CRITIC_OPTIONS]), dtype=torch.float64)
+        v = torch.tensor([v for _, v in CRITIC_OPTIONS], dtype=torch.float64)
+        return (torch.softmax(lp, dim=-1) @ v).tolist()
+    outs = backend.generate(chats, n=n, temperature=temperature, max_new_tokens=16, seed=seed)
+    scores = []
+    for samples in outs:
+        vals = [v for v in map(match_critic_option, samples) if v is not None]
+        scores.append(sum(vals) / len(vals) if vals else 0.0)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------
+# Lock-step conversation simulation: supporter, seeker and critic (also 06_eval.py's interactive part
+# and role-plays)
+
+
+@dataclass
+class Roles:
+    """The three conversation roles of SPEC section 3 with their decoding settings."""
+    policy: common.Backend
+    seeker: common.Backend
+    critic: common.Backend
+    policy_system: str | None = common.ESC_SYSTEM
+    policy_kw: dict = field(default_factory=lambda: dict(max_new_tokens=64, temperature=1.0, top_p=1.0))
+    seeker_kw: dict = field(default_factory=lambda: dict(max_new_tokens=48, temperature=0.7, top_p=0.9))
+    critic_mode: str = "likelihood"
+    critic_n: int = 10
+    critic_temperature: float = 1.1
+
+
+def simulate_lockstep(roles: Roles, cases: list[dict], starts: list[list[dict]], *, max_turns: int = 8,
+                      theta: float = 0.5, first_replies: list[str] | None = None, seed: int = 0) -> list[dict]:
+    """Roll every conversation forward together until the critic's score passes theta or max_turns
+    supporter turns (RLFF-ESC stage 1; PPDPP's interactive protocol).
+
+    starts[i]: the dialogue so far, ending with a seeker message; cases[i]: the record with the persona.
+    first_replies[i]: if given, supporter turn 1 (the candidate being scored); else the policy writes it.
+    One round = one batched call per role over the live conversations (supporter, seeker, critic);
+    finished conversations drop out. Returns per case {trajectory, critic_scores, success, end_turn}.
+    Only replies stripped of <think>/<strategy> parts enter the history the other roles see.
+    """
+    n = len(cases)
+    hist = [list(s) for s in starts]
+    res = [{"trajectory": [], "critic_scores": [], "success": False, "end_turn": max_turns} for _ in range(n)]
+    live = list(range(n))
+    for t in range(1, max_turns + 1):
+        if not live:
+            break
+        # supporter turn t (turn 1 may be the given candidate)
+        if t == 1 and first_replies is not None:
+            replies = [first_replies[i] for i in live]
+        else:
+            chats = [([{"role": "system", "content": roles.policy_system}] if roles.policy_system else []) + hist[i]
+                     for i in live]
+            replies = roles.policy.complete(chats, seed=seed + 3 * t, **roles.policy_kw)
+        for i, y in zip(live, replies):
+            m = {"role": "assistant", "content": common.strip_reasoning(y)}
+            hist[i].append(m)
+            res[i]["trajectory"].append(m)
+        # the seeker reacts
+        reacts = roles.seeker.complete(common.seeker_chats([cases[i] for i in live], [hist[i] for i in live]),
+                                       seed=seed + 3 * t + 1, **roles.seeker_kw)
+        for i, u in zip(live, reacts):
+            m = {"role": "user", "content": " ".join(u.split()) or "..."}
+            hist[i].append(m)
+            res[i]["trajectory"].append(m)
+        # the critic judges the seeker's state
+        scores = critic_scores(roles.critic, [hist[i] for i in live], roles.critic_mode, roles.critic_n,
+                               roles.critic_temperature, seed=seed + 3 * t + 2)
+        nxt = []
+        for i, c in zip(live, scores):
+            res[i]["critic_scores"].append(float(c))
+            if c > theta:
+                res[i]["success"], res[i]["end_turn"] = True, t
+            elif t < max_turns:
+                nxt.append(i)
+        live = nxt
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
 # Contexts, chunks, one chunk's simulation
 
 
@@ -188,7 +327,7 @@ def chunk_seed(seed: int, k: int) -> int:
     return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
 
 
-def simulate_chunk(roles: common.Roles, turns: list[dict], *, m: int, max_turns: int, theta: float, seed: int,
+def simulate_chunk(roles: Roles, turns: list[dict], *, m: int, max_turns: int, theta: float, seed: int,
                    cand_kw: dict, lambda_eff: float, delta: float, context_window: int = 0) -> list[dict]:
     """Sample m candidates per context (one batched call, n = m), roll all C*m conversations forward in
     lock-step, and return one rollouts.jsonl record per candidate (context-major order). context_window: the
@@ -197,7 +336,7 @@ def simulate_chunk(roles: common.Roles, turns: list[dict], *, m: int, max_turns:
     sys_msg = [{"role": "system", "content": roles.policy_system}] if roles.policy_system else []
     cands = roles.policy.generate([sys_msg + t["context"] for t in turns], n=m, seed=seed, **cand_kw)  # [C][m]
     cases = [t for t in turns for _ in range(m)]  # [C*m], context-major
-    sims = common.simulate_lockstep(roles, cases, [t["context"] for t in cases], max_turns=max_turns, theta=theta,
+    sims = simulate_lockstep(roles, cases, [t["context"] for t in cases], max_turns=max_turns, theta=theta,
                                     first_replies=[y for ys in cands for y in ys], seed=seed)
     records = []
     for i, (t, sim) in enumerate(zip(cases, sims)):
@@ -303,11 +442,7 @@ def main(argv=None):
     dist = common.init_dist(args.device)
     common.lock_out(out_dir, dist)  # one run at a time on --out
     done = set() if args.overwrite or not out_dir.exists() else common.ResumableOutput(out_dir, "rollouts.jsonl").done
-    # resuming with another input or other simulation settings would mix two experiments in one file: refuse
-    # (on every rank alike, so all stop together)
-    common.check_resumed_output(out_dir / "args.json", "02_simulate", len(done),
-                                {"inputs": inputs, **{k: getattr(args, k) for k in SIM_KEYS}}, "rollouts",
-                                "--delta and --lambda-eff may change: they only relabel")
+    check_resume_settings(args, out_dir, len(done), inputs)  # same input and simulation settings, else stop
     all_chunks = common.chunks(turns, C)  # chunk k = contexts [k*C, (k+1)*C)
     todo_all = [k for k, ch in enumerate(all_chunks) if not all(c in done for t in ch for c in candidate_ids(t, m))]
 
@@ -315,7 +450,7 @@ def main(argv=None):
     if todo_all:  # every rank loads the models at the same point (vLLM under torchrun needs that)
         mk = lambda r: common.make_backend(getattr(args, r), getattr(args, f"{r}_base_url"), str(dist.device), args.dtype,
                                        decoder=args.decoder)
-        roles = common.Roles(
+        roles = Roles(
             policy=mk("policy"), seeker=mk("seeker"), critic=mk("critic"),
             policy_kw=dict(max_new_tokens=args.max_new_tokens, temperature=args.supporter_temperature, top_p=args.top_p),
             seeker_kw=dict(max_new_tokens=args.seeker_max_new_tokens, temperature=args.seeker_temperature,

@@ -191,6 +191,98 @@ def active_adapter(model, name: str):
 # ----------------------------------------------------------------------------------------------------
 # Rewards: reactions, the generative reward model and its ablations (SPEC section 6)
 
+# The prompts (our words after RAPO Appendix G): the criteria, shared by the GRM, the rubric judges and 06's pairwise
+# judge; one reply scored alone (rubric-point); a group ranked with critiques (the GRM, Eq. 10; rubric-group)
+RUBRIC = (
+    "Judge the supporter's reply by these criteria: it understands and reflects the seeker's feelings; it is "
+    "grounded in the seeker's specific situation, not generic; it helps the seeker explore or cope (good "
+    "questions, gentle suggestions after understanding); it is safe, warm and non-judgmental; it is concise "
+    "and natural."
+)
+
+RUBRIC_POINT_PROMPT = (
+    "{rubric}\n\nConversation so far:\n{context}\n\nSupporter reply:\n{reply}\n\n"
+    "Return only JSON: {{\"analysis\": \"<short critique>\", \"score\": <a number between 0 and 1>}}"
+)
+
+
+def rubric_point_chats(contexts: list[list[dict]], replies: list[str]) -> list[list[dict]]:
+    """One question per reply (--reward rubric-point): the rubric, its context and the reply."""
+    return [[{"role": "user", "content": RUBRIC_POINT_PROMPT.format(rubric=RUBRIC, context=common.render_dialogue(c),
+                                                                    reply=r)}] for c, r in zip(contexts, replies)]
+
+
+def validate_point(obj, i):
+    """{score, analysis} from a rubric-point answer (ask_json's validate); ValueError if the score is not in [0, 1]."""
+    s = float(obj["score"])
+    if not 0.0 <= s <= 1.0:
+        raise ValueError("score outside [0, 1]")
+    return {"score": s, "analysis": str(obj.get("analysis", ""))}
+
+
+GRM_PROMPT = (
+    "Take the place of the help-seeker in the conversation below. Several candidate replies from the "
+    "supporter are shown{with_reactions}. Judge them honestly from the seeker's own experience: do not be "
+    "lenient or neutral, your judgement decides which replies the system learns.\n{criteria}\n"
+    "Lower the score clearly when a reply uses generic empathy not grounded in the context, is confused or "
+    "inconsistent, is long with little content, repeats itself, deepens the seeker's negative feelings, or "
+    "gives unsafe or invalidating guidance. Concise replies with emotional depth are better than verbose ones.\n"
+    "For each candidate write a short critique of its weaknesses in \"analysis\" (about that reply only, "
+    "without naming indices or comparing with other candidates), a unique integer \"rank\" (1 = best) and a "
+    "unique \"score\" between 0 and 1 (higher = better).\n\n"
+    "<Dialogue Context>\n{context}\n</Dialogue Context>\n\n<Candidates>\n{samples}\n</Candidates>\n\n"
+    "Return only one JSON object whose keys are the candidate indices: "
+    "{{\"0\": {{\"analysis\": \"...\", \"rank\": 1, \"score\": 0.9}}, ...}}"
+)
+
+
+def grm_chats(contexts: list[list[dict]], replies: list[list[str]], reactions: list[list[str]] | None) -> list[list[dict]]:
+    """One prompt per group: the context, the G candidate replies (already shuffled by the caller) and,
+    for RAPO, the seeker's reaction to each; without reactions it is the rubric-group (CPO) judge."""
+    chats = []
+    for g, (ctx, ys) in enumerate(zip(contexts, replies)):
+        items = []
+        for i, y in enumerate(ys):
+            s = f"[{i}] Supporter: {y}"
+            if reactions is not None:
+                s += f"\n[{i}] Seeker's reaction: {reactions[g][i]}"
+            items.append(s)
+        chats.append([{"role": "user", "content": GRM_PROMPT.format(
+            with_reactions=", each with the seeker's reaction to it" if reactions is not None else "",
+            criteria=RUBRIC, context=common.render_dialogue(ctx), samples="\n\n".join(items))}])
+    return chats
+
+
+def parse_grm(obj, G: int) -> dict:
+    """Validate a GRM answer for a group of G: every index 0..G-1, ranks a permutation of 1..G, scores in
+    [0, 1] and distinct. Ranks valid but scores not -> scores derived from ranks ((G - rank) / (G - 1)),
+    flagged. Raises ValueError if the ranks are invalid.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError("not an object")
+    items = []
+    for i in range(G):
+        v = obj.get(str(i), obj.get(i))
+        if not isinstance(v, dict):
+            raise ValueError(f"index {i} missing")
+        items.append(v)
+    try:
+        ranks = [int(v["rank"]) for v in items]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("rank missing or not an integer") from None
+    if sorted(ranks) != list(range(1, G + 1)):
+        raise ValueError("ranks are not a permutation of 1..G")
+    derived = False
+    try:
+        scores = [float(v["score"]) for v in items]
+        if any(not 0.0 <= s <= 1.0 for s in scores) or len(set(scores)) != G:
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        scores = [(G - r) / (G - 1) for r in ranks]
+        derived = True
+    return {"ranks": ranks, "scores": scores, "critiques": [str(v.get("analysis", "")) for v in items],
+            "derived": derived}
+
 
 def grm_prefill(backend) -> str:
     return "" if isinstance(backend, common.OpenAIBackend) else '{"0": {"analysis": "'  # deviation 2
@@ -203,8 +295,8 @@ def score_groups(grm, mode: str, contexts: list[list[dict]], replies: list[list[
     stats = {"grm_groups": len(contexts), "grm_failed": 0, "grm_derived": 0, "grm_retried": 0}
     if mode == "rubric-point":  # every reply alone (the paper's GRPO baseline)
         flat_ctx = [c for c in contexts for _ in range(G)]
-        res = common.ask_json(grm, common.rubric_point_chats(flat_ctx, [y for ys in replies for y in ys]),
-                              common.validate_point, retries=retries, max_new_tokens=max_new_tokens, seed=seed,
+        res = common.ask_json(grm, rubric_point_chats(flat_ctx, [y for ys in replies for y in ys]),
+                              validate_point, retries=retries, max_new_tokens=max_new_tokens, seed=seed,
                               prefill=grm_prefill(grm).replace('{"0": {"analysis": "', '{"analysis": "'))
         stats["grm_retried"] = res.retried
         out = []
@@ -226,7 +318,7 @@ def score_groups(grm, mode: str, contexts: list[list[dict]], replies: list[list[
         perms.append(perm)
     sh_replies = [[replies[g][i] for i in shown[g]] for g in range(len(contexts))]
     sh_reacts = None if reactions is None else [[reactions[g][i] for i in shown[g]] for g in range(len(contexts))]
-    res = common.ask_json(grm, common.grm_chats(contexts, sh_replies, sh_reacts), lambda obj, i: common.parse_grm(obj, G),
+    res = common.ask_json(grm, grm_chats(contexts, sh_replies, sh_reacts), lambda obj, i: parse_grm(obj, G),
                           retries=retries, max_new_tokens=max_new_tokens, seed=seed, prefill=grm_prefill(grm))
     stats["grm_retried"] = res.retried
     out = []

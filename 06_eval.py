@@ -87,6 +87,9 @@ import torch
 import common
 from common import InputError, check
 
+simulate = common.load_stage("02_simulate")  # the lock-step simulation, PPDPP's critic and their flags
+rapo = common.load_stage("05_rapo")  # RUBRIC: the pairwise judge compares replies by RAPO's criteria
+
 PARTS = ("reference", "interactive", "judge", "pairwise", "esc-eval", "emoharbor")
 DEFAULT_PARTS = {"dialogues": "reference,interactive,judge,pairwise", "cards": "esc-eval,emoharbor",
                  "profiles": "emoharbor"}  # by the kind of test file (load_test_set)
@@ -145,17 +148,8 @@ def parse_args(argv=None):
                         "model, as RAPO used GPT-4o for both); same spec forms as --judge, '{dim}' included")
     g.add_argument("--user-judge-base-url", default=None, help="base URL for an openai: --user-judge")
     common.add_decoder_arg(g)
-    g.add_argument("--seeker-temperature", type=float, default=0.7, help="seeker temperature (PPDPP: 0.7)")
-    g.add_argument("--seeker-top-p", type=float, default=0.9, help="seeker top-p")
-    g.add_argument("--seeker-max-new-tokens", type=int, default=48, help="length limit of a seeker message")
-    g = p.add_argument_group("interactive success (PPDPP protocol)")
-    g.add_argument("--critic-mode", default="auto", choices=["auto", "likelihood", "sample"],
-                   help="likelihood: exact expectation over the four options; sample: PPDPP's n samples; "
-                        "auto = likelihood for hf:/vllm: critics, sample for openai:")
-    g.add_argument("--critic-samples", type=int, default=10, help="samples per judgement in sample mode (PPDPP: 10)")
-    g.add_argument("--critic-temperature", type=float, default=1.1, help="critic temperature in sample mode (PPDPP: 1.1)")
-    g.add_argument("--max-turns", type=int, default=8, help="T: supporter turns before a failure (PPDPP, RLFF-ESC: 8)")
-    g.add_argument("--theta", type=float, default=0.5, help="success when the critic score c_t > theta (PPDPP: 0.5; DPDP: 0.1)")
+    simulate.add_simulation_args(g, p.add_argument_group("interactive success (PPDPP protocol)"),
+                                 "T: supporter turns before a failure (PPDPP, RLFF-ESC: 8)")
     g = p.add_argument_group("judge dimensions and pairwise preference")
     g.add_argument("--judge-mode", default="auto", choices=["auto", "likelihood", "generate"],
                    help="likelihood: expected score from the digits' log-likelihoods; generate: JSON answers "
@@ -593,7 +587,7 @@ def judge_dimensions(backend, dialogues: list[list[dict]], mode: str, *, retries
 
 def pairwise_chats(contexts: list[list[dict]], first: list[str], second: list[str], mode: str) -> list[list[dict]]:
     ans = PAIRWISE_ANSWER_ONE if mode == "likelihood" else PAIRWISE_ANSWER_JSON
-    return [[{"role": "user", "content": PAIRWISE_PROMPT.format(rubric=common.RUBRIC, context=common.render_dialogue(c),
+    return [[{"role": "user", "content": PAIRWISE_PROMPT.format(rubric=rapo.RUBRIC, context=common.render_dialogue(c),
                                                                  a=a, b=b, answer=ans)}]
             for c, a, b in zip(contexts, first, second)]
 
@@ -912,7 +906,7 @@ def protocol_summary(records: list[dict], dims, n_boot: int, seed: int) -> dict:
             "mean": stat([float(np.mean([r["scores"][d] for d in dims])) for r in full], n_boot, seed)}
 
 
-def converse(roles: common.Roles, seeker_systems: list[str], starts: list[list[dict]], *, rounds: int, hidden: int,
+def converse(roles: simulate.Roles, seeker_systems: list[str], starts: list[list[dict]], *, rounds: int, hidden: int,
              seed: int) -> list[list[dict]]:
     """Seeker-first role-plays in lock-step: each round, one batched seeker call over every conversation, then
     one batched policy call. starts[i]: the messages before the seeker's first one (ESC-Eval: the greeting).
@@ -953,7 +947,7 @@ def chunk_seed(seed: int, part: str, k: int) -> int:
     return int(np.random.SeedSequence([seed, PART_SEED[part], k]).generate_state(1)[0])
 
 
-def reply_chunk(roles: common.Roles, label: str, turns: list[dict], seed: int) -> list[dict]:
+def reply_chunk(roles: simulate.Roles, label: str, turns: list[dict], seed: int) -> list[dict]:
     """Each turn's context answered once by the policy (one batched call); the reply stripped of reasoning."""
     common.seed_everything(seed)
     sys_msg = [{"role": "system", "content": roles.policy_system}] if roles.policy_system else []
@@ -968,12 +962,13 @@ def dialogue_record(kind: str, label: str, case: dict, opening: dict, sim: dict)
             "messages": [opening] + sim["trajectory"]}
 
 
-def interactive_chunk(roles: common.Roles, label: str, cases: list[dict], *, max_turns: int, theta: float,
+def interactive_chunk(roles: simulate.Roles, label: str, cases: list[dict], *, max_turns: int, theta: float,
                       seed: int) -> list[dict]:
     """PPDPP's protocol for a chunk of cases: the seeker opens with the situation, lock-step until success or T."""
     common.seed_everything(seed)
     starts = [[opening_message(c)] for c in cases]
-    sims = common.simulate_lockstep(roles, cases, starts, max_turns=max_turns, theta=theta, first_replies=None, seed=seed)
+    sims = simulate.simulate_lockstep(roles, cases, starts, max_turns=max_turns, theta=theta, first_replies=None,
+                                      seed=seed)
     recs = []
     for c, s, sim in zip(cases, starts, sims):
         r = dialogue_record("interactive", label, c, s[0], sim)
@@ -983,14 +978,14 @@ def interactive_chunk(roles: common.Roles, label: str, cases: list[dict], *, max
     return recs
 
 
-def roleplay_chunk(roles: common.Roles, judge, label: str, cases: list[dict], *, rounds: int, judge_mode: str,
+def roleplay_chunk(roles: simulate.Roles, judge, label: str, cases: list[dict], *, rounds: int, judge_mode: str,
                    retries: int, judge_max_new_tokens: int, seed: int) -> list[dict]:
     """Fixed-length role-plays (no critic), then the judge's seven scores for each (one batched call)."""
     common.seed_everything(seed)
-    rp = common.Roles(policy=roles.policy, seeker=roles.seeker, critic=NoCritic(), policy_system=roles.policy_system,
-                      policy_kw=roles.policy_kw, seeker_kw=roles.seeker_kw, critic_mode="likelihood")
+    rp = simulate.Roles(policy=roles.policy, seeker=roles.seeker, critic=NoCritic(), policy_system=roles.policy_system,
+                        policy_kw=roles.policy_kw, seeker_kw=roles.seeker_kw, critic_mode="likelihood")
     starts = [[opening_message(c)] for c in cases]
-    sims = common.simulate_lockstep(rp, cases, starts, max_turns=rounds, theta=math.inf, seed=seed)
+    sims = simulate.simulate_lockstep(rp, cases, starts, max_turns=rounds, theta=math.inf, seed=seed)
     recs = [dialogue_record("roleplay", label, c, s[0], sim) for c, s, sim in zip(cases, starts, sims)]
     scores, raw, _ = judge_dimensions(judge, [r["messages"] for r in recs], judge_mode, retries=retries,
                                       max_new_tokens=judge_max_new_tokens, seed=seed)
@@ -1021,7 +1016,7 @@ def protocol_record(kind: str, label: str, case: dict, messages: list[dict], sco
     return r
 
 
-def esc_eval_chunk(roles: common.Roles, judges: dict, label: str, cases: list[dict], *, rounds: int, judge_mode: str,
+def esc_eval_chunk(roles: simulate.Roles, judges: dict, label: str, cases: list[dict], *, rounds: int, judge_mode: str,
                    retries: int, judge_max_new_tokens: int, seed: int, prompts: dict | None = None) -> list[dict]:
     """ESC-Eval for a chunk of role cards: the assistant's fixed greeting, then `rounds` x (seeker, policy), the
     seeker playing the card; then the seven 0-4 dimensions of each transcript, one question per dimension."""
@@ -1037,7 +1032,7 @@ def esc_eval_chunk(roles: common.Roles, judges: dict, label: str, cases: list[di
     return recs
 
 
-def emoharbor_chunk(roles: common.Roles, raters: dict, label: str, cases: list[dict], *, rounds: int, judge_mode: str,
+def emoharbor_chunk(roles: simulate.Roles, raters: dict, label: str, cases: list[dict], *, rounds: int, judge_mode: str,
                     retries: int, judge_max_new_tokens: int, seed: int) -> list[dict]:
     """EmoHarbor-style user-as-judge for a chunk of profiles: the simulated user opens and talks for `rounds` x
     (user, policy), then rates the supporter on the ten 1-5 dimensions as itself (same profile prompt)."""
@@ -1308,8 +1303,7 @@ def policy_digests(policies: list[tuple[str, str]]) -> dict[str, dict]:
 def check_resume_settings(args, out_dir: Path, n_done: int, inputs: dict, policies: dict):
     """Resuming with another test file, other protocol settings, or another model under an earlier policy label
     would mix two evaluations in one folder: refuse (a new label only adds its records)."""
-    common.check_resumed_output(out_dir / "args.json", "06_eval", n_done,
-                                {"inputs": inputs, **{k: getattr(args, k) for k in EVAL_KEYS}})
+    simulate.check_resume_settings(args, out_dir, n_done, inputs, EVAL_KEYS, "06_eval", "records", note="")
     if not n_done:
         return
     prev = json.loads((out_dir / "args.json").read_text(encoding="utf-8")).get("policies", {})
@@ -1445,10 +1439,10 @@ def main(argv=None):
             protocol_judges["emoharbor"] = dim_backends(args.user_judge, EH_DIMS, mk_spec("user_judge"))
         policy = common.make_backend(spec, args.policy_base_url, str(dist.device), args.dtype, decoder=args.decoder)
         open_outputs()  # (the same point on every rank: `todo` is decided alike)
-        roles = common.Roles(policy=policy, seeker=role_backends["seeker"], critic=role_backends.get("critic"),
-                             policy_system=system, policy_kw=policy_kw, seeker_kw=seeker_kw,
-                             critic_mode=args.critic_mode_used, critic_n=args.critic_samples,
-                             critic_temperature=args.critic_temperature)
+        roles = simulate.Roles(policy=policy, seeker=role_backends["seeker"], critic=role_backends.get("critic"),
+                               policy_system=system, policy_kw=policy_kw, seeker_kw=seeker_kw,
+                               critic_mode=args.critic_mode_used, critic_n=args.critic_samples,
+                               critic_temperature=args.critic_temperature)
         for kind, ks in todo.items():
             my = [k for k in ks if k in set(mine(turn_chunks if kind == "reply" else case_chunks))]
             bar = common.progress(total=len(my), desc=f"{label} {kind}", unit="chunk")

@@ -1,9 +1,13 @@
-"""Shared plumbing for every stage: errors and CLI vocabulary, JSONL with resume, dialogue loading and
-turns, the embedded model, model/tokenizer loading, batched generation and scoring, backends
-(hf / openai / vllm), the LLM roles (seeker, critic, judge, grm) and process-group set-up.
+"""Shared plumbing for every stage: errors and the CLI vocabulary, JSONL with resume, run plumbing (the --out
+lock, settings on resume, atomic checkpoints), dialogue loading and turns, the embedded model, model/tokenizer
+loading, batched generation and scoring, the backends (hf / openai / vllm, and `scripted` from esc_env.py), the
+roles several stages share (the supporter's system prompt, the seeker's prompt and chats, JSON answers with
+retries) and process-group set-up.
 
-No algorithm lives here: rewards, advantages, losses and the training loops are in the numbered
-scripts, where a reader looks for them. See SPEC sections 1, 8 and 9.
+No algorithm lives here: rewards, advantages, losses, the training loops, and the prompts and parsers of a
+method's own roles are in the numbered scripts, where a reader looks for them: the hindsight-selection judge in
+01_select.py, PPDPP's critic and the lock-step conversation simulation in 02_simulate.py (06_eval.py imports
+them), RAPO's generative reward model and rubric judge in 05_rapo.py. See SPEC sections 1, 8 and 9.
 """
 from __future__ import annotations
 
@@ -1564,7 +1568,9 @@ def release_backend(backend: Backend):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Roles: prompts in our own words after the papers' templates (RAPO Appendix G; PPDPP's critic)
+# Roles shared by several stages: the supporter's and the seeker's prompts (our words), and JSON answers.
+# The prompts of one method's roles live in its stage: the hindsight-selection judge in 01_select.py, PPDPP's
+# critic in 02_simulate.py, RAPO's GRM and rubric judge in 05_rapo.py.
 
 THINK_RE = re.compile(r"<think>.*?</think>", re.S)
 STRATEGY_RE = re.compile(r"<strategy>.*?</strategy>", re.S)
@@ -1580,6 +1586,15 @@ def render_dialogue(messages: list[dict], user: str = "Seeker", assistant: str =
     return "\n".join(f"{user if m['role'] == 'user' else assistant}: {m['content']}" for m in messages)
 
 
+# The supporter (the policy) in the ESC conversations of 02, 04 and 06; 04's <think> prompt extends it
+ESC_SYSTEM = (
+    "You are an emotional supporter talking with someone who is going through a hard time. Understand their "
+    "feelings and situation, comfort them, and help them cope. Ask open questions, reflect and validate "
+    "feelings, and offer suggestions only once you understand. Be warm, concise and natural, without jargon "
+    "or judgement."
+)
+
+# The user simulator (02, 05, 06): a persona from the dialogue, the roles swapped (seeker_chats)
 SEEKER_SYSTEM = (
     "Role-play a person who is struggling and talks to a supporter in a chat. {persona}\n"
     "Rules: talk like a real person in a chat, one to three short sentences per message; never say you are "
@@ -1598,51 +1613,6 @@ def seeker_chats(recs: list[dict], histories: list[list[dict]]) -> list[list[dic
             flipped = [{"role": "user", "content": "Hi, what would you like to talk about?"}] + flipped
         chats.append([{"role": "system", "content": SEEKER_SYSTEM.format(persona=persona(rec))}] + flipped)
     return chats
-
-
-# PPDPP's critic: four options for the seeker's state, each with its value (SPEC section 3)
-CRITIC_OPTIONS = [("The seeker feels worse.", -1.0), ("The seeker feels the same.", -0.5),
-                  ("The seeker feels better.", 0.5), ("The seeker's issue is solved.", 1.0)]
-CRITIC_PROMPT = (
-    "Read this conversation between a supporter and a help-seeker and judge how the seeker feels now, at "
-    "its end.\n\n{dialogue}\n\nChoose exactly one option:\n"
-    "- The seeker feels worse.\n- The seeker feels the same.\n- The seeker feels better.\n"
-    "- The seeker's issue is solved.\nAnswer with the option only."
-)
-
-
-def critic_chats(histories: list[list[dict]]) -> list[list[dict]]:
-    return [[{"role": "user", "content": CRITIC_PROMPT.format(dialogue=render_dialogue(h))}] for h in histories]
-
-
-def match_critic_option(text: str) -> float | None:
-    """Value of the first option the text names (sample mode), or None."""
-    t = text.lower()
-    keys = [("worse", -1.0), ("the same", -0.5), ("solved", 1.0), ("better", 0.5)]
-    hits = [(t.find(k), v) for k, v in keys if k in t]
-    return min(hits)[1] if hits else None
-
-
-def critic_scores(backend: Backend, histories: list[list[dict]], mode: str = "likelihood", n: int = 10,
-                  temperature: float = 1.1, seed: int | None = None) -> list[float]:
-    """Critic score in [-1, 1] of each dialogue, one batched call.
-
-    likelihood: sum_k p_k v_k with p_k = softmax over the four options of log p(option_k | prompt)
-                (the exact expectation over the option set; deterministic);
-    sample:     PPDPP: n samples at `temperature`, each matched to the first option it names; the mean
-                of matched values (0 if none matched).
-    """
-    chats = critic_chats(histories)
-    if mode == "likelihood":
-        lp = torch.tensor(backend.option_loglik(chats, [o for o, _ in CRITIC_OPTIONS]), dtype=torch.float64)
-        v = torch.tensor([v for _, v in CRITIC_OPTIONS], dtype=torch.float64)
-        return (torch.softmax(lp, dim=-1) @ v).tolist()
-    outs = backend.generate(chats, n=n, temperature=temperature, max_new_tokens=16, seed=seed)
-    scores = []
-    for samples in outs:
-        vals = [v for v in map(match_critic_option, samples) if v is not None]
-        scores.append(sum(vals) / len(vals) if vals else 0.0)
-    return scores
 
 
 def extract_json(text: str):
@@ -1711,124 +1681,6 @@ def ask_json(backend: Backend, chats: list[list[dict]], validate, *, retries: in
         todo = nxt
     res.failed = len(todo)
     return res
-
-
-SELECT_PROMPT = (
-    "You curate training data for an emotional-support assistant. Decide whether the assistant reply below "
-    "is worth learning from.\n"
-    "Worth learning: empathy and validation, reflecting feelings, coping strategies, grounding or reframing, "
-    "safety-aware guidance (suggesting professional help when it fits), clarifying questions that move the "
-    "support forward, support tailored to this person.\n"
-    "Not worth learning: greetings, small talk, pleasantries, logistics unrelated to support, bare "
-    "acknowledgements ('ok', 'sure', 'thanks'), repetition without new value, unsafe or judgmental content.\n\n"
-    "Conversation so far:\n{context}\n\nAssistant reply to judge:\n{target}\n\n"
-    "Answer with one JSON object and nothing else, for example {{\"learn\": true, \"reason\": \"validates the "
-    "feeling and asks an open question\"}} or {{\"learn\": false, \"reason\": \"a greeting with no support value\"}}."
-)
-SELECT_PREFIX = '{"learn": '  # likelihood mode compares p(SELECT_PREFIX + "true") with p(SELECT_PREFIX + "false")
-
-
-def select_chats(turns: list[dict]) -> list[list[dict]]:
-    return [[{"role": "user", "content": SELECT_PROMPT.format(context=render_dialogue(t["context"]), target=t["target"])}]
-            for t in turns]
-
-
-def validate_select(obj, i):
-    learn = obj.get("learn") if isinstance(obj, dict) else None
-    if isinstance(learn, str) and learn.lower() in ("true", "false"):
-        learn = learn.lower() == "true"
-    if not isinstance(learn, bool):
-        raise ValueError("learn must be a boolean")
-    return {"learn": learn, "reason": str(obj.get("reason", ""))}
-
-
-RUBRIC = (
-    "Judge the supporter's reply by these criteria: it understands and reflects the seeker's feelings; it is "
-    "grounded in the seeker's specific situation, not generic; it helps the seeker explore or cope (good "
-    "questions, gentle suggestions after understanding); it is safe, warm and non-judgmental; it is concise "
-    "and natural."
-)
-
-RUBRIC_POINT_PROMPT = (
-    "{rubric}\n\nConversation so far:\n{context}\n\nSupporter reply:\n{reply}\n\n"
-    "Return only JSON: {{\"analysis\": \"<short critique>\", \"score\": <a number between 0 and 1>}}"
-)
-
-
-def rubric_point_chats(contexts: list[list[dict]], replies: list[str]) -> list[list[dict]]:
-    return [[{"role": "user", "content": RUBRIC_POINT_PROMPT.format(rubric=RUBRIC, context=render_dialogue(c), reply=r)}]
-            for c, r in zip(contexts, replies)]
-
-
-def validate_point(obj, i):
-    s = float(obj["score"])
-    if not 0.0 <= s <= 1.0:
-        raise ValueError("score outside [0, 1]")
-    return {"score": s, "analysis": str(obj.get("analysis", ""))}
-
-
-GRM_PROMPT = (
-    "Take the place of the help-seeker in the conversation below. Several candidate replies from the "
-    "supporter are shown{with_reactions}. Judge them honestly from the seeker's own experience: do not be "
-    "lenient or neutral, your judgement decides which replies the system learns.\n{criteria}\n"
-    "Lower the score clearly when a reply uses generic empathy not grounded in the context, is confused or "
-    "inconsistent, is long with little content, repeats itself, deepens the seeker's negative feelings, or "
-    "gives unsafe or invalidating guidance. Concise replies with emotional depth are better than verbose ones.\n"
-    "For each candidate write a short critique of its weaknesses in \"analysis\" (about that reply only, "
-    "without naming indices or comparing with other candidates), a unique integer \"rank\" (1 = best) and a "
-    "unique \"score\" between 0 and 1 (higher = better).\n\n"
-    "<Dialogue Context>\n{context}\n</Dialogue Context>\n\n<Candidates>\n{samples}\n</Candidates>\n\n"
-    "Return only one JSON object whose keys are the candidate indices: "
-    "{{\"0\": {{\"analysis\": \"...\", \"rank\": 1, \"score\": 0.9}}, ...}}"
-)
-
-
-def grm_chats(contexts: list[list[dict]], replies: list[list[str]], reactions: list[list[str]] | None) -> list[list[dict]]:
-    """One prompt per group: the context, the G candidate replies (already shuffled by the caller) and,
-    for RAPO, the seeker's reaction to each; without reactions it is the rubric-group (CPO) judge."""
-    chats = []
-    for g, (ctx, ys) in enumerate(zip(contexts, replies)):
-        items = []
-        for i, y in enumerate(ys):
-            s = f"[{i}] Supporter: {y}"
-            if reactions is not None:
-                s += f"\n[{i}] Seeker's reaction: {reactions[g][i]}"
-            items.append(s)
-        chats.append([{"role": "user", "content": GRM_PROMPT.format(
-            with_reactions=", each with the seeker's reaction to it" if reactions is not None else "",
-            criteria=RUBRIC, context=render_dialogue(ctx), samples="\n\n".join(items))}])
-    return chats
-
-
-def parse_grm(obj, G: int) -> dict:
-    """Validate a GRM answer for a group of G: every index 0..G-1, ranks a permutation of 1..G, scores in
-    [0, 1] and distinct. Ranks valid but scores not -> scores derived from ranks ((G - rank) / (G - 1)),
-    flagged. Raises ValueError if the ranks are invalid.
-    """
-    if not isinstance(obj, dict):
-        raise ValueError("not an object")
-    items = []
-    for i in range(G):
-        v = obj.get(str(i), obj.get(i))
-        if not isinstance(v, dict):
-            raise ValueError(f"index {i} missing")
-        items.append(v)
-    try:
-        ranks = [int(v["rank"]) for v in items]
-    except (KeyError, TypeError, ValueError):
-        raise ValueError("rank missing or not an integer") from None
-    if sorted(ranks) != list(range(1, G + 1)):
-        raise ValueError("ranks are not a permutation of 1..G")
-    derived = False
-    try:
-        scores = [float(v["score"]) for v in items]
-        if any(not 0.0 <= s <= 1.0 for s in scores) or len(set(scores)) != G:
-            raise ValueError
-    except (KeyError, TypeError, ValueError):
-        scores = [(G - r) / (G - 1) for r in ranks]
-        derived = True
-    return {"ranks": ranks, "scores": scores, "critiques": [str(v.get("analysis", "")) for v in items],
-            "derived": derived}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1905,78 +1757,3 @@ def chunks(items: list, size: int) -> list[list]:
 def finite_mean(xs) -> float:
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return float(sum(xs) / len(xs)) if xs else float("nan")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Lock-step conversation simulation: supporter, seeker and critic (02_simulate.py and 06_eval.py)
-
-ESC_SYSTEM = (
-    "You are an emotional supporter talking with someone who is going through a hard time. Understand their "
-    "feelings and situation, comfort them, and help them cope. Ask open questions, reflect and validate "
-    "feelings, and offer suggestions only once you understand. Be warm, concise and natural, without jargon "
-    "or judgement."
-)
-
-
-@dataclass
-class Roles:
-    """The three conversation roles of SPEC section 3 with their decoding settings."""
-    policy: Backend
-    seeker: Backend
-    critic: Backend
-    policy_system: str | None = ESC_SYSTEM
-    policy_kw: dict = field(default_factory=lambda: dict(max_new_tokens=64, temperature=1.0, top_p=1.0))
-    seeker_kw: dict = field(default_factory=lambda: dict(max_new_tokens=48, temperature=0.7, top_p=0.9))
-    critic_mode: str = "likelihood"
-    critic_n: int = 10
-    critic_temperature: float = 1.1
-
-
-def simulate_lockstep(roles: Roles, cases: list[dict], starts: list[list[dict]], *, max_turns: int = 8,
-                      theta: float = 0.5, first_replies: list[str] | None = None, seed: int = 0) -> list[dict]:
-    """Roll every conversation forward together until the critic's score passes theta or max_turns
-    supporter turns (RLFF-ESC stage 1; PPDPP's interactive protocol).
-
-    starts[i]: the dialogue so far, ending with a seeker message; cases[i]: the record with the persona.
-    first_replies[i]: if given, supporter turn 1 (the candidate being scored); else the policy writes it.
-    One round = one batched call per role over the live conversations (supporter, seeker, critic);
-    finished conversations drop out. Returns per case {trajectory, critic_scores, success, end_turn}.
-    Only replies stripped of <think>/<strategy> parts enter the history the other roles see.
-    """
-    n = len(cases)
-    hist = [list(s) for s in starts]
-    res = [{"trajectory": [], "critic_scores": [], "success": False, "end_turn": max_turns} for _ in range(n)]
-    live = list(range(n))
-    for t in range(1, max_turns + 1):
-        if not live:
-            break
-        # supporter turn t (turn 1 may be the given candidate)
-        if t == 1 and first_replies is not None:
-            replies = [first_replies[i] for i in live]
-        else:
-            chats = [([{"role": "system", "content": roles.policy_system}] if roles.policy_system else []) + hist[i]
-                     for i in live]
-            replies = roles.policy.complete(chats, seed=seed + 3 * t, **roles.policy_kw)
-        for i, y in zip(live, replies):
-            m = {"role": "assistant", "content": strip_reasoning(y)}
-            hist[i].append(m)
-            res[i]["trajectory"].append(m)
-        # the seeker reacts
-        reacts = roles.seeker.complete(seeker_chats([cases[i] for i in live], [hist[i] for i in live]),
-                                       seed=seed + 3 * t + 1, **roles.seeker_kw)
-        for i, u in zip(live, reacts):
-            m = {"role": "user", "content": " ".join(u.split()) or "..."}
-            hist[i].append(m)
-            res[i]["trajectory"].append(m)
-        # the critic judges the seeker's state
-        scores = critic_scores(roles.critic, [hist[i] for i in live], roles.critic_mode, roles.critic_n,
-                               roles.critic_temperature, seed=seed + 3 * t + 2)
-        nxt = []
-        for i, c in zip(live, scores):
-            res[i]["critic_scores"].append(float(c))
-            if c > theta:
-                res[i]["success"], res[i]["end_turn"] = True, t
-            elif t < max_turns:
-                nxt.append(i)
-        live = nxt
-    return res

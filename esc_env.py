@@ -7,9 +7,10 @@ environment, not on people.
 
 Choose it with the spec `scripted` for a role (`--critic scripted`, `--grm scripted`, `--seeker scripted`);
 common.make_backend builds a ScriptedBackend, which implements the Backend interface of the LLM roles, so the
-stages need no special case. It reads the same prompts an LLM would read (common's templates, inverted by
-`unformat`) and answers in the same form: the critic's option log-likelihoods (or sampled option texts),
-the GRM's JSON, the seeker's message.
+stages need no special case. It reads the same prompts an LLM would read (the roles' templates, inverted by
+`unformat`: the critic's in 02_simulate.py, the GRM's and the rubric judge's in 05_rapo.py, the seeker's in
+common.py) and answers in the same form: the critic's option log-likelihoods (or sampled option texts), the GRM's
+JSON, the seeker's message.
 
 THE RULES (fixed before any experiment; a reader checks each in a few lines below)
 Each supporter reply y that answers a seeker message gets a score d(y) = the sum of the terms that apply:
@@ -40,6 +41,7 @@ Seeker: templated messages from its persona (emotion, problem) and the mood the 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -139,8 +141,8 @@ def mood(dialogue: list[dict]) -> float:
 
 
 def option_probs(m: float) -> list[float]:
-    """Weights of the critic's four options (common.CRITIC_OPTIONS order) whose expectation is exactly m."""
-    vals = [v for _, v in common.CRITIC_OPTIONS]
+    """Weights of the critic's four options (02_simulate.CRITIC_OPTIONS order) whose expectation is exactly m."""
+    vals = [v for _, v in stage("02_simulate").CRITIC_OPTIONS]
     p = [0.0] * len(vals)
     for k in range(len(vals) - 1):
         lo, hi = vals[k], vals[k + 1]
@@ -167,7 +169,7 @@ def critique(f: dict[str, bool]) -> str:
 
 
 def grm_answer(context: list[dict], replies: list[str]) -> dict:
-    """{"i": {"analysis", "rank", "score"}} in the LLM GRM's JSON shape (common.parse_grm validates it)."""
+    """{"i": {"analysis", "rank", "score"}} in the LLM GRM's JSON shape (05_rapo.parse_grm validates it)."""
     scores = [(reply_score(y, context) - D_MIN) / (D_MAX - D_MIN) for y in replies]
     order = sorted(range(len(replies)), key=lambda i: (-scores[i], i))  # best first; ties by position
     out = {}
@@ -195,7 +197,15 @@ def seeker_message(persona_text: str, dialogue: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading the prompts the LLM roles get (common's templates), and the backend
+# Reading the prompts the LLM roles get (their stages' templates), and the backend
+
+
+@functools.cache
+def stage(name: str):
+    """A stage script as a module, loaded once on first use: the critic's prompt and options live in 02_simulate.py,
+    the GRM's and the rubric judge's prompts in 05_rapo.py. Loaded here, not at import, so `import esc_env` stays
+    light and common.make_backend can import this module without a cycle."""
+    return common.load_stage(name)
 
 
 def unformat(template: str, text: str) -> dict[str, str] | None:
@@ -226,7 +236,7 @@ def parse_dialogue(rendered: str, user: str = "Seeker", assistant: str = "Suppor
 
 
 def parse_candidates(samples: str) -> tuple[list[str], list[str] | None]:
-    """Invert the candidate block of common.grm_chats: replies (and reactions, if shown) in their order."""
+    """Invert the candidate block of 05_rapo.grm_chats: replies (and reactions, if shown) in their order."""
     parts = re.split(r"(?:^|\n\n)\[(\d+)\] Supporter: ", samples)[1:]
     replies, reactions = [], []
     for k in range(0, len(parts), 2):
@@ -245,14 +255,15 @@ class ScriptedBackend(common.Backend):
 
     def _answer(self, chat: list[dict], n: int, seed: int | None) -> list[str]:
         text = chat[-1]["content"] if chat else ""
-        if (f := unformat(common.CRITIC_PROMPT, text)) is not None:
+        sim, rapo = stage("02_simulate"), stage("05_rapo")  # the templates of the critic, GRM and rubric judge
+        if (f := unformat(sim.CRITIC_PROMPT, text)) is not None:
             p = option_probs(mood(parse_dialogue(f["dialogue"])))
             rng = random.Random(zlib.crc32(f"{seed}|{text}".encode()))
-            return [rng.choices([o for o, _ in common.CRITIC_OPTIONS], weights=p)[0] for _ in range(n)]
-        if (f := unformat(common.GRM_PROMPT, text)) is not None:
+            return [rng.choices([o for o, _ in sim.CRITIC_OPTIONS], weights=p)[0] for _ in range(n)]
+        if (f := unformat(rapo.GRM_PROMPT, text)) is not None:
             replies, _ = parse_candidates(f["samples"])
             return [json.dumps(grm_answer(parse_dialogue(f["context"]), replies))] * n
-        if (f := unformat(common.RUBRIC_POINT_PROMPT, text)) is not None:
+        if (f := unformat(rapo.RUBRIC_POINT_PROMPT, text)) is not None:
             ctx = parse_dialogue(f["context"])
             s = (reply_score(f["reply"], ctx) - D_MIN) / (D_MAX - D_MIN)
             return [json.dumps({"analysis": critique(reply_features(f["reply"], ctx)), "score": round(s, 6)})] * n
@@ -275,12 +286,13 @@ class ScriptedBackend(common.Backend):
 
     def option_loglik(self, chats, options):
         self.calls += 1
-        values = dict(common.CRITIC_OPTIONS)
+        sim = stage("02_simulate")
+        values = dict(sim.CRITIC_OPTIONS)
         out = []
         for c in chats:
-            f = unformat(common.CRITIC_PROMPT, c[-1]["content"]) if c else None
+            f = unformat(sim.CRITIC_PROMPT, c[-1]["content"]) if c else None
             if f is None or any(o not in values for o in options):
                 raise common.InputError("scripted: log-likelihoods exist only for the critic's four options")
-            p = dict(zip([o for o, _ in common.CRITIC_OPTIONS], option_probs(mood(parse_dialogue(f["dialogue"])))))
+            p = dict(zip([o for o, _ in sim.CRITIC_OPTIONS], option_probs(mood(parse_dialogue(f["dialogue"])))))
             out.append([float("-inf") if p[o] == 0 else math.log(p[o]) for o in options])
         return out

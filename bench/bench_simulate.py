@@ -82,10 +82,10 @@ def main():
     rows = []
     for C in [int(x) for x in args.batch_sizes.split(",")]:
         t = {r: Timed(b, r) for r, b in backends.items()}
-        roles = common.Roles(policy=t["policy"], seeker=t["seeker"], critic=t["critic"],
-                             policy_kw=dict(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0),
-                             seeker_kw=dict(max_new_tokens=args.seeker_max_new_tokens, temperature=0.7, top_p=0.9),
-                             critic_mode=args.critic_mode)
+        roles = sim.Roles(policy=t["policy"], seeker=t["seeker"], critic=t["critic"],
+                          policy_kw=dict(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0),
+                          seeker_kw=dict(max_new_tokens=args.seeker_max_new_tokens, temperature=0.7, top_p=0.9),
+                          critic_mode=args.critic_mode)
         rounds, recs = 0, []
         t0 = time.perf_counter()
         for k, chunk in enumerate(common.chunks(turns, C)):

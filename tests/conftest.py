@@ -1,6 +1,9 @@
 """Shared test fixtures: a tiny Llama-shaped model with the embedded tokenizer, saved as a normal HF folder,
-so every backend and stage can be run on it in seconds (`hf:<folder>`)."""
+so every backend and stage can be run on it in seconds (`hf:<folder>`); a free port, and a stage run as a
+subprocess the way a user runs it (python or torchrun)."""
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +18,31 @@ import common  # noqa: E402
 
 
 load_stage = common.load_stage  # import a numbered stage script (e.g. "04_grpo") as a module
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then closed again): torchrun's --master-port, a test
+    server's port, or a dead URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(script, *args, nproc: int = 1, env: dict | None = None, timeout: float | None = None,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run a script of the repository as a user does, in its root: `python SCRIPT ARGS`, or for nproc > 1
+    `torchrun --nproc_per_node=N --master-port=<free port> SCRIPT ARGS`. One thread per process (OMP_NUM_THREADS=1:
+    fast on shared cores, and runs compare byte for byte), no tokenizers threads; output captured as text.
+    env: more variables (a None value removes one); check: assert exit code 0."""
+    cmd = [str(ROOT / script), *map(str, args)]
+    if nproc > 1:
+        cmd = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master-port={free_port()}", *cmd]
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    p = subprocess.run([sys.executable, *cmd], cwd=ROOT, env={k: v for k, v in e.items() if v is not None},
+                       capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
 
 
 def make_tiny_model(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:

@@ -1,5 +1,6 @@
 """Foundation: dialogue formats, merging, splits, JSONL resume, the embedded model cache, the hf backend,
-shared-prompt option scoring and the likelihood-mode critic against hand computations."""
+shared-prompt option scoring and the likelihood-mode critic (02_simulate.py) against hand computations; the
+GRM's parser (05_rapo.py) and ask_json with 01's judge validator."""
 import json
 import math
 
@@ -8,6 +9,11 @@ import torch
 
 import common
 from common import InputError
+from conftest import load_stage
+
+select = load_stage("01_select")  # the hindsight-selection judge's answers (validate_select)
+sim = load_stage("02_simulate")  # PPDPP's critic
+rapo = load_stage("05_rapo")  # the GRM's parser
 
 
 def write(path, obj):
@@ -129,15 +135,15 @@ def test_extract_json_and_grm_parsing():
     assert common.extract_json("no json here") is None
     ok = {"0": {"analysis": "a", "rank": 2, "score": 0.3}, "1": {"analysis": "b", "rank": 1, "score": 0.8},
           "2": {"analysis": "c", "rank": 3, "score": 0.1}}
-    r = common.parse_grm(ok, 3)
+    r = rapo.parse_grm(ok, 3)
     assert r["ranks"] == [2, 1, 3] and r["scores"] == [0.3, 0.8, 0.1] and not r["derived"]
     bad_scores = {k: dict(v, score=0.5) for k, v in ok.items()}  # ties: derive from ranks
-    r = common.parse_grm(bad_scores, 3)
+    r = rapo.parse_grm(bad_scores, 3)
     assert r["derived"] and r["scores"] == [0.5, 1.0, 0.0]
     with pytest.raises(ValueError):
-        common.parse_grm({k: dict(v, rank=1) for k, v in ok.items()}, 3)
+        rapo.parse_grm({k: dict(v, rank=1) for k, v in ok.items()}, 3)
     with pytest.raises(ValueError):
-        common.parse_grm({"0": ok["0"], "1": ok["1"]}, 3)
+        rapo.parse_grm({"0": ok["0"], "1": ok["1"]}, 3)
 
 
 class ScriptedBackend(common.Backend):
@@ -155,7 +161,7 @@ class ScriptedBackend(common.Backend):
 def test_ask_json_retries_only_failures_and_counts():
     b = ScriptedBackend(['{"learn": true, "reason": "x"}', "garbage", '{"learn": "maybe"}',
                          '{"learn": false, "reason": "y"}', "still garbage", "garbage again"])
-    res = common.ask_json(b, [[{"role": "user", "content": str(i)}] for i in range(3)], common.validate_select, retries=2)
+    res = common.ask_json(b, [[{"role": "user", "content": str(i)}] for i in range(3)], select.validate_select, retries=2)
     assert b.asked == [3, 2, 1]  # batched; only the failures are re-asked
     assert res.values[0] == {"learn": True, "reason": "x"} and res.values[1] == {"learn": False, "reason": "y"}
     assert res.values[2] is None and res.failed == 1 and res.retried == 3
@@ -213,23 +219,23 @@ def test_likelihood_critic_is_the_expectation(tiny_model_dir):
     b = common.HFBackend(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     hist = [[{"role": "user", "content": "I feel bad"}, {"role": "assistant", "content": "Tell me more"},
              {"role": "user", "content": "Thanks, that helps"}]]
-    score = common.critic_scores(b, hist, mode="likelihood")[0]
-    chat = common.critic_chats(hist)[0]
-    ll = [b.loglik([chat], [opt])[0] for opt, _ in common.CRITIC_OPTIONS]
+    score = sim.critic_scores(b, hist, mode="likelihood")[0]
+    chat = sim.critic_chats(hist)[0]
+    ll = [b.loglik([chat], [opt])[0] for opt, _ in sim.CRITIC_OPTIONS]
     z = sum(math.exp(x) for x in ll)
-    hand = sum(math.exp(x) / z * v for x, (_, v) in zip(ll, common.CRITIC_OPTIONS))
+    hand = sum(math.exp(x) / z * v for x, (_, v) in zip(ll, sim.CRITIC_OPTIONS))
     assert math.isclose(score, hand, abs_tol=1e-4)
     assert -1.0 <= score <= 1.0
 
 
 def test_sample_critic_matches_first_named_option():
-    assert common.match_critic_option("The seeker feels better, not worse") == 0.5
-    assert common.match_critic_option("worse than before") == -1.0
-    assert common.match_critic_option("It's solved!") == 1.0
-    assert common.match_critic_option("no idea") is None
+    assert sim.match_critic_option("The seeker feels better, not worse") == 0.5
+    assert sim.match_critic_option("worse than before") == -1.0
+    assert sim.match_critic_option("It's solved!") == 1.0
+    assert sim.match_critic_option("no idea") is None
     b = ScriptedBackend(["feels better", "nonsense", "worse", "nonsense"])
     b.generate = lambda chats, n=1, **kw: [["feels better", "nonsense", "worse"], ["nonsense"]]
-    assert common.critic_scores(b, [[], []], mode="sample", n=3) == [(0.5 - 1.0) / 2, 0.0]
+    assert sim.critic_scores(b, [[], []], mode="sample", n=3) == [(0.5 - 1.0) / 2, 0.0]
 
 
 @pytest.mark.parametrize("budget", [10**9, 3 * 7 * 11, 2 * 11, 11, 5])  # all at once, row groups, runs of positions

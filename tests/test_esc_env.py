@@ -12,6 +12,9 @@ import common
 import esc_env as E
 from conftest import ROOT, load_stage
 
+sim = load_stage("02_simulate")  # PPDPP's critic
+rapo = load_stage("05_rapo")  # the GRM's prompt and parser
+
 CTX = [{"role": "user", "content": "I lost my job last week and I am so worried about paying the rent."}]
 SEEKER_AGAIN = {"role": "user", "content": "I lost my job and the rent worries me."}
 GOOD = ["Losing your job is hard and feeling worried about rent makes sense. What worries you most right now?",
@@ -80,7 +83,7 @@ def test_mood_recomputed_by_hand():
 def test_option_weights_have_expectation_m(m):
     p = E.option_probs(m)
     assert sum(p) == pytest.approx(1.0) and min(p) >= 0.0
-    assert sum(pk * v for pk, (_, v) in zip(p, common.CRITIC_OPTIONS)) == pytest.approx(m)
+    assert sum(pk * v for pk, (_, v) in zip(p, sim.CRITIC_OPTIONS)) == pytest.approx(m)
     assert sum(x > 0 for x in p) <= 2  # only the two neighbouring options
 
 
@@ -102,22 +105,22 @@ def test_spec_and_factory(backend):
 def test_critic_scores_equal_the_mood_in_both_modes(backend):
     hists = [CTX + [{"role": "assistant", "content": r}, {"role": "user", "content": "Maybe."}] for r in
              ["Oh no.", "Losing your job is hard and feeling worried makes sense. What worries you most?\nTell me more."]]
-    got = common.critic_scores(backend, hists, "likelihood")
+    got = sim.critic_scores(backend, hists, "likelihood")
     assert got == pytest.approx([E.mood(h) for h in hists], abs=1e-9)
-    s1 = common.critic_scores(backend, hists, "sample", n=10, temperature=1.1, seed=3)
-    s2 = common.critic_scores(backend, hists, "sample", n=10, temperature=1.1, seed=3)
+    s1 = sim.critic_scores(backend, hists, "sample", n=10, temperature=1.1, seed=3)
+    s2 = sim.critic_scores(backend, hists, "sample", n=10, temperature=1.1, seed=3)
     assert s1 == s2  # deterministic
-    outs = backend.generate(common.critic_chats(hists), n=10, seed=3)
+    outs = backend.generate(sim.critic_chats(hists), n=10, seed=3)
     for h, texts in zip(hists, outs):  # every sample is one of the options, with a weight above 0
-        p = dict(zip([o for o, _ in common.CRITIC_OPTIONS], E.option_probs(E.mood(h))))
-        assert all(common.match_critic_option(t) is not None and p[t] > 0 for t in texts)
+        p = dict(zip([o for o, _ in sim.CRITIC_OPTIONS], E.option_probs(E.mood(h))))
+        assert all(sim.match_critic_option(t) is not None and p[t] > 0 for t in texts)
 
 
 def test_grm_json_passes_parse_grm_and_ranks_by_rule_score(backend):
     replies = ["Oh no.", "Losing your job is hard. What worries you most about the rent?",
                "You should look for a new job.", "Oh no.", "I understand. Everything will be fine in the end, really."]
-    chats = common.grm_chats([CTX], [replies], [["a", "b", "c", "d", "e"]])
-    res = common.ask_json(backend, chats, lambda o, i: common.parse_grm(o, 5), retries=0, prefill='{"0": {"analysis": "')
+    chats = rapo.grm_chats([CTX], [replies], [["a", "b", "c", "d", "e"]])
+    res = common.ask_json(backend, chats, lambda o, i: rapo.parse_grm(o, 5), retries=0, prefill='{"0": {"analysis": "')
     assert res.failed == 0 and res.retried == 0
     v = res.values[0]
     assert not v["derived"] and len(set(v["scores"])) == 5

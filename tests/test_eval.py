@@ -4,18 +4,14 @@ a 2-process torchrun equal to one process)."""
 import importlib.util
 import json
 import math
-import os
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import common
-from conftest import ROOT, load_stage, make_tiny_model
+from conftest import load_stage, make_tiny_model, run_script
 
 ev = load_stage("06_eval")
 
@@ -134,7 +130,7 @@ class Scripted(common.Backend):
 
 def one_hot_critic(traces):
     """The critic gives case i at supporter turn t the score traces[i][t-1], as a one-hot option distribution."""
-    values = [v for _, v in common.CRITIC_OPTIONS]
+    values = [v for _, v in ev.simulate.CRITIC_OPTIONS]
 
     def ll(chat, options):
         text = chat[-1]["content"]
@@ -158,7 +154,7 @@ def test_success_rate_turns_reward_and_sr_at_t_on_scripted_critic_traces():
     policy = Scripted(text_fn=lambda c: "<think>plan</think>I hear you.")
     seeker = Scripted(text_fn=lambda c: "ok")
     critic = Scripted(ll_fn=one_hot_critic(traces))
-    roles = common.Roles(policy=policy, seeker=seeker, critic=critic)
+    roles = ev.simulate.Roles(policy=policy, seeker=seeker, critic=critic)
     recs = ev.interactive_chunk(roles, "p", make_cases(4), max_turns=4, theta=0.5, seed=0)
     assert [r["success"] for r in recs] == [True, True, False, False]
     assert [r["end_turn"] for r in recs] == [1, 3, 4, 4]
@@ -182,7 +178,7 @@ def test_success_rate_turns_reward_and_sr_at_t_on_scripted_critic_traces():
 def test_roleplay_runs_fixed_rounds_and_is_judged():
     policy, seeker = Scripted(text_fn=lambda c: "tell me more"), Scripted(text_fn=lambda c: "well")
     judge = Scripted(ll_fn=lambda c, o: [0.0, -1e9, -1e9, -1e9, 0.0])  # p(0) = p(4) = 1/2 -> expected 2
-    roles = common.Roles(policy=policy, seeker=seeker, critic=None)
+    roles = ev.simulate.Roles(policy=policy, seeker=seeker, critic=None)
     recs = ev.roleplay_chunk(roles, judge, "p", make_cases(3), rounds=5, judge_mode="likelihood", retries=0,
                              judge_max_new_tokens=16, seed=0)
     assert [len(r["messages"]) for r in recs] == [11, 11, 11]  # opening + 5 x (supporter, seeker)
@@ -334,14 +330,6 @@ def test_training_curves_plot(tmp_path):
 # End to end (subprocess, tiny models)
 
 
-def run(*args, env=None, check=True):
-    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=e)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
-
 def lines(p):
     return [json.loads(x) for x in Path(p).read_text().splitlines() if x.strip()]
 
@@ -349,7 +337,7 @@ def lines(p):
 @pytest.fixture(scope="module")
 def turns_file(tmp_path_factory, demo_data):
     d = tmp_path_factory.mktemp("turns")
-    run("01_select.py", "--data", demo_data, "--out", d, "--judge", "none", "--test-frac", "0.2")
+    run_script("01_select.py", "--data", demo_data, "--out", d, "--judge", "none", "--test-frac", "0.2")
     return d / "turns.jsonl"
 
 
@@ -369,7 +357,7 @@ def test_end_to_end_two_policies_report_and_resume(tmp_path, turns_file, tiny_mo
     out = tmp_path / "eval"
     args = small_args(turns_file, out, tiny_model_dir, "--policy", f"base=hf:{tiny_model_dir}", "--policy",
                       f"hf:{tiny2}", "--runs", run_dir, "--bertscore-model", "none")
-    p = run(*args)
+    p = run_script(*args)
     assert "report:" in p.stdout
     scores = json.loads((out / "scores.json").read_text())
     labels = [q["label"] for q in scores["policies"]]
@@ -395,52 +383,45 @@ def test_end_to_end_two_policies_report_and_resume(tmp_path, turns_file, tiny_mo
     before = (out / "dialogs.jsonl").read_text()
     text = before.rstrip("\n")
     (out / "dialogs.jsonl").write_text(text[:text.rfind("\n") + 1] + text[text.rfind("\n") + 1:][:40])
-    p = run(*args)
+    p = run_script(*args)
     assert "16 records already written" in p.stdout  # 6 replies + 3 verdicts + 8 dialogues - the torn one
     assert (out / "dialogs.jsonl").read_text() == before
     assert json.loads((out / "scores.json").read_text())["policies"] == scores["policies"]
     # resuming with another protocol setting is refused, outputs untouched
-    p = run(*args[:-2], "--theta", "0.2", *args[-2:], check=False)
+    p = run_script(*args[:-2], "--theta", "0.2", *args[-2:], check=False)
     assert p.returncode == 2 and "theta" in p.stderr
     assert (out / "dialogs.jsonl").read_text() == before
     # ... and so is another test file (path and content are recorded at the start)
     changed = tmp_path / "turns_changed.jsonl"
     common.write_jsonl(changed, lines(turns_file)[::-1])
-    p = run(*[changed if x == turns_file else x for x in args], check=False)
+    p = run_script(*[changed if x == turns_file else x for x in args], check=False)
     assert p.returncode == 2 and "--data" in p.stderr, p.stderr
     # --overwrite deletes nothing until the models have loaded: a policy that cannot load leaves the outputs
     saved = {n: (out / n).read_bytes() for n in ("dialogs.jsonl", "replies.jsonl", "pairwise.jsonl", "args.json")}
     (tmp_path / "not_a_model").mkdir()
-    p = run(*small_args(turns_file, out, tiny_model_dir, "--policy", f"hf:{tmp_path / 'not_a_model'}", "--overwrite"),
-            check=False)
+    p = run_script(*small_args(turns_file, out, tiny_model_dir, "--policy", f"hf:{tmp_path / 'not_a_model'}", "--overwrite"),
+                   check=False)
     assert p.returncode != 0
     assert {n: (out / n).read_bytes() for n in saved} == saved
 
 
 def test_one_policy_skips_pairwise_with_a_note(tmp_path, turns_file, tiny_model_dir):
     out = tmp_path / "eval"
-    p = run(*small_args(turns_file, out, tiny_model_dir, "--policy", f"hf:{tiny_model_dir}", "--parts",
-                        "interactive,pairwise", "--max-turns", 1))
+    p = run_script(*small_args(turns_file, out, tiny_model_dir, "--policy", f"hf:{tiny_model_dir}", "--parts",
+                               "interactive,pairwise", "--max-turns", 1))
     assert "pairwise: skipped" in p.stdout
     report = (out / "report.md").read_text()
     assert "Skipped: needs at least two --policy" in report and "Reference metrics" not in report
     assert not (out / "replies.jsonl").exists() or not lines(out / "replies.jsonl")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_ranks_equal_one_process(tmp_path, turns_file, tiny_model_dir):
     common_args = ["--policy", f"hf:{tiny_model_dir}", "--parts", "reference,interactive", "--bertscore-model", "none",
                    "--batch-size", 1, "--max-examples", 3, "--max-ref-turns", 3]
     one = tmp_path / "one"
-    run(*small_args(turns_file, one, tiny_model_dir, *common_args))
+    run_script(*small_args(turns_file, one, tiny_model_dir, *common_args))
     two = tmp_path / "two"
-    run("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}",
-        *small_args(turns_file, two, tiny_model_dir, *common_args))
+    run_script(*small_args(turns_file, two, tiny_model_dir, *common_args), nproc=2)
     for name in ("dialogs.jsonl", "replies.jsonl"):
         a, b = lines(one / name), lines(two / name)
         assert [r["id"] for r in a] == [r["id"] for r in b] and len(a) == 3
@@ -454,14 +435,14 @@ def test_bad_input_exits_2_before_any_work(tmp_path, turns_file):
     out = tmp_path / "eval"
     out.mkdir()
     (out / "dialogs.jsonl").write_text("keep me\n")
-    p = run("06_eval.py", "--data", turns_file, "--out", out, "--parts", "interactive,bogus", check=False)
+    p = run_script("06_eval.py", "--data", turns_file, "--out", out, "--parts", "interactive,bogus", check=False)
     assert p.returncode == 2 and "bogus" in p.stderr
     no_test = tmp_path / "train_only.jsonl"
     common.write_jsonl(no_test, [r for r in lines(turns_file) if r["split"] == "train"])
-    p = run("06_eval.py", "--data", no_test, "--out", out, check=False)
+    p = run_script("06_eval.py", "--data", no_test, "--out", out, check=False)
     assert p.returncode == 2 and "no test-split turns" in p.stderr
-    p = run("06_eval.py", "--data", turns_file, "--out", out, "--runs", tmp_path / "nope", check=False)
+    p = run_script("06_eval.py", "--data", turns_file, "--out", out, "--runs", tmp_path / "nope", check=False)
     assert p.returncode == 2 and "metrics.jsonl" in p.stderr
-    p = run("06_eval.py", "--data", turns_file, "--out", out, "--policy", "./no/such/adapter", check=False)
+    p = run_script("06_eval.py", "--data", turns_file, "--out", out, "--policy", "./no/such/adapter", check=False)
     assert p.returncode == 2 and "no such file" in p.stderr
     assert (out / "dialogs.jsonl").read_text() == "keep me\n"

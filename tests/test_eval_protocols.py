@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import common
-from conftest import ROOT, load_stage, make_tiny_model
-from test_eval import lines, run
+from conftest import ROOT, load_stage, make_tiny_model, run_script
+from test_eval import lines
 
 ev = load_stage("06_eval")
 CARDS = ROOT / "tests" / "fixtures" / "esc_eval_cards.json"
@@ -101,7 +101,7 @@ def cards(n):
 def test_esc_eval_greeting_then_five_rounds_seeker_first():
     policy, seeker = Recorder(numbered("policy")), Recorder(numbered("seeker"))
     judge = Recorder(ll_fn=lambda c, o: [0.0] * len(o))  # uniform over 0..4 -> expected 2
-    roles = common.Roles(policy=policy, seeker=seeker, critic=None, policy_system="SYS")
+    roles = ev.simulate.Roles(policy=policy, seeker=seeker, critic=None, policy_system="SYS")
     recs = ev.esc_eval_chunk(roles, {d: judge for d in ev.ESC_DIMS}, "p", cards(3), rounds=5, judge_mode="likelihood",
                              retries=0, judge_max_new_tokens=4, seed=0)
     for r in recs:
@@ -138,7 +138,7 @@ def test_esc_eval_per_dimension_judges_get_only_their_dimension():
         return made[spec]
     judges = ev.dim_backends("hf:/models/ESC-RANK/{dim}_en", ev.ESC_DIMS, make)
     assert sorted(made) == sorted(f"hf:/models/ESC-RANK/{d}_en" for d in ev.ESC_DIM_KEYS)
-    roles = common.Roles(policy=Recorder(numbered("policy")), seeker=Recorder(numbered("seeker")), critic=None)
+    roles = ev.simulate.Roles(policy=Recorder(numbered("policy")), seeker=Recorder(numbered("seeker")), critic=None)
     recs = ev.esc_eval_chunk(roles, judges, "p", cards(2), rounds=1, judge_mode="generate", retries=1,
                              judge_max_new_tokens=4, seed=0)
     for d, (name, rubric) in ev.ESC_DIMS.items():
@@ -157,7 +157,7 @@ def test_emoharbor_user_opens_and_rates_as_itself():
             "profile": profile}
     policy, user = Recorder(numbered("policy")), Recorder(numbered("seeker"))
     rater = Recorder(ll_fn=lambda c, o: list(np.log([0.1, 0.1, 0.2, 0.2, 0.4])))  # E = .1+.2+.6+.8+2.0 = 3.7
-    roles = common.Roles(policy=policy, seeker=user, critic=None, policy_system=None)
+    roles = ev.simulate.Roles(policy=policy, seeker=user, critic=None, policy_system=None)
     [r] = ev.emoharbor_chunk(roles, {d: rater for d in ev.EH_DIMS}, "p", [case], rounds=3, judge_mode="likelihood",
                              retries=0, judge_max_new_tokens=4, seed=0)
     assert [x["role"] for x in r["messages"]] == ["user", "assistant"] * 3  # the user opens, 3 rounds
@@ -287,7 +287,7 @@ def test_end_to_end_cards_two_policies_both_protocols_and_resume(tmp_path, tiny_
     out = tmp_path / "eval"
     args = proto_args(out, tiny_model_dir, "--policy", f"base=hf:{tiny_model_dir}", "--policy", f"hf:{tiny2}",
                       "--judge", f"hf:{judges}/{{dim}}_en")
-    p = run(*args)
+    p = run_script(*args)
     assert "parts: esc-eval,emoharbor" in p.stdout  # the default for a role-card file
     assert "base vs tiny2" not in p.stdout  # no pairwise part, no pairwise line
     scores = json.loads((out / "scores.json").read_text())
@@ -317,19 +317,19 @@ def test_end_to_end_cards_two_policies_both_protocols_and_resume(tmp_path, tiny_
     assert "critic" not in report.split("## Policies and roles")[1].split("##")[0]  # no critic in this run
     # resume: nothing is redone, the scores are the same
     before = (out / "dialogs.jsonl").read_text()
-    p = run(*args)
+    p = run_script(*args)
     assert "12 records already written" in p.stdout and (out / "dialogs.jsonl").read_text() == before
     assert json.loads((out / "scores.json").read_text())["policies"] == scores["policies"]
     # another round count is another protocol: refused, outputs untouched
-    p = run(*args, "--esc-rounds", 3, check=False)
+    p = run_script(*args, "--esc-rounds", 3, check=False)
     assert p.returncode == 2 and "--esc-rounds 2 (now 3)" in p.stderr and (out / "dialogs.jsonl").read_text() == before
 
 
 def test_end_to_end_profiles_generate_mode_counts_failures(tmp_path, tiny_model_dir):
     """A random tiny model never answers a number: every answer is counted, re-asked, and the dimension left out."""
     out = tmp_path / "eval"
-    run(*proto_args(out, tiny_model_dir, "--test-data", PROFILES, "--policy", f"hf:{tiny_model_dir}", "--judge-mode",
-                    "generate", "--retries", 1, "--judge-max-new-tokens", 3, "--max-examples", 2))
+    run_script(*proto_args(out, tiny_model_dir, "--test-data", PROFILES, "--policy", f"hf:{tiny_model_dir}", "--judge-mode",
+                           "generate", "--retries", 1, "--judge-max-new-tokens", 3, "--max-examples", 2))
     s = json.loads((out / "scores.json").read_text())["policies"][0]["emoharbor"]
     assert s["n"] == 2 and s["complete"] <= 2 and s["answers"]["asked"] == 20
     invalid = s["answers"]["unparseable"] + s["answers"]["out_of_range"]
@@ -343,17 +343,17 @@ def test_bad_protocol_input_exits_2_before_any_work(tmp_path, tiny_model_dir):
     (out / "dialogs.jsonl").write_text("keep me\n")
     bad = tmp_path / "cards.json"
     bad.write_text(json.dumps([{"id": 1, "base": "Problem: x"}, {"id": 2, "bas": "typo"}]))
-    p = run("06_eval.py", "--test-data", bad, "--out", out, check=False)
+    p = run_script("06_eval.py", "--test-data", bad, "--out", out, check=False)
     assert p.returncode == 2 and f"{bad}: record 1: field 'base'" in p.stderr
-    p = run("06_eval.py", "--test-data", CARDS, "--out", out, "--parts", "reference", check=False)
+    p = run_script("06_eval.py", "--test-data", CARDS, "--out", out, "--parts", "reference", check=False)
     assert p.returncode == 2 and "needs dialogues" in p.stderr and "warning" not in p.stderr
     zh = tmp_path / "zh.json"
     zh.write_text(json.dumps([{"id": 1, "base": "Problem: x", "language": "chinese"}]))
-    p = run("06_eval.py", "--test-data", zh, "--out", out, "--parts", "reference", check=False)
+    p = run_script("06_eval.py", "--test-data", zh, "--out", out, "--parts", "reference", check=False)
     assert p.returncode == 2 and "cards in chinese; the seeker and judge prompts are English" in p.stderr
-    p = run("06_eval.py", "--test-data", CARDS, "--out", out, "--parts", "judge,esc-eval", "--judge", "hf:x/{dim}",
-            check=False)
+    p = run_script("06_eval.py", "--test-data", CARDS, "--out", out, "--parts", "judge,esc-eval", "--judge", "hf:x/{dim}",
+                   check=False)
     assert p.returncode == 2 and "{dim}" in p.stderr
-    p = run("06_eval.py", "--test-data", CARDS, "--out", out, "--judge", "hf:./no/such/{dim}", check=False)
+    p = run_script("06_eval.py", "--test-data", CARDS, "--out", out, "--judge", "hf:./no/such/{dim}", check=False)
     assert p.returncode == 2 and re.search(r"no/such/[a-z]+: no such file", p.stderr)
     assert (out / "dialogs.jsonl").read_text() == "keep me\n"

@@ -4,16 +4,13 @@ punishment, the reward model's one context rule, and bad input that must give on
 import http.server
 import json
 import math
-import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, load_stage
+from conftest import free_port, load_stage, run_script
 
 import common  # noqa: E402
 import training  # noqa: E402
@@ -27,10 +24,7 @@ evaluate = load_stage("06_eval")
 
 
 def run(script, *args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("OPENAI_API_KEY", None)
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=timeout)
+    return run_script(script, *args, env={"OPENAI_API_KEY": None}, timeout=timeout, check=False)
 
 
 def error_lines(r) -> list[str]:
@@ -93,11 +87,7 @@ def server_garbage():
 
 
 def dead_url() -> str:
-    import socket
-
-    with socket.socket() as s:  # bound and closed again: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    return f"http://127.0.0.1:{free_port()}/v1"  # bound and closed again: nothing listens there
 
 
 def test_http_500_is_retried_then_stops(server_500):
@@ -109,8 +99,8 @@ def test_http_500_is_retried_then_stops(server_500):
 
 def test_unparseable_answers_are_retried_recorded_and_counted(server_garbage):
     b = common.OpenAIBackend("m", server_garbage.url, concurrency=2, timeout=5.0, retries=0)
-    res = common.ask_json(b, common.select_chats([{"context": [{"role": "user", "content": "hi"}], "target": "hello"}] * 2),
-                          common.validate_select, retries=1)
+    res = common.ask_json(b, select.select_chats([{"context": [{"role": "user", "content": "hi"}], "target": "hello"}] * 2),
+                          select.validate_select, retries=1)
     assert res.values == [None, None] and res.failed == 2 and res.retried == 2
     assert res.raw == ["I think so, yes."] * 2 and server_garbage.hits == 4
 

@@ -4,15 +4,12 @@ import json
 import math
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, load_stage
+from conftest import ROOT, load_stage, run_script
 
 g = load_stage("04_grpo")
 import common  # noqa: E402
@@ -247,22 +244,8 @@ def test_toy_verifiable_reward_rises():
 # end to end: torchrun equality, resume, bad input
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_stage(args, nproc=1, timeout=240):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master-port={free_port()}",
-               str(ROOT / "04_grpo.py"), *args]
-    else:
-        cmd = [sys.executable, str(ROOT / "04_grpo.py"), *args]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return run_script("04_grpo.py", *args, nproc=nproc, env={"PYTHONPATH": str(ROOT)}, timeout=timeout)
 
 
 def adapter_tensors(folder):
@@ -355,8 +338,7 @@ def test_resume_equals_uninterrupted(eos_model_dir, turns_file, tmp_path):
     # a setting given again must equal the run's (else one line, exit 2); --max-steps may change
     for bad, msg in ((["--lr", "0.1"], "--resume: --lr 0.1 differs from the run's 0.05"),
                      (["--group-size", "2"], "--resume: --group-size 2 differs from the run's 4")):
-        r = subprocess.run([sys.executable, str(ROOT / "04_grpo.py"), "--out", str(cut), "--resume", *bad], cwd=ROOT,
-                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        r = run_script("04_grpo.py", "--out", cut, "--resume", *bad, check=False)
         assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {msg} ({cut / 'checkpoint' / 'meta.json'}); "
                                                                        "omit it to continue the run as it was, or start a "
                                                                        "new run (--overwrite or another --out)"], r.stderr
@@ -369,8 +351,7 @@ def test_resume_equals_uninterrupted(eos_model_dir, turns_file, tmp_path):
 
     st = torch.load(cut / "checkpoint" / "trainer.pt", weights_only=True)
     torch.save(dict(st, step=Payload()), cut / "checkpoint" / "trainer.pt")
-    r = subprocess.run([sys.executable, str(ROOT / "04_grpo.py"), "--out", str(cut), "--resume", "--max-steps", "5"],
-                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = run_script("04_grpo.py", "--out", cut, "--resume", "--max-steps", "5", check=False)
     assert r.returncode == 2 and "trainer.pt: refused to load" in r.stderr and not marker.exists(), r.stderr
 
 
@@ -401,10 +382,8 @@ def test_overwrite_deletes_only_after_the_models_load(tmp_path):
     common.write_jsonl(rfile, [{"prompt_ids": prompts[2 * k], "completions": comps[2 * k:2 * k + 2],
                                 "rewards": rewards[k].tolist()} for k in range(2)])
     (tmp_path / "not_a_model").mkdir()
-    r = subprocess.run([sys.executable, str(ROOT / "04_grpo.py"), "--out", str(out), "--overwrite", "--policy",
-                        f"hf:{tmp_path / 'not_a_model'}", "--rollouts-file", str(rfile), "--group-size", "2",
-                        "--prompts-per-step", "2", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = run_script("04_grpo.py", "--out", out, "--overwrite", "--policy", f"hf:{tmp_path / 'not_a_model'}",
+                   "--rollouts-file", rfile, "--group-size", "2", "--prompts-per-step", "2", "--device", "cpu", check=False)
     assert r.returncode != 0
     assert (out / "checkpoint" / "trainer.pt").read_text() == "previous run"
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'

@@ -17,7 +17,6 @@ import copy
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import pytest
 import torch
 
 import common
+from conftest import free_port
 
 CHATS = [
     [{"role": "user", "content": "I lost my job last week and I feel awful."}],
@@ -36,12 +36,6 @@ CHATS = [
      {"role": "user", "content": "Lonely, to be honest."}],
 ]
 READY_TIMEOUT = 120.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def needs_serving_deps():

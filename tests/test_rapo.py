@@ -2,18 +2,14 @@
 GRM parsing and shuffling, equality with 04's update at --sd-coef 0, and the stage end to end."""
 import json
 import math
-import os
 import random
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import common
 import training  # noqa: E402
-from conftest import ROOT, load_stage
+from conftest import load_stage, run_script
 
 rapo = load_stage("05_rapo")
 grpo = load_stage("04_grpo")
@@ -205,22 +201,8 @@ def test_sd_loss_is_invariant_to_micro_batching(tiny_model_dir):
         assert torch.allclose(g, out[0][1], rtol=1e-4, atol=1e-7)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(args, nproc=1):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master-port={_free_port()}",
-               str(ROOT / "05_rapo.py"), *args]
-    else:
-        cmd = [sys.executable, str(ROOT / "05_rapo.py"), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return run_script("05_rapo.py", *args, nproc=nproc, timeout=600)
 
 
 def _adapter(folder):
@@ -293,8 +275,7 @@ def test_resume_equals_uninterrupted(tiny_model_dir, fixed_groups, tmp_path):
 
 def test_end_to_end_with_roles_and_bad_input(tiny_model_dir, tmp_path, demo_data):
     sel = tmp_path / "sel"
-    subprocess.run([sys.executable, str(ROOT / "01_select.py"), "--data", str(demo_data), "--out", str(sel), "--judge", "none",
-                    "--max-examples", "3"], check=True, capture_output=True, cwd=ROOT)
+    run_script("01_select.py", "--data", demo_data, "--out", sel, "--judge", "none", "--max-examples", "3")
     tiny = f"hf:{tiny_model_dir}"
     _run(["--data", str(sel / "turns.jsonl"), "--out", str(tmp_path / "r"), "--policy", tiny, "--seeker", tiny, "--grm", tiny,
           "--prompts-per-step", "2", "--max-steps", "1", "--max-new-tokens", "6", "--grm-max-new-tokens", "12",
@@ -303,6 +284,5 @@ def test_end_to_end_with_roles_and_bad_input(tiny_model_dir, tmp_path, demo_data
     assert {"grm_failed_frac", "grm_retries", "sd_kl", "entropy", "reward"} <= row.keys()
     sample = json.loads((tmp_path / "r" / "samples.jsonl").read_text().splitlines()[0])
     assert all(c.startswith("<strategy>") for c in sample["completions"])
-    r = subprocess.run([sys.executable, str(ROOT / "05_rapo.py"), "--out", str(tmp_path / "bad"), "--group-size", "1"],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = run_script("05_rapo.py", "--out", tmp_path / "bad", "--group-size", "1", check=False)
     assert r.returncode == 2 and "--group-size" in r.stderr and not (tmp_path / "bad").exists()

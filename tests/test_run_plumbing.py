@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 
 def parser():
@@ -158,8 +158,7 @@ def hold_lock(out):
 
 
 def run01(*args):
-    return subprocess.run([sys.executable, str(ROOT / "01_select.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return run_script("01_select.py", *args, check=False)
 
 
 def test_lock_on_out_names_the_other_process(tmp_path, demo_data):

@@ -1,18 +1,11 @@
 """01_select.py end to end (as a subprocess, as a user runs it): judged flags, resume, bad input."""
 import json
-import os
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import run_script
 
 
 def run(*args, check=True):
-    r = subprocess.run([sys.executable, str(ROOT / "01_select.py"), *map(str, args)], capture_output=True, text=True,
-                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if check:
-        assert r.returncode == 0, r.stderr
-    return r
+    return run_script("01_select.py", *args, check=check)
 
 
 def lines(p):

@@ -3,16 +3,12 @@ and end-to-end runs on the tiny model: degenerate-label error + relabel without 
 interrupted run, and a 2-rank gloo torchrun run equal to the 1-process run."""
 import json
 import math
-import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 
 import common
-from conftest import ROOT, load_stage
+from conftest import load_stage, run_script
 
 sim = load_stage("02_simulate")
 
@@ -98,7 +94,7 @@ def test_lockstep_one_call_per_role_per_round():
     T, m = 4, 3
     success = {"ctx0 c0": 1, "ctx0 c1": 2, "ctx1 c0": 3, "ctx1 c2": 1}  # ctx0 c2, ctx1 c1: never
     pol, see, cri = Recording("policy"), Recording("seeker"), Recording("critic", success)
-    roles = common.Roles(policy=pol, seeker=see, critic=cri)
+    roles = sim.Roles(policy=pol, seeker=see, critic=cri)
     turns = [{"id": f"d{k}-t01", "dialog_id": f"d{k}", "context": [{"role": "user", "content": f"ctx{k}"}],
               "situation": "s", "emotion_type": "e", "problem_type": "p"} for k in range(2)]
     recs = sim.simulate_chunk(roles, turns, m=m, max_turns=T, theta=0.5, seed=0, cand_kw={}, lambda_eff=0.5, delta=1.2)
@@ -126,18 +122,8 @@ def test_lockstep_one_call_per_role_per_round():
 # End to end on the tiny model (subprocesses, one thread each so runs compare byte for byte)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run02(args, nproc=1):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    pre = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                                              f"--master-port={free_port()}"]
-    return subprocess.run(pre + [str(ROOT / "02_simulate.py"), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_script("02_simulate.py", *args, nproc=nproc, timeout=600, check=False)
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,13 @@ import json
 import math
 import os
 import random
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import common
-from conftest import ROOT, load_stage
+from conftest import load_stage, run_script
 
 rm = load_stage("03_train_rm")
 
@@ -115,20 +112,8 @@ def toy_rollouts(path, dialogues=12, turns=4, m=2, seed=0):
     return recs
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run03(args, nproc=1):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    pre = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                                              f"--master-port={free_port()}"]
-    p = subprocess.run(pre + [str(ROOT / "03_train_rm.py"), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
+    return run_script("03_train_rm.py", *args, nproc=nproc, timeout=600)
 
 
 def predictions(out) -> dict:
@@ -221,8 +206,7 @@ def test_resume_after_max_steps_equals_uninterrupted(toy):
     assert (cut / "rm_ckpt" / "state.pt").exists()
     assert json.loads((cut / "rm" / "rm_metrics.json").read_text())["steps"] == 7
     # --resume alone restores the run's settings (data, model, objective, ...); a different one is refused
-    p = subprocess.run([sys.executable, str(ROOT / "03_train_rm.py"), "--out", str(cut), "--resume", "--lr", "0.5"],
-                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    p = run_script("03_train_rm.py", "--out", cut, "--resume", "--lr", "0.5", check=False)
     assert p.returncode == 2 and "--resume: --lr 0.5 differs from the run's 0.01" in p.stderr, p.stderr
     run03(["--out", cut, "--resume"])
     a, b = predictions(toy["dir"] / "straight"), predictions(cut)

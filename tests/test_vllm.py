@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_stage
+from conftest import ROOT, load_stage, run_script
 import common
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -167,14 +167,8 @@ def test_vllm_backend_roles(engine, vmodel_dir):
 
 
 def run(script, args, nproc=1, timeout=600, codes=(0,)):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), VLLM_CPU_KVCACHE_SPACE="1")
-    cmd = [sys.executable, str(ROOT / script), *args]
-    if nproc > 1:
-        from test_grpo import free_port
-
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master-port={free_port()}", str(ROOT / script), *args]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    r = run_script(script, *args, nproc=nproc, env={"PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"},
+                   timeout=timeout, check=False)
     assert r.returncode in codes, r.stderr[-4000:]
     return r
 
