@@ -7,7 +7,9 @@ retries) and process-group set-up.
 No algorithm lives here: rewards, advantages, losses, the training loops, and the prompts and parsers of a
 method's own roles are in the numbered scripts, where a reader looks for them: the hindsight-selection judge in
 01_select.py, PPDPP's critic and the lock-step conversation simulation in 02_simulate.py (06_eval.py imports
-them), RAPO's generative reward model and rubric judge in 05_rapo.py. See SPEC sections 1, 8 and 9.
+them), RAPO's generative reward model and rubric judge in 05_rapo.py. The training stages' own run
+plumbing (shared flags, policy set-up, checkpoints with extra state, logs) is training.py's, and the faster
+twins of 04's log-probs and rollouts are speed.py's. See SPEC sections 1, 8 and 9.
 """
 from __future__ import annotations
 
