@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-cases", type=int, default=12, help="06: held-out dialogues")
     p.add_argument("--eval-turns", type=int, default=4, help="06: T (PPDPP: 8)")
     p.add_argument("--bootstrap", type=int, default=2000, help="resamples of the paired bootstrap")
+    p.add_argument("--rm-objectives", default="classification,regression,ranking",
+                   help="rlff: the 03 objectives to train on the same rollouts (classification is always needed: 04 uses "
+                        "it); a later run with more objectives adds their reward models and AUCs, keeping 04 and 06")
     p.add_argument("--until", default="eval", choices=["rm", "eval"],
                    help="rlff: stop after the three reward models (write their AUCs) or run on to 04 and 06")
     return p.parse_args(argv)
@@ -145,7 +148,9 @@ def main(argv=None):
             save()
         log["simulate_stats"] = json.loads((sim / "simulate_stats.json").read_text())
         log["rm"] = {}
-        for obj in ("classification", "regression", "ranking"):
+        objectives = [o for o in ("classification", "regression", "ranking") if o in a.rm_objectives.split(",")]
+        common.check("classification" in objectives, "--rm-objectives must include classification (04 uses it)")
+        for obj in objectives:
             rm_out = out / f"rm_{obj}"
             if not (rm_out / "rm" / "rm_metrics.json").exists():
                 run(["03_train_rm.py", "--data", str(sim / "rollouts.jsonl"), "--out", str(rm_out), "--objective", obj,
