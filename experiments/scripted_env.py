@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--results", default=str(ROOT / "experiments" / "results"), help="where the json/csv/png go")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.add_argument("--max-new-tokens", type=int, default=32, help="supporter reply length (all stages)")
+    p.add_argument("--train-max-new-tokens", type=int, default=None,
+                   help="04/05 rollout length (default: --max-new-tokens); RAPO's candidates start with a <strategy> "
+                        "rationale, which rarely closes within 32 tokens, and the GRM sees only the reply after it")
     p.add_argument("--max-prompt-tokens", type=int, default=192, help="04/05 prompt budget (oldest messages dropped)")
     p.add_argument("--contexts", type=int, default=6, help="02: train contexts (one per dialogue)")
     p.add_argument("--candidates", type=int, default=4, help="02: m candidates per context (paper: 4)")
@@ -90,8 +93,8 @@ def run(cmd: list[str], log: dict, name: str):
 def train_cmd(stage: str, turns: Path, out: Path, a, extra: list[str]) -> list[str]:
     cmd = [stage, "--data", str(turns), "--out", str(out), "--policy", "hf:embedded", "--device", "cpu",
            "--seed", str(a.seed), "--prompts-per-step", str(a.prompts_per_step), "--group-size", str(a.group_size),
-           "--max-new-tokens", str(a.max_new_tokens), "--max-prompt-tokens", str(a.max_prompt_tokens),
-           "--lr", str(a.lr), "--beta", str(a.beta), "--max-steps", str(a.steps), "--micro-batch", "8",
+           "--max-new-tokens", str(a.train_max_new_tokens or a.max_new_tokens),
+           "--max-prompt-tokens", str(a.max_prompt_tokens), "--lr", str(a.lr), "--beta", str(a.beta), "--max-steps", str(a.steps), "--micro-batch", "8",
            "--checkpoint-every", "5", "--sample-every", "5"] + extra
     if (out / "checkpoint").exists():
         cmd.append("--resume")
