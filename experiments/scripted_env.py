@@ -76,6 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--rm-objectives", default="classification,regression,ranking",
                    help="rlff: the 03 objectives to train on the same rollouts (classification is always needed: 04 uses "
                         "it); a later run with more objectives adds their reward models and AUCs, keeping 04 and 06")
+    p.add_argument("--base-from", default=None,
+                   help="a 06 folder of the other method (e.g. runs/experiments/scripted/rlff/eval) whose base-policy "
+                        "records to start from, instead of simulating the base again: same test cases, settings and "
+                        "seeds (06 refuses other settings when it resumes), so the base row is the same in both tables")
     p.add_argument("--until", default="eval", choices=["rm", "eval"],
                    help="rlff: stop after the three reward models (write their AUCs) or run on to 04 and 06")
     return p.parse_args(argv)
@@ -189,6 +193,14 @@ def main(argv=None):
             runs.append(d)
 
     ev = out / "eval"
+    if a.base_from and not (ev / "dialogs.jsonl").exists():
+        src = Path(a.base_from)
+        ev.mkdir(parents=True, exist_ok=True)
+        base_rows = [r for r in common.read_jsonl(src / "dialogs.jsonl") if r["policy"] == "base"]
+        common.write_jsonl(ev / "dialogs.jsonl", base_rows)
+        for name in ("replies.jsonl", "pairwise.jsonl"):
+            (ev / name).write_text("")
+        shutil.copy(src / "args.json", ev / "args.json")
     done = json.loads((ev / "scores.json").read_text()) if (ev / "scores.json").exists() else None
     if done is None or done["settings"]["cases"] != a.eval_cases or [p["label"] for p in done["policies"]] != [l for l, _ in policies]:
         # 06 resumes: policies already evaluated in ev (e.g. the base, run early) are not simulated again
