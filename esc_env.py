@@ -12,7 +12,8 @@ stages need no special case. It reads the same prompts an LLM would read (the ro
 common.py) and answers in the same form: the critic's option log-likelihoods (or sampled option texts), the GRM's
 JSON, the seeker's message.
 
-THE RULES (fixed before any experiment; a reader checks each in a few lines below)
+THE RULES (fixed before any experiment, revised once on train contexts only: see REVISION below; a reader checks
+each in a few lines below)
 Each supporter reply y that answers a seeker message gets a score d(y) = the sum of the terms that apply:
   open question   +0.20  a sentence ending in "?" that starts with what/how/why/when/which/who/where, or
                          asks the person to tell/share/say more
@@ -22,14 +23,22 @@ Each supporter reply y that answers a seeker message gets a score d(y) = the sum
   advice          +0.15  a suggestion (ADVICE: "you could", "have you tried", ...) once the seeker has been
                          heard (3 or more seeker messages so far); -0.20 before that
   length          -0.30  fewer than 6 or more than 50 words
-  repetition      -0.40  shares half or more of its distinct words with the previous supporter reply (Jaccard)
-  generic filler  -0.20  a stock phrase (FILLER: "sorry to hear", "going through a tough time",
+  repetition      -0.20  shares half or more of its distinct words with the previous supporter reply (Jaccard)
+  generic filler  -0.10  a stock phrase (FILLER: "sorry to hear", "going through a tough time",
                          "I'm here for you", "I understand", ...)
 The seeker's mood m starts at BASELINE = -0.5 at the first seeker message and after each such reply becomes
-  m <- clip(BASELINE + LEAK * (m - BASELINE) + d(y), -1, 1),   LEAK = 0.6
+  m <- clip(BASELINE + LEAK * (m - BASELINE) + d(y), -1, 1),   LEAK = 0.8
 (without support the mood drifts back to the baseline; a steady d gives m -> BASELINE + d / (1 - LEAK)
-= -0.5 + 2.5 d, which passes theta = 0.5 only if d > 0.4: success needs replies that do three things well,
-or two with nothing wrong, turn after turn).
+= -0.5 + 5 d, which passes theta = 0.5 only if d > 0.2: success needs replies that do two things well, or one
+with nothing wrong, turn after turn, and a few turns to build up: one reply moves m by at most D_MAX = 0.9).
+REVISION (once, before any held-out evaluation of a trained policy; decided on train contexts only): the first
+rules had LEAK 0.6, repetition -0.40, filler -0.20. Under them the embedded policy (SmolLM2-135M, 32 new tokens)
+succeeded in 0 of 40 train dialogues (../shared/data/esconv_failed.json, 06 interactive, T = 4, scripted seeker
+and critic; final mood -0.78 on average, half the cases at the floor -1): with a steady d it needed d > 0.4, and
+its replies (stock sympathy, repeated word for word, cut before any question) score about -0.1. The revision lets
+the mood keep more of each reply (LEAK 0.8) and halves the two penalties the base policy pays on most turns, so
+the floor no longer hides differences; on the same 40 train dialogues the base policy then succeeded in 1 of 40
+(final mood -0.39 on average).
 Critic: PPDPP's four options from the mood: m is placed between the two neighbouring option values
 (-1 worse, -0.5 same, 0.5 better, 1 solved) with linear weights, so the expected score c_t equals m exactly;
 likelihood mode returns log of those weights, sample mode draws options from them (seeded by the prompt).
@@ -51,12 +60,12 @@ import zlib
 
 import common
 
-BASELINE, LEAK = -0.5, 0.6
+BASELINE, LEAK = -0.5, 0.8  # LEAK was 0.6 before the revision (docstring)
 HEARD_AFTER = 3  # seeker messages before advice counts as "after the person has been heard"
 MIN_WORDS, MAX_WORDS = 6, 50
 W = {"question": 0.20, "feeling": 0.20, "grounded": 0.20, "validation": 0.15, "advice": 0.15,
-     "early_advice": -0.20, "length": -0.30, "repetition": -0.40, "filler": -0.20}
-D_MIN = W["early_advice"] + W["length"] + W["repetition"] + W["filler"]  # the lowest possible d (-1.1)
+     "early_advice": -0.20, "length": -0.30, "repetition": -0.20, "filler": -0.10}  # revised: -0.40, -0.20 before
+D_MIN = W["early_advice"] + W["length"] + W["repetition"] + W["filler"]  # the lowest possible d (-0.8)
 D_MAX = W["question"] + W["feeling"] + W["grounded"] + W["validation"] + W["advice"]  # the highest (0.9)
 
 FEELINGS = set("""anxious anxiety worried worry worries scared afraid fear frightened stressed stress overwhelmed

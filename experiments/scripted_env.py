@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--results", default=str(ROOT / "experiments" / "results"), help="where the json/csv/png go")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.add_argument("--max-new-tokens", type=int, default=32, help="supporter reply length (all stages)")
+    p.add_argument("--train-max-new-tokens", type=int, default=None,
+                   help="04/05 rollout length (default: --max-new-tokens); RAPO's candidates start with a <strategy> "
+                        "rationale, which rarely closes within 32 tokens, and the GRM sees only the reply after it")
     p.add_argument("--max-prompt-tokens", type=int, default=192, help="04/05 prompt budget (oldest messages dropped)")
     p.add_argument("--contexts", type=int, default=6, help="02: train contexts (one per dialogue)")
     p.add_argument("--candidates", type=int, default=4, help="02: m candidates per context (paper: 4)")
@@ -70,6 +73,13 @@ def parse_args(argv=None):
     p.add_argument("--eval-cases", type=int, default=12, help="06: held-out dialogues")
     p.add_argument("--eval-turns", type=int, default=4, help="06: T (PPDPP: 8)")
     p.add_argument("--bootstrap", type=int, default=2000, help="resamples of the paired bootstrap")
+    p.add_argument("--rm-objectives", default="classification,regression,ranking",
+                   help="rlff: the 03 objectives to train on the same rollouts (classification is always needed: 04 uses "
+                        "it); a later run with more objectives adds their reward models and AUCs, keeping 04 and 06")
+    p.add_argument("--base-from", default=None,
+                   help="a 06 folder of the other method (e.g. runs/experiments/scripted/rlff/eval) whose base-policy "
+                        "records to start from, instead of simulating the base again: same test cases, settings and "
+                        "seeds (06 refuses other settings when it resumes), so the base row is the same in both tables")
     p.add_argument("--until", default="eval", choices=["rm", "eval"],
                    help="rlff: stop after the three reward models (write their AUCs) or run on to 04 and 06")
     return p.parse_args(argv)
@@ -87,8 +97,8 @@ def run(cmd: list[str], log: dict, name: str):
 def train_cmd(stage: str, turns: Path, out: Path, a, extra: list[str]) -> list[str]:
     cmd = [stage, "--data", str(turns), "--out", str(out), "--policy", "hf:embedded", "--device", "cpu",
            "--seed", str(a.seed), "--prompts-per-step", str(a.prompts_per_step), "--group-size", str(a.group_size),
-           "--max-new-tokens", str(a.max_new_tokens), "--max-prompt-tokens", str(a.max_prompt_tokens),
-           "--lr", str(a.lr), "--beta", str(a.beta), "--max-steps", str(a.steps), "--micro-batch", "8",
+           "--max-new-tokens", str(a.train_max_new_tokens or a.max_new_tokens),
+           "--max-prompt-tokens", str(a.max_prompt_tokens), "--lr", str(a.lr), "--beta", str(a.beta), "--max-steps", str(a.steps), "--micro-batch", "8",
            "--checkpoint-every", "5", "--sample-every", "5"] + extra
     if (out / "checkpoint").exists():
         cmd.append("--resume")
@@ -145,7 +155,9 @@ def main(argv=None):
             save()
         log["simulate_stats"] = json.loads((sim / "simulate_stats.json").read_text())
         log["rm"] = {}
-        for obj in ("classification", "regression", "ranking"):
+        objectives = [o for o in ("classification", "regression", "ranking") if o in a.rm_objectives.split(",")]
+        common.check("classification" in objectives, "--rm-objectives must include classification (04 uses it)")
+        for obj in objectives:
             rm_out = out / f"rm_{obj}"
             if not (rm_out / "rm" / "rm_metrics.json").exists():
                 run(["03_train_rm.py", "--data", str(sim / "rollouts.jsonl"), "--out", str(rm_out), "--objective", obj,
@@ -181,6 +193,14 @@ def main(argv=None):
             runs.append(d)
 
     ev = out / "eval"
+    if a.base_from and not (ev / "dialogs.jsonl").exists():
+        src = Path(a.base_from)
+        ev.mkdir(parents=True, exist_ok=True)
+        base_rows = [r for r in common.read_jsonl(src / "dialogs.jsonl") if r["policy"] == "base"]
+        common.write_jsonl(ev / "dialogs.jsonl", base_rows)
+        for name in ("replies.jsonl", "pairwise.jsonl"):
+            (ev / name).write_text("")
+        shutil.copy(src / "args.json", ev / "args.json")
     done = json.loads((ev / "scores.json").read_text()) if (ev / "scores.json").exists() else None
     if done is None or done["settings"]["cases"] != a.eval_cases or [p["label"] for p in done["policies"]] != [l for l, _ in policies]:
         # 06 resumes: policies already evaluated in ev (e.g. the base, run early) are not simulated again

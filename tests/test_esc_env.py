@@ -1,5 +1,5 @@
 """esc_env.py, the scripted ESC environment: each rule on hand-written replies, the mood recomputed by hand, the
-critic's options and the GRM's JSON through common's own parsers and validators (and 05's shuffled scoring),
+critic's options and the GRM's JSON through the stages' own parsers and validators (02's critic, 05's GRM) (and 05's shuffled scoring),
 determinism, prompts it does not know, and the scripted roles in 02 under a 2-rank gloo torchrun."""
 import os
 import socket
@@ -63,6 +63,25 @@ def test_repetition_of_the_previous_reply():
     assert not E.reply_features("Nothing like the last one, a fresh set of words entirely here.", hist)["repetition"]
 
 
+def test_revised_rules_pinned():
+    """The rules as revised once on train contexts (esc_env docstring, REVISION): LEAK 0.8, repetition -0.2,
+    filler -0.1; a steady d passes theta = 0.5 only if d > 0.2 (m -> -0.5 + 5 d)."""
+    assert (E.BASELINE, E.LEAK, E.HEARD_AFTER, E.MIN_WORDS, E.MAX_WORDS) == (-0.5, 0.8, 3, 6, 50)
+    assert E.W == {"question": 0.20, "feeling": 0.20, "grounded": 0.20, "validation": 0.15, "advice": 0.15,
+                   "early_advice": -0.20, "length": -0.30, "repetition": -0.20, "filler": -0.10}
+    prev = "I understand. That is a big change for anyone to go through at once."
+    hist = CTX + [{"role": "assistant", "content": prev}, {"role": "user", "content": "Yes it is."}]
+    assert E.reply_score(prev, hist) == pytest.approx(-0.2 - 0.1)  # repeated filler: both penalties
+    m = E.BASELINE
+    for _ in range(40):
+        m = E.BASELINE + E.LEAK * (m - E.BASELINE) + 0.25
+    assert m > 0.5  # d = 0.25 steadily: success
+    m = E.BASELINE
+    for _ in range(40):
+        m = E.BASELINE + E.LEAK * (m - E.BASELINE) + 0.2
+    assert m < 0.5  # d = 0.2 never quite passes
+
+
 def test_mood_recomputed_by_hand():
     good = "Losing your job is hard and feeling worried about rent makes sense. What worries you most right now?"
     d1 = E.reply_score(good, CTX)
@@ -70,8 +89,8 @@ def test_mood_recomputed_by_hand():
     dialogue = [{"role": "assistant", "content": "Hello, welcome!"}] + CTX + [  # a greeting before the seeker: no move
         {"role": "assistant", "content": good}, {"role": "user", "content": "The rent, mostly."},
         {"role": "assistant", "content": "Oh no."}]  # length: -0.3
-    m1 = -0.5 + 0.6 * 0.0 + d1
-    m2 = -0.5 + 0.6 * (m1 + 0.5) - 0.3
+    m1 = -0.5 + 0.8 * 0.0 + d1  # LEAK 0.8
+    m2 = -0.5 + 0.8 * (m1 + 0.5) - 0.3
     assert E.mood(dialogue[:3]) == pytest.approx(m1) and E.mood(dialogue) == pytest.approx(m2)
     assert E.mood(CTX) == E.BASELINE
     # clipping: many excellent replies never push the mood above 1
