@@ -37,7 +37,7 @@ python3 05_rapo.py --data runs/demo/turns.jsonl --out runs/rapo --overwrite \
 echo "== 06: evaluation of the base model and both trained adapters"
 python3 06_eval.py --data runs/demo/turns.jsonl --out runs/eval --overwrite \
     --policy base=hf:embedded --policy grpo=runs/grpo/adapter --policy rapo=runs/rapo/adapter \
-    --runs runs/grpo runs/rapo --critic scripted --max-examples 2 --max-turns 2 --max-new-tokens 24 --seeker-max-new-tokens 16 \
+    --runs runs/grpo runs/rapo --critic scripted --max-examples 2 --max-turns 4 --max-new-tokens 24 --seeker-max-new-tokens 16 \
     --judge-rounds 2 --max-ref-turns 4
 
 echo
