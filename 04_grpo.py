@@ -59,7 +59,6 @@ Run:
 """
 import argparse
 import functools
-import math
 import re
 import time
 from contextlib import nullcontext
@@ -71,7 +70,6 @@ import torch
 import common
 import speed
 import training
-from common import check
 
 THINK_SYSTEM = (
     common.ESC_SYSTEM + " Before you reply, think briefly about the person's feelings and what would help them, "
