@@ -31,6 +31,10 @@ Deliberate deviations (numbered):
     then writes the JSON shape far more often); openai: judges get no prefill.
  3. For rubric-* rewards there is no reaction; the teacher's hindsight block says so.
  4. The distillation tokens are the whole candidate a_w (strategy part and reply), as the student wrote it.
+ 5. --format reply drops the Chain-of-Supporting (not a paper variant): the candidate is the reply alone,
+    under the plain ESC prompt that 06 evaluates with. For a policy too small to write and close the
+    rationale (SmolLM2-135M closed it in 1 of 20 samples within 64 tokens), the GRM would otherwise score
+    rationale text and the policy would be trained under another prompt than it is evaluated with.
 
 Run:
   python 05_rapo.py --data runs/demo/turns.jsonl --out runs/rapo
@@ -443,6 +447,10 @@ def parse_args(argv=None):
     g.add_argument("--seeker-max-new-tokens", type=int, default=64, help="reaction length")
     g.add_argument("--seeker-temperature", type=float, default=0.7, help="seeker sampling temperature")
     g.add_argument("--seeker-top-p", type=float, default=0.9, help="seeker top-p (as 02/06's --seeker-top-p)")
+    g.add_argument("--format", default="cos", choices=["cos", "reply"],
+                   help="cos = RAPO's Chain-of-Supporting: RAPO's system prompt, the turn prefilled with <strategy>, "
+                        "a = [rationale, reply]; reply = the plain ESC system prompt (common.ESC_SYSTEM, as 02, 04 "
+                        "--think-prompt none and 06 use) and no prefill: a = the reply (deviation 5)")
     g.add_argument("--teacher-extra-tokens", type=int, default=1024,
                    help="prompt tokens the teacher gets beyond --max-prompt-tokens, for the hindsight block")
     args = p.parse_args(argv)
@@ -478,7 +486,8 @@ def main(argv=None):
         start, extra = training.load_checkpoint(out, pol, dist)
         check(extra is not None and "teacher" in extra, f"--resume: the checkpoint in {out} has no teacher state")
         teacher.load_state_dict(extra["teacher"])
-    log = training.RunLog(args, dist, pol, start, {"system_prompt": RAPO_SYSTEM, "prefill": PREFILL})
+    system, prefill = (RAPO_SYSTEM, PREFILL) if args.format == "cos" else (common.ESC_SYSTEM, "")
+    log = training.RunLog(args, dist, pol, start, {"system_prompt": system, "prefill": prefill})
     common.print0(f"RAPO ({args.reward}, sd-coef {args.sd_coef}, teacher {args.teacher}): {pol.total} steps, "
                   f"{args.prompts_per_step} prompts x G={G} on {dist.world} rank(s), starting at step {start}")
 
@@ -495,10 +504,10 @@ def main(argv=None):
         else:
             batch = common.shard(training.step_batch(turns, step, pol.steps_per_epoch, args), dist)
             contexts = [t["context"] for t in batch]
-            p_ids = [grpo.prompt_ids(pol.tok, c, RAPO_SYSTEM, PREFILL, args.max_prompt_tokens) for c in contexts]
+            p_ids = [grpo.prompt_ids(pol.tok, c, system, prefill, args.max_prompt_tokens) for c in contexts]
             comps = generate(p_ids, G, step)  # [B_local*G], group-major
         t_gen = time.time() - t0
-        texts = [PREFILL + pol.tok.decode(c, skip_special_tokens=True) for c in comps]
+        texts = [prefill + pol.tok.decode(c, skip_special_tokens=True) for c in comps]
         replies = [common.strip_reasoning(t) for t in texts]
         # ---- reactions (Eq. 9) and the generative reward model (Eq. 10)
         reactions = None
@@ -532,7 +541,7 @@ def main(argv=None):
             best = int(np.argmax(r["scores"]))
             react = reactions[g][w] if reactions is not None else "(no reaction observed; rubric feedback only)"
             t_ctx = teacher_context(contexts[g], replies[g * G + w], react, r["critiques"][w], replies[g * G + best])
-            distill[g * G + w] = grpo.prompt_ids(pol.tok, t_ctx, RAPO_SYSTEM, PREFILL,
+            distill[g * G + w] = grpo.prompt_ids(pol.tok, t_ctx, system, prefill,
                                                  args.max_prompt_tokens + args.teacher_extra_tokens)
         n_sd = common.all_reduce_named({"n": sum(len(comps[i]) for i in distill)}, dist)["n"]
         # ---- the update: L = L_GRPO + eta * L_SD (Eq. 15), then the teacher's EMA step

@@ -16,9 +16,12 @@ to set the rules. The data is read in place and never copied into the repository
 policy sees the same cases and seeds. Beside 06's per-policy bootstrap CIs, the script computes a paired
 bootstrap CI of trained minus base over the same cases.
 
-Run (sized to finish within about 45 minutes each on one thread of a 2-core machine shared with other jobs):
-  OMP_NUM_THREADS=1 python experiments/scripted_env.py --method rlff --steps 8   # the README's run (--until rm: 02-03 only)
-  OMP_NUM_THREADS=1 python experiments/scripted_env.py --method rapo             # the README's run (5 steps)
+Run (the README's runs, one thread each of the 2-core machine, the two methods side by side):
+  OMP_NUM_THREADS=1 python experiments/scripted_env.py --method rapo --prompts-per-step 4 --group-size 8 --steps 20 \
+      --eval-cases 40
+  OMP_NUM_THREADS=1 python experiments/scripted_env.py --method rlff --contexts 80 --rm-epochs 3 --rm-lr 5e-4 \
+      --rm-max-length 256 --prompts-per-step 4 --group-size 8 --steps 20 --eval-cases 40
+  (--until rm stops RLFF after the reward models; --rm-objectives adds objectives to a finished run)
 Outputs: <out>/<method>/ (every stage's folder), and in experiments/results/: scripted_<method>.json (settings,
 commands, wall times, results), scripted_<method>_curve.csv (training metrics per step) and scripted_<method>.png
 (training reward curve and SR / average reward with CIs). Re-running resumes: finished stages are skipped,
@@ -65,11 +68,16 @@ def parse_args(argv=None):
                         "or even 0, and a reward model cannot learn from one positive). 02 relabels without simulating")
     p.add_argument("--context-window", type=int, default=4, help="02: simulate from the last N context messages")
     p.add_argument("--rm-epochs", type=int, default=2, help="03: epochs")
+    p.add_argument("--rm-lr", type=float, default=1e-4, help="03: peak learning rate (03's LoRA default 1e-4)")
+    p.add_argument("--rm-max-length", type=int, default=384, help="03: tokens kept per input (cut from the left)")
     p.add_argument("--steps", type=int, default=5, help="04/05: optimiser steps")
     p.add_argument("--prompts-per-step", type=int, default=2, help="04/05: B")
     p.add_argument("--group-size", type=int, default=4, help="04/05: G")
     p.add_argument("--lr", type=float, default=1e-3, help="04/05: AdamW lr (LoRA r=16; the format-reward experiment's)")
     p.add_argument("--beta", type=float, default=0.04, help="04/05: k3 KL coefficient against the base model")
+    p.add_argument("--rapo-format", default="reply", choices=["cos", "reply"],
+                   help="rapo: 05's --format; reply (default here) trains the reply alone under the ESC prompt 06 "
+                        "evaluates with, cos is RAPO's <strategy> rationale + reply (the 135M policy rarely closes it)")
     p.add_argument("--eval-cases", type=int, default=12, help="06: held-out dialogues")
     p.add_argument("--eval-turns", type=int, default=4, help="06: T (PPDPP: 8)")
     p.add_argument("--bootstrap", type=int, default=2000, help="resamples of the paired bootstrap")
@@ -114,6 +122,44 @@ def paired_diff(base: dict, other: dict, key, n_boot: int, seed: int) -> dict:
     idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
     lo, hi = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
     return {"n": len(d), "mean": float(d.mean()), "ci": [float(lo), float(hi)]}
+
+
+def auc(scores, labels) -> float | None:
+    """ROC-AUC by counting pairs (ties count one half)."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    pos, neg = s[y == 1], s[y == 0]
+    if not len(pos) or not len(neg):
+        return None
+    return float(((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()))
+
+
+def label_ceiling(rollouts: list[dict], valid_ids: set[str]) -> dict:
+    """How much of 02's label a reply can explain: the ROC-AUC, on 03's valid candidates, of the candidate's own
+    rule score d(y) (what a perfect reward model of the reply could know) and of the critic's score right
+    after it (c_1, which adds the context's mood); the rest of the label is the context and the simulated
+    future (the next supporter reply and the seeker)."""
+    import esc_env
+
+    rs = [r for r in rollouts if r["id"] in valid_ids]
+    y = [r["label"] for r in rs]
+    return {"n": len(rs), "auc_reply_score_d": auc([esc_env.reply_score(r["response"], r["context"]) for r in rs], y),
+            "auc_critic_after_reply_c1": auc([r["critic_scores"][0] for r in rs], y)}
+
+
+def rule_profile(records: list[dict]) -> dict:
+    """How often each rule of esc_env.py applied to a policy's supporter turns in 06's dialogues (fractions of
+    turns), and the mean reply score d: the trace from a policy's replies to its critic scores."""
+    import esc_env
+
+    feats, ds = [], []
+    for r in records:
+        msgs = r["messages"]
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                feats.append(esc_env.reply_features(m["content"], msgs[:i]))
+                ds.append(esc_env.reply_score(m["content"], msgs[:i]))
+    out = {k: round(float(np.mean([f[k] for f in feats])), 3) for k in esc_env.W} if feats else {}
+    return {"turns": len(ds), "mean_d": round(float(np.mean(ds)), 4) if ds else None, "rule_frac": out}
 
 
 def main(argv=None):
@@ -161,12 +207,15 @@ def main(argv=None):
             rm_out = out / f"rm_{obj}"
             if not (rm_out / "rm" / "rm_metrics.json").exists():
                 run(["03_train_rm.py", "--data", str(sim / "rollouts.jsonl"), "--out", str(rm_out), "--objective", obj,
-                     "--epochs", str(a.rm_epochs), "--max-length", "384", "--seed", str(a.seed), "--device", "cpu"],
+                     "--epochs", str(a.rm_epochs), "--max-length", str(a.rm_max_length), "--lr", str(a.rm_lr), "--seed", str(a.seed), "--device", "cpu"],
                     log, f"03_train_rm_{obj}")
                 save()
             m = json.loads((rm_out / "rm" / "rm_metrics.json").read_text())
             log["rm"][obj] = {k: m.get(k) for k in ("roc_auc", "accuracy", "f1", "ece", "n", "positive_rate",
                                                      "label_positive_rate", "train_examples")}
+        cls = json.loads((out / "rm_classification" / "rm" / "rm_metrics.json").read_text())
+        log["label_ceiling"] = label_ceiling(common.read_jsonl(sim / "rollouts.jsonl"), {p["id"] for p in cls["predictions"]})
+        print(f"label ceiling on the valid candidates: {log['label_ceiling']}")
         if a.until == "rm":  # the reward models' valid metrics only
             log.update(settings=vars(a), environment="scripted (esc_env.py): rule-based seeker and critic; not people")
             common.write_json(res_dir / f"scripted_{a.method}.json", log)
@@ -187,7 +236,7 @@ def main(argv=None):
             d = out / label
             if not (d / "adapter").exists():
                 run(train_cmd("05_rapo.py", turns, d, a, ["--seeker", "scripted", "--grm", "scripted", "--all-turns",
-                                                          "--grm-retries", "0"] + extra), log, f"05_{label}")
+                                                          "--grm-retries", "0", "--format", a.rapo_format] + extra), log, f"05_{label}")
                 save()
             policies.append((label, str(d / "adapter")))
             runs.append(d)
@@ -227,6 +276,7 @@ def main(argv=None):
             row["sr_minus_base"] = paired_diff(by["base"], by[p["label"]], lambda r: 100.0 * r["success"], a.bootstrap, a.seed)
             row["reward_minus_base"] = paired_diff(by["base"], by[p["label"]], lambda r: r["critic_scores"][-1],
                                                    a.bootstrap, a.seed)
+        row["rules"] = rule_profile(list(by[p["label"]].values()))
         table.append(row)
     log["results"] = table
     curves = {d.name: common.read_jsonl(d / "metrics.jsonl") for d in runs}
@@ -248,6 +298,8 @@ def main(argv=None):
               f"{row['avg_reward']['ci']}" + (f"  paired SR diff {row['sr_minus_base']['mean']:.1f} {row['sr_minus_base']['ci']}"
                                               f"  reward diff {row['reward_minus_base']['mean']:.3f} {row['reward_minus_base']['ci']}"
                                               if "sr_minus_base" in row else ""))
+        print(f"  {row['rules']['turns']} supporter turns, mean d {row['rules']['mean_d']}, rule fractions "
+              + " ".join(f"{k} {v:.2f}" for k, v in row["rules"]["rule_frac"].items()))
     plot(a, curves, table, res_dir / f"scripted_{a.method}.png")
     print(f"wrote {res_dir / f'scripted_{a.method}.json'}")
 

@@ -235,3 +235,26 @@ def test_02_with_scripted_roles_two_ranks_equal_one(tiny_model_dir, demo_data, t
                 assert m["content"] == E.seeker_message(common.persona(by_id[r["turn_id"]]), hist)
                 assert r["critic_scores"][k // 2] == pytest.approx(E.mood(hist + [m]), abs=1e-9)
             hist.append(m)
+
+
+def test_experiment_trace_helpers():
+    """experiments/scripted_env.py's trace: the pairwise AUC, the rule fractions of 06's dialogues and the label
+    ceiling, each against a hand computation."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scripted_env", ROOT / "experiments" / "scripted_env.py")
+    x = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(x)
+    assert x.auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75  # pairs (pos, neg): 3 of 4 ordered
+    assert x.auc([1, 1], [0, 1]) == 0.5 and x.auc([1, 2], [1, 1]) is None
+    good, filler = GOOD[0], "I'm sorry to hear that. I understand how you feel right now."
+    recs = [{"messages": CTX + [{"role": "assistant", "content": good}, SEEKER_AGAIN, {"role": "assistant", "content": filler}]}]
+    prof = x.rule_profile(recs)
+    d1, d2 = E.reply_score(good, CTX), E.reply_score(filler, CTX + [{"role": "assistant", "content": good}, SEEKER_AGAIN])
+    assert prof["turns"] == 2 and prof["mean_d"] == round((d1 + d2) / 2, 4)
+    assert prof["rule_frac"]["question"] == 0.5 and prof["rule_frac"]["filler"] == 0.5
+    rolls = [{"id": f"c{i}", "label": lab, "response": y, "context": CTX, "critic_scores": [c, c]}
+             for i, (lab, y, c) in enumerate([(1, good, 0.2), (0, filler, -0.6), (1, filler, 0.1), (0, good, -0.7)])]
+    ceil = x.label_ceiling(rolls + [{"id": "other", "label": 1}], {"c0", "c1", "c2", "c3"})
+    assert ceil["n"] == 4 and ceil["auc_critic_after_reply_c1"] == 1.0  # c_1 orders the labels perfectly
+    assert ceil["auc_reply_score_d"] == 0.5  # the same two replies on both sides: d cannot tell them apart

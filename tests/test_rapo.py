@@ -286,3 +286,20 @@ def test_end_to_end_with_roles_and_bad_input(tiny_model_dir, tmp_path, demo_data
     assert all(c.startswith("<strategy>") for c in sample["completions"])
     r = run_script("05_rapo.py", "--out", tmp_path / "bad", "--group-size", "1", check=False)
     assert r.returncode == 2 and "--group-size" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_format_reply_trains_the_plain_reply_under_the_esc_prompt(tiny_model_dir, tmp_path, demo_data):
+    """--format reply: the ESC system prompt of 06, no <strategy> prefill; the scripted GRM scores every group and
+    the worst candidate is distilled."""
+    sel = tmp_path / "sel"
+    run_script("01_select.py", "--data", demo_data, "--out", sel, "--judge", "none", "--max-examples", "3")
+    _run(["--data", str(sel / "turns.jsonl"), "--out", str(tmp_path / "r"), "--policy", f"hf:{tiny_model_dir}",
+          "--seeker", "scripted", "--grm", "scripted", "--all-turns", "--format", "reply", "--prompts-per-step", "2",
+          "--max-steps", "1", "--max-new-tokens", "6", "--grm-retries", "0"])
+    saved = json.loads((tmp_path / "r" / "args.json").read_text())
+    assert saved["format"] == "reply" and saved["system_prompt"] == common.ESC_SYSTEM and saved["prefill"] == ""
+    row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["grm_failed_frac"] == 0 and row["sd_tokens"] > 0
+    sample = json.loads((tmp_path / "r" / "samples.jsonl").read_text().splitlines()[0])
+    assert not any(c.startswith("<strategy>") for c in sample["completions"])
+    assert sample["replies"] == [common.strip_reasoning(c) for c in sample["completions"]]
