@@ -49,6 +49,7 @@ from common import InputError, check
 SELECT_KEYS = ("seed", "test_frac", "valid_frac", "max_examples", "judge", "judge_mode_used", "judge_context",
                "judge_future", "retries", "max_new_tokens")
 
+
 def future_arg(v: str):
     """--judge-future: 'all' or an integer N >= 0."""
     if v == "all":
@@ -133,9 +134,9 @@ def select_chats(turns: list[dict], after: list[list[dict]] | None = None) -> li
     return chats
 
 
-def following(after: list[dict], n) -> list[dict] | None:
-    """What the judge sees after a reply under --judge-future n: all of `after`, its first n messages, or None (0)."""
-    return list(after) if n == "all" else (list(after[:n]) if n else None)
+def following(after: list[dict], n) -> list[dict]:
+    """What the judge sees after a reply under --judge-future n ('all' or N >= 1): all of `after` or its first N."""
+    return list(after) if n == "all" else list(after[:n])
 
 
 def validate_select(obj, i):
@@ -176,8 +177,8 @@ def judge_batch(backend, batch: list[dict], mode: str, args, after: dict[str, li
     (updates, retried, failed)."""
     if args.judge_context:
         batch = [dict(t, context=common.last_messages(t["context"], args.judge_context)) for t in batch]
-    chats = select_chats(batch, None if args.judge_future == 0 else [following(after[t["id"]], args.judge_future)
-                                                                       for t in batch])
+    shown = None if args.judge_future == 0 else [following(after[t["id"]], args.judge_future) for t in batch]
+    chats = select_chats(batch, shown)
     if mode == "likelihood":
         pre = SELECT_PREFIX
         ll = backend.option_loglik(chats, [pre + "true", pre + "false"])
