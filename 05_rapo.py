@@ -68,7 +68,6 @@ import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import common
@@ -217,7 +216,8 @@ def student_messages(tok, context: list[dict], system: str, prefill: str, max_to
 def teacher_prompt_ids(tok, context: list[dict], system: str, prefill: str, max_tokens: int, extra_tokens: int,
                        fmt: str, **feedback) -> list[int]:
     """Eq. 11's teacher input (x, f_w): exactly the messages the student saw (never older ones) plus the hindsight
-    block (feedback: response, reaction, critique, best), within max_tokens + extra_tokens."""
+    block (feedback: response, reaction, critique, best), within max_tokens + extra_tokens (--teacher-extra-tokens:
+    room for the block only). A last message too long for the student's budget alone is cut from the left in both."""
     seen = student_messages(tok, context, system, prefill, max_tokens)
     return grpo.prompt_ids(tok, teacher_context(seen, fmt=fmt, **feedback), system, prefill, max_tokens + extra_tokens)
 
@@ -573,7 +573,8 @@ def parse_args(argv=None):
                         "a = [rationale, reply]; reply = the plain ESC system prompt (common.ESC_SYSTEM, as 02, 04 "
                         "--think-prompt none and 06 use) and no prefill: a = the reply (deviation 5)")
     g.add_argument("--teacher-extra-tokens", type=int, default=1024,
-                   help="prompt tokens the teacher gets beyond --max-prompt-tokens, for the hindsight block")
+                   help="prompt tokens the teacher gets beyond --max-prompt-tokens, for the hindsight block (the teacher "
+                        "sees the student's messages, never older ones)")
     args = p.parse_args(argv)
     if not args.resume:  # (--resume restores the run's row with its other settings)
         apply_ablation(args, common.given_flags(p, argv))
