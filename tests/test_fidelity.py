@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import backends
 import common
 from conftest import load_stage, run_script
 
@@ -96,7 +97,7 @@ def test_scores_contradicting_ranks_are_derived_and_counted():
     got = rapo.parse_grm(bad, 3)
     assert got["scores"] == [1.0, 0.5, 0.0] and got["derived"] and got["disordered"]  # the best-ranked gets the most
 
-    class Disordered(common.Backend):
+    class Disordered(backends.Backend):
         def generate(self, chats, n=1, prefill="", **kw):
             return [[json.dumps(bad)] for _ in chats]
 
@@ -108,10 +109,35 @@ def test_scores_contradicting_ranks_are_derived_and_counted():
 
 
 # ----------------------------------------------------------------------------------------------------
+# 5. OpenAI backend: one seed per (chat, sample), as the vLLM backend
+
+
+def test_openai_seeds_one_per_chat_and_sample():
+    """Request bodies captured at the client: three identical chats (two equal candidates in 02, G equal reaction
+    prompts in 05) x n = 2 get six different seeds, seed + chat * n + sample (VLLMBackend.sampling's streams)."""
+    b = backends.OpenAIBackend("m", "http://127.0.0.1:9/v1", concurrency=1, retries=0)
+    sent = []
+
+    class Reply:  # the shape of a chat completion that OpenAIBackend reads
+        def __init__(self, text):
+            self.choices = [type("Choice", (), {"message": type("Message", (), {"content": text})()})()]
+
+    def create(**kw):
+        sent.append(kw)
+        return Reply(f"seed {kw['seed']}")
+
+    b.client.chat.completions.create = create
+    chat = [{"role": "user", "content": "I feel alone."}]
+    out = b.generate([chat, chat, chat], n=2, seed=100, max_new_tokens=4)
+    assert [kw["seed"] for kw in sent] == [100, 101, 102, 103, 104, 105]
+    assert out == [["seed 100", "seed 101"], ["seed 102", "seed 103"], ["seed 104", "seed 105"]]  # [chat][sample]
+
+
+# ----------------------------------------------------------------------------------------------------
 # 6. Hindsight selection (Eq. 8): the judge sees what followed the reply
 
 
-class Capture(common.Backend):
+class Capture(backends.Backend):
     """Records the judge's prompts; answers learn = true (generate) or p(true) > p(false) (likelihood)."""
 
     def __init__(self):
