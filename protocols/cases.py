@@ -12,6 +12,7 @@ protocol that accepts several kinds reads them alike. Records are numbered from 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import common
@@ -106,6 +107,10 @@ def load_test_set(args) -> tuple[list[dict], list[dict], str]:
     if args.test_data:
         kind, cases = detect_test_file(args.test_data)
     if kind != "dialogues":
+        other = sorted({c["language"] for c in cases if c.get("language", "").lower() not in ("", "english", "en")})
+        if other:
+            print(f"warning: {args.test_data}: cards in {', '.join(other)}; the seeker and judge prompts are English",
+                  file=sys.stderr)
         return cases[:args.max_examples] if args.max_examples else cases, [], kind
     if args.test_data:
         dialogues = common.load_dialogues(args.test_data, id_prefix="t", max_chars=args.max_message_chars)

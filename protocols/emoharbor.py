@@ -14,7 +14,7 @@ import common
 from common import check
 from protocols.base import simulate
 from protocols.cases import PROFILE_FIELDS
-from protocols.rating import RatedConversations, converse, protocol_record, protocol_judge_note, rate_dimensions
+from protocols.rating import RatedConversations, converse, protocol_record, rate_dimensions
 
 # EmoHarbor's ten dimensions, 1-5, rated by the simulated user themself (higher = better for every one,
 # redundancy and safety included: 5 = no redundancy, entirely safe).
@@ -102,34 +102,36 @@ def emoharbor_chunk(roles: simulate.Roles, raters: dict, label: str, cases: list
 
 class EmoHarbor(RatedConversations):
     name = kind = "emoharbor"
-    seed_id, section, settings_key = 6, 5, "emoharbor"
+    seed_id, section, settings_key, role_label = 6, 5, "emoharbor", "user judge (emoharbor)"
+    rounds_flag, cases_key, chunk = "emoharbor_rounds", "profiles", staticmethod(emoharbor_chunk)
     dims, lo, hi, title, judge_role = EH_DIMS, 1, 5, "EmoHarbor-style user-as-judge", "user_judge"
     eval_keys = ("emoharbor_rounds", "user_judge", "user_judge_mode_used", "retries", "judge_max_new_tokens")
 
     def add_args(self, p):
-        p.add_argument_group("emoharbor (EmoHarbor-style user-as-judge, 1-5)").add_argument(
-            "--emoharbor-rounds", type=int, default=5,
-            help="emoharbor: rounds of (user, policy), the user opening (our choice; not from the paper)")
+        g = p.add_argument_group("emoharbor (EmoHarbor-style user-as-judge, 1-5)")
+        g.add_argument("--emoharbor-rounds", type=int, default=5,
+                       help="emoharbor: rounds of (user, policy), the user opening (our choice; not from the paper)")
+        g.add_argument("--user-judge", default=None,
+                       help="model of the simulated user that rates the emoharbor part as itself (default: the --seeker "
+                            "model, as RAPO used GPT-4o for both); same spec forms as --judge, '{dim}' included")
+        g.add_argument("--user-judge-base-url", default=None, help="base URL for an openai: --user-judge")
 
     def check_args(self, args):
         check(args.emoharbor_rounds >= 1, "--emoharbor-rounds must be >= 1")
+        args.user_judge = args.user_judge or args.seeker  # the seeker's model (and server) unless given
+        if args.user_judge == args.seeker and args.user_judge_base_url is None:
+            args.user_judge_base_url = args.seeker_base_url
+        args.user_judge_mode_used = args.judge_mode if args.judge_mode != "auto" else (
+            "generate" if common.parse_spec(args.user_judge).backend == "openai" else "likelihood")
 
-    def run_chunk(self, run, roles, label, items, seed):
-        a = run.args
-        return emoharbor_chunk(roles, run.backends[self.name], label, items, rounds=a.emoharbor_rounds,
-                               judge_mode=a.user_judge_mode_used, retries=a.retries,
-                               judge_max_new_tokens=a.judge_max_new_tokens, seed=seed)
+    def protocol_text(self, a):
+        return ("EmoHarbor-style user-as-judge (Ye et al., 2026; our implementation, not the official "
+                f"code): the simulated user opens, {a.emoharbor_rounds} rounds of (user, policy), then "
+                "the same user rates 10 dimensions 1-5 as itself, one question each")
 
-    def settings(self, run):
-        a, source = run.args, run.source
-        return {"emoharbor": {
-            "protocol": "EmoHarbor-style user-as-judge (Ye et al., 2026; our implementation, not the official "
-                        f"code): the simulated user opens, {a.emoharbor_rounds} rounds of (user, policy), then "
-                        "the same user rates 10 dimensions 1-5 as itself, one question each",
-            "seeker": a.seeker, "user_judge": a.user_judge,
-            "judge_settings": protocol_judge_note(a.user_judge_mode_used, a.retries, 1, 5),
-            "profiles": "profiles of " + str(a.test_data) if source == "profiles" else f"profiles seeded from the {source}"}}
+    def judge_fields(self, a):
+        return {"user_judge": a.user_judge}
 
-    def role_rows(self, run):
-        return [["user judge (emoharbor)", run.args.user_judge, self.settings(run)["emoharbor"]["judge_settings"],
-                 self.name in run.parts]]
+    def cases_text(self, run):
+        return ("profiles of " + str(run.args.test_data) if run.source == "profiles"
+                else f"profiles seeded from the {run.source}")

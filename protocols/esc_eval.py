@@ -19,7 +19,7 @@ from pathlib import Path
 import common
 from common import InputError, check
 from protocols.base import simulate
-from protocols.rating import RatedConversations, converse, protocol_record, protocol_judge_note, rate_dimensions
+from protocols.rating import RatedConversations, converse, protocol_record, rate_dimensions
 
 ESC_DIM_KEYS = ("fluency", "diversity", "empathic", "suggestion", "human", "tech", "overall")  # = ESC_DIMS' keys
 ESC_GREETING = ("Hello, I'm an assistant you can talk to in confidence. If anything is worrying or troubling you, "
@@ -137,9 +137,11 @@ def esc_eval_chunk(roles: simulate.Roles, judges: dict, label: str, cases: list[
 
 class EscEval(RatedConversations):
     name = kind = "esc-eval"
-    seed_id, section, settings_key = 5, 4, "esc_eval"
+    seed_id, section, settings_key, role_label = 5, 4, "esc_eval", "judge (esc-eval)"
+    rounds_flag, cases_key, chunk = "esc_rounds", "cards", staticmethod(esc_eval_chunk)
     dims, lo, hi, title = ESC_DIMS, 0, 4, "ESC-Eval protocol"
     eval_keys = ("judge", "judge_mode_used", "retries", "judge_max_new_tokens", "esc_judge_prompts", "esc_rounds")
+    files = ("esc_judge_prompts",)
 
     def add_args(self, p):
         g = p.add_argument_group("esc-eval (ESC-Eval, 0-4)")
@@ -156,23 +158,21 @@ class EscEval(RatedConversations):
     def prepare(self, run):
         run.backends["esc-eval prompts"] = load_judge_prompts(run.args.esc_judge_prompts)
 
-    def run_chunk(self, run, roles, label, items, seed):
-        a = run.args
-        return esc_eval_chunk(roles, run.backends[self.name], label, items, rounds=a.esc_rounds, judge_mode=a.judge_mode_used,
-                              retries=a.retries, judge_max_new_tokens=a.judge_max_new_tokens, seed=seed,
-                              prompts=run.backends["esc-eval prompts"])
+    def chunk_kw(self, run):
+        return {"prompts": run.backends["esc-eval prompts"]}
 
-    def settings(self, run):
-        a, source = run.args, run.source
-        return {"esc_eval": {
-            "protocol": "ESC-Eval (Zhao et al., EMNLP 2024): the assistant's fixed greeting, then "
-                        f"{a.esc_rounds} rounds of (seeker playing the role card, policy); the policy does "
-                        "not see the greeting; 7 dimensions 0-4 on the whole transcript, one question each",
-            "seeker": a.seeker, "judge": a.judge,
-            "judge_models": {d: a.judge.replace("{dim}", d) for d in ESC_DIMS} if "{dim}" in a.judge else None,
-            "judge_settings": protocol_judge_note(a.judge_mode_used, a.retries, 0, 4) + (
-                f"; prompts from {a.esc_judge_prompts}" if a.esc_judge_prompts else "; our prompts"),
-            "cards": "role cards of " + str(a.test_data) if source == "cards" else f"cards written from the {source}' fields"}}
+    def protocol_text(self, a):
+        return ("ESC-Eval (Zhao et al., EMNLP 2024): the assistant's fixed greeting, then "
+                f"{a.esc_rounds} rounds of (seeker playing the role card, policy); the policy does "
+                "not see the greeting; 7 dimensions 0-4 on the whole transcript, one question each")
 
-    def role_rows(self, run):
-        return [["judge (esc-eval)", run.args.judge, self.settings(run)["esc_eval"]["judge_settings"], self.name in run.parts]]
+    def judge_fields(self, a):
+        return {"judge": a.judge,
+                "judge_models": {d: a.judge.replace("{dim}", d) for d in ESC_DIMS} if "{dim}" in a.judge else None}
+
+    def prompts_note(self, a):
+        return f"; prompts from {a.esc_judge_prompts}" if a.esc_judge_prompts else "; our prompts"
+
+    def cases_text(self, run):
+        return ("role cards of " + str(run.args.test_data) if run.source == "cards"
+                else f"cards written from the {run.source}' fields")

@@ -8,11 +8,14 @@ turn t with c_t > theta, and fails after T turns without it.
 
   SR    = (1/n) sum_i 1[success_i]                          (success rate, %)
   AT    = (1/n) sum_i t_i,  t_i = end turn, T for a failure  (average turns)
-  reward = (1/n) sum_i c_end,i, the critic's last score      (06 deviation 1: PPDPP reports SR and AT only)
+  reward = (1/n) sum_i c_end,i, the critic's last score      (06 deviation 1: PPDPP reports SR and AT only;
+                                                             RLFF-ESC's efficiency bonus belongs to training)
   SR@t  = (1/n) sum_i 1[success_i and t_i <= t], t = 1..T    (plotted with its CI band: sr_at_t.png)
 each with a percentile bootstrap 95% CI over cases.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 

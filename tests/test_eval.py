@@ -12,12 +12,12 @@ import pytest
 
 import backends
 import common
+import protocols
+import protocols.base
+import protocols.curves
 from conftest import load_stage, make_tiny_model, run_script
 
 ev = load_stage("06_eval")
-import protocols  # noqa: E402
-import protocols.base  # noqa: E402
-import protocols.curves  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -450,3 +450,52 @@ def test_bad_input_exits_2_before_any_work(tmp_path, turns_file):
     p = run_script("06_eval.py", "--data", turns_file, "--out", out, "--policy", "./no/such/adapter", check=False)
     assert p.returncode == 2 and "no such file" in p.stderr
     assert (out / "dialogs.jsonl").read_text() == "keep me\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The runner: the registry, role validation before any output is touched, no stale report
+
+
+def test_registry_protocols_are_complete_and_distinct():
+    """Every protocol names itself as registered, and no two share a record kind, a seed stream or a report slot
+    (a new protocol that reused another's seed_id would draw the same samples)."""
+    protos = list(protocols.REGISTRY.values())
+    assert ev.PARTS == tuple(protocols.REGISTRY) and all(protocols.REGISTRY[p.name] is p for p in protos)
+    for attr in ("kind", "seed_id", "section"):
+        values = [getattr(p, attr) for p in protos]
+        assert len(set(values)) == len(values), attr
+    for p in protos:
+        assert set(p.inputs) <= {"dialogues", "cards", "profiles"} and p.unit in ("cases", "turns")
+        assert set(p.roles(None if p.name == "reference" else ev.parse_args([]))) <= set(ev.ROLES)
+    assert set(ev.EVAL_KEYS) >= {k for p in protos for k in p.eval_keys}
+
+
+def test_a_role_that_cannot_be_scripted_fails_before_outputs_are_touched(tmp_path, turns_file, tiny_model_dir):
+    """--judge scripted --parts judge --overwrite: one line, exit 2, old outputs untouched (the scripted roles of
+    envs/esc.py answer only the seeker's and the critic's prompts; the old runner deleted the outputs first)."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    for name in ("dialogs.jsonl", "report.md", "args.json"):
+        (out / name).write_text("keep me\n")
+    base = ["06_eval.py", "--data", turns_file, "--out", out, "--policy", f"hf:{tiny_model_dir}", "--overwrite"]
+    p = run_script(*base, "--judge", "scripted", "--parts", "judge", check=False)
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert p.returncode == 2 and len(errors) == 1 and "--judge scripted" in errors[0] and "cannot be scripted" in errors[0]
+    p = run_script(*base, "--seeker", "scripted", "--parts", "esc-eval", check=False)  # esc-eval's seeker plays a card
+    assert p.returncode == 2 and "--seeker scripted" in p.stderr
+    assert all((out / name).read_text() == "keep me\n" for name in ("dialogs.jsonl", "report.md", "args.json"))
+
+
+def test_new_args_json_never_sits_beside_an_old_report(tmp_path):
+    """When the outputs open (args.json rewritten), the old report.md, scores.json and plots go: a run that stops
+    later leaves no summary of an earlier run beside its settings."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    for name in ("report.md", "scores.json", "sr_at_t.png", "training_curves.png", "dialogs.jsonl"):
+        (out / name).write_text("old\n")
+    args = ev.parse_args(["--out", str(out)])
+    run = protocols.base.Run(args, [], [], "dialogues", [("p", "hf:x")], ["interactive"], dist=common.Dist())
+    run.inputs, run.digests = {}, {"p": {"spec": "hf:x", "sha256": None}}
+    ev.open_outputs(run)
+    assert sorted(x.name for x in out.iterdir()) == ["args.json", "dialogs.jsonl"]  # records stay (resume)
+    assert json.loads((out / "args.json").read_text())["policies"] == run.digests

@@ -10,13 +10,13 @@ import pytest
 
 import backends
 import common
+import protocols
+import protocols.cases
+import protocols.rating
 from conftest import ROOT, load_stage, make_tiny_model, run_script
 from test_eval import lines
 
 ev = load_stage("06_eval")
-import protocols  # noqa: E402
-import protocols.cases  # noqa: E402
-import protocols.rating  # noqa: E402
 CARDS = ROOT / "tests" / "fixtures" / "esc_eval_cards.json"
 PROFILES = ROOT / "tests" / "fixtures" / "emoharbor_profiles.jsonl"
 
