@@ -51,6 +51,7 @@ content) are those of the earlier run, else it stops with one line; --overwrite 
 before every input, flag and role has passed its checks; the old records go once the first models have loaded).
 """
 import argparse
+import copy
 import json
 import os
 import re
@@ -72,7 +73,7 @@ REGISTRY = protocols.REGISTRY  # --parts name -> protocol
 PARTS = tuple(REGISTRY)
 DEFAULT_PARTS = {"dialogues": "reference,interactive,judge,pairwise", "cards": "esc-eval,emoharbor",
                  "profiles": "emoharbor"}  # by the kind of test file (protocols/cases.py)
-OUTPUTS = ("replies.jsonl", "dialogs.jsonl", "pairwise.jsonl")
+OUTPUTS = tuple(dict.fromkeys(p.output for p in REGISTRY.values()))  # replies, dialogs, pairwise .jsonl
 ROLES = ("seeker", "critic", "judge", "user_judge")
 # Settings that change the generated dialogues or verdicts: a resumed run must use the same ones (the runner's,
 # then every protocol's own).
@@ -361,7 +362,7 @@ def evaluate_policy(run: Run, jobs: list, label: str, spec: str, shared: dict):
             run.outs[p.output].append([r for r in recs if r["id"] not in run.done])  # a chunk cut short: its missing ids
             bar.update(1)
         bar.close()
-    keep = list(shared.values()) + [b for js in run.backends.values() if isinstance(js, dict) for b in js.values()]
+    keep = list(shared.values()) + [b for js in run.backends.values() for b in js.values()]
     if not any(policy is b for b in keep):  # free the policy's model unless a role uses the same one
         backends.release_backend(policy)
 
@@ -383,7 +384,7 @@ def summarise(run: Run, chosen: list) -> dict:
     pol_scores = []
     for label, spec in run.policies:
         ps = {"label": label, "spec": spec}
-        ps.update({p.name: json.loads(json.dumps(p.empty)) for p in by_section(REGISTRY.values())
+        ps.update({p.name: copy.deepcopy(p.empty) for p in by_section(REGISTRY.values())
                    if p.per_policy and p.empty is not None})
         for p in (p for p in chosen if p.per_policy):
             ps[p.name] = p.summarise(run, label, [recs[i] for i in p.ids(label, p.items(run)) if i in recs])

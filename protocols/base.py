@@ -38,6 +38,7 @@ class Run:
     outs: dict = field(default_factory=dict)  # output file name -> common.ResumableOutput
     make: object = None  # make(role, spec=None) -> the backend of a role (--<role>, --<role>-base-url)
     backends: dict = field(default_factory=dict)  # protocol name -> its judges, loaded once
+    read: dict = field(default_factory=dict)  # protocol name -> what its prepare() read (e.g. prompt files)
     system: str | None = None  # the policy's system prompt (--policy-system)
     # the runner's own: the command line, input digests, policy digests, (training runs, plot panels)
     command: str = ""

@@ -156,10 +156,10 @@ class EscEval(RatedConversations):
         check(args.esc_rounds >= 1, "--esc-rounds must be >= 1")
 
     def prepare(self, run):
-        run.backends["esc-eval prompts"] = load_judge_prompts(run.args.esc_judge_prompts)
+        run.read[self.name] = load_judge_prompts(run.args.esc_judge_prompts)
 
     def chunk_kw(self, run):
-        return {"prompts": run.backends["esc-eval prompts"]}
+        return {"prompts": run.read[self.name]}
 
     def protocol_text(self, a):
         return ("ESC-Eval (Zhao et al., EMNLP 2024): the assistant's fixed greeting, then "
