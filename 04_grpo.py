@@ -59,6 +59,7 @@ Run:
 """
 import argparse
 import functools
+import os
 import re
 import time
 from contextlib import nullcontext
@@ -655,15 +656,15 @@ def dynamic_sampling(draw, cursor: int, n_groups: int, max_draws: int, dist: com
                     "dynamic_groups_filled": s["filled"]}
 
 
-def held_out_turns(args, dist: common.Dist) -> list[dict] | None:
+def held_out_turns(args) -> list[dict] | None:
     """--eval-every: the first --eval-size turns of --eval-split in --eval-data (default --data), checked before any
-    work; None when there is no held-out evaluation."""
+    work (at least one per rank); None when there is no held-out evaluation."""
     if not args.eval_every:
         return None
-    path = args.eval_data or args.data
+    path, world = args.eval_data or args.data, int(os.environ.get("WORLD_SIZE", "1"))
     turns = common.load_turns(path, split=args.eval_split, max_chars=args.max_message_chars)[:args.eval_size]
-    common.check(len(turns) >= dist.world, f"{path}: {len(turns)} turns with split == {args.eval_split!r} for "
-                 f"--eval-every, fewer than the {dist.world} rank(s) (pick --eval-split or --eval-data)")
+    common.check(len(turns) >= world, f"{path}: {len(turns)} turns with split == {args.eval_split!r} for "
+                 f"--eval-every, fewer than the {world} rank(s) (pick --eval-split or --eval-data)")
     return turns
 
 
@@ -673,7 +674,8 @@ def evaluate(generate, turns: list[dict], tok, system: str, prefill: str, args, 
     sampled at a fixed seed (common.step_seed(--seed, -1, rank): the same noise at every evaluation and after
     --resume) inside a fork of torch's generator, so the training's random stream is untouched.
     score(contexts, texts, completions) -> {"total": [...], part: [...]}, the stage's reward.
-    Returns eval_reward, eval_reward_<part>, eval_completion_len_mean, eval_truncated_frac (means over all ranks)."""
+    Returns eval_reward (the mean total), eval_<name> for score's other entries, eval_completion_len_mean and
+    eval_truncated_frac: means over all ranks."""
     mine = common.shard(turns, dist)
     contexts = [t["context"] for t in mine]
     p_ids = [prompt_ids(tok, c, system, prefill, args.max_prompt_tokens) for c in contexts]
@@ -686,7 +688,7 @@ def evaluate(generate, turns: list[dict], tok, system: str, prefill: str, args, 
     s = common.all_reduce_named({"n": len(comps), "tokens": sum(len(c) for c in comps),
                                  "truncated": sum(len(c) >= args.max_new_tokens for c in comps),
                                  **{k: sum(v) for k, v in rw.items()}}, dist)
-    return {"eval_reward": s["total"] / s["n"], **{f"eval_reward_{k}": s[k] / s["n"] for k in rw if k != "total"},
+    return {"eval_reward": s["total"] / s["n"], **{f"eval_{k}": s[k] / s["n"] for k in rw if k != "total"},
             "eval_completion_len_mean": s["tokens"] / s["n"], "eval_truncated_frac": s["truncated"] / s["n"]}
 
 
@@ -697,8 +699,8 @@ def evaluate(generate, turns: list[dict], tok, system: str, prefill: str, args, 
 def main(argv=None):
     args = parse_args(argv)
     out, G = Path(args.out), args.group_size
+    eval_turns = held_out_turns(args)  # --eval-every
     dist, turns, fixed, inputs, policy_path = training.start_run(args, "rewards")  # all checks before any work
-    eval_turns = held_out_turns(args, dist)
     rm_fn = None if args.rm == "none" or fixed else make_rm_scorer(args.rm, dist.device, common.resolve_dtype(
         args.dtype, dist.device), args.rm_batch_size)
     engine = speed.VLLMRollout(policy_path, args, dist) if args.rollout == "vllm" else None  # before the seeding
@@ -786,7 +788,8 @@ def main(argv=None):
         row.update(format_rate=row["reward_fmt"], **check_row, **mask_row, **ds_row)
         if eval_turns is not None and (step + 1) % args.eval_every == 0:  # held-out reward, after the update
             t2 = time.time()
-            row.update(evaluate(generate, eval_turns, pol.tok, system, prefill, args, dist, score), time_eval=time.time() - t2)
+            row.update(evaluate(generate, eval_turns, pol.tok, system, prefill, args, dist, lambda *a: {
+                ("total" if k == "total" else f"reward_{k}"): v for k, v in score(*a).items()}), time_eval=time.time() - t2)
         log.metrics(row)
         if log.sample_step(step):
             log.sample({"step": step + 1, "context": contexts[0], "prompt": pol.tok.decode(p_ids[0]),
