@@ -10,6 +10,19 @@ surrogate with DAPO clip-higher and a k3 KL penalty against the reference policy
     KL_t = exp(logp_ref_t - logp_t) - (logp_ref_t - logp_t) - 1                  k3 estimator
     L    = sum_t L_t / (global completion-token count)                         --loss-agg token-mean
 
+Options researchers reach for, each one flag, off by default (the defaults are the papers' settings above):
+    --scale-rewards batch|none   A_i = (r_i - mean_g r) / (std_batch r + eps) | r_i - mean_g r     (TRL; Dr. GRPO)
+    --reward-combine gdpo        A = norm_batch(sum_k w_k A(r_k)): Eq. 1 per reward part, then summed    (GDPO)
+    --is-level sequence          rho_i = exp(mean_t (logp_t - logp_old_t)), one ratio per completion,
+                                 clipped to [1 - 3e-4, 1 + 4e-4] (--seq-eps-low/-high)                  (GSPO)
+    --rollout-is token|sequence  L_t = -w min(...) + beta KL_t, w = min(pi_old / pi_engine, C) per token, or
+                                 per completion (product of the ratios); --rollout vllm                 (TIS)
+    --rollout-mask token|sequence  tokens (completions: geometric-mean ratio) whose pi_old / pi_engine leaves
+                                 [lo, hi] get no loss and leave the denominators     (verl rollout_correction)
+    --mask-truncated             completions cut at --max-new-tokens without EOS get no loss        (DAPO)
+    --dynamic-sampling           groups with all-equal rewards (A = 0) are replaced by new prompts  (DAPO)
+    --eval-every N               mean reward of one completion per held-out turn, fixed seed: eval_* metrics
+
 logp are computed from logits / sampling temperature. The reference is the initial policy: with LoRA it is
 the same network with the adapter disabled (`model.disable_adapter()`), so no second model is held; with
 `--no-lora` (full fine-tuning) a frozen copy is kept, the only case where a second model exists.
@@ -41,7 +54,8 @@ Deliberate deviations and choices (numbered, so forks can find them):
  6. Seeds: python/numpy/torch are seeded with --seed before the LoRA weights are created (identical on
     every rank; DDP also broadcasts rank 0's), then with --seed + rank, so each rank samples different
     completions. The prompt order of epoch e is a permutation seeded by (--seed, e), so the data position
-    is the step number and a resumed run sees exactly the prompts it would have seen.
+    is the step number and a resumed run sees exactly the prompts it would have seen. (--dynamic-sampling: the
+    data position is the number of prompt batches drawn, saved in the checkpoint.)
  7. Distributed: prompts of a step are split over ranks (whole groups stay on one rank); DDP averages
     gradients over ranks, so each rank's loss is multiplied by the world size and divided by the
     all-reduced global token (or sequence) count: the gradient is that of the global-batch loss, for any
@@ -733,9 +747,10 @@ def main(argv=None):
         timer["gen"] += time.time() - t
         texts = [prefill + pol.tok.decode(c, skip_special_tokens=True) for c in comps]
         rw = score([c for c in contexts for _ in range(G)], texts, comps)
+        lps = engine.last_logps if engine is not None else None  # --rollout vllm: the engine's log-probs of comps
         return [{"context": contexts[b], "prompt_ids": p_ids[b], "completions": comps[b * G:(b + 1) * G],
-                 "texts": texts[b * G:(b + 1) * G], "rw": {name: v[b * G:(b + 1) * G] for name, v in rw.items()}}
-                for b in range(len(p_ids))]
+                 "texts": texts[b * G:(b + 1) * G], "rw": {name: v[b * G:(b + 1) * G] for name, v in rw.items()},
+                 "engine_logps": lps[b * G:(b + 1) * G] if lps is not None else None} for b in range(len(p_ids))]
 
     bar = common.progress(total=pol.total, initial=start, desc="grpo")
     stop = pol.total if args.stop_after is None else min(pol.total, start + args.stop_after)
@@ -763,6 +778,8 @@ def main(argv=None):
         comps = [c for grp in groups for c in grp["completions"]]  # [B_local*G], group-major
         texts = [t for grp in groups for t in grp["texts"]]
         rw = {k: [x for grp in groups for x in grp["rw"][k]] for k in ("total", "fut", "fmt", "len")}
+        if engine is not None and args.dynamic_sampling:  # the kept groups' engine log-probs, from several draws
+            engine.last_logps = [x for grp in groups for x in grp["engine_logps"]]
         # ---- group advantages (Eq. 1; --scale-rewards, --reward-combine)
         rewards = torch.tensor(rw["total"], dtype=torch.float32).view(len(p_ids), G)  # [B_local, G]
         parts = {k: torch.tensor(rw[k], dtype=torch.float32).view(len(p_ids), G) for k in ("fut", "fmt", "len")}

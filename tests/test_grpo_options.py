@@ -98,6 +98,20 @@ def test_gspo_ratio_and_clipping_against_numpy():
     assert not torch.allclose(g.grpo_token_loss(base, old, None, adv, 0.2, 0.28, 0.0), tok.detach())  # not per token
 
 
+def test_grpo_loss_clips_the_sequence_ratio_with_its_own_range():
+    """--is-level sequence: rho_i = exp(0.01) = 1.01 is outside GSPO's [1 - 3e-4, 1 + 4e-4] (no gradient for A > 0)
+    but inside the token clip range [0.8, 1.28] (a gradient)."""
+    old = torch.full((1, 3), -1.01)
+    grads = {}
+    for level in ("sequence", "token"):
+        lp = torch.full((1, 3), -1.0, requires_grad=True)
+        mb = g.MicroBatch([0], lp, torch.zeros(1, 3, 5), torch.ones(1, 3), old, None, torch.tensor([1.0]), 3.0, 1.0)
+        g.grpo_loss(mb, g.LossConfig(pad_id=0, beta=0.0, is_level=level)).backward()
+        grads[level] = lp.grad
+    assert torch.equal(grads["sequence"], torch.zeros(1, 3))
+    assert torch.allclose(grads["token"], torch.full((1, 3), -math.exp(0.01) / 3))
+
+
 def test_gspo_on_policy_gradient_equals_token_level():
     """rho_i = 1 on-policy (logp_old = logp.detach()): the sequence ratio's gradient with seq-mean-token-mean is the
     token ratio's (the GSPO paper's remark), so --is-level only matters off-policy."""
@@ -314,3 +328,18 @@ def test_every_new_flag_names_its_source():
         assert src in helps[flag], flag
     h = " ".join(run_script("04_grpo.py", "--help").stdout.split())
     assert "DAPO's dynamic sampling" in h and "verl max_num_gen_batches" in h
+
+
+def test_rapo_eval_every_and_options(tiny_model_dir, split_turns, tmp_path):
+    """05 takes the same knobs (its update is 04's) and logs its held-out reward: the --grm model's rubric score of
+    each reply alone (the scripted judge here) plus R_len, at the --eval-every steps."""
+    run_script("05_rapo.py", "--data", split_turns, "--out", tmp_path / "r", "--policy", f"hf:{tiny_model_dir}",
+               "--seeker", "scripted", "--grm", "scripted", "--all-turns", "--format", "reply", "--prompts-per-step", "2",
+               "--group-size", "2", "--max-steps", "2", "--max-new-tokens", "6", "--grm-retries", "0", "--eval-every", "2",
+               "--eval-size", "2", "--mask-truncated", "--scale-rewards", "batch", "--reward-combine", "gdpo",
+               "--is-level", "sequence", timeout=600)
+    rows = common.read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and "eval_reward" not in rows[0]
+    ev = rows[1]
+    assert ev["eval_grm_failed_frac"] == 0 and 0 <= ev["eval_reward_score"] <= 1
+    assert ev["eval_reward"] == pytest.approx(ev["eval_reward_score"] + ev["eval_reward_len"])
