@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 import common
+import role_cache
 import speed
 import training
 from common import check
@@ -289,7 +290,7 @@ def parse_grm(obj, G: int) -> dict:
 
 
 def grm_prefill(backend) -> str:
-    return "" if isinstance(backend, common.OpenAIBackend) else '{"0": {"analysis": "'  # deviation 2
+    return "" if common.parse_spec(backend.spec).backend == "openai" else '{"0": {"analysis": "'  # deviation 2
 
 
 def score_groups(grm, mode: str, contexts: list[list[dict]], replies: list[list[str]], reactions: list[list[str]] | None,
@@ -453,6 +454,7 @@ def parse_args(argv=None):
                         "--think-prompt none and 06 use) and no prefill: a = the reply (deviation 5)")
     g.add_argument("--teacher-extra-tokens", type=int, default=1024,
                    help="prompt tokens the teacher gets beyond --max-prompt-tokens, for the hindsight block")
+    role_cache.add_role_cache_args(p)
     args = p.parse_args(argv)
     args = common.resume_args(p, args, argv, Path(args.out) / "checkpoint")  # --resume: the run's own settings
     training.check_grpo_args(args)
@@ -463,6 +465,7 @@ def parse_args(argv=None):
     check(args.grm_retries >= 0, "--grm-retries must be >= 0")
     check(0 < args.seeker_top_p <= 1 and args.teacher_extra_tokens >= 0,
           "--seeker-top-p must be in (0, 1] and --teacher-extra-tokens >= 0")
+    role_cache.check_role_cache_args(args)
     return args
 
 
@@ -471,10 +474,12 @@ def main(argv=None):
     out, G = Path(args.out), args.group_size
     dist, turns, fixed, inputs, policy_path = training.start_run(args, "scores")  # all checks before any work
     seeker = grm = None
+    cache = role_cache.open_cache(args)  # --role-cache: the seeker's and the GRM's answers recorded / replayed
     if not fixed:  # the role models (each its own engine; roles on one spec share it)
         if args.reward == "reaction":
-            seeker = common.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype, decoder=args.decoder)
-        grm = common.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder)
+            seeker = common.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype, decoder=args.decoder,
+                                         cache=cache)
+        grm = common.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder, cache=cache)
     engine = speed.VLLMRollout(policy_path, args, dist) if args.rollout == "vllm" else None  # before the seeding
     # full fine-tuning with --teacher base needs the frozen initial model even when beta = 0
     pol = training.setup_policy(args, dist, n_groups=len(fixed or turns), need_ref=args.teacher == "base" and args.sd_coef > 0)
@@ -582,6 +587,7 @@ def main(argv=None):
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == stop:
             training.save_checkpoint(out, step + 1, pol, dist, args, inputs, extra={"teacher": teacher.state_dict()})
     bar.close()
+    role_cache.report(cache, out, dist)  # this run's hits / misses, over all ranks (a log: OUT/role_cache.json)
     training.finish(out, pol, dist, done=stop == pol.total)
 
 

@@ -85,6 +85,7 @@ import numpy as np
 import torch
 
 import common
+import role_cache
 from common import InputError, check
 
 simulate = common.load_stage("02_simulate")  # the lock-step simulation, PPDPP's critic and their flags
@@ -181,8 +182,10 @@ def parse_args(argv=None):
     g.add_argument("--curve-keys", default=None,
                    help="override the metrics.jsonl keys plotted, e.g. 'reward=reward/mean,entropy=entropy,"
                         "length=completion_len/mean' (default: the first of each panel's known names present)")
+    role_cache.add_role_cache_args(p)
     args = p.parse_args(argv)
     common.check_common_args(args)
+    role_cache.check_role_cache_args(args)
     common.check_decoder(args)
     if args.parts is not None:
         parts = [s.strip() for s in args.parts.split(",") if s.strip()]
@@ -1407,11 +1410,12 @@ def main(argv=None):
     common.print0(f"{len(policies)} policies x {len(cases)} test cases ({source}; {len(turns)} turns); parts: {args.parts}; "
                   f"{len(done)} records already written; {dist.world} rank(s)")
 
+    cache = role_cache.open_cache(args)  # --role-cache: every role's and policy's answers recorded / replayed
     mk = lambda r: common.make_backend(getattr(args, r), getattr(args, f"{r}_base_url"), str(dist.device), args.dtype,
-                                       decoder=args.decoder)
+                                       decoder=args.decoder, cache=cache)
     role_backends = {}
     mk_spec = lambda role: (lambda spec: common.make_backend(spec, getattr(args, f"{role}_base_url"), str(dist.device),
-                                                             args.dtype, decoder=args.decoder))
+                                                             args.dtype, decoder=args.decoder, cache=cache))
     protocol_judges = {}  # part -> {dimension: backend}
     policy_kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     seeker_kw = dict(max_new_tokens=args.seeker_max_new_tokens, temperature=args.seeker_temperature, top_p=args.seeker_top_p)
@@ -1437,7 +1441,8 @@ def main(argv=None):
             protocol_judges["esc-eval"] = dim_backends(args.judge, ESC_DIMS, mk_spec("judge"))
         if todo.get("emoharbor") and "emoharbor" not in protocol_judges:
             protocol_judges["emoharbor"] = dim_backends(args.user_judge, EH_DIMS, mk_spec("user_judge"))
-        policy = common.make_backend(spec, args.policy_base_url, str(dist.device), args.dtype, decoder=args.decoder)
+        policy = common.make_backend(spec, args.policy_base_url, str(dist.device), args.dtype, decoder=args.decoder,
+                                     cache=cache)
         open_outputs()  # (the same point on every rank: `todo` is decided alike)
         roles = simulate.Roles(policy=policy, seeker=role_backends["seeker"], critic=role_backends.get("critic"),
                                policy_system=system, policy_kw=policy_kw, seeker_kw=seeker_kw,
@@ -1493,6 +1498,7 @@ def main(argv=None):
                                       max_new_tokens=args.judge_max_new_tokens, seed=chunk_seed(args.seed, "pairwise", k))
                 outs["pairwise.jsonl"].append([r for r in recs if r["id"] not in done])
     common.barrier(dist)
+    role_cache.report(cache, out_dir, dist)  # this run's hits / misses, over all ranks (a log: OUT/role_cache.json)
     if dist.world > 1:
         torch.distributed.destroy_process_group()
     if not dist.main:

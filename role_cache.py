@@ -170,6 +170,7 @@ class RoleCache:
         self.path: Path | None = None
         self._fd = None
         self.counts: dict[str, dict[str, int]] = {}  # spec -> hits, misses, model_calls
+        self._wrapped: dict[int, CachedBackend] = {}  # id(inner backend) -> its wrapper
 
     def get(self, key: str):
         return MISSING if self.mode == "write" and not key.startswith("file:") else self.entries.get(key, MISSING)
@@ -204,10 +205,17 @@ class RoleCache:
         return {k: sum(c[k] for c in self.counts.values()) for k in ("hits", "misses", "model_calls")}
 
     def wrap(self, backend: Backend) -> Backend:
-        """The backend behind this cache (scripted roles are rules: returned as they are)."""
+        """The backend behind this cache: one wrapper per backend (roles on one model share it, as they share the
+        model); scripted roles are rules, returned as they are."""
         if backend.spec == "scripted" or isinstance(backend, CachedBackend):
             return backend
-        return CachedBackend(backend, self)
+        if id(backend) not in self._wrapped:
+            self._wrapped[id(backend)] = CachedBackend(backend, self)
+        return self._wrapped[id(backend)]
+
+    def forget(self, backend: Backend):
+        """Drop the wrapper of a released backend (common.release_backend)."""
+        self._wrapped.pop(id(backend), None)
 
     # -- digests of model files (memoised in the cache by path, size, mtime and inode)
 

@@ -13,7 +13,8 @@ import torch
 
 import common
 import role_cache
-from conftest import ROOT, make_tiny_model, run_script
+from conftest import ROOT, run_script
+from test_openai_backend import local_model, served_model, server  # noqa: F401 (the real `transformers serve`)
 
 CHATS = [[{"role": "user", "content": f"I feel worried about thing {i}."}] for i in range(4)]
 
@@ -231,3 +232,135 @@ def test_hf_model_key_covers_its_files_and_the_rng_is_untouched(tmp_path, tiny_m
     changed = role_cache.RoleCache(tmp_path / "c").wrap(hf)
     changed.option_loglik(CHATS, ["yes", "no"])
     assert hf.calls == calls + 1
+
+
+def test_seeded_hf_call_leaves_the_process_rng_alone(tiny_model_dir):
+    """A seeded hf: role call draws from its own stream: what the stage samples next (05's rollouts) is the same
+    whether the call ran or was replayed from the cache."""
+    hf = common.HFBackend(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = hf.generate(CHATS[:2], max_new_tokens=3, temperature=1.0, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert hf.generate(CHATS[:2], max_new_tokens=3, temperature=1.0, seed=7) == a  # still seeded
+
+
+def test_make_backend_wraps_one_wrapper_per_model_and_release_forgets_it(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(common, "_BACKENDS", {})
+    cache = role_cache.RoleCache(tmp_path / "c")
+    a = common.make_backend(f"hf:{tiny_model_dir}", device="cpu", cache=cache)
+    b = common.make_backend(f"hf:{tiny_model_dir}", device="cpu", cache=cache)
+    assert a is b and isinstance(a, role_cache.CachedBackend) and a.tok is a.inner.tok  # attributes of the inner one
+    assert common.make_backend("scripted", cache=cache).spec == "scripted"  # rules: not cached
+    assert not isinstance(common.make_backend(f"hf:{tiny_model_dir}", device="cpu"), role_cache.CachedBackend)
+    common.release_backend(a)
+    assert common._BACKENDS.get((f"hf:{tiny_model_dir}", None, "cpu", "auto", "hf")) is None and not cache._wrapped
+
+
+# ----------------------------------------------------------------------------------------------------
+# The real `transformers serve` (openai:) and the stages
+
+
+def test_openai_answers_replay_without_the_server(server, tmp_path, monkeypatch):
+    """Record through make_backend against the real server; replay with no server at all (a dead URL): the same
+    texts, no request; a changed setting misses, and replay-only mode refuses it in one line."""
+    from conftest import free_port
+
+    url, name = server
+    monkeypatch.setattr(common, "_BACKENDS", {})
+    cache = role_cache.RoleCache(tmp_path / "c")
+    b = common.make_backend(f"openai:{name}", url, cache=cache)
+    first = b.generate(CHATS[:3], max_new_tokens=5, temperature=1.0, seed=11, n=2)
+    greedy = b.complete(CHATS[:3], max_new_tokens=5, temperature=0.0)
+    assert b.calls == 2 and cache.totals() == {"hits": 0, "misses": 6, "model_calls": 2}
+    dead = common.OpenAIBackend(name, f"http://127.0.0.1:{free_port()}/v1", retries=0)
+    replay = role_cache.RoleCache(tmp_path / "c", "read").wrap(dead)
+    assert replay.generate(CHATS[:3], max_new_tokens=5, temperature=1.0, seed=11, n=2) == first
+    assert replay.complete(CHATS[:3], max_new_tokens=5, temperature=0.0) == greedy and replay.calls == 0
+    with pytest.raises(common.StageFailure, match=r"^role cache .* no stored answer for a generate call to openai:"):
+        replay.generate(CHATS[:3], max_new_tokens=6, temperature=1.0, seed=11, n=2)
+    with pytest.raises(common.ServerError):  # readwrite: the miss goes to the (dead) server
+        role_cache.RoleCache(tmp_path / "c").wrap(dead).generate(CHATS[:1], max_new_tokens=5, temperature=1.0, seed=12)
+
+
+def _outputs(folder, names):
+    return {n: (folder / n).read_bytes() for n in names}
+
+
+def _counts(folder):
+    c = json.loads((folder / "role_cache.json").read_text())
+    return c["hits"], c["misses"], c["model_calls"]
+
+
+def test_02_killed_run_resumes_from_the_cache_and_replays_byte_for_byte(tmp_path, tiny_model_dir, demo_data):
+    dialogues = common.load_dialogues(demo_data)
+    turns = common.build_turns(dialogues, common.split_dialogues([x["dialog_id"] for x in dialogues], 0, 0.2))
+    common.write_jsonl(tmp_path / "turns.jsonl", turns)
+    tiny, cache = f"hf:{tiny_model_dir}", tmp_path / "cache"
+    args = ["02_simulate.py", "--data", tmp_path / "turns.jsonl", "--policy", tiny, "--seeker", tiny, "--critic", tiny,
+            "--max-examples", 6, "--per-dialogue", 1, "-m", 2, "--max-turns", 3, "--batch-size", 2, "--max-new-tokens", 6,
+            "--seeker-max-new-tokens", 6, "--context-window", 4, "--theta", 0.0, "--delta", -0.258, "--role-cache", cache]
+    # a run killed (SIGKILL) once it has stored some answers
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.Popen([sys.executable, *map(str, args), "--out", str(tmp_path / "a")], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and p.poll() is None and sum(
+            f.stat().st_size for f in cache.glob("*.jsonl") if f.stat().st_size) < 6000:
+        time.sleep(0.02)
+    p.kill()
+    assert p.wait() == -signal.SIGKILL  # killed mid-way, not finished
+    # the same command completes, reading the torn cache; then a replay-only run makes no model call
+    done = run_script(*args, "--out", tmp_path / "a", check=False)
+    assert done.returncode in (0, 2) and "role cache" in done.stdout, done.stderr  # 2: a one-class label set
+    again = run_script(*args, "--out", tmp_path / "b", "--role-cache-mode", "read", check=False)
+    assert again.returncode == done.returncode, again.stderr
+    names = ["rollouts.jsonl", "simulate_stats.json"]
+    assert _outputs(tmp_path / "a", names) == _outputs(tmp_path / "b", names)
+    assert _counts(tmp_path / "b")[1:] == (0, 0) and _counts(tmp_path / "b")[0] > 0
+    # a changed setting misses: replay-only stops with one line, exit code 1
+    bad = run_script(*args, "--out", tmp_path / "c", "--seeker-temperature", 0.5, "--role-cache-mode", "read", check=False)
+    last = bad.stderr.strip().splitlines()[-1]  # (the lines above it: progress bars)
+    assert bad.returncode == 1 and last.startswith("error: role cache") and "no stored answer for a generate call" in last
+    assert "temperature 0.5" in last and not (tmp_path / "c" / "rollouts.jsonl").exists()
+
+
+def test_05_second_run_makes_no_role_call_and_trains_the_same(tmp_path, tiny_model_dir, demo_data):
+    """Two steps with hf: seeker and GRM: the step-2 rollouts continue the process's random stream, which a
+    replayed role call must leave as a live one does."""
+    sel = tmp_path / "sel"
+    run_script("01_select.py", "--data", demo_data, "--out", sel, "--judge", "none", "--max-examples", "3")
+    tiny = f"hf:{tiny_model_dir}"
+    args = ["05_rapo.py", "--data", sel / "turns.jsonl", "--policy", tiny, "--seeker", tiny, "--grm", tiny,
+            "--prompts-per-step", 2, "--group-size", 2, "--max-steps", 2, "--max-new-tokens", 6, "--grm-max-new-tokens", 8,
+            "--seeker-max-new-tokens", 6, "--grm-retries", 1, "--role-cache", tmp_path / "cache"]
+    run_script(*args, "--out", tmp_path / "a")
+    run_script(*args, "--out", tmp_path / "b")
+    assert _counts(tmp_path / "a")[2] > 0 and _counts(tmp_path / "b")[1:] == (0, 0)
+    names = ["samples.jsonl", "adapter/adapter_model.safetensors"]
+    assert _outputs(tmp_path / "a", names) == _outputs(tmp_path / "b", names)
+
+
+def test_06_second_run_makes_no_model_call_and_writes_the_same_report(tmp_path, tiny_model_dir, demo_data):
+    d = tmp_path / "turns"
+    run_script("01_select.py", "--data", demo_data, "--out", d, "--judge", "none", "--test-frac", "0.2")
+    t = f"hf:{tiny_model_dir}"
+    args = ["06_eval.py", "--data", d / "turns.jsonl", "--seeker", t, "--critic", t, "--judge", t, "--policy", t,
+            "--max-examples", 2, "--max-ref-turns", 2, "--max-turns", 2, "--judge-rounds", 1, "--max-new-tokens", 5,
+            "--seeker-max-new-tokens", 5, "--batch-size", 2, "--bootstrap", 0, "--bertscore-model", "none",
+            "--role-cache", tmp_path / "cache"]
+    run_script(*args, "--out", tmp_path / "a")
+    run_script(*args, "--out", tmp_path / "b")
+    assert _counts(tmp_path / "a")[2] > 0 and _counts(tmp_path / "b")[1:] == (0, 0)
+    names = ["scores.json", "report.md", "dialogs.jsonl", "replies.jsonl"]
+    a, b = _outputs(tmp_path / "a", names), _outputs(tmp_path / "b", names)
+    assert a["dialogs.jsonl"] == b["dialogs.jsonl"] and a["replies.jsonl"] == b["replies.jsonl"]
+    # scores.json / report.md name the command, whose --out differs
+    out_a, out_b = str(tmp_path / "a").encode(), str(tmp_path / "b").encode()
+    assert a["scores.json"].replace(out_a, out_b) == b["scores.json"] and a["report.md"].replace(out_a, out_b) == b["report.md"]
+
+
+def test_05_grm_prefill_sees_an_openai_grm_through_the_cache(tmp_path):
+    rapo = common.load_stage("05_rapo")
+    served = common.OpenAIBackend("m", "http://127.0.0.1:9/v1")
+    assert rapo.grm_prefill(role_cache.RoleCache(tmp_path / "c").wrap(served)) == rapo.grm_prefill(served) == ""
