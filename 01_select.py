@@ -204,7 +204,7 @@ def main(argv=None):
              "kept_fraction": kept / max(len(train), 1), "judge_failures": nulls,
              "retried_this_run": retried, "failed_this_run": failed, "judge": args.judge, "judge_mode": mode}
     common.write_json(Path(args.out) / "select_stats.json", stats)
-    role_cache.report(cache, args.out)  # this run's hits / misses (a log: OUT/role_cache.json)
+    role_cache.report(cache, args.out, name="select_role_cache.json")  # this run's hits / misses (a log)
     print(f"kept {kept}/{len(train)} train turns ({stats['kept_fraction']:.1%}); judge failures (learn = null): "
           f"{nulls}; wrote {out.final}")
     if judge_spec is not None and train and kept in (0, len(train)):

@@ -364,7 +364,7 @@ class CachedBackend(Backend):
         if sampled and self.rule == "batch":  # one random stream for the whole batch (hf)
             batch = {"chats": hashlib.sha256(canonical(chats).encode()).hexdigest(),
                      "batch_size": getattr(self.inner, "batch_size", None), "decoder": getattr(self.inner, "decoder", None)}
-        keys = []
+        keys, model = [], self.model_key()
         for i, chat in enumerate(chats):
             if self.rule == "per-item":
                 s = seed  # sent with every request (seed + j for sample j), also at temperature 0
@@ -374,7 +374,7 @@ class CachedBackend(Backend):
                 s = seed + i * n
             else:
                 s = seed
-            item = {"call": "generate", "model": self.model_key(), "chat": chat, **settings, "seed": s}
+            item = {"call": "generate", "model": model, "chat": chat, **settings, "seed": s}
             if batch is not None:
                 item.update(batch=batch, position=i)
             keys.append(key_of(item))
@@ -402,8 +402,8 @@ class CachedBackend(Backend):
     def loglik(self, chats, continuations):
         if not chats:
             return []
-        keys = [key_of({"call": "loglik", "model": self.model_key(), "chat": c, "continuation": k})
-                for c, k in zip(chats, continuations)]
+        model = self.model_key()
+        keys = [key_of({"call": "loglik", "model": model, "chat": c, "continuation": k}) for c, k in zip(chats, continuations)]
 
         def fetch(miss):
             return dict(zip(miss, self._call(self.inner.loglik, [chats[i] for i in miss], [continuations[i] for i in miss])))
@@ -413,7 +413,8 @@ class CachedBackend(Backend):
     def option_loglik(self, chats, options):
         if not chats:
             return []
-        keys = [key_of({"call": "options", "model": self.model_key(), "chat": c, "options": list(options)}) for c in chats]
+        model = self.model_key()
+        keys = [key_of({"call": "options", "model": model, "chat": c, "options": list(options)}) for c in chats]
 
         def fetch(miss):
             return dict(zip(miss, self._call(self.inner.option_loglik, [chats[i] for i in miss], options)))
@@ -432,8 +433,8 @@ def summary(cache: "RoleCache | None", dist=None) -> dict | None:
     t = cache.totals()
     if dist is not None and dist.world > 1:
         t = {k: int(v) for k, v in common.all_reduce_named(t, dist).items()}
-    return {"dir": str(cache.root), "mode": cache.mode, **t,
-            "by_spec": cache.counts if dist is None or dist.world == 1 else "(rank 0 only) " + canonical(cache.counts),
+    one = dist is None or dist.world == 1
+    return {"dir": str(cache.root), "mode": cache.mode, **t, "by_spec" if one else "by_spec_rank0": cache.counts,
             "skipped_lines": cache.skipped}
 
 
@@ -442,14 +443,15 @@ def summary_line(s: dict) -> str:
             f"{s['model_calls']} model call(s)" + (f"; {s['skipped_lines']} torn line(s) skipped" if s["skipped_lines"] else ""))
 
 
-def report(cache: "RoleCache | None", out_dir: str | Path | None = None, dist=None) -> dict | None:
-    """Print this run's counts (rank 0) and write them to OUT/role_cache.json: a log of this run, outside the
-    outputs that a replay reproduces byte for byte. Call it on every rank."""
+def report(cache: "RoleCache | None", out_dir: str | Path | None = None, dist=None,
+           name: str = "role_cache.json") -> dict | None:
+    """Print this run's counts (rank 0) and write them to OUT/<name>: a log of this run, outside the outputs that a
+    replay reproduces byte for byte. Call it on every rank."""
     s = summary(cache, dist)
     if s is not None and (dist is None or dist.main):
         print(summary_line(s), flush=True)
         if out_dir is not None:
-            common.write_json(Path(out_dir) / "role_cache.json", s)
+            common.write_json(Path(out_dir) / name, s)
     return s
 
 

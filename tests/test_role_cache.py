@@ -15,6 +15,7 @@ import common
 import role_cache
 from conftest import ROOT, run_script
 from test_openai_backend import local_model, served_model, server  # noqa: F401 (the real `transformers serve`)
+from test_vllm import vmodel_dir  # noqa: F401 (the vLLM tier's tiny model)
 
 CHATS = [[{"role": "user", "content": f"I feel worried about thing {i}."}] for i in range(4)]
 
@@ -364,3 +365,22 @@ def test_05_grm_prefill_sees_an_openai_grm_through_the_cache(tmp_path):
     rapo = common.load_stage("05_rapo")
     served = common.OpenAIBackend("m", "http://127.0.0.1:9/v1")
     assert rapo.grm_prefill(role_cache.RoleCache(tmp_path / "c").wrap(served)) == rapo.grm_prefill(served) == ""
+
+
+def test_vllm_partial_batches_answer_as_the_full_batch(tmp_path, vmodel_dir):
+    """vllm: prompt i of a call draws at seed + i*n: items stored by other calls (at their own seeds) and the
+    misses sent in runs of consecutive positions give exactly the full batch's samples."""
+    from test_vllm import make_vllm_model  # noqa: F401 (the vLLM tier's tiny model: vmodel_dir)
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    engine = common.VLLMBackend(str(vmodel_dir), dtype="float32", seed=0, max_model_len=1024, enforce_eager=True)
+    chats = CHATS + [[{"role": "user", "content": "x"}]]
+    kw = dict(max_new_tokens=4, temperature=1.0, n=2)
+    full = engine.generate(chats, seed=21, **kw)
+    b = role_cache.RoleCache(tmp_path / "c").wrap(engine)
+    assert b.generate(chats[1:2], seed=21 + 1 * 2, **kw) == full[1:2]  # item 1 alone, at its own seed
+    assert b.generate(chats[3:4], seed=21 + 3 * 2, **kw) == full[3:4]
+    calls = engine.calls
+    assert b.generate(chats, seed=21, **kw) == full and engine.calls == calls + 3  # runs [0], [2] and [4]
+    del engine.llm
