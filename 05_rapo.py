@@ -290,7 +290,7 @@ def parse_grm(obj, G: int) -> dict:
 
 
 def grm_prefill(backend) -> str:
-    return "" if common.parse_spec(backend.spec).backend == "openai" else '{"0": {"analysis": "'  # deviation 2
+    return "" if backend.spec.startswith("openai:") else '{"0": {"analysis": "'  # deviation 2
 
 
 def score_groups(grm, mode: str, contexts: list[list[dict]], replies: list[list[str]], reactions: list[list[str]] | None,
