@@ -50,10 +50,16 @@ wrote to it (`<time ns>-<host>-<pid>-<random>.jsonl`: one writer per file, so ra
 shared disk never write to one file), plus the digests of model files memoised by (path, size, mtime, inode).
 Each line is one answer with a checksum, written whole in one write and fsynced; a line without its newline or
 checksum (a torn tail after a crash) is skipped. A process reads every file once when it opens the cache (later
-files override earlier ones for the same key: a write-mode re-recording wins) and keeps the answers in memory.
+files override earlier ones for the same key: a write-mode re-recording wins) and keeps the answers in memory: a
+run sees what was stored before it started (two runs that miss the same call at once both ask the model; the later
+file's answer is the one replayed afterwards).
 To share a cache, point several runs, ranks or machines at the same DIR (or copy the folder: the files are
 independent). To delete it, delete the folder (or its files) when no run uses it; `python role_cache.py DIR`
 prints what it holds.
+
+Counts. Each stage prints `role cache DIR (mode): H answers replayed, M from the model in C model call(s)` at its
+end (summed over ranks) and writes the same counts to OUT/role_cache.json (01: select_role_cache.json): a log of
+the run, like its timings, so that the outputs a replay reproduces byte for byte stay free of them.
 """
 import argparse
 import hashlib
