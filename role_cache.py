@@ -123,8 +123,9 @@ def open_cache(args: argparse.Namespace) -> "RoleCache | None":
 
 
 def canonical(obj) -> str:
-    """One text for one value: sorted keys, no spaces, unicode kept (floats as Python's repr, exact)."""
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """One text for one value: sorted keys, no spaces, ASCII with escapes (a lone surrogate in a model's text
+    too), floats as Python's repr (exact)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
 def key_of(obj) -> str:

@@ -384,3 +384,18 @@ def test_vllm_partial_batches_answer_as_the_full_batch(tmp_path, vmodel_dir):
     calls = engine.calls
     assert b.generate(chats, seed=21, **kw) == full and engine.calls == calls + 3  # runs [0], [2] and [4]
     del engine.llm
+
+
+def test_any_text_round_trips_byte_for_byte(tmp_path):
+    """Unicode, a lone surrogate, newlines and quotes in a model's text; NaN and -inf log-likelihoods."""
+    odd = ["héllo 😊\n\"quoted\" \\ \ud800 end", "", "\x00"]
+    inner = Fake()
+    inner.generate = lambda chats, **kw: [odd for _ in chats]
+    inner.loglik = lambda chats, conts: [float("nan"), float("-inf")][:len(chats)]
+    b = role_cache.RoleCache(tmp_path / "c").wrap(inner)
+    assert b.generate(CHATS[:1], seed=1, temperature=0.5) == [odd]
+    b.loglik(CHATS[:2], ["a", "b"])
+    again = role_cache.RoleCache(tmp_path / "c").wrap(Fake())
+    assert again.generate(CHATS[:1], seed=1, temperature=0.5) == [odd]
+    ll = again.loglik(CHATS[:2], ["a", "b"])
+    assert ll[0] != ll[0] and ll[1] == float("-inf")
