@@ -68,7 +68,6 @@ import os
 import re
 import secrets
 import socket
-import sys
 import time
 from pathlib import Path
 

@@ -14,7 +14,7 @@ import torch
 import common
 import role_cache
 from conftest import ROOT, run_script
-from test_openai_backend import local_model, served_model, server  # noqa: F401 (the real `transformers serve`)
+from test_openai_backend import served_model, server  # noqa: F401 (the real `transformers serve`)
 from test_vllm import vmodel_dir  # noqa: F401 (the vLLM tier's tiny model)
 
 CHATS = [[{"role": "user", "content": f"I feel worried about thing {i}."}] for i in range(4)]
@@ -370,8 +370,6 @@ def test_05_grm_prefill_sees_an_openai_grm_through_the_cache(tmp_path):
 def test_vllm_partial_batches_answer_as_the_full_batch(tmp_path, vmodel_dir):
     """vllm: prompt i of a call draws at seed + i*n: items stored by other calls (at their own seeds) and the
     misses sent in runs of consecutive positions give exactly the full batch's samples."""
-    from test_vllm import make_vllm_model  # noqa: F401 (the vLLM tier's tiny model: vmodel_dir)
-
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     engine = common.VLLMBackend(str(vmodel_dir), dtype="float32", seed=0, max_model_len=1024, enforce_eager=True)
