@@ -397,3 +397,13 @@ def test_any_text_round_trips_byte_for_byte(tmp_path):
     assert again.generate(CHATS[:1], seed=1, temperature=0.5) == [odd]
     ll = again.loglik(CHATS[:2], ["a", "b"])
     assert ll[0] != ll[0] and ll[1] == float("-inf")
+
+
+def test_01_judge_replays_in_read_mode(tmp_path, tiny_model_dir, demo_data):
+    args = ["01_select.py", "--data", demo_data, "--judge", f"hf:{tiny_model_dir}", "--max-examples", 3,
+            "--role-cache", tmp_path / "cache"]
+    run_script(*args, "--out", tmp_path / "a")
+    run_script(*args, "--out", tmp_path / "b", "--role-cache-mode", "read")
+    assert (tmp_path / "a" / "turns.jsonl").read_bytes() == (tmp_path / "b" / "turns.jsonl").read_bytes()
+    a, b = (json.loads((tmp_path / d / "select_role_cache.json").read_text()) for d in "ab")
+    assert a["misses"] > 0 and a["model_calls"] > 0 and (b["hits"], b["misses"], b["model_calls"]) == (a["misses"], 0, 0)
