@@ -163,17 +163,15 @@ class RoleCache:
         self.root, self.mode = Path(root), mode
         self.entries: dict[str, object] = {}
         self.skipped = 0  # torn or damaged lines
-        self.files = 0
         if self.root.is_dir():
             for f in sorted(self.root.glob("*.jsonl")):  # oldest first: a later answer for a key wins
-                self.files += 1
                 for line in f.read_bytes().split(b"\n")[:-1]:  # the piece after the last newline is a torn tail
                     kv = parse_line(line)
                     if kv is None:
                         self.skipped += 1
                     elif mode != "write" or kv[0].startswith("file:"):
                         self.entries[kv[0]] = kv[1]
-        self.path: Path | None = None
+        self.path: Path | None = None  # this process's file
         self._fd = None
         self.counts: dict[str, dict[str, int]] = {}  # spec -> hits, misses, model_calls
         self._wrapped: dict[int, CachedBackend] = {}  # id(inner backend) -> its wrapper
@@ -196,11 +194,6 @@ class RoleCache:
         while buf:
             buf = buf[os.write(self._fd, buf):]
         os.fsync(self._fd)
-
-    def close(self):
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
     def count(self, spec: str, **kw):
         c = self.counts.setdefault(spec, {"hits": 0, "misses": 0, "model_calls": 0})
