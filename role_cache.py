@@ -73,8 +73,10 @@ from pathlib import Path
 
 import torch
 
+import backends
 import common
-from common import Backend, InputError, StageFailure
+from backends import Backend
+from common import InputError, StageFailure
 
 FORMAT = 1  # part of every key: a change of the key layout never reads old answers
 MODES = ("readwrite", "read", "write")
@@ -213,7 +215,7 @@ class RoleCache:
         return self._wrapped[id(backend)]
 
     def forget(self, backend: Backend):
-        """Drop the wrapper of a released backend (common.release_backend)."""
+        """Drop the wrapper of a released backend (backends.release_backend)."""
         self._wrapped.pop(id(backend), None)
 
     # -- digests of model files (memoised in the cache by path, size, mtime and inode)
@@ -266,23 +268,23 @@ def lib_version(name: str) -> str | None:
 def seed_rule(b: Backend) -> str:
     """What an item's sampled answer depends on (module docstring): "per-item" (openai: its own seed), "position"
     (vllm: seed + i * n) or "batch" (hf, and any other backend: the whole batch)."""
-    if isinstance(b, common.OpenAIBackend):
+    if isinstance(b, backends.OpenAIBackend):
         return "per-item"
-    if isinstance(b, common.VLLMBackend):
+    if isinstance(b, backends.VLLMBackend):
         return "position"
     return getattr(b, "seed_rule", "batch")
 
 
 def describe(b: Backend, cache: RoleCache) -> dict:
     """The model part of every key of backend b."""
-    if isinstance(b, common.OpenAIBackend):
+    if isinstance(b, backends.OpenAIBackend):
         return {"backend": "openai", "model": b.model}  # the served name only (module docstring)
     name = common.parse_spec(b.spec).name
-    if isinstance(b, common.HFBackend):
+    if isinstance(b, backends.HFBackend):
         p = next(b.model.parameters())
         return {"backend": "hf", "name": name, "files": cache.model_digest(name), "dtype": str(p.dtype),
                 "device": p.device.type, "torch": torch.__version__, "transformers": lib_version("transformers")}
-    if isinstance(b, common.VLLMBackend):
+    if isinstance(b, backends.VLLMBackend):
         try:
             dtype = str(b.llm.llm_engine.model_config.dtype)
         except AttributeError:
@@ -315,7 +317,7 @@ class CachedBackend(Backend):
     def model_key(self) -> dict:
         if self._model is None:
             self._model = describe(self.inner, self.cache)
-        lora = getattr(self.inner, "lora", None) if isinstance(self.inner, common.VLLMBackend) else None
+        lora = getattr(self.inner, "lora", None) if isinstance(self.inner, backends.VLLMBackend) else None
         if lora is not None:  # an adapter served by the engine (it may change: set_adapter)
             return {**self._model, "lora": self.cache.model_digest(lora[2])}
         return self._model

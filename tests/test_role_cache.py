@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import backends
 import common
 import role_cache
 from conftest import ROOT, run_script
@@ -20,7 +21,7 @@ from test_vllm import vmodel_dir  # noqa: F401 (the vLLM tier's tiny model)
 CHATS = [[{"role": "user", "content": f"I feel worried about thing {i}."}] for i in range(4)]
 
 
-class Fake(common.Backend):
+class Fake(backends.Backend):
     """Answers that are a function of what the rule says determines them, recording the batches it gets."""
 
     def __init__(self, rule="per-item", spec="fake:m"):
@@ -219,7 +220,7 @@ def test_hf_model_key_covers_its_files_and_the_rng_is_untouched(tmp_path, tiny_m
     shutil.copytree(tiny_model_dir, folder)
     dev = torch.device("cpu")
     cache = role_cache.RoleCache(tmp_path / "c")
-    hf = common.HFBackend(str(folder), dev, torch.float32, batch_size=4)
+    hf = backends.HFBackend(str(folder), dev, torch.float32, batch_size=4)
     b = cache.wrap(hf)
     want = hf.generate(CHATS, max_new_tokens=5, temperature=1.0, seed=7, n=2)
     assert b.generate(CHATS, max_new_tokens=5, temperature=1.0, seed=7, n=2) == want  # the same draws through the cache
@@ -238,7 +239,7 @@ def test_hf_model_key_covers_its_files_and_the_rng_is_untouched(tmp_path, tiny_m
 def test_seeded_hf_call_leaves_the_process_rng_alone(tiny_model_dir):
     """A seeded hf: role call draws from its own stream: what the stage samples next (05's rollouts) is the same
     whether the call ran or was replayed from the cache."""
-    hf = common.HFBackend(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    hf = backends.HFBackend(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
     a = hf.generate(CHATS[:2], max_new_tokens=3, temperature=1.0, seed=7)
@@ -247,15 +248,15 @@ def test_seeded_hf_call_leaves_the_process_rng_alone(tiny_model_dir):
 
 
 def test_make_backend_wraps_one_wrapper_per_model_and_release_forgets_it(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(common, "_BACKENDS", {})
+    monkeypatch.setattr(backends, "_BACKENDS", {})
     cache = role_cache.RoleCache(tmp_path / "c")
-    a = common.make_backend(f"hf:{tiny_model_dir}", device="cpu", cache=cache)
-    b = common.make_backend(f"hf:{tiny_model_dir}", device="cpu", cache=cache)
+    a = backends.make_backend(f"hf:{tiny_model_dir}", device="cpu", cache=cache)
+    b = backends.make_backend(f"hf:{tiny_model_dir}", device="cpu", cache=cache)
     assert a is b and isinstance(a, role_cache.CachedBackend) and a.tok is a.inner.tok  # attributes of the inner one
-    assert common.make_backend("scripted", cache=cache).spec == "scripted"  # rules: not cached
-    assert not isinstance(common.make_backend(f"hf:{tiny_model_dir}", device="cpu"), role_cache.CachedBackend)
-    common.release_backend(a)
-    assert common._BACKENDS.get((f"hf:{tiny_model_dir}", None, "cpu", "auto", "hf")) is None and not cache._wrapped
+    assert backends.make_backend("scripted", cache=cache).spec == "scripted"  # rules: not cached
+    assert not isinstance(backends.make_backend(f"hf:{tiny_model_dir}", device="cpu"), role_cache.CachedBackend)
+    backends.release_backend(a)
+    assert backends._BACKENDS.get((f"hf:{tiny_model_dir}", None, "cpu", "auto", "hf")) is None and not cache._wrapped
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -268,13 +269,13 @@ def test_openai_answers_replay_without_the_server(server, tmp_path, monkeypatch)
     from conftest import free_port
 
     url, name = server
-    monkeypatch.setattr(common, "_BACKENDS", {})
+    monkeypatch.setattr(backends, "_BACKENDS", {})
     cache = role_cache.RoleCache(tmp_path / "c")
-    b = common.make_backend(f"openai:{name}", url, cache=cache)
+    b = backends.make_backend(f"openai:{name}", url, cache=cache)
     first = b.generate(CHATS[:3], max_new_tokens=5, temperature=1.0, seed=11, n=2)
     greedy = b.complete(CHATS[:3], max_new_tokens=5, temperature=0.0)
     assert b.calls == 2 and cache.totals() == {"hits": 0, "misses": 6, "model_calls": 2}
-    dead = common.OpenAIBackend(name, f"http://127.0.0.1:{free_port()}/v1", retries=0)
+    dead = backends.OpenAIBackend(name, f"http://127.0.0.1:{free_port()}/v1", retries=0)
     replay = role_cache.RoleCache(tmp_path / "c", "read").wrap(dead)
     assert replay.generate(CHATS[:3], max_new_tokens=5, temperature=1.0, seed=11, n=2) == first
     assert replay.complete(CHATS[:3], max_new_tokens=5, temperature=0.0) == greedy and replay.calls == 0
@@ -363,7 +364,7 @@ def test_06_second_run_makes_no_model_call_and_writes_the_same_report(tmp_path, 
 
 def test_05_grm_prefill_sees_an_openai_grm_through_the_cache(tmp_path):
     rapo = common.load_stage("05_rapo")
-    served = common.OpenAIBackend("m", "http://127.0.0.1:9/v1")
+    served = backends.OpenAIBackend("m", "http://127.0.0.1:9/v1")
     assert rapo.grm_prefill(role_cache.RoleCache(tmp_path / "c").wrap(served)) == rapo.grm_prefill(served) == ""
 
 
@@ -372,7 +373,7 @@ def test_vllm_partial_batches_answer_as_the_full_batch(tmp_path, vmodel_dir):
     misses sent in runs of consecutive positions give exactly the full batch's samples."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    engine = common.VLLMBackend(str(vmodel_dir), dtype="float32", seed=0, max_model_len=1024, enforce_eager=True)
+    engine = backends.VLLMBackend(str(vmodel_dir), dtype="float32", seed=0, max_model_len=1024, enforce_eager=True)
     chats = CHATS + [[{"role": "user", "content": "x"}]]
     kw = dict(max_new_tokens=4, temperature=1.0, n=2)
     full = engine.generate(chats, seed=21, **kw)
