@@ -73,6 +73,7 @@ import torch
 
 import backends
 import common
+import role_cache
 import speed
 import training
 from common import check
@@ -371,7 +372,7 @@ def parse_grm(obj, G: int) -> dict:
 
 
 def grm_prefill(backend) -> str:
-    return "" if isinstance(backend, backends.OpenAIBackend) else '{"0": {"analysis": "'  # deviation 2
+    return "" if backend.spec.startswith("openai:") else '{"0": {"analysis": "'  # deviation 2
 
 
 def score_groups(grm, mode: str, contexts: list[list[dict]], replies: list[list[str]], reactions: list[list[str]] | None,
@@ -577,6 +578,7 @@ def parse_args(argv=None):
     g.add_argument("--teacher-extra-tokens", type=int, default=1024,
                    help="prompt tokens the teacher gets beyond --max-prompt-tokens, for the hindsight block (the teacher "
                         "sees the student's messages, never older ones)")
+    role_cache.add_role_cache_args(p)
     args = p.parse_args(argv)
     if not args.resume:  # (--resume restores the run's row with its other settings)
         apply_ablation(args, common.given_flags(p, argv))
@@ -589,6 +591,7 @@ def parse_args(argv=None):
     check(args.grm_retries >= 0, "--grm-retries must be >= 0")
     check(0 < args.seeker_top_p <= 1 and args.teacher_extra_tokens >= 0,
           "--seeker-top-p must be in (0, 1] and --teacher-extra-tokens >= 0")
+    role_cache.check_role_cache_args(args)
     return args
 
 
@@ -598,10 +601,12 @@ def main(argv=None):
     eval_turns = grpo.held_out_turns(args)  # --eval-every
     dist, turns, fixed, inputs, policy_path = training.start_run(args, "scores")  # all checks before any work
     seeker = grm = None
+    cache = role_cache.open_cache(args)  # --role-cache: the seeker's and the GRM's answers recorded / replayed
     if not fixed:  # the role models (each its own engine; roles on one spec share it)
         if args.reward == "reaction":
-            seeker = backends.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype, decoder=args.decoder)
-        grm = backends.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder)
+            seeker = backends.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype, decoder=args.decoder,
+                                           cache=cache)
+        grm = backends.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder, cache=cache)
     engine = None  # the vLLM engine is built before the seeding (LLM() reseeds the process)
     if args.rollout == "vllm":
         engine = speed.VLLMRollout(backends.rollout_engine(policy_path, args), args, dist)
@@ -730,6 +735,7 @@ def main(argv=None):
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == stop:
             training.save_checkpoint(out, step + 1, pol, dist, args, inputs, extra={"teacher": teacher.state_dict()})
     bar.close()
+    role_cache.report(cache, out, dist)  # this run's hits / misses, over all ranks (a log: OUT/role_cache.json)
     training.finish(out, pol, dist, done=stop == pol.total)
 
 

@@ -340,7 +340,8 @@ class ResumableOutput:
 # the saved value, except these two lists:
 RESUME_PER_CALL = ("resume", "overwrite", "out", "stop_after")  # this invocation only: never restored
 RESUME_MAY_CHANGE = ("max_steps", "device", "wandb", "sample_every", "checkpoint_every", "save_every",
-                     "vllm_gpu_memory", "eval_every")  # restored unless given again, and then the new value is used
+                     "vllm_gpu_memory", "eval_every", "role_cache", "role_cache_mode")
+# (RESUME_MAY_CHANGE: restored unless given again, and then the new value is used)
 CHECKPOINT_META = "meta.json"  # written last into a checkpoint folder: a folder without it is incomplete
 _HELD_LOCKS = []  # open lock files, kept for the life of the process
 
