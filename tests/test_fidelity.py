@@ -112,7 +112,7 @@ def test_scores_contradicting_ranks_are_derived_and_counted():
 # 5. OpenAI backend: one seed per (chat, sample), as the vLLM backend
 
 
-def test_openai_seeds_one_per_chat_and_sample():
+def test_openai_seeds_one_per_chat_and_sample(tmp_path):
     """Request bodies captured at the client: three identical chats (two equal candidates in 02, G equal reaction
     prompts in 05) x n = 2 get six different seeds, seed + chat * n + sample (VLLMBackend.sampling's streams)."""
     b = backends.OpenAIBackend("m", "http://127.0.0.1:9/v1", concurrency=1, retries=0)
@@ -131,6 +131,15 @@ def test_openai_seeds_one_per_chat_and_sample():
     out = b.generate([chat, chat, chat], n=2, seed=100, max_new_tokens=4)
     assert [kw["seed"] for kw in sent] == [100, 101, 102, 103, 104, 105]
     assert out == [["seed 100", "seed 101"], ["seed 102", "seed 103"], ["seed 104", "seed 105"]]  # [chat][sample]
+    # --role-cache keys an openai: item by its position's seed (seed + i * n), like vllm: equal chats of one call are
+    # different items, recorded and replayed apart, and misses are sent at their own seeds
+    import role_cache
+
+    cache = role_cache.RoleCache(tmp_path / "cache")
+    assert cache.wrap(b).generate([chat, chat, chat], n=2, seed=100, max_new_tokens=4) == out
+    b.client.chat.completions.create = None  # replay only: no request may reach the server
+    replay = role_cache.RoleCache(tmp_path / "cache", "read").wrap(b)
+    assert replay.generate([chat, chat, chat], n=2, seed=100, max_new_tokens=4) == out
 
 
 # ----------------------------------------------------------------------------------------------------
