@@ -32,6 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+sys.path.insert(0, str(ROOT / "experiments"))
+from repo_paths import repo_relative  # noqa: E402
 import speed  # noqa: E402
 
 
@@ -142,7 +144,7 @@ def main():
               "before": before, "after": after, "steps": len(metrics),
               "mean_step_seconds": sum(m["time_step"] for m in metrics) / max(len(metrics), 1),
               "settings": vars(args)}
-    common.write_json(res_dir / f"format_reward{args.tag}.json", result)
+    common.write_json(res_dir / f"format_reward{args.tag}.json", repo_relative(result))
     try:
         import matplotlib
 
