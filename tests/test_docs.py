@@ -169,7 +169,7 @@ def test_relative_links_and_named_files_exist():
     assert not missing, "named in the docs but not in the repository:\n" + "\n".join(missing)
 
 
-def tests_part(text: str) -> str:
+def section_of_tests(text: str) -> str:
     """The page's "## Tests" section (up to the next heading of that level), where tests are named bare."""
     m = re.search(r"^## Tests\n(.*?)(?=^## |\Z)", text, re.S | re.M)
     return m.group(1) if m else ""
@@ -180,6 +180,6 @@ def test_named_tests_exist():
     defined = set()
     for f in (ROOT / "tests").glob("test_*.py"):
         defined |= set(re.findall(r"^def (test_\w+)\(", f.read_text(), re.M))
-    unknown = [f"{p.relative_to(ROOT).as_posix()}: {t}" for p in PAGES for span in INLINE.findall(tests_part(page_text(p)))
+    unknown = [f"{p.relative_to(ROOT).as_posix()}: {t}" for p in PAGES for span in INLINE.findall(section_of_tests(page_text(p)))
                for t in re.findall(r"(?:^|[\s:])(test_\w+)(?![\w.])", span) if t not in defined]
     assert not unknown, "tests named in the docs that do not exist:\n" + "\n".join(unknown)
