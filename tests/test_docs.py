@@ -115,6 +115,11 @@ def parse_failure(parser: argparse.ArgumentParser, args: list[str]) -> str | Non
         return str(c.parser)
     except SystemExit as e:  # e.g. --help
         return f"exited {e.code}"
+    # argparse also takes an unambiguous prefix of a flag (--prompts-per for --prompts-per-step): the docs spell flags whole
+    for tok in args:
+        flag = tok.split("=")[0]
+        if re.match(r"^--?[A-Za-z]", flag) and flag not in parser._option_string_actions:
+            return f"{flag} is not a flag of this script (an abbreviation?)"
     return None
 
 
@@ -183,3 +188,21 @@ def test_named_tests_exist():
     unknown = [f"{p.relative_to(ROOT).as_posix()}: {t}" for p in PAGES for span in INLINE.findall(section_of_tests(page_text(p)))
                for t in re.findall(r"(?:^|[\s:])(test_\w+)(?![\w.])", span) if t not in defined]
     assert not unknown, "tests named in the docs that do not exist:\n" + "\n".join(unknown)
+
+
+STAGES = ("01_select.py", "02_simulate.py", "03_train_rm.py", "04_grpo.py", "05_rapo.py", "06_eval.py")
+
+
+def test_flags_named_on_the_stage_pages_exist():
+    """A flag a stage page names outside a command (its flag tables, its prose) is a flag of one of the stages: a
+    renamed or removed flag fails here too, not only in the commands."""
+    known = {"--nproc_per_node"}  # torchrun's
+    for s in STAGES:
+        known |= set(script_parser(s)._option_string_actions)
+    unknown = []
+    for page in sorted((ROOT / "docs").glob("0[1-6]_*.md")):
+        for span in INLINE.findall(FENCE.sub("", page_text(page))):
+            for flag in re.findall(r"(?:^|[\s(/])(--[a-z][a-z0-9-]*[a-z0-9])(?![\w<-])", span):
+                if flag not in known:
+                    unknown.append(f"{page.relative_to(ROOT).as_posix()}: {flag} (in `{span}`)")
+    assert not unknown, "flags named on the stage pages that no stage has:\n" + "\n".join(unknown)
