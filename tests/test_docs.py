@@ -206,3 +206,21 @@ def test_flags_named_on_the_stage_pages_exist():
                 if flag not in known:
                     unknown.append(f"{page.relative_to(ROOT).as_posix()}: {flag} (in `{span}`)")
     assert not unknown, "flags named on the stage pages that no stage has:\n" + "\n".join(unknown)
+
+
+def test_committed_results_name_no_absolute_paths():
+    """Result files in experiments/results/ name paths relative to the repository (experiments/repo_paths.py),
+    never the absolute paths of the machine they ran on."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from repo_paths import repo_relative
+
+    got = repo_relative({"command": f"{sys.executable} {ROOT / '04_grpo.py'} --data {ROOT.parent / 'd.json'}",
+                         "results": [str(ROOT / "experiments" / "results")], "text": "a /s reply </think>", "n": 3})
+    assert got == {"command": "python 04_grpo.py --data ../d.json", "results": ["experiments/results"],
+                   "text": "a /s reply </think>", "n": 3}
+    found = []
+    for f in sorted((ROOT / "experiments" / "results").iterdir()):
+        if f.suffix in (".json", ".csv", ".md", ".log", ".txt"):
+            for m in re.finditer(r"(?<![\w.~])/(?:work|root|home|tmp|Users|mnt|data|opt|srv)/[^\s\"']*", f.read_text()):
+                found.append(f"{f.name}: {m.group(0)}")
+    assert not found, "absolute paths in committed result files:\n" + "\n".join(found[:20])
