@@ -224,3 +224,18 @@ def test_committed_results_name_no_absolute_paths():
             for m in re.finditer(r"(?<![\w.~])/(?:work|root|home|tmp|Users|mnt|data|opt|srv)/[^\s\"']*", f.read_text()):
                 found.append(f"{f.name}: {m.group(0)}")
     assert not found, "absolute paths in committed result files:\n" + "\n".join(found[:20])
+
+
+def test_named_functions_exist():
+    """A `module.name` a page names (common.load_dialogues, speed.shared_prefix_logits, ...) is defined in that module
+    of the repository: a function that moved or was renamed fails here."""
+    modules = {p.stem: p for p in ROOT.glob("*.py") if not p.stem[0].isdigit()}
+    missing = []
+    for page in PAGES:
+        for span in INLINE.findall(page_text(page)):
+            m = re.fullmatch(r"(\w+)\.([A-Za-z_]\w*)(?:\.\w+)?(?:\(.*\))?", span.strip())
+            if not m or m.group(1) not in modules or m.group(2) == "py":  # common.py is a file (checked above)
+                continue
+            if not re.search(rf"^(?:def|class) {m.group(2)}\b|^{m.group(2)}\s*[:=]", modules[m.group(1)].read_text(), re.M):
+                missing.append(f"{page.relative_to(ROOT).as_posix()}: {span}")
+    assert not missing, "named in the docs but not defined there:\n" + "\n".join(missing)
