@@ -63,6 +63,7 @@ import torch
 import backends
 import common
 import protocols
+import role_cache
 from common import InputError, check
 from protocols import base, curves
 from protocols.base import Run, chunk_seed, lib_version, md_table
@@ -146,9 +147,11 @@ def parse_args(argv=None):
                    help="override the metrics.jsonl keys plotted, e.g. 'reward=reward,entropy=entropy,"
                         "length=completion_len_mean' (the keys 04_grpo.py and 05_rapo.py log; default: the first of "
                         "each panel's known names present)")
+    role_cache.add_role_cache_args(p)
     args = p.parse_args(argv)
     common.check_common_args(args)
     common.check_decoder(args)
+    role_cache.check_role_cache_args(args)
     if args.parts is not None:
         parts = [s.strip() for s in args.parts.split(",") if s.strip()]
         bad = [s for s in parts if s not in PARTS]
@@ -347,7 +350,7 @@ def evaluate_policy(run: Run, jobs: list, label: str, spec: str, shared: dict):
             shared[role] = shared.get(role) or run.make(role)
         if p.name not in run.backends:
             run.backends[p.name] = p.load(run)
-    policy = backends.make_backend(spec, args.policy_base_url, str(run.dist.device), args.dtype, decoder=args.decoder)
+    policy = run.make("policy", spec)  # (through --role-cache when given)
     open_outputs(run)  # (the same point on every rank: `todo` is decided alike)
     roles = simulate.Roles(policy=policy, seeker=shared.get("seeker"), critic=shared.get("critic"),
                            policy_system=run.system, critic_mode=args.critic_mode_used, critic_n=args.critic_samples,
@@ -459,8 +462,9 @@ def main(argv=None):
     run.done = set() if args.overwrite else set().union(*(common.ResumableOutput(out_dir, n).done for n in OUTPUTS))
     if not args.overwrite:  # on every rank alike: all stop together
         check_resume_settings(args, out_dir, len(run.done), run.inputs, run.digests)
+    cache = role_cache.open_cache(args)  # --role-cache: every role's and policy's answers recorded / replayed
     run.make = lambda role, spec=None: backends.make_backend(spec or getattr(args, role), getattr(args, f"{role}_base_url"),
-                                                             str(dist.device), args.dtype, decoder=args.decoder)
+                                                             str(dist.device), args.dtype, decoder=args.decoder, cache=cache)
     common.print0(f"{len(run.policies)} policies x {len(run.cases)} test cases ({run.source}; {len(run.turns)} turns); "
                   f"parts: {args.parts}; {len(run.done)} records already written; {dist.world} rank(s)")
     chosen = [REGISTRY[n] for n in run.parts]
@@ -475,6 +479,7 @@ def main(argv=None):
         if not p.per_policy:
             p.run_all(run)
     common.barrier(dist)
+    role_cache.report(cache, out_dir, dist)  # this run's hits / misses, over all ranks (a log: OUT/role_cache.json)
     if dist.world > 1:
         torch.distributed.destroy_process_group()
     if not dist.main:
