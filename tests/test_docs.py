@@ -109,6 +109,7 @@ def parse_failure(parser: argparse.ArgumentParser, args: list[str]) -> str | Non
         raise _Captured(message)
 
     parser.error = error  # argparse reports every bad argument through error() (prints and exits otherwise)
+    args = [a for a in args if a not in ("-h", "--help")]  # `python NN_x.py --help` is a command the docs show
     try:
         parser.parse_args(args)
     except _Captured as c:
