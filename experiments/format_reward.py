@@ -58,7 +58,7 @@ def parse_args():
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr for LoRA r=16 at this scale")
     p.add_argument("--beta", type=float, default=0.04,
                    help="k3 KL coefficient against the base model (0 skips the reference forward, and lets the policy "
-                        "satisfy the format with gibberish: README)")
+                        "satisfy the format with gibberish: docs/results.md)")
     p.add_argument("--tag", default="_kl", help="suffix of the result files (format_reward<tag>.json/.csv/.png)")
     p.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the run and of the evaluation samples")

@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--candidates", type=int, default=4, help="02: m candidates per context (paper: 4)")
     p.add_argument("--sim-turns", type=int, default=2, help="02: T, supporter turns simulated (paper: 8)")
     p.add_argument("--delta", default="median",
-                   help="02: label = 1[r_fut > delta] (SPEC default 0.5), or 'median': the median r_fut of these train "
+                   help="02: label = 1[r_fut > delta] (02's default 0.5), or 'median': the median r_fut of these train "
                         "rollouts (balanced labels; with a strict critic and short simulations almost no r_fut passes 0.5 "
                         "or even 0, and a reward model cannot learn from one positive). 02 relabels without simulating")
     p.add_argument("--context-window", type=int, default=4, help="02: simulate from the last N context messages")
