@@ -12,7 +12,21 @@ Judge modes (docs/design.md section 2):
   likelihood  p(learn) = p('{"learn": true') / (p(... true) + p(... false)) from the judge's log-likelihoods,
               learn = p(learn) > 0.5; deterministic, and the only mode that gives a small local model a
               usable answer. Default for hf:/vllm: judges; openai: judges use generate.
-Deviation: valid/test turns are not judged (learn = null); they are for evaluation only.
+What the judge sees (Eq. 8: I_j = Hindsight-Judge(D, u_j, a_j), a retrospective judgement with the dialogue D in
+view): the context before the reply, the reply, and what followed it (--judge-future: the rest of the dialogue by
+default, or its next N messages), so it can see what effect the reply had.
+
+Each train record holds the judge's own verdict `learn_judge` (true / false, or null when its answer never parsed;
+the raw answer is kept in `learn_reason`) and the resolved flag `learn` that 02/04/05 read (--learn-only): the
+verdict, or --null-as for a null one. Every run re-resolves the whole file, so re-running with another --null-as
+changes what training reads without judging again.
+
+Deviations (numbered):
+ 1. Valid/test turns are not judged (learn = learn_judge = null); they are for evaluation only.
+ 2. The judge's prompt is Appendix G's "Hindsight Dialogue Selection" template in our words, plus a block with
+    what followed the reply (Appendix G's template shows only the context and the reply; Eq. 8 and "hindsight"
+    need what followed). --judge-future 0 gives the template without it.
+ 3. Likelihood mode (ours) reads the judge's p(true) instead of its written answer.
 
 Run:
   python 01_select.py --data data/demo_esconv.json --out runs/demo
@@ -32,9 +46,20 @@ import role_cache
 from common import InputError, check
 
 # Settings that shape the records: a re-run on an --out that holds records must use the same ones (and the same
-# --data / --test-data content); --null-as, --batch-size and the device settings may change.
-SELECT_KEYS = ("seed", "test_frac", "valid_frac", "max_examples", "judge", "judge_mode_used", "judge_context", "retries",
-               "max_new_tokens")
+# --data / --test-data content); --batch-size and the device settings may change, and so may --null-as (every run
+# re-resolves `learn` from the stored verdicts).
+SELECT_KEYS = ("seed", "test_frac", "valid_frac", "max_examples", "judge", "judge_mode_used", "judge_context",
+               "judge_future", "retries", "max_new_tokens")
+
+
+def future_arg(v: str):
+    """--judge-future: 'all' or an integer N >= 0."""
+    if v == "all":
+        return v
+    if not v.isdigit():
+        raise argparse.ArgumentTypeError(f"'{v}': expected 'all' or an integer >= 0")
+    return int(v)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,10 +77,15 @@ def parse_args(argv=None):
                    help="auto = likelihood for hf:/vllm: judges, generate for openai: judges")
     g.add_argument("--retries", type=int, default=2, help="re-asks of an unparseable judge answer (generate mode)")
     g.add_argument("--null-as", default="false", choices=["false", "true"],
-                   help="how a turn whose judge answer never parsed (learn = null) counts in the kept fraction")
+                   help="the resolved `learn` of a train turn whose judge answer never parsed (learn_judge = null): what "
+                        "02/04/05 --learn-only train on and the kept fraction counts (ours: false)")
     g.add_argument("--judge-context", type=int, default=0,
                    help="show the judge only the last N context messages (0 = the whole context, as in the paper); "
                         "the judge's cost grows with the context length")
+    g.add_argument("--judge-future", default="all", type=future_arg,
+                   help="what the judge sees after the reply (Eq. 8: the whole dialogue): 'all' = the rest of the "
+                        "dialogue (default), N = its next N messages (1: the seeker's next message), 0 = nothing "
+                        "(Appendix G's template as printed); the judge's cost grows with it")
     g.add_argument("--batch-size", type=int, default=32, help="turns judged per batched call")
     g.add_argument("--max-new-tokens", type=int, default=96, help="judge answer length (generate mode)")
     role_cache.add_role_cache_args(p)
@@ -83,17 +113,34 @@ SELECT_PROMPT = (
     "support forward, support tailored to this person.\n"
     "Not worth learning: greetings, small talk, pleasantries, logistics unrelated to support, bare "
     "acknowledgements ('ok', 'sure', 'thanks'), repetition without new value, unsafe or judgmental content.\n\n"
-    "Conversation so far:\n{context}\n\nAssistant reply to judge:\n{target}\n\n"
+    "Conversation so far:\n{context}\n\nAssistant reply to judge:\n{target}\n\n{hindsight}"
     "Answer with one JSON object and nothing else, for example {{\"learn\": true, \"reason\": \"validates the "
     "feeling and asks an open question\"}} or {{\"learn\": false, \"reason\": \"a greeting with no support value\"}}."
 )
+# What followed the reply (deviation 2): the seeker's reaction and the rest of the dialogue, in hindsight
+HINDSIGHT_BLOCK = (
+    "What followed the reply (in hindsight: how the seeker responded and where the conversation went):\n{after}\n\n"
+    "Judge the reply itself; use what followed to see whether it moved the support forward.\n\n"
+)
+HINDSIGHT_END = "What followed the reply: nothing, the conversation ends with it.\n\n"
 SELECT_PREFIX = '{"learn": '  # likelihood mode compares p(SELECT_PREFIX + "true") with p(SELECT_PREFIX + "false")
 
 
-def select_chats(turns: list[dict]) -> list[list[dict]]:
-    """One question per turn: its context and the reply to judge."""
-    return [[{"role": "user", "content": SELECT_PROMPT.format(context=common.render_dialogue(t["context"]),
-                                                              target=t["target"])}] for t in turns]
+def select_chats(turns: list[dict], after: list[list[dict]] | None = None) -> list[list[dict]]:
+    """One question per turn: its context, the reply to judge and, for hindsight, after[i] = the messages that
+    followed it (None: no hindsight block, --judge-future 0)."""
+    chats = []
+    for i, t in enumerate(turns):
+        hindsight = "" if after is None else (HINDSIGHT_BLOCK.format(after=common.render_dialogue(after[i]))
+                                              if after[i] else HINDSIGHT_END)
+        chats.append([{"role": "user", "content": SELECT_PROMPT.format(
+            context=common.render_dialogue(t["context"]), target=t["target"], hindsight=hindsight)}])
+    return chats
+
+
+def following(after: list[dict], n) -> list[dict]:
+    """What the judge sees after a reply under --judge-future n ('all' or N >= 1): all of `after` or its first N."""
+    return list(after) if n == "all" else list(after[:n])
 
 
 def validate_select(obj, i):
@@ -110,8 +157,8 @@ def validate_select(obj, i):
 # Turns, and the judge's verdicts on a batch of them
 
 
-def load_all_turns(args) -> list[dict]:
-    """Dialogues -> split -> turn records (no model involved)."""
+def load_all_turns(args) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Dialogues -> split -> turn records (no model involved), and {turn id: the messages after its reply}."""
     dialogues = common.load_dialogues(args.data, id_prefix="d", max_chars=args.max_message_chars)
     if args.max_examples:
         dialogues = dialogues[:args.max_examples]
@@ -124,34 +171,48 @@ def load_all_turns(args) -> list[dict]:
         split = common.split_dialogues([d["dialog_id"] for d in dialogues], args.seed, args.test_frac, args.valid_frac)
     turns = common.build_turns(dialogues, split)
     check(len(turns) > 0, f"{args.data}: no supporter turn with a seeker message before it")
-    return turns
+    msgs = {d["dialog_id"]: d["messages"] for d in dialogues}
+    after = {t["id"]: msgs[t["dialog_id"]][t["turn"] + 1:] for t in turns}  # t["turn"]: the reply's message index
+    return turns, after
 
 
-def judge_batch(backend, batch: list[dict], mode: str, args) -> tuple[list[dict], int, int]:
-    """learn / learn_reason for a batch of turns; returns (updates, retried, failed)."""
+def judge_batch(backend, batch: list[dict], mode: str, args, after: dict[str, list[dict]]) -> tuple[list[dict], int, int]:
+    """learn_judge / learn_reason for a batch of turns (after: {turn id: the messages after its reply}); returns
+    (updates, retried, failed)."""
     if args.judge_context:
         batch = [dict(t, context=common.last_messages(t["context"], args.judge_context)) for t in batch]
-    chats = select_chats(batch)
+    shown = None if args.judge_future == 0 else [following(after[t["id"]], args.judge_future) for t in batch]
+    chats = select_chats(batch, shown)
     if mode == "likelihood":
         pre = SELECT_PREFIX
         ll = backend.option_loglik(chats, [pre + "true", pre + "false"])
         ups = []
         for i in range(len(batch)):
             p = 1.0 / (1.0 + math.exp(ll[i][1] - ll[i][0]))  # p(true) over {true, false}
-            ups.append({"learn": p > 0.5, "learn_reason": f"likelihood judge: p(learn)={p:.3f}"})
+            ups.append({"learn_judge": p > 0.5, "learn_reason": f"likelihood judge: p(learn)={p:.3f}"})
         return ups, 0, 0
     res = backends.ask_json(backend, chats, validate_select, retries=args.retries,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     ups = []
     for v, raw in zip(res.values, res.raw):
-        ups.append({"learn": v["learn"], "learn_reason": v["reason"]} if v is not None
-                   else {"learn": None, "learn_reason": f"unparseable judge output: {raw[:500]}"})
+        ups.append({"learn_judge": v["learn"], "learn_reason": v["reason"]} if v is not None
+                   else {"learn_judge": None, "learn_reason": f"unparseable judge output: {raw[:500]}"})
     return ups, res.retried, res.failed
+
+
+def resolve_learn(rec: dict, null_as: str) -> bool | None:
+    """The `learn` flag training reads (load_turns(learn_only)): the judge's verdict, or --null-as where its answer
+    never parsed (train turns); None for valid/test turns. Records of an older 01 (no learn_judge) keep theirs."""
+    if "learn_judge" not in rec:
+        return rec["learn"]
+    if rec["split"] != "train":
+        return None
+    return rec["learn_judge"] if rec["learn_judge"] is not None else null_as == "true"
 
 
 def main(argv=None):
     args = parse_args(argv)
-    turns = load_all_turns(args)  # all input validation happens here, before any output is touched
+    turns, after = load_all_turns(args)  # all input validation happens here, before any output is touched
     judge_spec = None if args.judge == "none" else common.parse_spec(args.judge)
     mode = args.judge_mode
     if mode == "auto":
@@ -183,27 +244,33 @@ def main(argv=None):
         train = [t for t in batch if t["split"] == "train"]
         if backend is None:
             for t in train:
-                t["learn"], t["learn_reason"] = True, "no judge (--judge none): every turn kept"
+                t["learn_judge"], t["learn_reason"] = True, "no judge (--judge none): every turn kept"
         elif train:
-            ups, r, f = judge_batch(backend, train, mode, args)
+            ups, r, f = judge_batch(backend, train, mode, args, after)
             retried, failed = retried + r, failed + f
             for t, u in zip(train, ups):
                 t.update(u)
         for t in batch:
             if t["split"] != "train":
-                t["learn_reason"] = f"not judged ({t['split']} split)"
+                t["learn_judge"], t["learn_reason"] = None, f"not judged ({t['split']} split)"
+            t["learn"] = resolve_learn(t, args.null_as)
         out.append(batch)
         bar.update(len(batch))
     bar.close()
 
-    # Summary over the whole output (this run and earlier resumed ones), stored beside it.
+    # The whole output (this run and earlier resumed ones) with `learn` resolved under this run's --null-as, and its
+    # summary stored beside it.
     recs = out.merge([t["id"] for t in turns])
+    for r in recs:
+        r["learn"] = resolve_learn(r, args.null_as)
+    common.write_jsonl(out.final, recs)
     train = [r for r in recs if r["split"] == "train"]
-    nulls = sum(r["learn"] is None for r in train)
-    kept = sum(r["learn"] is True or (r["learn"] is None and args.null_as == "true") for r in train)
+    nulls = sum(r.get("learn_judge", r["learn"]) is None for r in train)
+    kept = sum(r["learn"] is True for r in train)
     stats = {"turns": len(recs), "train_turns": len(train), "kept": kept,
              "kept_fraction": kept / max(len(train), 1), "judge_failures": nulls,
-             "retried_this_run": retried, "failed_this_run": failed, "judge": args.judge, "judge_mode": mode}
+             "retried_this_run": retried, "failed_this_run": failed, "judge": args.judge, "judge_mode": mode,
+             "null_as": args.null_as, "judge_future": args.judge_future}
     common.write_json(Path(args.out) / "select_stats.json", stats)
     role_cache.report(cache, args.out, name="select_role_cache.json")  # this run's hits / misses (a log)
     print(f"kept {kept}/{len(train)} train turns ({stats['kept_fraction']:.1%}); judge failures (learn = null): "

@@ -6,7 +6,7 @@ persona) answers, the critic judges how the seeker feels (worse -1, same -0.5, b
 supporter answers again, ... until the critic's score c_t > theta (success) or T supporter turns:
 
     r_fut = c_end + lambda_eff * 1[success] * (T - t_end) / (T - 1)                  (future reward)
-    label = 1[r_fut > delta]                                                         (RM target)
+    label = 1[r_fut > delta],  delta = theta + lambda_eff / 2 by default            (RM target)
 
 c_end is the last critic score and t_end the supporter turns used. The reward model (03_train_rm.py) learns
 `label` from (context, candidate), and GRPO (04_grpo.py) uses that model as R_fut.
@@ -26,6 +26,13 @@ Deviations and decisions (the summary of the paper gives no formula; see docs/de
     so the output does not depend on the number of ranks, and a resumed run equals an uninterrupted one.
  5. Cost knobs the paper does not have: --per-dialogue K (spread few contexts over many dialogues) and
     --context-window N (simulate from the last N messages only); both off by default.
+ 6. The label threshold. Every success has r_fut > theta and every failure r_fut = c_end <= theta, so with
+    delta = theta the label is exactly 1[success] and the efficiency term never reaches the classification RM
+    (the paper's choice). The summary combines the terminal reward WITH efficiency before thresholding, so our
+    default is delta = theta + lambda_eff / 2 (0.75 under the defaults): a success at turn t with final critic
+    score c is positive iff c + lambda_eff (T - t) / (T - 1) > delta, e.g. "feels better" (0.5 < c < 1) must come
+    in roughly the first half of the turns, "solved" (c = 1) is positive at any turn. --delta equal to --theta
+    gives the success-only label; --lambda-eff then changes only the regression/ranking targets (03 --objective).
 
 Run:
   python 02_simulate.py --data runs/demo/turns.jsonl --out runs/demo
@@ -89,13 +96,21 @@ def parse_args(argv=None):
     add_simulation_args(p.add_argument_group("seeker"), p.add_argument_group("critic and stopping"),
                         "T: supporter turns per simulation, candidate included (paper: 8)")
     g = p.add_argument_group("future reward and label (recomputed at the end of every run)")
-    g.add_argument("--lambda-eff", type=float, default=0.5, help="weight of the efficiency bonus in r_fut (ours: 0.5)")
-    g.add_argument("--delta", type=float, default=0.5, help="label = 1[r_fut > delta] (ours: 0.5)")
+    g.add_argument("--lambda-eff", type=float, default=0.5,
+                   help="weight of the efficiency bonus in r_fut (ours: 0.5); it reaches the classification label only "
+                        "when --delta > --theta (deviation 6)")
+    g.add_argument("--delta", type=float, default=None,
+                   help="label = 1[r_fut > delta] (ours: default theta + lambda_eff / 2 = 0.75, so a success is positive "
+                        "when it comes in the first half of the T turns or with a high final critic score; --delta equal "
+                        "to --theta makes the label 1[success], where --lambda-eff changes only the regression/ranking "
+                        "targets of 03; deviation 6)")
     role_cache.add_role_cache_args(p)
     args = p.parse_args(argv)
     common.check_common_args(args)
     role_cache.check_role_cache_args(args)
     common.check_decoder(args)
+    if args.delta is None:  # deviation 6: a threshold above theta, so the label depends on how soon the seeker felt better
+        args.delta = args.theta + args.lambda_eff / 2
     check(args.num_candidates >= 1, "--num-candidates must be >= 1")
     check(args.max_turns >= 2, "--max-turns must be >= 2 (r_fut divides by T - 1)")
     check(-1.0 <= args.theta < 1.0, "--theta must be in [-1, 1): critic scores lie in [-1, 1] and success needs c_t > theta")
@@ -199,12 +214,16 @@ def critic_chats(histories: list[list[dict]]) -> list[list[dict]]:
     return [[{"role": "user", "content": CRITIC_PROMPT.format(dialogue=common.render_dialogue(h))}] for h in histories]
 
 
+# PPDPP's matching rule (its env.py): the keys are tried in this order and the first one contained anywhere in the
+# lower-cased sample wins, wherever it stands in the text ("feels better, not worse" counts as worse: -1.0)
+CRITIC_KEYS = [("worse", -1.0), ("same", -0.5), ("better", 0.5), ("solved", 1.0)]
+
+
 def match_critic_option(text: str) -> float | None:
-    """Value of the first option the text names (sample mode), or None."""
+    """Value of a sampled critic answer (sample mode) as PPDPP matches it: the first of CRITIC_KEYS, in their order,
+    that the text contains; None if it contains none."""
     t = text.lower()
-    keys = [("worse", -1.0), ("the same", -0.5), ("solved", 1.0), ("better", 0.5)]
-    hits = [(t.find(k), v) for k, v in keys if k in t]
-    return min(hits)[1] if hits else None
+    return next((v for k, v in CRITIC_KEYS if k in t), None)
 
 
 def critic_scores(backend: backends.Backend, histories: list[list[dict]], mode: str = "likelihood", n: int = 10,
@@ -213,8 +232,8 @@ def critic_scores(backend: backends.Backend, histories: list[list[dict]], mode: 
 
     likelihood: sum_k p_k v_k with p_k = softmax over the four options of log p(option_k | prompt)
                 (the exact expectation over the option set; deterministic);
-    sample:     PPDPP: n samples at `temperature`, each matched to the first option it names; the mean
-                of matched values (0 if none matched).
+    sample:     PPDPP: n samples at `temperature`, each matched as PPDPP's env.py does (match_critic_option);
+                the mean of matched values (0 if none matched).
     """
     chats = critic_chats(histories)
     if mode == "likelihood":

@@ -6,39 +6,57 @@ Per prompt x (a train turn's context with learn == true from 01_select.py's hind
   2. Reactions (Eq. 9): u_i ~ Seeker(x, y_i), one seeker message per candidate, one batched call.
   3. Generative reward model (Eq. 10): one call per group sees x and every (y_i, u_i), shuffled (position
      bias) and un-shuffled after, and returns {"i": {analysis, rank, score}}; validated, re-asked, scores
-     derived from ranks when only the ranks are valid; a group that never parses gets A = 0 and no
-     distillation (counted). r_i = score_i + R_len(y_i): DAPO's soft overlong punishment of 04 (RAPO E.3.1:
-     L_max 200, L_cache 80, |y| in completion tokens), which a failed group does not get (its A stays 0).
-  4. Scalar RL: 04_grpo.py's GRPO loss on the scores (imported, not copied).
-  5. Verbal RL (Eq. 11-14): w = argmin_i r_i. The teacher sees x with a hindsight block (y_w, u_w, the
-     critique c_w, the group's best reply) and scores the SAME token ids a_w under no_grad. Per token:
-         L_SD,t = KL_topK+tail(p_student || q_teacher)  (K = 256 from the student, fp32, logits / T)
-     weighted by min(exp(logp - logp_old), 2) and averaged over the distilled tokens (global count).
+     derived from ranks when only the ranks are valid (also when the scores' order contradicts the ranks);
+     a group that never parses gets A = 0 and no distillation (counted). r_i = score_i + R_len(y_i): DAPO's
+     soft overlong punishment of 04 (RAPO E.3.1: L_max 200, L_cache 80, |y| in completion tokens), which a
+     failed group does not get (its A stays 0).
+  4. Scalar RL: 04_grpo.py's GRPO loss on the rewards r_i (imported, not copied).
+  5. Verbal RL (Eq. 11-14): w = argmin_i r_i (Eq. 11, with R_len; the "better example" is argmax_i r_i). The
+     teacher sees the messages of x the student saw, with a hindsight block (y_w, u_w, the critique c_w, the
+     better example) that asks for a turn in the prefilled format, and scores the SAME token ids a_w under
+     no_grad. Per token, with p the student and q the teacher (K = 256 from the student, fp32, logits / T):
+         L_head = sum_{k in TopK(p)} p_k log(p_k / q_k)  (Eq. 13),   L_tail = P_tail log(P_tail / Q_tail)  (Eq. 14)
+     weighted by min(exp(logp - logp_old), 2), summed over the distilled tokens (Eq. 12) and divided by their
+     global count.
   6. L = L_GRPO + eta * L_SD (Eq. 15), eta = 1e-3; after every optimiser step the teacher's weights move
      towards the policy's: theta_T <- (1 - m) theta_T + m theta, m = 0.5 (EMA, initialised from the
      initial policy). With LoRA the teacher is a second adapter ("teacher") on the same base model.
 
-Ablations (RAPO Table 3), each one flag:
-  --reward reaction      RAPO (the default)
-  --reward rubric-group  CPO: the judge ranks the group against a rubric, without reactions
-  --reward rubric-point  GRPO baseline: each reply scored alone by a rubric
-  --sd-coef 0            without verbal RL (w/o SD)
-  --teacher live|base    the teacher is the current policy / the initial policy instead of the EMA
+The RL rows of RAPO Table 1 and Table 3, one preset each (--ablation sets --reward and --sd-coef, and is saved in
+args.json; giving --reward or --sd-coef as well is allowed only if it agrees: the same --reward, and eta > 0 for
+the rows with SD (it tunes eta), 0 for the rows without):
+  paper row                                  command                        = flags
+  RAPO (Table 1, Table 3)                    --ablation rapo                 --reward reaction --sd-coef 1e-3
+  RAPO w/o SD (Table 3)                      --ablation wo-sd                --reward reaction --sd-coef 0
+  RAPO w/o URM (Table 3)                     --ablation wo-urm               --reward rubric-group --sd-coef 1e-3
+  RAPO w/o URM + SD (Table 3) = CPO (Table 1) --ablation cpo                 --reward rubric-group --sd-coef 0
+  GRPO (Table 1, rubrics-as-judge)           --ablation grpo-rubric          --reward rubric-point --sd-coef 0
+  reaction: the GRM takes the seeker's place and sees the reactions; rubric-group: an expert rater ranks the group
+  against the rubric, no reactions; rubric-point: an expert rater scores each reply alone.
+Also: --teacher live|base (the teacher is the current / the initial policy instead of the EMA).
 
 Deliberate deviations (numbered):
  1. Everything 04_grpo.py lists (CPU-friendly sizes, seeds, distributed denominators) applies here too.
  2. The GRM prompt is prefilled with '{"0": {"analysis": "' for hf:/vllm: judges (a small local judge
     then writes the JSON shape far more often); openai: judges get no prefill.
  3. For rubric-* rewards there is no reaction; the teacher's hindsight block says so.
- 4. The distillation tokens are the whole candidate a_w (strategy part and reply), as the student wrote it.
+ 4. The distillation tokens are the whole candidate a_w (strategy part and reply), as the student wrote it;
+    with --format cos the teacher's block therefore asks for the strategy and the reply (the turn is prefilled
+    with "<strategy>"), where the paper's template says "output only the revised response".
  5. --format reply drops the Chain-of-Supporting (not a paper variant): the candidate is the reply alone,
     under the plain ESC prompt that 06 evaluates with. For a policy too small to write and close the
     rationale (SmolLM2-135M closed it in 1 of 20 samples within 64 tokens), the GRM would otherwise score
     rationale text and the policy would be trained under another prompt than it is evaluated with.
+ 6. The rubric judges' prompts (the paper cites rubrics-as-judge, Gunjal et al. 2025, without a prompt) are
+    ours: an expert rater with the criteria RUBRIC, shared with the GRM and 06's pairwise judge.
+ 7. GRM scores whose order contradicts the ranks (rank 1 with a lower score than rank 2) are invalid: the
+    paper asks for unique ranks and scores but says nothing of their agreement; the scores are derived from
+    the ranks and the group counted in grm_derived_frac and grm_disordered_frac.
+ 8. Every row keeps the same scalar RL (DAPO clip-higher, R_len, beta): rows differ only in reward and eta.
 
 Run:
   python 05_rapo.py --data runs/demo/turns.jsonl --out runs/rapo
-  python 05_rapo.py --reward rubric-group --out runs/cpo          # and the other Table 3 variants
+  python 05_rapo.py --ablation cpo --out runs/cpo          # and the other Table 1 / Table 3 rows above
   torchrun --nproc_per_node=8 05_rapo.py --policy Qwen/Qwen2.5-7B-Instruct --seeker openai:... --grm openai:... \\
       --seeker-base-url http://host:8000/v1 --grm-base-url http://host:8000/v1 --prompts-per-step 128
 """
@@ -46,11 +64,11 @@ import argparse
 import copy
 import functools
 import random
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import backends
@@ -82,12 +100,13 @@ RAPO_SYSTEM = (
 
 def topk_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int = 256,
                     temperature: float = 1.0) -> torch.Tensor:
-    """Eq. 13: per-token reverse KL(student || teacher) over the student's top-K tokens plus one tail bucket.
+    """Eq. 13 + 14: per-token reverse KL(student || teacher) over the student's top-K tokens (the head, Eq. 13)
+    plus one tail bucket (Eq. 14).
 
     student_logits, teacher_logits: [N, V] (one row per distilled token); returns [N], fp32.
         S      = TopK(p), chosen from the student (as the SDPO code and RAPO's Eq. 13 do)
-        L_head = sum_{k in S} p_k (log p_k - log q_k)
-        L_tail = P_tail (log P_tail - log Q_tail),  P_tail = 1 - sum_S p_k,  Q_tail = 1 - sum_S q_k
+        L_head = sum_{k in S} p_k (log p_k - log q_k)                                        (Eq. 13)
+        L_tail = P_tail (log P_tail - log Q_tail),  P_tail = 1 - sum_S p_k,  Q_tail = 1 - sum_S q_k   (Eq. 14)
     Both are softmax(logits / temperature) over the full vocabulary; log(1 - exp(x)) is taken with the
     log-mass x clamped at -1e-7, so a vanishing tail (K = V) stays finite. The teacher gets no gradient
     (the caller computes it under no_grad).
@@ -105,7 +124,8 @@ def topk_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 def sd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, logp: torch.Tensor, logp_old: torch.Tensor,
             mask: torch.Tensor, k: int = 256, temperature: float = 1.0, is_clip: float = 2.0) -> dict:
-    """Eq. 14 summed over the distilled tokens of a micro-batch (the caller divides by the global count).
+    """Eq. 12: L_SD = sum_t (L_head + L_tail) over the distilled tokens of a micro-batch (the caller divides by the
+    global count).
 
     student_logits/teacher_logits [n, C, V], logp/logp_old/mask [n, C]. Each token's KL is weighted by the
     importance ratio min(exp(logp - logp_old), is_clip), detached (SDPO's clip, "upper limit 2"; 1 when
@@ -165,16 +185,55 @@ TEACHER_BLOCK = (
     "<Critic Feedback>\n{critique}\n</Critic Feedback>\n"
     "<Example Better Response>\n{best}\n</Example Better Response>\n"
     "Revise the original response: fix the issues the feedback names, learn from the strengths of the better "
-    "response, and be more empathetic, appropriate and helpful. Output only the revised response."
+    "response, and be more empathetic, appropriate and helpful. {output}"
 )
+# What the teacher is asked to write must be what its turn starts with: --format cos prefills "<strategy>" (the
+# distilled tokens are rationale and reply), --format reply prefills nothing (the reply alone)
+TEACHER_OUTPUT = {
+    "cos": "Write the revised turn in the same format: the strategy you choose and why inside <strategy></strategy>, "
+           "then the revised reply, and nothing else.",
+    "reply": "Output only the revised response, without explanations or prefixes.",
+}
 
 
-def teacher_context(context: list[dict], response: str, reaction: str, critique: str, best: str) -> list[dict]:
+def teacher_context(context: list[dict], response: str, reaction: str, critique: str, best: str,
+                    fmt: str = "cos") -> list[dict]:
     """The teacher's conversation (template "ESC Teacher Policy", our words): the student's context with the
-    hindsight block appended to its last user message."""
+    hindsight block appended to its last user message; fmt (--format) says what to write after it."""
     out = [dict(m) for m in context]
     last = max(i for i, m in enumerate(out) if m["role"] == "user")
-    out[last]["content"] += TEACHER_BLOCK.format(response=response, reaction=reaction, critique=critique, best=best)
+    out[last]["content"] += TEACHER_BLOCK.format(response=response, reaction=reaction, critique=critique, best=best,
+                                                 output=TEACHER_OUTPUT[fmt])
+    return out
+
+
+def student_messages(tok, context: list[dict], system: str, prefill: str, max_tokens: int) -> list[dict]:
+    """The messages of `context` that the student's prompt holds: grpo.prompt_ids drops the oldest ones until
+    the prompt fits max_tokens (the last message always stays)."""
+    msgs = list(context)
+    while len(msgs) > 1 and len(common.chat_ids(tok, [{"role": "system", "content": system}] + msgs, prefill)) > max_tokens:
+        msgs = msgs[1:]
+    return msgs
+
+
+def teacher_prompt_ids(tok, context: list[dict], system: str, prefill: str, max_tokens: int, extra_tokens: int,
+                       fmt: str, **feedback) -> list[int]:
+    """Eq. 11's teacher input (x, f_w): exactly the messages the student saw (never older ones) plus the hindsight
+    block (feedback: response, reaction, critique, best), within max_tokens + extra_tokens (--teacher-extra-tokens:
+    room for the block only). A last message too long for the student's budget alone is cut from the left in both."""
+    seen = student_messages(tok, context, system, prefill, max_tokens)
+    return grpo.prompt_ids(tok, teacher_context(seen, fmt=fmt, **feedback), system, prefill, max_tokens + extra_tokens)
+
+
+def distill_targets(results: list[dict | None], rewards: torch.Tensor) -> dict[int, tuple[int, int]]:
+    """Eq. 11 per valid group g: (w, best) from the rewards r_i = score_i + R_len(y_i) [B, G] (the overlong
+    punishment included): the distilled candidate a_w = argmin_i r_i and the teacher's "better example"
+    argmax_i r_i (the first index on ties). Failed groups (None) are not distilled."""
+    out = {}
+    for g, res in enumerate(results):
+        if res is not None:
+            r = rewards[g].tolist()
+            out[g] = (r.index(min(r)), r.index(max(r)))
     return out
 
 
@@ -208,8 +267,10 @@ RUBRIC = (
 )
 
 RUBRIC_POINT_PROMPT = (
-    "{rubric}\n\nConversation so far:\n{context}\n\nSupporter reply:\n{reply}\n\n"
-    "Return only JSON: {{\"analysis\": \"<short critique>\", \"score\": <a number between 0 and 1>}}"
+    "You are an expert rater of emotional-support conversations (a trained counsellor). Rate one supporter reply "
+    "against the rubric below, as an outside expert: not from the help-seeker's point of view, and without knowing "
+    "how the seeker reacted.\n{rubric}\n\nConversation so far:\n{context}\n\nSupporter reply:\n{reply}\n\n"
+    "Return only JSON: {{\"analysis\": \"<short critique against the rubric>\", \"score\": <a number between 0 and 1>}}"
 )
 
 
@@ -227,16 +288,28 @@ def validate_point(obj, i):
     return {"score": s, "analysis": str(obj.get("analysis", ""))}
 
 
+# Who judges a group (Eq. 10): RAPO's GRM takes the help-seeker's place and sees the seeker's reactions; the rubric-group
+# judge of the ablations (w/o URM, CPO) is an outside expert rating against the rubric, with no reactions (RAPO
+# Table 3: "replaces user-centric reactions with expert-defined rubric rewards").
+GRM_VIEWS = {
+    "reaction": (
+        "Take the place of the help-seeker in the conversation below. Several candidate replies from the supporter "
+        "are shown, each with the seeker's reaction to it. Judge them honestly from the seeker's own experience: do "
+        "not be lenient or neutral, your judgement decides which replies the system learns."),
+    "rubric-group": (
+        "You are an expert rater of emotional-support conversations (a trained counsellor). Several candidate "
+        "replies from the supporter to the conversation below are shown. Rate them as an outside expert against the "
+        "rubric, not from the help-seeker's point of view: be strict, your ratings decide which replies the system "
+        "learns."),
+}
 GRM_PROMPT = (
-    "Take the place of the help-seeker in the conversation below. Several candidate replies from the "
-    "supporter are shown{with_reactions}. Judge them honestly from the seeker's own experience: do not be "
-    "lenient or neutral, your judgement decides which replies the system learns.\n{criteria}\n"
+    "{view}\n{criteria}\n"
     "Lower the score clearly when a reply uses generic empathy not grounded in the context, is confused or "
     "inconsistent, is long with little content, repeats itself, deepens the seeker's negative feelings, or "
     "gives unsafe or invalidating guidance. Concise replies with emotional depth are better than verbose ones.\n"
     "For each candidate write a short critique of its weaknesses in \"analysis\" (about that reply only, "
     "without naming indices or comparing with other candidates), a unique integer \"rank\" (1 = best) and a "
-    "unique \"score\" between 0 and 1 (higher = better).\n\n"
+    "unique \"score\" between 0 and 1 (higher = better; the rank-1 reply gets the highest score).\n\n"
     "<Dialogue Context>\n{context}\n</Dialogue Context>\n\n<Candidates>\n{samples}\n</Candidates>\n\n"
     "Return only one JSON object whose keys are the candidate indices: "
     "{{\"0\": {{\"analysis\": \"...\", \"rank\": 1, \"score\": 0.9}}, ...}}"
@@ -245,7 +318,8 @@ GRM_PROMPT = (
 
 def grm_chats(contexts: list[list[dict]], replies: list[list[str]], reactions: list[list[str]] | None) -> list[list[dict]]:
     """One prompt per group: the context, the G candidate replies (already shuffled by the caller) and,
-    for RAPO, the seeker's reaction to each; without reactions it is the rubric-group (CPO) judge."""
+    for RAPO, the seeker's reaction to each, judged from the seeker's place; without reactions it is the
+    rubric-group judge (w/o URM, CPO): an expert rater against the rubric (GRM_VIEWS)."""
     chats = []
     for g, (ctx, ys) in enumerate(zip(contexts, replies)):
         items = []
@@ -255,15 +329,17 @@ def grm_chats(contexts: list[list[dict]], replies: list[list[str]], reactions: l
                 s += f"\n[{i}] Seeker's reaction: {reactions[g][i]}"
             items.append(s)
         chats.append([{"role": "user", "content": GRM_PROMPT.format(
-            with_reactions=", each with the seeker's reaction to it" if reactions is not None else "",
+            view=GRM_VIEWS["reaction" if reactions is not None else "rubric-group"],
             criteria=RUBRIC, context=common.render_dialogue(ctx), samples="\n\n".join(items))}])
     return chats
 
 
 def parse_grm(obj, G: int) -> dict:
     """Validate a GRM answer for a group of G: every index 0..G-1, ranks a permutation of 1..G, scores in
-    [0, 1] and distinct. Ranks valid but scores not -> scores derived from ranks ((G - rank) / (G - 1)),
-    flagged. Raises ValueError if the ranks are invalid.
+    [0, 1], distinct, and in the order of the ranks (rank 1 has the highest score). Ranks valid but scores
+    not -> scores derived from ranks ((G - rank) / (G - 1)), flagged `derived`; `disordered` says the scores
+    were valid numbers whose order contradicted the ranks (the best-ranked reply must not get the lower
+    reward). Raises ValueError if the ranks are invalid.
     """
     if not isinstance(obj, dict):
         raise ValueError("not an object")
@@ -279,16 +355,20 @@ def parse_grm(obj, G: int) -> dict:
         raise ValueError("rank missing or not an integer") from None
     if sorted(ranks) != list(range(1, G + 1)):
         raise ValueError("ranks are not a permutation of 1..G")
-    derived = False
+    derived = disordered = False
     try:
         scores = [float(v["score"]) for v in items]
         if any(not 0.0 <= s <= 1.0 for s in scores) or len(set(scores)) != G:
+            raise ValueError
+        by_rank = [scores[i] for i in sorted(range(G), key=lambda i: ranks[i])]  # rank 1, 2, ..., G
+        if any(a <= b for a, b in zip(by_rank, by_rank[1:])):
+            disordered = True
             raise ValueError
     except (KeyError, TypeError, ValueError):
         scores = [(G - r) / (G - 1) for r in ranks]
         derived = True
     return {"ranks": ranks, "scores": scores, "critiques": [str(v.get("analysis", "")) for v in items],
-            "derived": derived}
+            "derived": derived, "disordered": disordered}
 
 
 def grm_prefill(backend) -> str:
@@ -299,7 +379,7 @@ def score_groups(grm, mode: str, contexts: list[list[dict]], replies: list[list[
                  *, retries: int, max_new_tokens: int, seed: int) -> tuple[list[dict | None], dict]:
     """Scores and critiques per group: [{scores [G], critiques [G], derived}] or None for a failed group."""
     G = len(replies[0])
-    stats = {"grm_groups": len(contexts), "grm_failed": 0, "grm_derived": 0, "grm_retried": 0}
+    stats = {"grm_groups": len(contexts), "grm_failed": 0, "grm_derived": 0, "grm_disordered": 0, "grm_retried": 0}
     if mode == "rubric-point":  # every reply alone (the paper's GRPO baseline)
         flat_ctx = [c for c in contexts for _ in range(G)]
         res = backends.ask_json(grm, rubric_point_chats(flat_ctx, [y for ys in replies for y in ys]),
@@ -335,6 +415,7 @@ def score_groups(grm, mode: str, contexts: list[list[dict]], replies: list[list[
             stats["grm_failed"] += 1
             continue
         stats["grm_derived"] += int(v["derived"])
+        stats["grm_disordered"] += int(v["disordered"])
         out.append({"scores": unshuffle(v["scores"], perms[g]), "critiques": unshuffle(v["critiques"], perms[g]),
                     "ranks": unshuffle(v["ranks"], perms[g]), "derived": v["derived"]})
     return out, stats
@@ -404,7 +485,7 @@ class Teacher:
 
 def make_sd_loss(teacher: Teacher, ro, distill: dict[int, list[int]], cfg, k: int, is_clip: float,
                  n_distill_tokens: float, stats: dict):
-    """L_SD (Eq. 14) as a function of 04's MicroBatch: the distillation loss of the distilled rows of a
+    """L_SD (Eq. 12) as a function of 04's MicroBatch: the distillation loss of the distilled rows of a
     micro-batch, divided by the GLOBAL distilled-token count (so micro-batching and ranks do not change it).
     distill: {row index in the rollouts: the teacher's prompt ids}. Both sides' logits are divided by the
     sampling temperature inside sd_loss. stats: sums for logging, added to on the device."""
@@ -430,15 +511,55 @@ def make_sd_loss(teacher: Teacher, ro, distill: dict[int, list[int]], cfg, k: in
 # ----------------------------------------------------------------------------------------------------
 
 
+# The RL rows of RAPO Table 1 / Table 3 (module docstring): --ablation NAME -> (--reward, eta = --sd-coef)
+ABLATIONS = {
+    "rapo": ("reaction", 1e-3),  # reaction reward + SD
+    "wo-sd": ("reaction", 0.0),  # reaction reward, eta 0
+    "wo-urm": ("rubric-group", 1e-3),  # rubric-group reward + SD
+    "cpo": ("rubric-group", 0.0),  # Table 3's "w/o URM + SD" = Table 1's CPO
+    "grpo-rubric": ("rubric-point", 0.0),  # Table 1's GRPO baseline: each reply scored alone by a rubric judge
+}
+
+
+def apply_ablation(args, given: set[str]):
+    """--ablation NAME sets --reward and --sd-coef (ABLATIONS). An explicit --reward must be the preset's; an explicit
+    --sd-coef may tune eta of a row with SD (> 0) but not remove it, and must be 0 for a row without SD: anything else
+    contradicts the row and is refused. Without --ablation, args.ablation names the row the flags amount to (None for
+    rubric-point with SD, which is no paper row), so args.json always says which row a run is."""
+    if args.ablation is None:
+        args.ablation = next((k for k, (rw, eta) in ABLATIONS.items()
+                              if rw == args.reward and (eta > 0) == (args.sd_coef > 0)), None)
+        if args.ablation is None:
+            print(f"warning: --reward {args.reward} with --sd-coef {args.sd_coef} is no row of RAPO's tables (the GRPO "
+                  "baseline has no self-distillation: --ablation grpo-rubric)", file=sys.stderr)
+        return
+    reward, eta = ABLATIONS[args.ablation]
+    check("reward" not in given or args.reward == reward,
+          f"--ablation {args.ablation} is --reward {reward}, not --reward {args.reward}: drop one of the two flags")
+    check("sd_coef" not in given or (args.sd_coef > 0) == (eta > 0),
+          f"--ablation {args.ablation} is " + ("with" if eta > 0 else "without") + f" self-distillation, which --sd-coef "
+          f"{args.sd_coef} contradicts: " + ("give a positive eta or none" if eta > 0 else "drop --sd-coef"))
+    args.reward = reward
+    if "sd_coef" not in given:
+        args.sd_coef = eta
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_grpo_args(p, out="runs/rapo", temperature=1.0, learn_only=True, d=grpo.LossConfig(pad_id=0))
     g = p.add_argument_group("RAPO (docs/design.md section 6)")
+    g.add_argument("--ablation", default=None, choices=list(ABLATIONS),
+                   help="a row of RAPO Table 1 / Table 3, setting --reward and --sd-coef: rapo (reaction + SD), wo-sd "
+                        "(reaction, eta 0), wo-urm (rubric-group + SD), cpo (= w/o URM + SD: rubric-group, eta 0), "
+                        "grpo-rubric (rubric-point, eta 0); an explicit --reward/--sd-coef that contradicts it is "
+                        "refused (default: none, the row follows from --reward and --sd-coef and is saved as ablation)")
     common.add_role_arg(p, "seeker", "user simulator that reacts to each candidate (Eq. 9)")
     common.add_role_arg(p, "grm", "generative reward model ranking each group with critiques (Eq. 10)")
     g.add_argument("--reward", default="reaction", choices=["reaction", "rubric-group", "rubric-point"],
-                   help="reaction = RAPO (GRM sees the seeker's reactions); rubric-group = CPO (group ranked against a "
-                        "rubric, no reactions); rubric-point = GRPO baseline (each reply scored alone)")
+                   help="reaction = RAPO's (the GRM takes the seeker's place and sees the seeker's reactions); "
+                        "rubric-group = an expert rater ranks the group against a rubric, no reactions (w/o URM; CPO "
+                        "with --sd-coef 0); rubric-point = an expert rater scores each reply alone (the GRPO baseline "
+                        "with --sd-coef 0); see --ablation")
     g.add_argument("--sd-coef", type=float, default=1e-3, help="eta, weight of the self-distillation loss (RAPO: 1e-3; 0 = w/o SD)")
     g.add_argument("--sd-topk", type=int, default=256, help="K, student's top-K tokens in the distillation KL (RAPO: 256)")
     g.add_argument("--sd-is-clip", type=float, default=2.0, help="upper clip of the per-token importance ratio (SDPO: 2)")
@@ -455,9 +576,12 @@ def parse_args(argv=None):
                         "a = [rationale, reply]; reply = the plain ESC system prompt (common.ESC_SYSTEM, as 02, 04 "
                         "--think-prompt none and 06 use) and no prefill: a = the reply (deviation 5)")
     g.add_argument("--teacher-extra-tokens", type=int, default=1024,
-                   help="prompt tokens the teacher gets beyond --max-prompt-tokens, for the hindsight block")
+                   help="prompt tokens the teacher gets beyond --max-prompt-tokens, for the hindsight block (the teacher "
+                        "sees the student's messages, never older ones)")
     role_cache.add_role_cache_args(p)
     args = p.parse_args(argv)
+    if not args.resume:  # (--resume restores the run's row with its other settings)
+        apply_ablation(args, common.given_flags(p, argv))
     args = common.resume_args(p, args, argv, Path(args.out) / "checkpoint")  # --resume: the run's own settings
     training.check_grpo_args(args)
     for role in ("seeker", "grm"):
@@ -498,7 +622,8 @@ def main(argv=None):
         teacher.load_state_dict(extra["teacher"])
     system, prefill = (RAPO_SYSTEM, PREFILL) if args.format == "cos" else (common.ESC_SYSTEM, "")
     log = training.RunLog(args, dist, pol, start, {"system_prompt": system, "prefill": prefill})
-    common.print0(f"RAPO ({args.reward}, sd-coef {args.sd_coef}, teacher {args.teacher}): {pol.total} steps, "
+    common.print0(f"RAPO ({args.ablation or 'no paper row'}: reward {args.reward}, sd-coef {args.sd_coef}, teacher "
+                  f"{args.teacher}): {pol.total} steps, "
                   f"{args.prompts_per_step} prompts x G={G} on {dist.world} rank(s), starting at step {start}")
 
     eos = set(common.eos_ids(pol.model, pol.tok))
@@ -536,7 +661,8 @@ def main(argv=None):
         reactions = None
         if fixed:
             results = [None if g["scores"] is None else {"scores": g["scores"], "critiques": [""] * G} for g in groups]
-            st = {"grm_groups": len(p_ids), "grm_failed": sum(r is None for r in results), "grm_derived": 0, "grm_retried": 0}
+            st = {"grm_groups": len(p_ids), "grm_failed": sum(r is None for r in results), "grm_derived": 0,
+                  "grm_disordered": 0, "grm_retried": 0}
         else:
             rep_g = [replies[g * G:(g + 1) * G] for g in range(len(p_ids))]
             if args.reward == "reaction":
@@ -552,21 +678,18 @@ def main(argv=None):
         adv = grpo.advantages(rewards, {"score": rewards - r_len, "len": r_len}, {"score": 1.0, "len": 1.0},
                               args.scale_rewards, args.reward_combine, args.adv_eps, dist).flatten()  # [B*G], Eq. 1
         ro = grpo.Rollouts(prompts=[p for p in p_ids for _ in range(G)], completions=comps, advantages=adv)
-        # ---- verbal RL targets (Eq. 11-12): the worst candidate of each valid group, and the teacher's prompt
+        # ---- verbal RL targets (Eq. 11): a_w = argmin_i r_i of each valid group, and the teacher's prompt (x, f_w)
         distill = {}
-        for g, r in enumerate(results):
-            if r is None or args.sd_coef == 0:
-                continue
-            w = int(np.argmin(r["scores"]))
+        targets = distill_targets(results, rewards) if args.sd_coef > 0 else {}
+        for g, (w, best) in targets.items():
             if fixed:
                 if groups[g].get("teacher_prompt_ids"):
                     distill[g * G + w] = groups[g]["teacher_prompt_ids"]
                 continue
-            best = int(np.argmax(r["scores"]))
             react = reactions[g][w] if reactions is not None else "(no reaction observed; rubric feedback only)"
-            t_ctx = teacher_context(contexts[g], replies[g * G + w], react, r["critiques"][w], replies[g * G + best])
-            distill[g * G + w] = grpo.prompt_ids(pol.tok, t_ctx, system, prefill,
-                                                 args.max_prompt_tokens + args.teacher_extra_tokens)
+            distill[g * G + w] = teacher_prompt_ids(
+                pol.tok, contexts[g], system, prefill, args.max_prompt_tokens, args.teacher_extra_tokens, args.format,
+                response=replies[g * G + w], reaction=react, critique=results[g]["critiques"][w], best=replies[g * G + best])
         n_sd = common.all_reduce_named({"n": sum(len(comps[i]) for i in distill)}, dist)["n"]
         # ---- the update: L = L_GRPO + eta * L_SD (Eq. 15), then the teacher's EMA step
         t1 = time.time()  # t_gen .. t1: the seeker's reactions and the GRM (generation by the reward roles)
@@ -593,7 +716,8 @@ def main(argv=None):
         e = common.all_reduce_named({**st, **{k: float(v) for k, v in sd_st.items()}}, dist)
         n_tok = e["sd_tokens"]
         row.update({"time_reward": t1 - t0 - t_gen, "grm_failed_frac": e["grm_failed"] / e["grm_groups"],
-                    "grm_derived_frac": e["grm_derived"] / e["grm_groups"], "grm_retries": e["grm_retried"],
+                    "grm_derived_frac": e["grm_derived"] / e["grm_groups"],
+                    "grm_disordered_frac": e["grm_disordered"] / e["grm_groups"], "grm_retries": e["grm_retried"],
                     **{k: e[s] / n_tok if n_tok else None for k, s in (("sd_loss", "sd_loss"), ("sd_kl", "sd_kl"),
                                                                       ("sd_topk_mass", "topk_mass"))},
                     "sd_tokens": n_tok, **check_row})

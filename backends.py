@@ -149,7 +149,7 @@ class OpenAIBackend(Backend):
     def generate(self, chats, *, max_new_tokens=128, temperature=1.0, top_p=1.0, n=1, seed=None, prefill=""):
         self.calls += 1
         jobs = []
-        for c in chats:
+        for k, c in enumerate(chats):
             msgs = list(c)
             extra = {}
             if prefill:  # vLLM/SGLang servers continue a final assistant message
@@ -157,8 +157,8 @@ class OpenAIBackend(Backend):
                 extra = {"extra_body": {"continue_final_message": True, "add_generation_prompt": False}}
             for i in range(n):
                 kw = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, **extra)
-                if seed is not None:
-                    kw["seed"] = seed + i
+                if seed is not None:  # one seed per (chat, sample), as VLLMBackend.sampling: equal chats draw apart
+                    kw["seed"] = seed + k * n + i
                 jobs.append((msgs, kw))
         stop = threading.Event()
         with concurrent.futures.ThreadPoolExecutor(self.concurrency) as ex:

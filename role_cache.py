@@ -24,11 +24,10 @@ What is keyed (sha256 of one canonical JSON object, FORMAT included):
 Batching and seeds. A batched call is answered item by item (one chat = one item, its n texts, its
 log-likelihood or its K option log-likelihoods): the hits come from the cache, and only the misses go to the
 model, in one batched call, the results put back in order. What determines one item's answer differs by backend:
-- openai: every request carries its own seed (seed + j for the j-th of n samples), whatever its place in the
-  batch: the item is keyed by the call's seed;
-- vllm: prompt i of a call draws with seed + i * n (VLLMBackend.sampling): the item is keyed by that seed,
-  and the misses go to the model in one call per run of consecutive positions, each started at its own seed
-  (one call when the misses are one run: a fresh batch, or the unfinished end of one);
+- openai and vllm: prompt i of a call draws with seeds seed + i * n .. seed + i * n + n - 1, one per (chat,
+  sample) (an openai: request carries its own; VLLMBackend.sampling starts prompt i there): the item is keyed by
+  seed + i * n, and the misses go to the model in one call per run of consecutive positions, each started at its
+  own seed (one call when the misses are one run: a fresh batch, or the unfinished end of one);
 - hf: a seeded call seeds torch once and samples the whole batch from one random stream, so an item's sample
   depends on every prompt of the batch and on its place in it: a sampled item is keyed by the digest of the
   whole batch, its position, the backend's batch size and decoder, and one miss sends the whole batch to the
@@ -266,11 +265,10 @@ def lib_version(name: str) -> str | None:
 
 
 def seed_rule(b: Backend) -> str:
-    """What an item's sampled answer depends on (module docstring): "per-item" (openai: its own seed), "position"
-    (vllm: seed + i * n) or "batch" (hf, and any other backend: the whole batch)."""
-    if isinstance(b, backends.OpenAIBackend):
-        return "per-item"
-    if isinstance(b, backends.VLLMBackend):
+    """What an item's sampled answer depends on (module docstring): "position" (openai, vllm: seed + i * n),
+    "per-item" (a backend whose every item draws with the call's seed: its `seed_rule`) or "batch" (hf, and any
+    other backend: the whole batch)."""
+    if isinstance(b, (backends.OpenAIBackend, backends.VLLMBackend)):
         return "position"
     return getattr(b, "seed_rule", "batch")
 
@@ -368,7 +366,7 @@ class CachedBackend(Backend):
         keys, model = [], self.model_key()
         for i, chat in enumerate(chats):
             if self.rule == "per-item":
-                s = seed  # sent with every request (seed + j for sample j), also at temperature 0
+                s = seed  # every item draws with the call's seed, also at temperature 0
             elif not sampled:
                 s = None  # greedy: no seed matters
             elif self.rule == "position":

@@ -229,8 +229,8 @@ def test_likelihood_critic_is_the_expectation(tiny_model_dir):
     assert -1.0 <= score <= 1.0
 
 
-def test_sample_critic_matches_first_named_option():
-    assert sim.match_critic_option("The seeker feels better, not worse") == 0.5
+def test_sample_critic_matches_as_ppdpp():
+    assert sim.match_critic_option("The seeker feels better, not worse") == -1.0  # PPDPP tries "worse" first
     assert sim.match_critic_option("worse than before") == -1.0
     assert sim.match_critic_option("It's solved!") == 1.0
     assert sim.match_critic_option("no idea") is None

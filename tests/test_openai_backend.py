@@ -158,11 +158,12 @@ def test_generate_batch_shapes_n_and_concurrency(server):
     assert all(kw["max_tokens"] == 8 and kw["temperature"] == 1.0 and kw["top_p"] == 1.0 and kw["model"] == model
                for kw, _, _ in state["calls"])
     assert all(isinstance(text, str) and text for _, text, _ in state["calls"])
-    # every text lands at [chat][sample]: the answer to that chat's messages with seed 11 + sample index
+    # every text lands at [chat][sample]: the answer to that chat's messages with seed 11 + chat * n + sample (one
+    # seed per (chat, sample), as the vLLM backend)
     answers = {(json.dumps(kw["messages"]), kw["seed"]): tagged for kw, _, tagged in state["calls"]}
-    assert len(answers) == 6
-    for c, texts in zip(CHATS, out):
-        assert texts == [answers[(json.dumps(c), 11)], answers[(json.dumps(c), 12)]]
+    assert len(answers) == 6 and sorted(s for _, s in answers) == list(range(11, 17))
+    for k, (c, texts) in enumerate(zip(CHATS, out)):
+        assert texts == [answers[(json.dumps(c), 11 + 2 * k)], answers[(json.dumps(c), 12 + 2 * k)]]
 
     one = b.generate(CHATS, max_new_tokens=4, temperature=1.0)
     assert len(one) == 3 and all(len(o) == 1 for o in one)
@@ -177,11 +178,12 @@ def test_seed_temperature_top_p_max_tokens_match_local_generate(server, local_mo
     b = backends.OpenAIBackend(model_name, base_url, concurrency=1, retries=0)  # server seeding is global
     for temperature, max_new in [(1.0, 6), (0.7, 3)]:
         out = b.generate(CHATS, max_new_tokens=max_new, temperature=temperature, seed=5, n=2)
-        for c, texts in zip(CHATS, out):
+        for k, (c, texts) in enumerate(zip(CHATS, out)):
             for j, text in enumerate(texts):
-                ref, n_tok = reference(model, tok, c, max_new_tokens=max_new, temperature=temperature, seed=5 + j)
+                ref, n_tok = reference(model, tok, c, max_new_tokens=max_new, temperature=temperature,
+                                       seed=5 + 2 * k + j)  # seed + chat * n + sample
                 assert text == ref and n_tok == max_new  # cut by max_tokens (no EOS drawn): the bound binds
-            assert texts[0] != texts[1]  # seeds 5 and 6 draw differently
+            assert texts[0] != texts[1]  # two seeds draw differently
         assert b.generate(CHATS, max_new_tokens=max_new, temperature=temperature, seed=5, n=2) == out
 
     greedy = b.generate(CHATS, max_new_tokens=5, temperature=0.0)

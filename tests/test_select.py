@@ -37,7 +37,7 @@ def test_select_with_judges_and_resume(tmp_path, demo_data, tiny_model_dir):
     r = run(*common_args, "--out", b)
     assert "5 already written" in r.stdout
     assert (b / "turns.jsonl").read_text() == (a / "turns.jsonl").read_text()
-    # generate mode with a judge that cannot write JSON: learn = null, counted, never a crash
+    # generate mode with a judge that cannot write JSON: learn_judge = null (learn = --null-as), counted, never a crash
     run(*common_args, "--out", tmp_path / "g", "--judge-mode", "generate", "--retries", 1, "--max-new-tokens", 8)
     stats = json.loads((tmp_path / "g" / "select_stats.json").read_text())
     assert stats["judge_failures"] == stats["train_turns"] > 0 and stats["kept"] == 0
