@@ -108,8 +108,8 @@ def parse_args(argv=None):
           "--temperature 0 (greedy) makes all m candidates identical: use a temperature > 0 or -m 1")
     for name in ("top_p", "seeker_top_p"):
         check(0 < getattr(args, name) <= 1, f"--{name.replace('_', '-')} must be in (0, 1]")
-    for role in ("policy", "seeker", "critic"):
-        common.check_model_path(getattr(args, role), f"--{role}")
+    for role in ("policy", "seeker", "critic"):  # the policy has no scripted version; openai: needs a URL or key
+        common.check_role(args, role)
     return args
 
 

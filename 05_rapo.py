@@ -456,8 +456,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args = common.resume_args(p, args, argv, Path(args.out) / "checkpoint")  # --resume: the run's own settings
     training.check_grpo_args(args)
-    for role in ("seeker", "grm"):
-        common.check_model_path(getattr(args, role), f"--{role}")
+    for role in ("seeker", "grm"):  # openai: needs a URL or key; a local path must exist
+        common.check_role(args, role)
     check(args.sd_coef >= 0 and args.sd_topk >= 1 and args.sd_is_clip > 0, "--sd-coef >= 0, --sd-topk >= 1, --sd-is-clip > 0")
     check(0 < args.ema_rate <= 1, "--ema-rate must be in (0, 1]")
     check(args.grm_retries >= 0, "--grm-retries must be >= 0")

