@@ -231,8 +231,7 @@ def test_an_out_that_cannot_be_written(tmp_path, capsys, demo_data):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(error_lines(r.stderr)) == 1
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-@pytest.mark.parametrize("stage", ["01_select.py", "04_grpo.py"])
+@pytest.mark.parametrize("stage,sig,code", [("01_select.py", signal.SIGINT, 130), ("04_grpo.py", signal.SIGTERM, 143)])
 def test_a_signal_while_the_stage_waits_gives_one_line(stage, sig, code, tmp_path, tiny_model_dir):
     """The stage blocks reading its --data (a FIFO nobody writes to) after its start-up; the signal stops it at once."""
     fifo = tmp_path / "data.jsonl"
