@@ -57,6 +57,7 @@ def parse_args(argv=None):
                         "the judge's cost grows with the context length")
     g.add_argument("--batch-size", type=int, default=32, help="turns judged per batched call")
     g.add_argument("--max-new-tokens", type=int, default=96, help="judge answer length (generate mode)")
+    common.add_request_timeout_arg(g)
     args = p.parse_args(argv)
     common.check_common_args(args)
     common.check_decoder(args)
@@ -172,7 +173,8 @@ def main(argv=None):
     settings = {"inputs": inputs, **{k: getattr(args, k) for k in SELECT_KEYS}}
     common.check_resumed_output(settings_path, "01_select", len(done), settings, "turns")  # same input and settings
     backend = None if judge_spec is None else backends.make_backend(args.judge, args.judge_base_url, args.device, args.dtype,
-                                                                   decoder=args.decoder)
+                                                                   decoder=args.decoder, timeout=args.request_timeout)
+    backends.preflight({"--judge": backend})  # an openai: judge answers (key, model name) before anything is deleted
     out = common.ResumableOutput(args.out, "turns.jsonl", overwrite=args.overwrite)  # (deletes only now: the judge loaded)
     common.save_args(args, args.out, {"stage": "01_select", "inputs": inputs}, name=settings_path.name)
     todo = [t for t in turns if t["id"] not in done]

@@ -445,6 +445,7 @@ def parse_args(argv=None):
     g.add_argument("--ema-rate", type=float, default=0.5, help="m in theta_T <- (1 - m) theta_T + m theta (RAPO: 0.5)")
     g.add_argument("--grm-retries", type=int, default=3, help="re-asks of an invalid GRM answer (SPEC: 3)")
     g.add_argument("--grm-max-new-tokens", type=int, default=512, help="GRM answer length")
+    common.add_request_timeout_arg(g)
     g.add_argument("--seeker-max-new-tokens", type=int, default=64, help="reaction length")
     g.add_argument("--seeker-temperature", type=float, default=0.7, help="seeker sampling temperature")
     g.add_argument("--seeker-top-p", type=float, default=0.9, help="seeker top-p (as 02/06's --seeker-top-p)")
@@ -474,8 +475,11 @@ def main(argv=None):
     seeker = grm = None
     if not fixed:  # the role models (each its own engine; roles on one spec share it)
         if args.reward == "reaction":
-            seeker = backends.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype, decoder=args.decoder)
-        grm = backends.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder)
+            seeker = backends.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype, decoder=args.decoder,
+                                           timeout=args.request_timeout)
+        grm = backends.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder,
+                                    timeout=args.request_timeout)
+        backends.preflight({"--seeker": seeker, "--grm": grm})  # openai: servers answer before --overwrite deletes
     engine = None  # the vLLM engine is built before the seeding (LLM() reseeds the process)
     if args.rollout == "vllm":
         engine = speed.VLLMRollout(backends.rollout_engine(policy_path, args), args, dist)

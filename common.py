@@ -135,6 +135,26 @@ def add_role_arg(p: argparse.ArgumentParser, role: str, what: str, default: str 
                         "(API key from $OPENAI_API_KEY)")
 
 
+REQUEST_TIMEOUT = 60.0  # default --request-timeout: seconds one try of a request to an openai: server may take
+REQUEST_RETRIES = 4  # tries after the first, with back-off 1, 2, 4, 8 s (backends.OpenAIBackend)
+
+
+def request_worst_case(timeout: float, retries: int = REQUEST_RETRIES) -> float:
+    """Seconds until a request to a server that never answers fails: every try times out, with the back-off
+    of 1, 2, 4, ... s between tries."""
+    return (retries + 1) * timeout + sum(2.0 ** k for k in range(retries))
+
+
+def add_request_timeout_arg(g):
+    """--request-timeout: seconds per try of every openai: role of the stage (backends.OpenAIBackend)."""
+    worst = request_worst_case(REQUEST_TIMEOUT)
+    g.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
+                   help=f"seconds one try of a request to an openai: server may take (default: {REQUEST_TIMEOUT:g}). A "
+                        f"request is tried {REQUEST_RETRIES + 1} times with a back-off of 1, 2, 4, 8 s, so a server that "
+                        f"never answers stops the stage after {REQUEST_RETRIES + 1} x timeout + 15 s ({worst:.0f} s at "
+                        "the default), one that refuses connections after about 15 s; Ctrl-C stops it at once")
+
+
 def add_decoder_arg(g):
     """--decoder: the decoding loop of every hf: model of the stage (generate_ids)."""
     g.add_argument("--decoder", default="hf", choices=list(DECODERS),
@@ -174,9 +194,10 @@ def check_common_args(args: argparse.Namespace):
     check(getattr(args, "max_message_chars", 0) >= 0, "--max-message-chars must be >= 0 (0 = no limit)")
     check(getattr(args, "max_examples", None) is None or args.max_examples >= 1,
           "--max-examples must be >= 1 (omit it to take all)")
+    check(getattr(args, "request_timeout", 1) > 0, "--request-timeout must be > 0")
 
 
-SCRIPTED_ROLES = ("seeker", "critic", "grm")  # the roles esc_env.py's rules can play (ScriptedBackend)
+SCRIPTED_ROLES = ("seeker", "critic", "grm")  # the roles the rules of envs/esc.py can play (backends.ScriptedBackend)
 
 
 def check_role(args: argparse.Namespace, role: str):
@@ -385,7 +406,7 @@ class ResumableOutput:
 # the saved value, except these two lists:
 RESUME_PER_CALL = ("resume", "overwrite", "out", "stop_after")  # this invocation only: never restored
 RESUME_MAY_CHANGE = ("max_steps", "device", "wandb", "sample_every", "checkpoint_every", "save_every",
-                     "vllm_gpu_memory")  # restored unless given again, and then the new value is used
+                     "vllm_gpu_memory", "request_timeout")  # restored unless given again, and then the new value is used
 CHECKPOINT_META = "meta.json"  # written last into a checkpoint folder: a folder without it is incomplete
 _HELD_LOCKS = []  # open lock files, kept for the life of the process
 

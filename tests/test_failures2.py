@@ -1,19 +1,23 @@
 """Failures that must stop a stage with one line, second round (issue 30): the items of a hostile trial that did
 not hold. Each test names its item; every one failed on the code before the fix."""
+import fcntl
+import http.server
 import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import ROOT, load_stage, run_script
 
+import backends  # noqa: E402
 import common  # noqa: E402
 
 rapo = load_stage("05_rapo")
@@ -261,3 +265,173 @@ def test_a_signal_while_the_stage_waits_gives_one_line(stage, sig, code, tmp_pat
     assert p.returncode == code, err[-3000:]
     assert "Traceback" not in err and error_lines(err) == [
         f"error: interrupted ({sig.name}): stopped; what was finished is kept (re-run, or --resume for 03/04/05, to continue)"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Items 2 (preflight), 3 and 7: openai: servers that refuse the key or model, never answer, or answer null
+
+
+class JsonServer:
+    """A tiny OpenAI-compatible server on 127.0.0.1 answering every POST with answers[min(hits, last)]: a
+    (status code, JSON body) pair. Counts the requests."""
+
+    def __init__(self, *answers):
+        self.answers, self.hits = answers, 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                code, body = server.answers[min(server.hits, len(server.answers) - 1)]
+                server.hits += 1
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def completion(content) -> tuple[int, dict]:
+    return 200, {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                 "choices": [{"index": 0, "finish_reason": "stop" if content is not None else "content_filter",
+                              "message": {"role": "assistant", "content": content}}]}
+
+
+REFUSED = {401: {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}},
+           404: {"error": {"message": "The model 'm' does not exist", "type": "invalid_request_error"}}}
+
+
+class SilentServer:
+    """Accepts every connection and never answers (a hung server)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.conns, self.accepted = [], threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            self.accepted.set()
+
+    def close(self):
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("stage,code", [("01_select", 401), ("02_simulate", 404), ("05_rapo", 401)])
+def test_preflight_stops_a_refused_key_or_model_before_overwrite_deletes(stage, code, tmp_path, tiny_model_dir,
+                                                                        demo_data):
+    server = JsonServer((code, REFUSED[code]))
+    out = tmp_path / "out"
+    out.mkdir()
+    tiny = f"hf:{tiny_model_dir}"
+    role, old = {"01_select": ("--judge", "turns.jsonl"), "02_simulate": ("--seeker", "rollouts.jsonl"),
+                 "05_rapo": ("--grm", "metrics.jsonl")}[stage]
+    (out / old).write_text('{"id": "old", "step": 1}\n')
+    data = demo_data if stage == "01_select" else turns_file(tmp_path / "turns.jsonl")
+    extra = {"01_select": [], "02_simulate": ["--policy", tiny, "--critic", tiny],
+             "05_rapo": ["--policy", tiny, "--all-turns", "--reward", "rubric-group"]}[stage]
+    try:
+        r = run(stage + ".py", "--data", data, "--out", out, "--overwrite", role, "openai:m", role + "-base-url",
+                server.url, *extra)
+    finally:
+        server.close()
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = error_lines(r.stderr)
+    assert len(err) == 1 and err[0].startswith(f"error: {role} openai:m: ") and server.url in err[0]
+    assert f"HTTP {code}" in err[0] and ("OPENAI_API_KEY" in err[0] if code == 401 else f"model name in {role}" in err[0])
+    assert server.hits == 1  # one request, never retried
+    assert (out / old).read_text() == '{"id": "old", "step": 1}\n'  # nothing deleted
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_a_stage_waiting_on_a_silent_server_at_once(sig, code, tmp_path, demo_data):
+    """Item 3: 01 waits on a server that accepts and never answers (the per-try timeout is 10 minutes here);
+    the signal stops it within seconds, with one line, the lock free and nothing written or deleted."""
+    server, out = SilentServer(), tmp_path / "out"
+    out.mkdir()
+    (out / "turns.jsonl").write_text('{"id": "old"}\n')
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("OPENAI_API_KEY", None)
+    p = subprocess.Popen([sys.executable, str(ROOT / "01_select.py"), "--data", str(demo_data), "--out", str(out),
+                          "--overwrite", "--judge", "openai:m", "--judge-base-url", server.url, "--request-timeout", "600"],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.accepted.wait(120), "the stage never sent its first request"
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=30)
+        waited = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        server.close()
+    assert p.returncode == code and waited < 10, err[-3000:]
+    assert "Traceback" not in err and len(error_lines(err)) == 1 and f"interrupted ({sig.name})" in err
+    assert (out / "turns.jsonl").read_text() == '{"id": "old"}\n'
+    with open(out / ".lock", "a+") as f:  # the lock is free
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_request_timeout_bounds_a_silent_server():
+    """Item 3: each try waits --request-timeout seconds; (retries + 1) tries and the back-off, then ServerError."""
+    server = SilentServer()
+    try:
+        b = backends.OpenAIBackend("m", server.url, timeout=0.5, retries=1)
+        t0 = time.monotonic()
+        with pytest.raises(common.ServerError, match=r"failed 2 times \(APITimeoutError\)"):
+            b.generate([[{"role": "user", "content": "hi"}]], max_new_tokens=4)
+        assert time.monotonic() - t0 < 8  # 2 x 0.5 s + 1 s back-off
+    finally:
+        server.close()
+    assert common.request_worst_case(60.0, 4) == 5 * 60 + 1 + 2 + 4 + 8
+
+
+def test_request_timeout_is_a_flag_with_the_worst_case_in_help():
+    r = run_script("01_select.py", "--help")
+    text = " ".join(r.stdout.split())
+    assert "--request-timeout" in text and "315 s" in text
+    r = run("01_select.py", "--request-timeout", "0")
+    assert r.returncode == 2 and error_lines(r.stderr) == ["error: --request-timeout must be > 0"]
+
+
+def test_content_null_is_retried_counted_and_never_an_answer():
+    """Item 7: a 200 whose content is null is not an answer: the try is repeated and counted; if every try is null the
+    stage stops (ServerError) instead of storing "" or "..." as the model's text."""
+    server = JsonServer(completion(None), completion(None), completion("I hear you."))
+    try:
+        b = backends.OpenAIBackend("m", server.url, concurrency=1, timeout=5.0, retries=2)
+        assert b.complete([[{"role": "user", "content": "hi"}]]) == ["I hear you."]
+        assert b.null_answers == 2 and server.hits == 3
+    finally:
+        server.close()
+    server = JsonServer(completion(None))
+    try:
+        b = backends.OpenAIBackend("m", server.url, concurrency=1, timeout=5.0, retries=1)
+        with pytest.raises(common.ServerError, match=r"failed 2 times \(content null, finish_reason content_filter\)"):
+            b.complete([[{"role": "user", "content": "hi"}]])
+        assert b.null_answers == 2
+    finally:
+        server.close()
