@@ -178,8 +178,9 @@ def test_01_refuses_the_same_file_as_data_and_test_data(tmp_path, capsys, demo_d
     assert "the same file as --data" in err
 
 
-def test_01_refuses_negative_retries(tmp_path, capsys, demo_data):
-    err = refused("01_select", ["--data", demo_data, "--out", tmp_path / "o", "--retries", "-1"], capsys)
+def test_01_refuses_negative_retries(tmp_path, capsys, demo_data, tiny_model_dir):
+    err = refused("01_select", ["--data", demo_data, "--out", tmp_path / "o", "--retries", "-1", "--judge",
+                                f"hf:{tiny_model_dir}", "--judge-mode", "generate", "--max-examples", "2"], capsys)
     assert err == "error: --retries must be >= 0"
 
 
