@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -66,8 +67,8 @@ def run_main(main):
     the --out lock goes with the process. Under torchrun SIGTERM keeps its default (the process ends at once):
     the launcher sends it to every rank when one fails, and a rank waiting inside a collective would not run a
     Python handler."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1 and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if single else None
     try:
         main()
     except (InputError, StageFailure) as e:
@@ -80,6 +81,9 @@ def run_main(main):
         print(f"error: interrupted ({signal.Signals(signum).name}): stopped; what was finished is kept (re-run, or "
               "--resume for 03/04/05, to continue)", file=sys.stderr)
         sys.exit(128 + signum)
+    finally:
+        if single:  # (a caller in the same process, e.g. a test, gets its own handler back)
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _end_progress_bars():
