@@ -28,6 +28,7 @@ from pathlib import Path
 
 import backends
 import common
+import role_cache
 from common import InputError, check
 
 # Settings that shape the records: a re-run on an --out that holds records must use the same ones (and the same
@@ -58,8 +59,10 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=32, help="turns judged per batched call")
     g.add_argument("--max-new-tokens", type=int, default=96, help="judge answer length (generate mode)")
     common.add_request_timeout_arg(g)
+    role_cache.add_role_cache_args(p)
     args = p.parse_args(argv)
     common.check_common_args(args)
+    role_cache.check_role_cache_args(args)
     common.check_decoder(args)
     check(0 <= args.test_frac < 1 and 0 <= args.valid_frac < 1 and args.test_frac + args.valid_frac < 1,
           "--test-frac and --valid-frac must be in [0, 1) and sum to less than 1")
@@ -172,8 +175,10 @@ def main(argv=None):
     done = set() if args.overwrite else common.ResumableOutput(args.out, "turns.jsonl").done
     settings = {"inputs": inputs, **{k: getattr(args, k) for k in SELECT_KEYS}}
     common.check_resumed_output(settings_path, "01_select", len(done), settings, "turns")  # same input and settings
+    cache = role_cache.open_cache(args)  # --role-cache: the judge's answers recorded / replayed
     backend = None if judge_spec is None else backends.make_backend(args.judge, args.judge_base_url, args.device, args.dtype,
-                                                                   decoder=args.decoder, timeout=args.request_timeout)
+                                                                   decoder=args.decoder, cache=cache,
+                                                                   timeout=args.request_timeout)
     backends.preflight({"--judge": backend})  # an openai: judge answers (key, model name) before anything is deleted
     out = common.ResumableOutput(args.out, "turns.jsonl", overwrite=args.overwrite)  # (deletes only now: the judge loaded)
     common.save_args(args, args.out, {"stage": "01_select", "inputs": inputs}, name=settings_path.name)
@@ -210,6 +215,7 @@ def main(argv=None):
              "kept_fraction": kept / max(len(train), 1), "judge_failures": nulls,
              "retried_this_run": retried, "failed_this_run": failed, "judge": args.judge, "judge_mode": mode}
     common.write_json(Path(args.out) / "select_stats.json", stats)
+    role_cache.report(cache, args.out, name="select_role_cache.json")  # this run's hits / misses (a log)
     print(f"kept {kept}/{len(train)} train turns ({stats['kept_fraction']:.1%}); judge failures (learn = null): "
           f"{nulls}; wrote {out.final}")
     if judge_spec is not None and train and kept in (0, len(train)):

@@ -47,6 +47,7 @@ import torch
 
 import backends
 import common
+import role_cache
 from common import InputError, check
 
 # Settings that change the simulation itself: a resumed run must use the same ones, and the same --data content
@@ -91,8 +92,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("future reward and label (recomputed at the end of every run)")
     g.add_argument("--lambda-eff", type=float, default=0.5, help="weight of the efficiency bonus in r_fut (ours: 0.5)")
     g.add_argument("--delta", type=float, default=0.5, help="label = 1[r_fut > delta] (ours: 0.5)")
+    role_cache.add_role_cache_args(p)
     args = p.parse_args(argv)
     common.check_common_args(args)
+    role_cache.check_role_cache_args(args)
     common.check_decoder(args)
     check(args.num_candidates >= 1, "--num-candidates must be >= 1")
     check(args.max_turns >= 2, "--max-turns must be >= 2 (r_fut divides by T - 1)")
@@ -449,9 +452,10 @@ def main(argv=None):
     todo_all = [k for k, ch in enumerate(all_chunks) if not all(c in done for t in ch for c in candidate_ids(t, m))]
 
     roles = None
+    cache = role_cache.open_cache(args)  # --role-cache: the roles' answers recorded / replayed
     if todo_all:  # every rank loads the models at the same point (vLLM under torchrun needs that)
         mk = lambda r: backends.make_backend(getattr(args, r), getattr(args, f"{r}_base_url"), str(dist.device), args.dtype,
-                                       decoder=args.decoder, timeout=args.request_timeout)
+                                             decoder=args.decoder, cache=cache, timeout=args.request_timeout)
         roles = Roles(
             policy=mk("policy"), seeker=mk("seeker"), critic=mk("critic"),
             policy_kw=dict(max_new_tokens=args.max_new_tokens, temperature=args.supporter_temperature, top_p=args.top_p),
@@ -487,6 +491,7 @@ def main(argv=None):
         common.write_json(out_dir / "simulate_stats.json", s)
         print_summary(s)
         print(f"wrote {out.final} and {out_dir / 'simulate_stats.json'}")
+    role_cache.report(cache, out_dir, dist)  # this run's hits / misses, over all ranks (a log: OUT/role_cache.json)
     if dist.world > 1:
         torch.distributed.destroy_process_group()
     if dist.main:

@@ -44,6 +44,7 @@ Run:
 """
 import argparse
 import copy
+import functools
 import random
 import time
 from contextlib import contextmanager, nullcontext
@@ -54,6 +55,7 @@ import torch
 
 import backends
 import common
+import role_cache
 import speed
 import training
 from common import check
@@ -290,7 +292,7 @@ def parse_grm(obj, G: int) -> dict:
 
 
 def grm_prefill(backend) -> str:
-    return "" if isinstance(backend, backends.OpenAIBackend) else '{"0": {"analysis": "'  # deviation 2
+    return "" if backend.spec.startswith("openai:") else '{"0": {"analysis": "'  # deviation 2
 
 
 def score_groups(grm, mode: str, contexts: list[list[dict]], replies: list[list[str]], reactions: list[list[str]] | None,
@@ -455,6 +457,7 @@ def parse_args(argv=None):
                         "--think-prompt none and 06 use) and no prefill: a = the reply (deviation 5)")
     g.add_argument("--teacher-extra-tokens", type=int, default=1024,
                    help="prompt tokens the teacher gets beyond --max-prompt-tokens, for the hindsight block")
+    role_cache.add_role_cache_args(p)
     args = p.parse_args(argv)
     args = common.resume_args(p, args, argv, Path(args.out) / "checkpoint")  # --resume: the run's own settings
     training.check_grpo_args(args)
@@ -465,19 +468,22 @@ def parse_args(argv=None):
     check(args.grm_retries >= 0, "--grm-retries must be >= 0")
     check(0 < args.seeker_top_p <= 1 and args.teacher_extra_tokens >= 0,
           "--seeker-top-p must be in (0, 1] and --teacher-extra-tokens >= 0")
+    role_cache.check_role_cache_args(args)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     out, G = Path(args.out), args.group_size
+    eval_turns = grpo.held_out_turns(args)  # --eval-every
     dist, turns, fixed, inputs, policy_path = training.start_run(args, "scores")  # all checks before any work
     seeker = grm = None
+    cache = role_cache.open_cache(args)  # --role-cache: the seeker's and the GRM's answers recorded / replayed
     if not fixed:  # the role models (each its own engine; roles on one spec share it)
         if args.reward == "reaction":
             seeker = backends.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype, decoder=args.decoder,
-                                           timeout=args.request_timeout)
-        grm = backends.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder,
+                                           cache=cache, timeout=args.request_timeout)
+        grm = backends.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder, cache=cache,
                                     timeout=args.request_timeout)
         backends.preflight({"--seeker": seeker, "--grm": grm})  # openai: servers answer before --overwrite deletes
     engine = None  # the vLLM engine is built before the seeding (LLM() reseeds the process)
@@ -497,6 +503,19 @@ def main(argv=None):
     log = training.RunLog(args, dist, pol, start, {"system_prompt": system, "prefill": prefill})
     common.print0(f"RAPO ({args.reward}, sd-coef {args.sd_coef}, teacher {args.teacher}): {pol.total} steps, "
                   f"{args.prompts_per_step} prompts x G={G} on {dist.world} rank(s), starting at step {start}")
+
+    eos = set(common.eos_ids(pol.model, pol.tok))
+
+    def eval_score(contexts: list[list[dict]], texts: list[str], comps: list[list[int]]) -> dict[str, list[float]]:
+        """--eval-every: the --grm model's rubric score of each reply alone (an absolute scale; a group ranking's mean
+        is fixed by its ranks) + R_len; a reply the judge never scores counts 0 (eval_grm_failed_frac)."""
+        res, _ = score_groups(grm, "rubric-point", contexts, [[common.strip_reasoning(t)] for t in texts], None,
+                              retries=args.grm_retries, max_new_tokens=args.grm_max_new_tokens,
+                              seed=common.step_seed(args.seed, -1, dist.rank))
+        pen = [grpo.overlong_penalty(len(c), args.l_max, args.l_cache) for c in comps]
+        score = [r["scores"][0] if r is not None else 0.0 for r in res]
+        return {"total": [a + b for a, b in zip(score, pen)], "reward_score": score, "reward_len": pen,
+                "grm_failed_frac": [float(r is None) for r in res]}
 
     bar = common.progress(total=pol.total, initial=start, desc="rapo")
     stop = pol.total if args.stop_after is None else min(pol.total, start + args.stop_after)
@@ -533,7 +552,8 @@ def main(argv=None):
                                        max_new_tokens=args.grm_max_new_tokens, seed=seed)
         # r_i = score_i + R_len(y_i); failed groups: all-equal rewards, so A = 0 (Eq. 1), and no distillation
         rewards, r_len = group_rewards(results, [len(c) for c in comps], G, args.l_max, args.l_cache)  # [B, G]
-        adv = grpo.group_advantages(rewards, args.adv_norm, args.adv_eps).flatten()  # [B*G]
+        adv = grpo.advantages(rewards, {"score": rewards - r_len, "len": r_len}, {"score": 1.0, "len": 1.0},
+                              args.scale_rewards, args.reward_combine, args.adv_eps, dist).flatten()  # [B*G], Eq. 1
         ro = grpo.Rollouts(prompts=[p for p in p_ids for _ in range(G)], completions=comps, advantages=adv)
         # ---- verbal RL targets (Eq. 11-12): the worst candidate of each valid group, and the teacher's prompt
         distill = {}
@@ -554,8 +574,9 @@ def main(argv=None):
         # ---- the update: L = L_GRPO + eta * L_SD (Eq. 15), then the teacher's EMA step
         t1 = time.time()  # t_gen .. t1: the seeker's reactions and the GRM (generation by the reward roles)
         grpo.prepare_logps(pol, ro, cfg, args.ppo_epochs)  # reference log-probs; logp_old for --ppo-epochs > 1
-        check_row = speed.sampler_check(engine, ro, lambda: ro.logp_old or grpo.sequence_logps(pol.model, ro, cfg),
-                                        args.top_p, dist)  # --rollout vllm: engine vs trainer log-probs
+        logp_now = functools.cache(lambda: ro.logp_old or grpo.sequence_logps(pol.model, ro, cfg))  # pi_old, once at most
+        check_row = speed.sampler_check(engine, ro, logp_now, args.top_p, dist)  # --rollout vllm: engine vs trainer
+        check_row.update(grpo.loss_masks(ro, args, eos, engine, logp_now, dist))  # --mask-truncated, --rollout-is/-mask
         sd_st = {"sd_loss": 0.0, "sd_kl": 0.0, "topk_mass": 0.0, "sd_tokens": 0.0}
         l_sd = make_sd_loss(teacher, ro, distill, cfg, args.sd_topk, args.sd_is_clip, max(n_sd, 1.0), sd_st)
         eta_l_sd = (lambda mb: args.sd_coef * l_sd(mb)) if args.sd_coef > 0 else None  # Eq. 15: + eta * L_SD
@@ -579,6 +600,10 @@ def main(argv=None):
                     **{k: e[s] / n_tok if n_tok else None for k, s in (("sd_loss", "sd_loss"), ("sd_kl", "sd_kl"),
                                                                       ("sd_topk_mass", "topk_mass"))},
                     "sd_tokens": n_tok, **check_row})
+        if eval_turns is not None and (step + 1) % args.eval_every == 0:  # held-out reward, after the update
+            t2 = time.time()
+            row.update(grpo.evaluate(generate, eval_turns, pol.tok, system, prefill, args, dist, eval_score),
+                       time_eval=time.time() - t2)
         log.metrics(row)
         if log.sample_step(step):
             log.sample({"step": step + 1, "context": contexts[0], "completions": texts[:G], "replies": replies[:G],
@@ -589,6 +614,7 @@ def main(argv=None):
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == stop:
             training.save_checkpoint(out, step + 1, pol, dist, args, inputs, extra={"teacher": teacher.state_dict()})
     bar.close()
+    role_cache.report(cache, out, dist)  # this run's hits / misses, over all ranks (a log: OUT/role_cache.json)
     training.finish(out, pol, dist, done=stop == pol.total)
 
 

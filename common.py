@@ -410,7 +410,8 @@ class ResumableOutput:
 # the saved value, except these two lists:
 RESUME_PER_CALL = ("resume", "overwrite", "out", "stop_after")  # this invocation only: never restored
 RESUME_MAY_CHANGE = ("max_steps", "device", "wandb", "sample_every", "checkpoint_every", "save_every",
-                     "vllm_gpu_memory", "request_timeout")  # restored unless given again, and then the new value is used
+                     "vllm_gpu_memory", "eval_every", "role_cache", "role_cache_mode", "request_timeout")
+# (RESUME_MAY_CHANGE: restored unless given again, and then the new value is used)
 CHECKPOINT_META = "meta.json"  # written last into a checkpoint folder: a folder without it is incomplete
 _HELD_LOCKS = []  # open lock files, kept for the life of the process
 
@@ -482,6 +483,9 @@ def given_flags(parser: argparse.ArgumentParser, argv=None) -> set[str]:
     return {k for k, v in vars(ns).items() if v is not unset}
 
 
+RENAMED_SETTINGS = {"adv_norm": ("scale_rewards", {"std": "group", "none": "none"})}  # old dest: (new, values)
+
+
 def resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv, ckpt: str | Path,
                 per_call: tuple[str, ...] = ()) -> argparse.Namespace:
     """--resume: the run's own settings from its newest complete checkpoint (meta.json). A flag given again
@@ -494,7 +498,10 @@ def resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv,
     found = find_checkpoint(ckpt)
     check(found is not None, f"--resume: no checkpoint in {ckpt}")
     path, meta = found
-    saved, given = meta["args"], given_flags(parser, argv)
+    saved, given = dict(meta["args"]), given_flags(parser, argv)
+    for old, (new, values) in RENAMED_SETTINGS.items():  # a checkpoint written before a flag was renamed
+        if old in saved and new not in saved:
+            saved[new] = values.get(saved[old], saved[old])
     dests = [a.dest for a in parser._actions if a.dest != "help"]
     for k in dests:
         if k in RESUME_PER_CALL or k in per_call:
