@@ -1,12 +1,12 @@
 """Stage 01: dialogues -> turns.jsonl, with Hindsight Dialogue Selection (RAPO section 3.2, Eq. 8).
 
-Every supporter turn of the input dialogues becomes one record (SPEC section 1): its context, the target
+Every supporter turn of the input dialogues becomes one record (docs/design.md section 1): its context, the target
 reply, the split (by dialogue, seeded), and for train turns a judge's verdict `learn` / `learn_reason`:
 is this reply worth learning from (empathy, coping strategies, clarifying questions...) or is it a
 greeting, small talk, an acknowledgement? RAPO trains only on `learn == true` turns (13K -> 5,412 turns
 in the paper); `--judge none` keeps every turn (the paper's "Full" setting).
 
-Judge modes (SPEC section 2):
+Judge modes (docs/design.md section 2):
   generate    the judge writes {"learn": bool, "reason": str}; unparseable answers are re-asked
               (--retries), then recorded as learn = null with the raw text and counted;
   likelihood  p(learn) = p('{"learn": true') / (p(... true) + p(... false)) from the judge's log-likelihoods,
@@ -221,7 +221,7 @@ def main(argv=None):
     if judge_spec is not None and train and kept in (0, len(train)):
         why = (f"{nulls} of its answers never parsed" if nulls else "it does not discriminate")
         print(f"warning: the judge kept {'none' if kept == 0 else 'all'} of the {len(train)} train turns: {why} "
-              "(a small local judge never discriminates, README 'What the embedded model can show'): use a capable --judge",
+              "(a small local judge never discriminates, docs/design.md section 8): use a capable --judge",
               file=sys.stderr)
 
 

@@ -1,4 +1,4 @@
-"""Stage 02: future-oriented rewards by multi-agent simulation (RLFF-ESC stage 1; SPEC section 3).
+"""Stage 02: future-oriented rewards by multi-agent simulation (RLFF-ESC stage 1; docs/design.md section 3).
 
 For every train context x, the ESC model samples m candidate replies (paper: m = 4, temperature 1.0). Each
 candidate is supporter turn 1 of a simulated future: the seeker (a user simulator playing the dialogue's
@@ -15,7 +15,7 @@ Lock-step batching: within a chunk of --batch-size contexts, the m candidates co
 call (n = m), and all live conversations advance together, one batched call per role per round
 (simulate_lockstep); finished conversations drop out.
 
-Deviations and decisions (the summary of the paper gives no formula; see SPEC section 3):
+Deviations and decisions (the summary of the paper gives no formula; see docs/design.md section 3):
  1. r_fut is our reading of "terminal reward combined with efficiency"; every constant is an option.
  2. Critic `likelihood` mode (default for hf:/vllm: critics) replaces PPDPP's 10 samples at temperature 1.1
     by the exact expectation over the four options; `--critic-mode sample` is PPDPP's way.
@@ -150,7 +150,7 @@ def check_resume_settings(args, out_dir: Path, n_done: int, inputs: dict, keys: 
 
 
 # ----------------------------------------------------------------------------------------------------
-# ALGO LOGIC: the future-oriented reward and the label (SPEC section 3)
+# ALGO LOGIC: the future-oriented reward and the label (docs/design.md section 3)
 
 
 def rollout_outcome(critic_scores: list[float], theta: float, max_turns: int) -> tuple[bool, int]:
@@ -183,7 +183,7 @@ def label_records(records: list[dict], args) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The critic (PPDPP): four options for the seeker's state, each with its value (SPEC section 3)
+# The critic (PPDPP): four options for the seeker's state, each with its value (docs/design.md section 3)
 
 CRITIC_OPTIONS = [("The seeker feels worse.", -1.0), ("The seeker feels the same.", -0.5),
                   ("The seeker feels better.", 0.5), ("The seeker's issue is solved.", 1.0)]
@@ -237,7 +237,7 @@ def critic_scores(backend: backends.Backend, histories: list[list[dict]], mode: 
 
 @dataclass
 class Roles:
-    """The three conversation roles of SPEC section 3 with their decoding settings."""
+    """The three conversation roles of docs/design.md section 3 with their decoding settings."""
     policy: backends.Backend
     seeker: backends.Backend
     critic: backends.Backend

@@ -1,4 +1,4 @@
-"""Stage 04: GRPO on the ESC policy with future-oriented + format rewards (RLFF-ESC stage 3; SPEC section 5).
+"""Stage 04: GRPO on the ESC policy with future-oriented + format rewards (RLFF-ESC stage 3; docs/design.md section 5).
 
 One step, per rank: B prompts (turn contexts from turns.jsonl), G completions each, sampled from the policy;
 rewards r_i = R_fut(x, y_i) + alpha * R_fmt(y_i) + R_len(y_i); group advantages (Eq. 1); the clipped
@@ -126,7 +126,7 @@ def loss_config(args, pad_id: int, device: torch.device, dtype: torch.dtype) -> 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_grpo_args(p, out="runs/grpo", temperature=1.1, learn_only=False, d=LossConfig(pad_id=0))
-    g = p.add_argument_group("RLFF-ESC rewards and prompts (SPEC section 5)")
+    g = p.add_argument_group("RLFF-ESC rewards and prompts (docs/design.md section 5)")
     g.add_argument("--rm", default="none",
                    help="reward model folder from 03_train_rm.py giving R_fut, or 'none' = format (+ length) reward "
                         "only (RLFF-ESC uses the trained RM; default none so the stage runs on its own)")
@@ -156,7 +156,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Rewards (SPEC section 5): the place a reward ablation edits
+# Rewards (docs/design.md section 5): the place a reward ablation edits
 
 FORMAT_RE = re.compile(r"\s*<think>(?P<think>(?:(?!</?think>).)*)</think>(?P<reply>(?:(?!</?think>).)*)", re.S)
 
@@ -801,7 +801,7 @@ def main(argv=None):
         except common.StageFailure as e:
             raise common.StageFailure(f"step {step + 1}: {e}; {training.kept_note(out)}") from None
         t_upd = time.time() - t1
-        # ---- logging (sums over ranks; SPEC section 5 list, README table) and checkpoints
+        # ---- logging (sums over ranks; docs/04_grpo.md, Metrics) and checkpoints
         row = training.step_metrics(step, pol, dist, comps, rewards, adv, st, args.beta,
                                     {"reward_fut": rw["fut"], "reward_fmt": rw["fmt"], "reward_len": rw["len"]})
         row.update(training.timings(t0, t_gen, t_upd, row.pop("_tokens"), args.ppo_epochs, dist))

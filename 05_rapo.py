@@ -1,4 +1,4 @@
-"""Stage 05: RAPO, reaction-aware policy optimisation (RAPO sections 3.2-3.4, Eq. 8-15; SPEC section 6).
+"""Stage 05: RAPO, reaction-aware policy optimisation (RAPO sections 3.2-3.4, Eq. 8-15; docs/design.md section 6).
 
 Per prompt x (a train turn's context with learn == true from 01_select.py's hindsight selection, Eq. 8):
   1. Chain-of-Supporting: G candidates a_i = <strategy>s_i</strategy> y_i (the assistant turn is prefilled
@@ -196,7 +196,7 @@ def active_adapter(model, name: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Rewards: reactions, the generative reward model and its ablations (SPEC section 6)
+# Rewards: reactions, the generative reward model and its ablations (docs/design.md section 6)
 
 # The prompts (our words after RAPO Appendix G): the criteria, shared by the GRM, the rubric judges and 06's pairwise
 # judge; one reply scored alone (rubric-point); a group ranked with critiques (the GRM, Eq. 10; rubric-group)
@@ -345,7 +345,7 @@ def score_groups(grm, mode: str, contexts: list[list[dict]], replies: list[list[
 
 
 class Teacher:
-    """Forward passes of the feedback-conditioned teacher and its EMA update (SPEC section 6)."""
+    """Forward passes of the feedback-conditioned teacher and its EMA update (docs/design.md section 6)."""
 
     def __init__(self, model, kind: str, lora: bool, ref_model=None, lora_config=None):
         self.model, self.kind, self.lora, self.ref_model = model, kind, lora, ref_model
@@ -433,7 +433,7 @@ def make_sd_loss(teacher: Teacher, ro, distill: dict[int, list[int]], cfg, k: in
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_grpo_args(p, out="runs/rapo", temperature=1.0, learn_only=True, d=grpo.LossConfig(pad_id=0))
-    g = p.add_argument_group("RAPO (SPEC section 6)")
+    g = p.add_argument_group("RAPO (docs/design.md section 6)")
     common.add_role_arg(p, "seeker", "user simulator that reacts to each candidate (Eq. 9)")
     common.add_role_arg(p, "grm", "generative reward model ranking each group with critiques (Eq. 10)")
     g.add_argument("--reward", default="reaction", choices=["reaction", "rubric-group", "rubric-point"],
@@ -445,7 +445,7 @@ def parse_args(argv=None):
     g.add_argument("--teacher", default="ema", choices=["ema", "live", "base"],
                    help="ema = EMA of the policy (RAPO); live = the current policy; base = the initial policy")
     g.add_argument("--ema-rate", type=float, default=0.5, help="m in theta_T <- (1 - m) theta_T + m theta (RAPO: 0.5)")
-    g.add_argument("--grm-retries", type=int, default=3, help="re-asks of an invalid GRM answer (SPEC: 3)")
+    g.add_argument("--grm-retries", type=int, default=3, help="re-asks of an invalid GRM answer (docs/design.md section 6: 3)")
     g.add_argument("--grm-max-new-tokens", type=int, default=512, help="GRM answer length")
     common.add_request_timeout_arg(g)
     g.add_argument("--seeker-max-new-tokens", type=int, default=64, help="reaction length")
@@ -589,7 +589,7 @@ def main(argv=None):
             raise common.StageFailure(f"step {step + 1}: {e}; {training.kept_note(out)}") from None
         t_upd = time.time() - t1
 
-        # ---- logging: 04's metrics plus GRM counts and distillation statistics (README table)
+        # ---- logging: 04's metrics plus GRM counts and distillation statistics (docs/05_rapo.md, Metrics)
         row = training.step_metrics(step, pol, dist, comps, rewards, adv, upd, args.beta,
                                     {"reward_len": r_len.flatten().tolist()})
         row.update(training.timings(t0, t_gen, t_upd, row.pop("_tokens"), args.ppo_epochs, dist))

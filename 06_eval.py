@@ -97,7 +97,7 @@ def parse_args(argv=None):
                    help="take the test cases from this file instead of the test split of --data, detected by content: "
                         "dialogues (ESConv.json, PPDPP jsonl or chat jsonl, e.g. PPDPP's 130-dialogue file), an "
                         "ESC-Eval role-card file (JSON list of {id, base, ...}) or EmoHarbor-style profiles (JSONL of "
-                        "{id, personality, situation, inner_state, background?}; README)")
+                        "{id, personality, situation, inner_state, background?}; docs/06_eval.md)")
     g.add_argument("--max-ref-turns", type=int, default=None,
                    help="score at most N test turns in the reference and pairwise parts (default: every turn of "
                         "the chosen test dialogues; --max-examples N takes the first N dialogues)")
@@ -110,7 +110,7 @@ def parse_args(argv=None):
                         "reference and pairwise need dialogues)")
     g = p.add_argument_group("policies (all evaluated on the same cases, roles and seeds)")
     g.add_argument("--policy", action="append", default=None,
-                   help="a policy to evaluate, repeatable: [LABEL=]SPEC with SPEC hf:PATH | vllm:PATH | openai:MODEL "
+                   help="a policy to evaluate, repeatable: [LABEL=]MODEL with MODEL hf:PATH | vllm:PATH | openai:MODEL "
                         "| a bare path; a folder with adapter_config.json is a trained PEFT adapter (default: "
                         f"{common.DEFAULT_MODEL}); LABEL names its row (default: derived from the spec)")
     g.add_argument("--policy-base-url", default=None,
@@ -176,7 +176,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Policies: [LABEL=]SPEC -> (label, spec)
+# Policies: [LABEL=]MODEL -> (label, spec)
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9_.+\-]+$")
 
@@ -195,7 +195,7 @@ def policy_label(spec: str) -> str:
 
 
 def parse_policies(values: list[str] | None) -> list[tuple[str, str]]:
-    """[(label, spec)] with unique labels; LABEL=SPEC names a row, otherwise the label comes from the spec."""
+    """[(label, spec)] with unique labels; LABEL=MODEL names a row, otherwise the label comes from the spec."""
     out = []
     for v in values or [common.DEFAULT_MODEL]:
         label, sep, rest = v.partition("=")
@@ -207,10 +207,10 @@ def parse_policies(values: list[str] | None) -> list[tuple[str, str]]:
     base = [lab or policy_label(s) for lab, s in out]  # policy_label -> parse_spec raises on an empty spec
     labels = [f"{b}#{base[:i + 1].count(b)}" if lab is None and base.count(b) > 1 else b  # collisions get #k
               for i, ((lab, _), b) in enumerate(zip(out, base))]
-    check(len(set(labels)) == len(labels), f"--policy: duplicate label in {labels}; name rows with LABEL=SPEC")
+    check(len(set(labels)) == len(labels), f"--policy: duplicate label in {labels}; name rows with LABEL=MODEL")
     for lab, s in out:
         check(lab is not None or specs.count(s) == 1,
-              f"--policy {s} is given twice: give each copy its own LABEL=SPEC if that is intended")
+              f"--policy {s} is given twice: give each copy its own LABEL=MODEL if that is intended")
     return list(zip(labels, specs))
 
 
@@ -430,8 +430,8 @@ def write_report(scores: dict, chosen: list, path: Path):
     L = ["# Evaluation report", "", f"Command: `{st['command']}`", "", f"Test set: {st['test_source']}: {what}. Every policy "
          f"saw the same cases, roles and seeds. Brackets: {st['ci']}.", ""]
     if st["embedded_judges"]:
-        L += ["> **The critic or judge here is the embedded SmolLM2-135M, which does not discriminate (README, "
-              "'What the embedded model can show'): these numbers demonstrate the plumbing, not the policies.** "
+        L += ["> **The critic or judge here is the embedded SmolLM2-135M, which does not discriminate (docs/design.md "
+              "section 8): these numbers demonstrate the plumbing, not the policies.** "
               "Put capable models on --seeker/--critic/--judge for results.", ""]
     if st.get("scripted_roles"):
         L += [f"> **Scripted roles: {', '.join(st['scripted_roles'])}** (`scripted`: the rules of envs/esc.py; the critic's "

@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------
-# Errors and the shared command-line vocabulary (SPEC section 9)
+# Errors and the shared command-line vocabulary (docs/design.md section 9)
 
 
 class InputError(Exception):
@@ -124,7 +124,7 @@ def add_common_args(p: argparse.ArgumentParser, data: str, out: str, resume_flag
                        help="continue the run in --out from its newest complete checkpoint, with the run's own settings "
                             "(restored from it); a flag given again must equal the saved value, except "
                             + ", ".join(flag_name(k) for k in RESUME_MAY_CHANGE + ("stop_after",))
-                            + " (README, Reliability)")
+                            + " (docs/reliability.md)")
     return g
 
 
@@ -284,7 +284,7 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# JSONL: append as we go, resume by id, a torn last line is dropped (SPEC section 8)
+# JSONL: append as we go, resume by id, a torn last line is dropped (docs/design.md section 8)
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = (), allow_torn_tail: bool = False) -> list[dict]:
@@ -402,7 +402,7 @@ class ResumableOutput:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Run plumbing: the --out lock, input hashes, settings on resume, atomic checkpoints (SPEC section 8)
+# Run plumbing: the --out lock, input hashes, settings on resume, atomic checkpoints (docs/design.md section 8)
 #
 # What makes a re-run or a --resume continue the SAME run, or stop with one line (exit 2) before any work.
 
@@ -638,7 +638,7 @@ def lock_out(out_dir: str | Path, dist=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Dialogues and turns (SPEC section 1)
+# Dialogues and turns (docs/design.md section 1)
 
 SEEKER_LABELS = {"seeker": "user", "usr": "user", "user": "user"}
 SUPPORTER_LABELS = {"supporter": "assistant", "sys": "assistant", "assistant": "assistant"}
@@ -816,7 +816,7 @@ def persona(rec: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The embedded model and model loading (SPEC section 8)
+# The embedded model and model loading (docs/design.md section 8)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -1221,7 +1221,7 @@ def seeker_chats(recs: list[dict], histories: list[list[dict]]) -> list[list[dic
 
 
 # ----------------------------------------------------------------------------------------------------
-# Processes: torchrun set-up, printing, sharding (SPEC section 8, Distributed)
+# Processes: torchrun set-up, printing, sharding (docs/design.md section 8, Distributed)
 
 
 @dataclass

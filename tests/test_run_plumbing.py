@@ -1,4 +1,4 @@
-"""The run plumbing of common.py (README, Reliability: resume, checkpoints and outputs): settings restored and
+"""The run plumbing of common.py (docs/reliability.md: resume, checkpoints and outputs): settings restored and
 checked on --resume, input hashes, the atomic checkpoint swap and its fallback, weights_only loading, RNG
 states, and the --out lock; end to end with 01_select.py (no model needed with --judge none)."""
 import argparse
