@@ -75,7 +75,7 @@ def parse_args(argv=None):
     common.add_decoder_arg(g)
     g.add_argument("--judge-mode", default="auto", choices=["auto", "generate", "likelihood"],
                    help="auto = likelihood for hf:/vllm: judges, generate for openai: judges")
-    g.add_argument("--retries", type=int, default=2, help="re-asks of an unparseable judge answer (generate mode)")
+    g.add_argument("--retries", type=int, default=2, help="re-asks of an unparseable judge answer, >= 0 (generate mode)")
     g.add_argument("--null-as", default="false", choices=["false", "true"],
                    help="the resolved `learn` of a train turn whose judge answer never parsed (learn_judge = null): what "
                         "02/04/05 --learn-only train on and the kept fraction counts (ours: false)")
@@ -88,6 +88,7 @@ def parse_args(argv=None):
                         "(Appendix G's template as printed); the judge's cost grows with it")
     g.add_argument("--batch-size", type=int, default=32, help="turns judged per batched call")
     g.add_argument("--max-new-tokens", type=int, default=96, help="judge answer length (generate mode)")
+    common.add_request_timeout_arg(g)
     role_cache.add_role_cache_args(p)
     args = p.parse_args(argv)
     common.check_common_args(args)
@@ -96,9 +97,10 @@ def parse_args(argv=None):
     check(0 <= args.test_frac < 1 and 0 <= args.valid_frac < 1 and args.test_frac + args.valid_frac < 1,
           "--test-frac and --valid-frac must be in [0, 1) and sum to less than 1")
     check(args.batch_size >= 1 and args.judge_context >= 0, "--batch-size must be >= 1 and --judge-context >= 0")
-    check(args.max_examples is None or args.max_examples >= 1, "--max-examples must be >= 1")
+    check(args.retries >= 0, "--retries must be >= 0")
+    check(args.max_new_tokens >= 1, "--max-new-tokens must be >= 1")
     if args.judge != "none":
-        common.check_model_path(args.judge, "--judge")
+        common.check_role(args, "judge")  # not scriptable; openai: needs a URL or key; a local path must exist
     return args
 
 
@@ -164,6 +166,12 @@ def load_all_turns(args) -> tuple[list[dict], dict[str, list[dict]]]:
         dialogues = dialogues[:args.max_examples]
     if args.test_data:
         test = common.load_dialogues(args.test_data, id_prefix="t", max_chars=args.max_message_chars)
+        check(common.input_digest(args.test_data) != common.input_digest(args.data),  # (also without ids)
+              f"--test-data {args.test_data}: the same file as --data {args.data}: the test split must be held out")
+        train_ids = {d["dialog_id"] for d in dialogues}
+        for d in test:  # an id in both files would put a --data dialogue into the test split
+            check(d["dialog_id"] not in train_ids, f"--test-data {args.test_data}: dialogue id '{d['dialog_id']}' is also "
+                  f"in --data {args.data}: ids must be unique over both files")
         split = common.split_dialogues([d["dialog_id"] for d in dialogues], args.seed, 0.0, args.valid_frac)
         split.update({d["dialog_id"]: "test" for d in test})
         dialogues = dialogues + test
@@ -230,7 +238,9 @@ def main(argv=None):
     common.check_resumed_output(settings_path, "01_select", len(done), settings, "turns")  # same input and settings
     cache = role_cache.open_cache(args)  # --role-cache: the judge's answers recorded / replayed
     backend = None if judge_spec is None else backends.make_backend(args.judge, args.judge_base_url, args.device, args.dtype,
-                                                                   decoder=args.decoder, cache=cache)
+                                                                   decoder=args.decoder, cache=cache,
+                                                                   timeout=args.request_timeout)
+    backends.preflight({"--judge": backend})  # an openai: judge answers (key, model name) before anything is deleted
     out = common.ResumableOutput(args.out, "turns.jsonl", overwrite=args.overwrite)  # (deletes only now: the judge loaded)
     common.save_args(args, args.out, {"stage": "01_select", "inputs": inputs}, name=settings_path.name)
     todo = [t for t in turns if t["id"] not in done]

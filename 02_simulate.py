@@ -86,6 +86,7 @@ def parse_args(argv=None):
     common.add_role_arg(g, "seeker", "user simulator playing the help-seeker (paper: Qwen2.5-72B)")
     common.add_role_arg(g, "critic", "critic judging the seeker's state after each seeker message")
     common.add_decoder_arg(g)
+    common.add_request_timeout_arg(g)
     g = p.add_argument_group("candidates and supporter")
     g.add_argument("-m", "--num-candidates", type=int, default=4, help="candidates sampled per context (paper: m=4)")
     g.add_argument("--temperature", type=float, default=1.0, help="candidate sampling temperature (paper: 1.0)")
@@ -127,8 +128,8 @@ def parse_args(argv=None):
           "--temperature 0 (greedy) makes all m candidates identical: use a temperature > 0 or -m 1")
     for name in ("top_p", "seeker_top_p"):
         check(0 < getattr(args, name) <= 1, f"--{name.replace('_', '-')} must be in (0, 1]")
-    for role in ("policy", "seeker", "critic"):
-        common.check_model_path(getattr(args, role), f"--{role}")
+    for role in ("policy", "seeker", "critic"):  # the policy has no scripted version; openai: needs a URL or key
+        common.check_role(args, role)
     return args
 
 
@@ -473,13 +474,15 @@ def main(argv=None):
     cache = role_cache.open_cache(args)  # --role-cache: the roles' answers recorded / replayed
     if todo_all:  # every rank loads the models at the same point (vLLM under torchrun needs that)
         mk = lambda r: backends.make_backend(getattr(args, r), getattr(args, f"{r}_base_url"), str(dist.device), args.dtype,
-                                             decoder=args.decoder, cache=cache)
+                                             decoder=args.decoder, cache=cache, timeout=args.request_timeout)
         roles = Roles(
             policy=mk("policy"), seeker=mk("seeker"), critic=mk("critic"),
             policy_kw=dict(max_new_tokens=args.max_new_tokens, temperature=args.supporter_temperature, top_p=args.top_p),
             seeker_kw=dict(max_new_tokens=args.seeker_max_new_tokens, temperature=args.seeker_temperature,
                            top_p=args.seeker_top_p),
             critic_mode=mode, critic_n=args.critic_samples, critic_temperature=args.critic_temperature)
+        # every openai: server answers (key, model name) before anything is deleted; each rank asks its own
+        backends.preflight({"--policy": roles.policy, "--seeker": roles.seeker, "--critic": roles.critic})
     common.barrier(dist)  # every rank has read `done` before rank 0 may delete outputs (--overwrite)
     out = common.ResumableOutput(out_dir, "rollouts.jsonl", dist.rank, dist.world, overwrite=args.overwrite)
     if dist.main:

@@ -64,7 +64,7 @@ def parse_args(argv=None):
     g.add_argument("--max-length", type=int, default=1024, help="tokens kept per input, cut from the left (ours: 1024)")
     g.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (use --dtype float32 on GPU)")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank (RAPO E.3.1: 16)")
-    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (RAPO E.3.1: 32)")
+    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha, >= 1 (RAPO E.3.1: 32)")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (paper: not given)")
     g = p.add_argument_group("training")
     g.add_argument("--valid-frac", type=float, default=0.2,
@@ -72,11 +72,12 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=int, default=2, help="passes over the train split (paper: not given)")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (ours: 1e-4 for LoRA; ~1e-5 for --full)")
     g.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up fraction of the steps, then linear decay to 0 (ours: 0.1)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (ours: 0)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay, >= 0 (ours: 0)")
     g.add_argument("--batch-size", type=int, default=8,
                    help="examples per micro-batch (ours: 8; whole groups: a context's candidates are never split)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step and rank (ours: 1)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (RAPO: 1.0)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip the gradient's global norm to this value, > 0 (RAPO: 1.0; a large value clips nothing)")
     g.add_argument("--eval-batch-size", type=int, default=16, help="examples per forward pass when scoring valid (ours: 16)")
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimiser steps (the schedule still spans --epochs; continue with --resume)")
@@ -93,7 +94,8 @@ def parse_args(argv=None):
     check(args.epochs >= 1 and args.batch_size >= 1 and args.grad_accum >= 1 and args.eval_batch_size >= 1,
           "--epochs, --batch-size, --grad-accum and --eval-batch-size must be >= 1")
     check(args.lr > 0 and 0 <= args.warmup_ratio < 1, "--lr must be > 0 and --warmup-ratio in [0, 1)")
-    check(args.lora_r >= 1 and args.lora_alpha >= 1 and 0 <= args.lora_dropout < 1, "bad LoRA settings")
+    check(args.lora_r >= 1 and 0 <= args.lora_dropout < 1, "--lora-r must be >= 1 and --lora-dropout in [0, 1)")
+    training.check_optimizer_args(args)  # --max-grad-norm > 0, --weight-decay >= 0, --lora-alpha >= 1
     check(args.max_steps is None or args.max_steps >= 1, "--max-steps must be >= 1")
     check(args.save_every >= 1, "--save-every must be >= 1")
     check(args.max_examples is None or args.max_examples >= 1, "--max-examples must be >= 1")
@@ -443,12 +445,13 @@ def main(argv=None):
         found = common.find_checkpoint(ckpt)
         check(found is not None, f"--resume: no checkpoint in {ckpt}")
         st = common.load_state(found[0] / "state.pt", map_location=dist.device)
-        named = dict(raw.named_parameters())
+        named = {k: v for k, v in raw.named_parameters() if v.requires_grad}
+        training.check_same_tensors(st["model"], named, found[0] / "state.pt")  # names and shapes, or stop
         with torch.no_grad():
             for k, v in st["model"].items():
                 named[k].copy_(v)
         opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
+        training.resume_schedule(sched, st["scheduler"])
         step = st["step"]
         history, valid_history = st["history"], st["valid_history"]
         check(st.get("micro_batches_per_step") == W * A,

@@ -568,6 +568,7 @@ def parse_args(argv=None):
     g.add_argument("--ema-rate", type=float, default=0.5, help="m in theta_T <- (1 - m) theta_T + m theta (RAPO: 0.5)")
     g.add_argument("--grm-retries", type=int, default=3, help="re-asks of an invalid GRM answer (docs/design.md section 6: 3)")
     g.add_argument("--grm-max-new-tokens", type=int, default=512, help="GRM answer length")
+    common.add_request_timeout_arg(g)
     g.add_argument("--seeker-max-new-tokens", type=int, default=64, help="reaction length")
     g.add_argument("--seeker-temperature", type=float, default=0.7, help="seeker sampling temperature")
     g.add_argument("--seeker-top-p", type=float, default=0.9, help="seeker top-p (as 02/06's --seeker-top-p)")
@@ -584,8 +585,8 @@ def parse_args(argv=None):
         apply_ablation(args, common.given_flags(p, argv))
     args = common.resume_args(p, args, argv, Path(args.out) / "checkpoint")  # --resume: the run's own settings
     training.check_grpo_args(args)
-    for role in ("seeker", "grm"):
-        common.check_model_path(getattr(args, role), f"--{role}")
+    for role in ("seeker", "grm"):  # openai: needs a URL or key; a local path must exist
+        common.check_role(args, role)
     check(args.sd_coef >= 0 and args.sd_topk >= 1 and args.sd_is_clip > 0, "--sd-coef >= 0, --sd-topk >= 1, --sd-is-clip > 0")
     check(0 < args.ema_rate <= 1, "--ema-rate must be in (0, 1]")
     check(args.grm_retries >= 0, "--grm-retries must be >= 0")
@@ -605,8 +606,10 @@ def main(argv=None):
     if not fixed:  # the role models (each its own engine; roles on one spec share it)
         if args.reward == "reaction":
             seeker = backends.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype, decoder=args.decoder,
-                                           cache=cache)
-        grm = backends.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder, cache=cache)
+                                           cache=cache, timeout=args.request_timeout)
+        grm = backends.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder, cache=cache,
+                                    timeout=args.request_timeout)
+        backends.preflight({"--seeker": seeker, "--grm": grm})  # openai: servers answer before --overwrite deletes
     engine = None  # the vLLM engine is built before the seeding (LLM() reseeds the process)
     if args.rollout == "vllm":
         engine = speed.VLLMRollout(backends.rollout_engine(policy_path, args), args, dist)

@@ -17,7 +17,6 @@ imports common.py (plumbing), speed.py and, lazily, envs/; none of them imports 
 from __future__ import annotations
 
 import abc
-import concurrent.futures
 import importlib.util
 import json
 import os
@@ -29,8 +28,8 @@ from pathlib import Path
 import torch
 
 import speed
-from common import (InputError, ServerError, chat_ids, continuation_logprobs, is_adapter_folder, load_causal_lm,
-                    parse_spec, resolve_device, resolve_dtype, resolve_path)
+from common import (REQUEST_RETRIES, REQUEST_TIMEOUT, InputError, ServerError, chat_ids, continuation_logprobs,
+                    is_adapter_folder, load_causal_lm, parse_spec, resolve_device, resolve_dtype, resolve_path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -103,20 +102,25 @@ class HFBackend(Backend):
 class OpenAIBackend(Backend):
     """Any OpenAI-compatible server (vLLM serve, SGLang, transformers serve, a hosted API).
 
-    Concurrent requests, retries with exponential backoff, a timeout per request; the API key comes
-    from an environment variable and is never printed or saved. A request that still fails after its
-    retries (connection refused, timeout, HTTP 5xx/408/409/429) raises ServerError and the rest of the batch
-    is cancelled: an outage stops the stage, it never becomes an empty answer. What the server does answer is
-    returned as it is; whether it parses is the caller's business (ask_json retries, records and counts it).
+    Concurrent requests, retries with exponential backoff, a timeout per try (--request-timeout); the API key
+    comes from an environment variable and is never printed or saved. A request that still fails after its
+    retries (connection refused, timeout, HTTP 5xx/408/409/429, a malformed response, or an answer whose content
+    is null: that is no answer) raises ServerError and the rest of the batch is abandoned: an outage stops the
+    stage, it never becomes an empty answer. Worst case for one request: (retries + 1) x timeout + the back-off
+    1 + 2 + 4 + 8 s (request_worst_case). The requests run on daemon threads and the caller waits on an event, so
+    Ctrl-C (and SIGTERM, see common.run_main) stops the stage at once, with no request left to finish. What the
+    server does answer is returned as it is; whether it parses is the caller's business (ask_json retries,
+    records and counts it). `null_answers` counts the tries answered with content null (retried).
     """
 
     def __init__(self, model: str, base_url: str | None, key_env: str = "OPENAI_API_KEY", concurrency: int = 16,
-                 timeout: float = 120.0, retries: int = 4):
+                 timeout: float = REQUEST_TIMEOUT, retries: int = REQUEST_RETRIES):
         import openai
 
         self.spec = f"openai:{model}"
         self.model, self.concurrency, self.retries = model, concurrency, retries
         self.where = base_url or "the hosted API"
+        self.null_answers = 0
         self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(key_env) or "EMPTY",
                                     timeout=timeout, max_retries=0)
 
@@ -129,12 +133,16 @@ class OpenAIBackend(Backend):
                 return None
             try:
                 r = self.client.chat.completions.create(model=self.model, messages=messages, **kw)
-                return r.choices[0].message.content or ""
+                content = r.choices[0].message.content
+                if content is not None:
+                    return content
+                self.null_answers += 1  # a 200 without text (e.g. a content filter): not an answer, ask again
+                err = f"content null, finish_reason {r.choices[0].finish_reason}"
             except openai.APIStatusError as e:
                 # a refused request (wrong model name, unsupported field) never succeeds: say so at once
                 if e.status_code < 500 and e.status_code not in (408, 409, 429):
-                    raise InputError(f"{self.spec}: the server refused the request: HTTP {e.status_code} "
-                                     f"{type(e).__name__}") from None
+                    raise InputError(f"{self.spec}: the server at {self.where} refused the request: HTTP "
+                                     f"{e.status_code} {type(e).__name__}") from None
                 err = f"HTTP {e.status_code} {type(e).__name__}"
             except Exception as e:  # connection refused, timeouts, a malformed response: back off and retry
                 err = type(e).__name__
@@ -145,6 +153,42 @@ class OpenAIBackend(Backend):
                                   "the server answers")
             stop.wait(delay)
             delay *= 2
+
+    def _run(self, jobs: list[tuple]) -> list:
+        """Every (messages, kwargs) job's text, at most `concurrency` requests in flight. The first failure stops
+        the others at their next try and is raised; so is Ctrl-C, at once (the daemon threads are abandoned)."""
+        stop, finished = threading.Event(), threading.Event()
+        results, errors, todo = [None] * len(jobs), [], iter(range(len(jobs)))
+        lock, running = threading.Lock(), [min(self.concurrency, len(jobs))]
+
+        def worker():
+            try:
+                while not stop.is_set():
+                    with lock:
+                        i = next(todo, None)
+                    if i is None:
+                        return
+                    results[i] = self._one(*jobs[i], stop)
+            except BaseException as e:  # noqa: BLE001 (handed to the caller)
+                errors.append(e)
+                stop.set()
+            finally:
+                with lock:
+                    running[0] -= 1
+                    if running[0] == 0 or errors:
+                        finished.set()
+
+        if not jobs:
+            return []
+        for _ in range(running[0]):
+            threading.Thread(target=worker, daemon=True).start()
+        try:
+            finished.wait()  # interruptible: Ctrl-C raises here
+        finally:
+            stop.set()  # on a failure or an interrupt: the requests still running give up at their next try
+        if errors:
+            raise errors[0]
+        return results
 
     def generate(self, chats, *, max_new_tokens=128, temperature=1.0, top_p=1.0, n=1, seed=None, prefill=""):
         self.calls += 1
@@ -160,19 +204,18 @@ class OpenAIBackend(Backend):
                 if seed is not None:  # one seed per (chat, sample), as VLLMBackend.sampling: equal chats draw apart
                     kw["seed"] = seed + k * n + i
                 jobs.append((msgs, kw))
-        stop = threading.Event()
-        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as ex:
-            futs = [ex.submit(self._one, m, kw, stop) for m, kw in jobs]
-            concurrent.futures.wait(futs, return_when=concurrent.futures.FIRST_EXCEPTION)
-            failed = [f for f in futs if f.done() and f.exception() is not None]
-            if failed:  # cancel what has not started, stop the rest at their next try, raise the failure
-                stop.set()
-                for f in futs:
-                    f.cancel()
-                raise failed[0].exception()
-            texts = [f.result() for f in futs]
-        texts = [prefill + t for t in texts]
+        texts = [prefill + t for t in self._run(jobs)]
         return [texts[i * n:(i + 1) * n] for i in range(len(chats))]
+
+    def preflight(self, flag: str):
+        """One 1-token request before the stage deletes or writes anything: a wrong key (HTTP 401/403) or model
+        name (404) stops it with one line naming the role's flag and the server; an outage after the usual tries."""
+        try:
+            self._run([([{"role": "user", "content": "Hi"}], dict(max_tokens=1, temperature=0.0))])
+        except InputError as e:
+            hint = ("check $OPENAI_API_KEY" if " 401 " in str(e) or " 403 " in str(e) else
+                    f"check the model name in {flag}" if " 404 " in str(e) else "check the flags of this role")
+            raise InputError(f"{flag} {self.spec}: {str(e).split(': ', 1)[1]}: {hint}") from None
 
 
 class VLLMBackend(Backend):
@@ -349,10 +392,12 @@ _BACKENDS: dict[tuple, Backend] = {}
 
 
 def make_backend(spec: str, base_url: str | None = None, device: str = "auto", dtype: str = "auto",
-                 batch_size: int = 64, decoder: str = "hf", cache=None, **vllm_args) -> Backend:
+                 batch_size: int = 64, decoder: str = "hf", cache=None, timeout: float = REQUEST_TIMEOUT,
+                 **vllm_args) -> Backend:
     """Build (or reuse: roles on the same model share one engine) the backend for a model spec. decoder: the
     decoding loop of an hf: model (generate_ids). cache: a role_cache.RoleCache (--role-cache): the backend is
-    answered through it (record/replay of its calls)."""
+    answered through it (record/replay of its calls). timeout: an openai: model's seconds per try
+    (--request-timeout)."""
     key = (spec, base_url, device, dtype, decoder)
     if key in _BACKENDS:
         return _BACKENDS[key] if cache is None else cache.wrap(_BACKENDS[key])
@@ -360,7 +405,7 @@ def make_backend(spec: str, base_url: str | None = None, device: str = "auto", d
     if ms.backend == "openai":
         if not base_url and not os.environ.get("OPENAI_API_KEY"):
             raise InputError(f"{spec}: an openai: model needs --<role>-base-url or $OPENAI_API_KEY for the hosted API")
-        b = OpenAIBackend(ms.name, base_url)
+        b = OpenAIBackend(ms.name, base_url, timeout=timeout)
     elif ms.backend == "scripted":
         b = ScriptedBackend()
     elif ms.backend == "vllm":
@@ -370,6 +415,21 @@ def make_backend(spec: str, base_url: str | None = None, device: str = "auto", d
         b = HFBackend(ms.name, dev, resolve_dtype(dtype, dev), batch_size=batch_size, decoder=decoder)
     _BACKENDS[key] = b
     return b if cache is None else cache.wrap(b)
+
+
+def preflight(roles: dict[str, Backend]):
+    """One 1-token request to the server of every openai: backend among roles ({flag: backend}), made by a stage
+    once its roles are built and BEFORE it deletes (--overwrite) or writes anything: a wrong API key or model
+    name stops the stage with one line naming the flag and the server (exit 2), an outage after the usual tries
+    (exit 1). Other backends need no call (their models have loaded)."""
+    seen = set()
+    for flag, b in roles.items():
+        if getattr(getattr(b, "cache", None), "mode", None) == "read":
+            continue  # --role-cache-mode read: answered from the cache only, the server is never asked
+        b = getattr(b, "inner", b)  # (a role_cache.CachedBackend: its model's backend)
+        if isinstance(b, OpenAIBackend) and id(b) not in seen:
+            seen.add(id(b))
+            b.preflight(flag)
 
 
 def release_backend(backend: Backend):

