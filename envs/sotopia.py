@@ -38,7 +38,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: the project root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common
 from common import InputError
@@ -578,3 +582,126 @@ def teacher_context(context: list[dict], response: str, reaction: str, critique:
     out = [dict(m) for m in context]
     out[-1]["content"] += TEACHER_BLOCK.format(response=response, reaction=reaction, critique=critique, best=best)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training contexts for 05_rapo.py --env sotopia: episodes of the base policy, its turns as contexts
+#
+#   python envs/sotopia.py --data PROFILE_FOLDER --out runs/sotopia-train --policy hf:embedded [--partner SPEC]
+# writes episodes.jsonl (every episode, resumable: a re-run skips finished ids) and turns.jsonl (05's --data): one
+# record per turn the policy played, whose context is the agent's chat at that turn (05 adds AGENT_SYSTEM) and
+# whose "sotopia" field holds the state the partner and the GRM need (the setup, the agent, the messages before).
+
+EPISODE_KEYS = ("seed", "subset", "pairings", "sides", "max_turns", "batch_size", "policy", "partner", "temperature",
+                "top_p", "max_new_tokens", "partner_temperature")
+
+
+def chunk_seed(seed: int, k: int) -> int:
+    """Seed of chunk k of --batch-size episodes: from (--seed, k) only, so a resumed run equals an uninterrupted one."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, 26, k]).generate_state(1)[0] % (1 << 31))
+
+
+def players_of(case: dict, selfplay: bool) -> list[str]:
+    """Role of agent 0 and agent 1: the policy on both (self-play), or the policy on the case's side."""
+    if selfplay:
+        return ["policy", "policy"]
+    return ["policy", "partner"] if case["side"] == 0 else ["partner", "policy"]
+
+
+def policy_turns(rec: dict, setup: dict) -> list[dict]:
+    """turns.jsonl records (05's --data) for the turns the policy played in one episode record."""
+    out, msgs = [], []
+    for m in rec["messages"]:
+        if rec["players"][m["agent"]] == "policy":
+            chat = agent_chat(setup, m["agent"], msgs)
+            out.append({"id": f"{rec['id']}-t{m['turn']:02d}", "dialog_id": rec["id"], "turn": m["turn"], "split": "train",
+                        "learn": True, "context": chat[1:], "target": json.dumps(
+                            {"action_type": m["action_type"], "argument": m["argument"]}, ensure_ascii=False),
+                        "sotopia": {"setup": setup, "agent": m["agent"], "messages": [dict(x) for x in msgs]}})
+        msgs.append({k: m[k] for k in ("turn", "agent", "action_type", "argument")})
+    return out
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description="Play Sotopia episodes with the base policy (self-play, or against "
+                                            "--partner) and write the policy's turns as training contexts for "
+                                            "05_rapo.py --env sotopia (docs/design.md section 11).")
+    common.add_common_args(p, data="data/sotopia", out="runs/sotopia-train")
+    common.add_role_arg(p, "policy", "the base policy whose turns become training contexts")
+    common.add_role_arg(p, "partner", "the other agent; '' (default) = self-play, the policy plays both agents "
+                        "(RAPO trains against a simulated user: Qwen-3-8B)", default="")
+    common.add_decoder_arg(p)
+    p.add_argument("--subset", default="all", choices=["all", "hard"], help="all scenarios of --data, or Sotopia-hard's")
+    p.add_argument("--pairings", type=int, default=None, help="pairings per scenario (default: all)")
+    p.add_argument("--sides", type=int, default=1, choices=[1, 2],
+                   help="with --partner: 1 = the policy plays agent 0; 2 = also agent 1 (a second episode)")
+    p.add_argument("--max-turns", type=int, default=MAX_TURNS, help="actions per episode, both agents (Sotopia: 20)")
+    p.add_argument("--batch-size", type=int, default=16, help="episodes advanced together (one call per role per turn)")
+    p.add_argument("--temperature", type=float, default=1.0, help="policy sampling temperature (ours: 1.0, for varied contexts)")
+    p.add_argument("--top-p", type=float, default=1.0, help="policy top-p")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="length limit of an action (ours: 96)")
+    p.add_argument("--partner-temperature", type=float, default=0.7, help="partner sampling temperature (ours: 0.7)")
+    args = p.parse_args(argv)
+    common.check_common_args(args)
+    common.check_decoder(args)
+    common.check(args.max_turns >= 1 and args.batch_size >= 1 and args.max_new_tokens >= 1,
+                 "--max-turns, --batch-size and --max-new-tokens must be >= 1")
+    common.check(args.pairings is None or args.pairings >= 1, "--pairings must be >= 1")
+    common.check(args.temperature >= 0 and args.partner_temperature >= 0 and 0 < args.top_p <= 1,
+                 "temperatures must be >= 0 and --top-p in (0, 1]")
+    common.check(not (args.sides == 2 and not args.partner), "--sides 2 needs --partner (in self-play the policy "
+                                                            "already plays both agents)")
+    for role in ("policy", "partner"):
+        if getattr(args, role):
+            common.check_model_path(getattr(args, role), f"--{role}")
+    profiles = load_profiles(args.data)
+    cases = select_cases(profiles, args.subset, args.pairings, args.sides if args.partner else 1)
+    cases = cases[:args.max_examples] if args.max_examples else cases
+    common.check(len(cases) > 0, f"{args.data}: no pairings to play" + (" in Sotopia-hard" if args.subset == "hard" else ""))
+    selfplay = not args.partner
+    out_dir = Path(args.out)
+    inputs = common.input_digests(args, ("data",))
+    common.lock_out(out_dir)
+    eps_out = common.ResumableOutput(out_dir, "episodes.jsonl")
+    done = set() if args.overwrite else eps_out.done
+    common.check_resumed_output(out_dir / "args.json", "sotopia_episodes", len(done),
+                                {"inputs": inputs, **{k: getattr(args, k) for k in EPISODE_KEYS}}, "episodes")
+    chunks = common.chunks(cases, args.batch_size)
+    todo = [k for k, ch in enumerate(chunks) if not all(c["id"] in done for c in ch)]
+    backends, gen_kw = {}, {}
+    if todo:
+        mk = lambda spec, url: common.make_backend(spec, url, args.device, args.dtype, decoder=args.decoder)
+        backends["policy"] = mk(args.policy, args.policy_base_url)
+        gen_kw["policy"] = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        if not selfplay:
+            backends["partner"] = mk(args.partner, args.partner_base_url)
+            gen_kw["partner"] = dict(max_new_tokens=args.max_new_tokens, temperature=args.partner_temperature, top_p=0.9)
+    eps_out = common.ResumableOutput(out_dir, "episodes.jsonl", overwrite=args.overwrite)
+    common.save_args(args, out_dir, {"stage": "sotopia_episodes", "inputs": inputs})
+    print(f"{len(cases)} episodes in {len(chunks)} chunks; {len(todo)} chunk(s) to play")
+    for k in todo:
+        ch = chunks[k]
+        setups = [episode_setup(profiles, c) for c in ch]
+        players = [players_of(c, selfplay) for c in ch]
+
+        def write(finished, ch=ch, setups=setups, players=players):
+            eps_out.append([episode_record(ch[i], setups[i], players[i], e, None) for i, e in finished
+                            if ch[i]["id"] not in done])
+
+        run_episodes(setups, players, backends, gen_kw, max_turns=args.max_turns, seed=chunk_seed(args.seed, k),
+                     on_finish=write)
+    recs = eps_out.merge([c["id"] for c in cases])
+    by_id = {c["id"]: c for c in cases}
+    turns = [t for r in recs if r["id"] in by_id for t in policy_turns(r, episode_setup(profiles, by_id[r["id"]]))]
+    common.write_jsonl(out_dir / "turns.jsonl", turns)
+    invalid = sum(sum(r["invalid_actions"][a] for a in range(2) if r["players"][a] == "policy") for r in recs)
+    print(f"wrote {out_dir / 'episodes.jsonl'} ({len(recs)} episodes) and {out_dir / 'turns.jsonl'} ({len(turns)} "
+          f"policy turns; {invalid} of them not valid action JSON)")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

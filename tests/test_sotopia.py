@@ -446,3 +446,60 @@ def test_generator_is_seeded_and_loads(tmp_path):
     assert fams == ["bargain"] * 2 + ["divide"] * 2 + ["bargain"] * 2 + ["divide"] * 2 + ["bargain"] * 2 + \
         ["divide"] * 2 + ["bargain"] * 2 + ["divide"] * 2 + ["bargain"] * 2 + ["divide"] * 2
     assert len(S.select_cases(p)) == 20 and all(e["source"] == "scripted-generator" for e in p["envs"].values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training contexts (envs/sotopia.py as a stage) and RAPO on Sotopia (05_rapo.py --env sotopia)
+
+
+def test_episodes_stage_writes_policy_turns_and_resumes_byte_identical(tiny_model_dir, tmp_path):
+    from conftest import run_script
+
+    args = ["--data", FIX, "--policy", f"hf:{tiny_model_dir}", "--partner", "scripted", "--sides", "2",
+            "--pairings", "1", "--max-turns", "4", "--max-new-tokens", "8", "--batch-size", "3", "--max-examples", "5"]
+    run_script("envs/sotopia.py", *args, "--out", tmp_path / "a")
+    eps = common.read_jsonl(tmp_path / "a" / "episodes.jsonl")
+    assert [e["id"] for e in eps] == ["fx-c0-a0", "fx-c0-a1", "fx-c2-a0", "fx-c2-a1", "fx-c3-a0"]
+    assert [e["players"] for e in eps[:2]] == [["policy", "partner"], ["partner", "policy"]]
+    turns = common.load_turns(tmp_path / "a" / "turns.jsonl")
+    assert turns and all(eps[[e["id"] for e in eps].index(t["dialog_id"])]["players"][t["sotopia"]["agent"]] == "policy"
+                         for t in turns)
+    t = turns[1]  # the context is the agent's chat at that turn, its state the messages before it
+    assert t["context"][0]["content"] == S.agent_chat(t["sotopia"]["setup"], t["sotopia"]["agent"],
+                                                      t["sotopia"]["messages"])[1]["content"]
+    # an interrupted run (its last episode lost, a torn line left) resumes to the same bytes
+    full = (tmp_path / "a" / "episodes.jsonl").read_bytes()
+    lines = full.decode().splitlines(keepends=True)
+    (tmp_path / "a" / "episodes.jsonl").write_text("".join(lines[:-2]) + lines[-2][:40])
+    run_script("envs/sotopia.py", *args, "--out", tmp_path / "a")
+    assert (tmp_path / "a" / "episodes.jsonl").read_bytes() == full
+    r = run_script("envs/sotopia.py", *args[:-2], "--max-examples", "4", "--max-turns", "6", "--out", tmp_path / "a",
+                   check=False)
+    assert r.returncode == 2 and "--max-turns 4 (now 6)" in r.stderr
+    bad = tmp_path / "bad"
+    shutil.copytree(FIX, bad)
+    (bad / ENVS).write_text((bad / ENVS).read_text().replace('"relationship": 3', '"relationship": 9'))
+    r = run_script("envs/sotopia.py", *args[2:], "--data", bad, "--out", tmp_path / "b", check=False)
+    assert r.returncode == 2 and "environment_profiles.jsonl: line 2 (fx-env-divide): field 'relationship'" in r.stderr
+    assert not (tmp_path / "b" / "episodes.jsonl").exists()
+
+
+def test_rapo_on_sotopia_one_step(tiny_model_dir, tmp_path):
+    from conftest import run_script
+
+    run_script("envs/sotopia.py", "--data", FIX, "--policy", f"hf:{tiny_model_dir}", "--partner", "scripted",
+               "--max-turns", "4", "--max-new-tokens", "8", "--out", tmp_path / "ep")
+    run_script("05_rapo.py", "--env", "sotopia", "--data", tmp_path / "ep" / "turns.jsonl", "--out", tmp_path / "r",
+               "--policy", f"hf:{tiny_model_dir}", "--seeker", "scripted", "--grm", "scripted", "--prompts-per-step", "2",
+               "--group-size", "3", "--max-steps", "1", "--max-new-tokens", "6", "--grm-retries", "0",
+               "--max-prompt-tokens", "2048", timeout=600)
+    saved = json.loads((tmp_path / "r" / "args.json").read_text())
+    assert saved["env"] == "sotopia" and saved["system_prompt"] == S.AGENT_SYSTEM and saved["prefill"] == ""
+    row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["grm_failed_frac"] == 0 and row["sd_tokens"] > 0
+    sample = json.loads((tmp_path / "r" / "samples.jsonl").read_text().splitlines()[0])
+    assert len(sample["reactions"]) == 3 and all(x.startswith("Turn #") for x in sample["reactions"])
+    assert "(goal value" in sample["grm"]["critiques"][0]  # the scripted GRM's analysis
+    r = run_script("05_rapo.py", "--env", "sotopia", "--reward", "rubric-point", "--data", tmp_path / "ep" / "turns.jsonl",
+                   "--out", tmp_path / "x", "--policy", f"hf:{tiny_model_dir}", check=False)
+    assert r.returncode == 2 and "--env sotopia trains with --reward reaction" in r.stderr
