@@ -524,6 +524,106 @@ def episode_record(case: dict, setup: dict, players: list[str], episode: dict, s
             "scores": scores, "evaluator_raw": None if scores is not None else raw_eval}
 
 
+def play_chunk(profiles: dict, cases: list[dict], players: list[list[str]], backends: dict, gen_kw: dict, evaluator,
+               *, max_turns: int = MAX_TURNS, seed: int = 0, retries: int = 2, eval_max_new_tokens: int = 1024,
+               eval_prefill: str = "", write=None) -> tuple[list[dict], dict]:
+    """Play a chunk of episodes in lock-step and evaluate each as it ends (one batched evaluator call per turn at
+    which episodes end); write(records) is called with each batch of finished, evaluated episode records.
+    Returns (the records in case order, the evaluator's counts)."""
+    setups = [episode_setup(profiles, c) for c in cases]
+    records, counts = [None] * len(cases), {"evaluated": 0, "retried": 0, "failed": 0}
+
+    def finish(done):
+        idx = [i for i, _ in done]
+        scores, raw, st = evaluate(evaluator, [setups[i] for i in idx], [e for _, e in done], retries=retries,
+                                   max_new_tokens=eval_max_new_tokens, seed=seed + 7, prefill=eval_prefill)
+        for k in counts:
+            counts[k] += st[k]
+        batch = [episode_record(cases[i], setups[i], players[i], e, sc, r)
+                 for (i, e), sc, r in zip(done, scores, raw)]
+        for i, rec in zip(idx, batch):
+            records[i] = rec
+        if write:
+            write(batch)
+
+    run_episodes(setups, players, backends, gen_kw, max_turns=max_turns, seed=seed, on_finish=finish)
+    return records, counts
+
+
+def policy_scores(rec: dict, role: str = "policy") -> list[dict]:
+    """The evaluated agents' scores of one episode: both agents in self-play, the policy's side against a partner
+    (none when the evaluator's answer never validated)."""
+    if rec["scores"] is None:
+        return []
+    return [rec["scores"][a] for a in range(2) if rec["players"][a] == role]
+
+
+def summarize(records: list[dict], stat, hard_ids=HARD_ENV_IDS) -> dict:
+    """GOAL, OVERALL and every dimension per subset ("all" = every scenario evaluated, "hard" = those of Sotopia-hard),
+    each a mean over scenarios (a scenario's value: the mean over its episodes and evaluated agents) with
+    stat(values) -> {value, ci} (06's bootstrap over scenarios); plus the episodes' counts (evaluator failures,
+    invalid actions of the policy, how episodes ended, mean length)."""
+    out = {"episodes": len(records), "evaluator_failed": sum(r["scores"] is None for r in records),
+           "policy_invalid_actions": sum(r["invalid_actions"][a] for r in records for a in range(2)
+                                         if r["players"][a] == "policy"),
+           "policy_actions": sum(1 for r in records for m in r["messages"] if r["players"][m["agent"]] == "policy"),
+           "ends": {k: sum(r["end"] == k for r in records) for k in ("leave", "stale", "max_turns")},
+           "mean_turns": sum(r["turns"] for r in records) / max(1, len(records))}
+    for subset, keep in (("all", lambda e: True), ("hard", lambda e: e in hard_ids)):
+        per_env: dict[str, list[dict]] = {}
+        for r in records:
+            if keep(r["env_id"]):
+                per_env.setdefault(r["env_id"], []).extend(policy_scores(r))
+        per_env = {e: v for e, v in per_env.items() if v}
+        if not per_env:
+            continue
+        out[subset] = {"scenarios": len(per_env), "agents_scored": sum(len(v) for v in per_env.values()),
+                       **{k: stat([sum(x[k] for x in v) / len(v) for v in per_env.values()])
+                          for k in (*DIMENSIONS, "overall")}}
+    return out
+
+
+def scenario_values(records: list[dict], key: str) -> dict[str, float]:
+    """{env_id: the mean of `key` over the scenario's episodes and evaluated agents}."""
+    per_env: dict[str, list[float]] = {}
+    for r in records:
+        for x in policy_scores(r):
+            per_env.setdefault(r["env_id"], []).append(x[key])
+    return {e: sum(v) / len(v) for e, v in per_env.items()}
+
+
+def paired_difference(records_a: list[dict], records_b: list[dict], key: str, stat) -> dict:
+    """The mean of a - b over the scenarios both policies were evaluated on (same scenarios, same pairings), with
+    stat's CI: the comparison of two policies that accounts for scenarios being easier or harder."""
+    va, vb = scenario_values(records_a, key), scenario_values(records_b, key)
+    common_envs = sorted(set(va) & set(vb))
+    return {"scenarios": len(common_envs), **stat([va[e] - vb[e] for e in common_envs])}
+
+
+def fmt_stat(s: dict | None) -> str:
+    if not s or s.get("value") is None:
+        return "-"
+    return f"{s['value']:.2f}" + (f" [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}]" if s.get("ci") else "")
+
+
+def report_tables(summaries: dict[str, dict]) -> str:
+    """Markdown: GOAL and OVERALL per subset (RAPO Table 2's columns) and the seven dimensions (Table 9's), one row
+    per policy label, 95% CIs over scenarios in brackets."""
+    subsets = [s for s in ("all", "hard") if any(s in v for v in summaries.values())]
+    head = " | ".join(f"{s.capitalize()} {k}" for s in subsets for k in ("GOAL", "OVERALL"))
+    lines = [f"| policy | {head} | episodes | evaluator failed |", "|---" * (3 + 2 * len(subsets)) + "|"]
+    for label, s in summaries.items():
+        cells = " | ".join(fmt_stat(s.get(sub, {}).get(k)) for sub in subsets for k in ("goal", "overall"))
+        lines.append(f"| {label} | {cells} | {s['episodes']} | {s['evaluator_failed']} |")
+    for sub in subsets:
+        lines += ["", f"Per dimension ({sub}):", "", "| policy | " + " | ".join(DIMENSIONS) + " |",
+                  "|---" * (1 + len(DIMENSIONS)) + "|"]
+        for label, s in summaries.items():
+            if sub in s:
+                lines.append(f"| {label} | " + " | ".join(fmt_stat(s[sub][d]) for d in DIMENSIONS) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------
 # RAPO's roles on Sotopia (05_rapo.py --env sotopia): the GRM and the teacher (our words after Appendix G.2)
 

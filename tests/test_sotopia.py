@@ -503,3 +503,31 @@ def test_rapo_on_sotopia_one_step(tiny_model_dir, tmp_path):
     r = run_script("05_rapo.py", "--env", "sotopia", "--reward", "rubric-point", "--data", tmp_path / "ep" / "turns.jsonl",
                    "--out", tmp_path / "x", "--policy", f"hf:{tiny_model_dir}", check=False)
     assert r.returncode == 2 and "--env sotopia trains with --reward reaction" in r.stderr
+
+
+def mean_stat(values):
+    return {"value": sum(values) / len(values), "ci": [min(values), max(values)]}
+
+
+def test_play_chunk_summary_and_paired_difference(profiles):
+    b = common.make_backend("scripted")
+    cases = S.select_cases(profiles)
+    written = []
+    recs, counts = S.play_chunk(profiles, cases, [["partner", "partner"]] * len(cases), {"partner": b}, {"partner": {}},
+                                b, max_turns=20, write=written.extend)
+    assert counts == {"evaluated": 5, "retried": 0, "failed": 0} and sorted(r["id"] for r in written) == \
+        sorted(c["id"] for c in cases)
+    for r in recs:  # the scripted partner plays both agents here: label them as the policy for the summary
+        r["players"] = ["policy", "policy"]
+    s = S.summarize(recs, mean_stat)
+    assert s["all"]["scenarios"] == 4 and s["hard"]["scenarios"] == 1 and s["evaluator_failed"] == 0
+    # bargain: both agents reach their targets (goal 10, twice over two pairings); divide 9.52 / 9.89; open 5 and 5
+    assert s["all"]["goal"]["value"] == pytest.approx((10 + (9.5238 + 9.8901) / 2 + 5 + 5) / 4)
+    assert s["hard"]["goal"]["value"] == 5 and s["all"]["overall"]["ci"][1] <= 10
+    recs[0]["scores"] = None  # an evaluator failure leaves the episode out of the means, counted
+    assert S.summarize(recs, mean_stat)["evaluator_failed"] == 1
+    worse = [dict(r, scores=[dict(x, goal=x["goal"] - 1) for x in r["scores"]]) for r in recs[1:]]
+    d = S.paired_difference(recs, worse, "goal", mean_stat)
+    assert d["scenarios"] == 4 and d["value"] == pytest.approx(1)
+    table = S.report_tables({"base": s, "rapo": s})
+    assert "| policy | All GOAL | All OVERALL | Hard GOAL | Hard OVERALL |" in table and "| rapo |" in table
