@@ -10,6 +10,7 @@ import pytest
 import common
 from envs import sotopia as S
 from envs import sotopia_scripted as R
+from test_openai_backend import server, served_model  # noqa: F401  (the `transformers serve` fixtures)
 
 FIX = Path(__file__).parent / "fixtures" / "sotopia"
 
@@ -531,3 +532,23 @@ def test_play_chunk_summary_and_paired_difference(profiles):
     assert d["scenarios"] == 4 and d["value"] == pytest.approx(1)
     table = S.report_tables({"base": s, "rapo": s})
     assert "| policy | All GOAL | All OVERALL | Hard GOAL | Hard OVERALL |" in table and "| rapo |" in table
+
+
+def test_openai_partner_and_evaluator_against_a_real_server(server, tiny_model_dir, tmp_path):
+    """The Sotopia prompts through an OpenAI-compatible server (`transformers serve`, as tests/test_openai_backend.py):
+    the partner plays its side; the tiny random model never writes valid JSON, which is taken as speech and counted,
+    and the evaluator's answers are re-asked, then recorded as failures, never a crash."""
+    from conftest import run_script
+
+    url, name = server
+    run_script("envs/sotopia.py", "--data", FIX, "--policy", f"hf:{tiny_model_dir}", "--partner", f"openai:{name}",
+               "--partner-base-url", url, "--max-turns", "3", "--max-new-tokens", "6", "--max-examples", "2",
+               "--out", tmp_path / "ep")
+    eps = common.read_jsonl(tmp_path / "ep" / "episodes.jsonl")
+    assert len(eps) == 2 and all(e["turns"] == 3 and e["invalid_actions"] == [2, 1] for e in eps)
+    profiles = S.load_profiles(FIX)
+    setups = [setup_of(profiles, e["combo_id"]) for e in eps]
+    b = common.make_backend(f"openai:{name}", url)
+    res, raw, stats = S.evaluate(b, setups, [{"messages": e["messages"], "end": e["end"]} for e in eps], retries=1,
+                                 max_new_tokens=8)
+    assert res == [None, None] and stats == {"evaluated": 2, "retried": 2, "failed": 2} and all(isinstance(x, str) for x in raw)
