@@ -533,6 +533,12 @@ def main(argv=None):
     dist, turns, fixed, inputs, policy_path = training.start_run(args, "scores")  # all checks before any work
     check(args.env == "esc" or fixed or all(isinstance(t.get("sotopia"), dict) for t in turns),
           f"{args.data}: --env sotopia needs turns written by envs/sotopia.py (a 'sotopia' state per turn)")
+    if args.env == "sotopia" and turns:  # the agent's view is one long message: cutting it would drop its start
+        tok = common.load_tokenizer(policy_path)
+        longest = max(len(common.chat_ids(tok, [{"role": "system", "content": sotopia.AGENT_SYSTEM}] + t["context"]))
+                      for t in turns)
+        check(longest <= args.max_prompt_tokens, f"{args.data}: a Sotopia context has {longest} prompt tokens, more "
+              f"than --max-prompt-tokens {args.max_prompt_tokens}: raise it (the agent's view would lose its start)")
     seeker = grm = None
     if not fixed:  # the role models (each its own engine; roles on one spec share it)
         if args.reward == "reaction":

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import zlib
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: the project root on the path
@@ -399,9 +400,9 @@ def run_episodes(setups: list[dict], players: list[list[str]], backends: dict, g
         by_role: dict[str, list[int]] = {}
         for i in live:
             by_role.setdefault(players[i][agent], []).append(i)
-        for r, (role, idx) in enumerate(sorted(by_role.items())):
+        for role, idx in sorted(by_role.items()):  # a role's seed: from (seed, turn, role name) only
             texts = backends[role].complete([agent_chat(setups[i], agent, eps[i]["messages"]) for i in idx],
-                                            seed=seed + 1000 * turn + r, **gen_kw[role])
+                                            seed=seed + 1000 * turn + zlib.crc32(role.encode()) % 997, **gen_kw[role])
             for i, text in zip(idx, texts):
                 a = parse_action(text)
                 eps[i]["invalid"][agent] += int(not a["valid"])

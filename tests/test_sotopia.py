@@ -501,6 +501,9 @@ def test_rapo_on_sotopia_one_step(tiny_model_dir, tmp_path):
     sample = json.loads((tmp_path / "r" / "samples.jsonl").read_text().splitlines()[0])
     assert len(sample["reactions"]) == 3 and all(x.startswith("Turn #") for x in sample["reactions"])
     assert "(goal value" in sample["grm"]["critiques"][0]  # the scripted GRM's analysis
+    r = run_script("05_rapo.py", "--env", "sotopia", "--data", tmp_path / "ep" / "turns.jsonl", "--out", tmp_path / "y",
+                   "--policy", f"hf:{tiny_model_dir}", "--max-prompt-tokens", "256", check=False)
+    assert r.returncode == 2 and "more than --max-prompt-tokens 256" in r.stderr and not (tmp_path / "y" / "args.json").exists()
     r = run_script("05_rapo.py", "--env", "sotopia", "--reward", "rubric-point", "--data", tmp_path / "ep" / "turns.jsonl",
                    "--out", tmp_path / "x", "--policy", f"hf:{tiny_model_dir}", check=False)
     assert r.returncode == 2 and "--env sotopia trains with --reward reaction" in r.stderr
