@@ -447,6 +447,11 @@ def test_generator_is_seeded_and_loads(tmp_path):
     assert fams == ["bargain"] * 2 + ["divide"] * 2 + ["bargain"] * 2 + ["divide"] * 2 + ["bargain"] * 2 + \
         ["divide"] * 2 + ["bargain"] * 2 + ["divide"] * 2 + ["bargain"] * 2 + ["divide"] * 2
     assert len(S.select_cases(p)) == 20 and all(e["source"] == "scripted-generator" for e in p["envs"].values())
+    from conftest import run_script
+
+    run_script("envs/sotopia_scripted.py", "--out", tmp_path / "cli", "-n", "10", "--seed", "3")  # the same folder
+    for name in S.FILES.values():
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "gen" / name).read_bytes()
 
 
 # ----------------------------------------------------------------------------------------------------
