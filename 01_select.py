@@ -26,6 +26,7 @@ import math
 import sys
 from pathlib import Path
 
+import backends
 import common
 from common import InputError, check
 
@@ -136,8 +137,8 @@ def judge_batch(backend, batch: list[dict], mode: str, args) -> tuple[list[dict]
             p = 1.0 / (1.0 + math.exp(ll[i][1] - ll[i][0]))  # p(true) over {true, false}
             ups.append({"learn": p > 0.5, "learn_reason": f"likelihood judge: p(learn)={p:.3f}"})
         return ups, 0, 0
-    res = common.ask_json(backend, chats, validate_select, retries=args.retries,
-                          max_new_tokens=args.max_new_tokens, seed=args.seed)
+    res = backends.ask_json(backend, chats, validate_select, retries=args.retries,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed)
     ups = []
     for v, raw in zip(res.values, res.raw):
         ups.append({"learn": v["learn"], "learn_reason": v["reason"]} if v is not None
@@ -163,7 +164,7 @@ def main(argv=None):
     done = set() if args.overwrite else common.ResumableOutput(args.out, "turns.jsonl").done
     settings = {"inputs": inputs, **{k: getattr(args, k) for k in SELECT_KEYS}}
     common.check_resumed_output(settings_path, "01_select", len(done), settings, "turns")  # same input and settings
-    backend = None if judge_spec is None else common.make_backend(args.judge, args.judge_base_url, args.device, args.dtype,
+    backend = None if judge_spec is None else backends.make_backend(args.judge, args.judge_base_url, args.device, args.dtype,
                                                                    decoder=args.decoder)
     out = common.ResumableOutput(args.out, "turns.jsonl", overwrite=args.overwrite)  # (deletes only now: the judge loaded)
     common.save_args(args, args.out, {"stage": "01_select", "inputs": inputs}, name=settings_path.name)

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import backends
 import common
 from common import InputError, check
 
@@ -203,7 +204,7 @@ def match_critic_option(text: str) -> float | None:
     return min(hits)[1] if hits else None
 
 
-def critic_scores(backend: common.Backend, histories: list[list[dict]], mode: str = "likelihood", n: int = 10,
+def critic_scores(backend: backends.Backend, histories: list[list[dict]], mode: str = "likelihood", n: int = 10,
                   temperature: float = 1.1, seed: int | None = None) -> list[float]:
     """Critic score in [-1, 1] of each dialogue, one batched call.
 
@@ -233,9 +234,9 @@ def critic_scores(backend: common.Backend, histories: list[list[dict]], mode: st
 @dataclass
 class Roles:
     """The three conversation roles of SPEC section 3 with their decoding settings."""
-    policy: common.Backend
-    seeker: common.Backend
-    critic: common.Backend
+    policy: backends.Backend
+    seeker: backends.Backend
+    critic: backends.Backend
     policy_system: str | None = common.ESC_SYSTEM
     policy_kw: dict = field(default_factory=lambda: dict(max_new_tokens=64, temperature=1.0, top_p=1.0))
     seeker_kw: dict = field(default_factory=lambda: dict(max_new_tokens=48, temperature=0.7, top_p=0.9))
@@ -448,7 +449,7 @@ def main(argv=None):
 
     roles = None
     if todo_all:  # every rank loads the models at the same point (vLLM under torchrun needs that)
-        mk = lambda r: common.make_backend(getattr(args, r), getattr(args, f"{r}_base_url"), str(dist.device), args.dtype,
+        mk = lambda r: backends.make_backend(getattr(args, r), getattr(args, f"{r}_base_url"), str(dist.device), args.dtype,
                                        decoder=args.decoder)
         roles = Roles(
             policy=mk("policy"), seeker=mk("seeker"), critic=mk("critic"),

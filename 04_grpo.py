@@ -67,6 +67,7 @@ from pathlib import Path
 
 import torch
 
+import backends
 import common
 import speed
 import training
@@ -487,7 +488,9 @@ def main(argv=None):
     dist, turns, fixed, inputs, policy_path = training.start_run(args, "rewards")  # all checks before any work
     rm_fn = None if args.rm == "none" or fixed else make_rm_scorer(args.rm, dist.device, common.resolve_dtype(
         args.dtype, dist.device), args.rm_batch_size)
-    engine = speed.VLLMRollout(policy_path, args, dist) if args.rollout == "vllm" else None  # before the seeding
+    engine = None  # the vLLM engine is built before the seeding (LLM() reseeds the process)
+    if args.rollout == "vllm":
+        engine = speed.VLLMRollout(backends.rollout_engine(policy_path, args), args, dist)
     pol = training.setup_policy(args, dist, n_groups=len(fixed or turns))
     cfg = loss_config(args, pol.tok.pad_token_id, dist.device, pol.dtype)
     generate = sampler(args, pol, engine)

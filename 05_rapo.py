@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import backends
 import common
 import speed
 import training
@@ -298,7 +299,7 @@ def parse_grm(obj, G: int) -> dict:
 
 
 def grm_prefill(backend) -> str:
-    return "" if isinstance(backend, common.OpenAIBackend) else '{"0": {"analysis": "'  # deviation 2
+    return "" if isinstance(backend, backends.OpenAIBackend) else '{"0": {"analysis": "'  # deviation 2
 
 
 def score_groups(grm, mode: str, contexts: list[list[dict]], replies: list[list[str]], reactions: list[list[str]] | None,
@@ -308,9 +309,9 @@ def score_groups(grm, mode: str, contexts: list[list[dict]], replies: list[list[
     stats = {"grm_groups": len(contexts), "grm_failed": 0, "grm_derived": 0, "grm_retried": 0}
     if mode == "rubric-point":  # every reply alone (the paper's GRPO baseline)
         flat_ctx = [c for c in contexts for _ in range(G)]
-        res = common.ask_json(grm, rubric_point_chats(flat_ctx, [y for ys in replies for y in ys]),
-                              validate_point, retries=retries, max_new_tokens=max_new_tokens, seed=seed,
-                              prefill=grm_prefill(grm).replace('{"0": {"analysis": "', '{"analysis": "'))
+        res = backends.ask_json(grm, rubric_point_chats(flat_ctx, [y for ys in replies for y in ys]),
+                                validate_point, retries=retries, max_new_tokens=max_new_tokens, seed=seed,
+                                prefill=grm_prefill(grm).replace('{"0": {"analysis": "', '{"analysis": "'))
         stats["grm_retried"] = res.retried
         out = []
         for g in range(len(contexts)):
@@ -331,8 +332,8 @@ def score_groups(grm, mode: str, contexts: list[list[dict]], replies: list[list[
         perms.append(perm)
     sh_replies = [[replies[g][i] for i in shown[g]] for g in range(len(contexts))]
     sh_reacts = None if reactions is None else [[reactions[g][i] for i in shown[g]] for g in range(len(contexts))]
-    res = common.ask_json(grm, grm_chats(contexts, sh_replies, sh_reacts), lambda obj, i: parse_grm(obj, G),
-                          retries=retries, max_new_tokens=max_new_tokens, seed=seed, prefill=grm_prefill(grm))
+    res = backends.ask_json(grm, grm_chats(contexts, sh_replies, sh_reacts), lambda obj, i: parse_grm(obj, G),
+                            retries=retries, max_new_tokens=max_new_tokens, seed=seed, prefill=grm_prefill(grm))
     stats["grm_retried"] = res.retried
     out = []
     for g, v in enumerate(res.values):
@@ -378,7 +379,7 @@ def score_sotopia_groups(grm, states: list[dict], actions: list[list[dict]], rea
     perms = [shuffle_group(list(range(G)), rng)[0] for _ in states]
     chats = sotopia.grm_chats(states, [[actions[g][i] for i in p] for g, p in enumerate(perms)],
                               [[reactions[g][i] for i in p] for g, p in enumerate(perms)])
-    res = common.ask_json(grm, chats, lambda obj, i: parse_grm(obj, G), retries=retries, max_new_tokens=max_new_tokens,
+    res = backends.ask_json(grm, chats, lambda obj, i: parse_grm(obj, G), retries=retries, max_new_tokens=max_new_tokens,
                           seed=seed, prefill=grm_prefill(grm))
     stats["grm_retried"] = res.retried
     out = []
@@ -542,9 +543,11 @@ def main(argv=None):
     seeker = grm = None
     if not fixed:  # the role models (each its own engine; roles on one spec share it)
         if args.reward == "reaction":
-            seeker = common.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype, decoder=args.decoder)
-        grm = common.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder)
-    engine = speed.VLLMRollout(policy_path, args, dist) if args.rollout == "vllm" else None  # before the seeding
+            seeker = backends.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype, decoder=args.decoder)
+        grm = backends.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder)
+    engine = None  # the vLLM engine is built before the seeding (LLM() reseeds the process)
+    if args.rollout == "vllm":
+        engine = speed.VLLMRollout(backends.rollout_engine(policy_path, args), args, dist)
     # full fine-tuning with --teacher base needs the frozen initial model even when beta = 0
     pol = training.setup_policy(args, dist, n_groups=len(fixed or turns), need_ref=args.teacher == "base" and args.sd_coef > 0)
     cfg = grpo.loss_config(args, pol.tok.pad_token_id, dist.device, pol.dtype)

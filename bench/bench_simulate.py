@@ -18,8 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import backends  # noqa: E402
 import common  # noqa: E402
-from common import Backend  # noqa: E402
+from backends import Backend  # noqa: E402
 
 
 class Timed(Backend):
@@ -72,7 +73,7 @@ def main():
     dialogues = common.load_dialogues(args.data)
     turns = common.build_turns(dialogues, {d["dialog_id"]: "train" for d in dialogues})
     turns = sim.select_contexts(turns, 1, args.contexts, args.context_window)
-    backends = {r: common.make_backend(getattr(args, r), getattr(args, f"{r}_base_url"), args.device, args.dtype)
+    made = {r: backends.make_backend(getattr(args, r), getattr(args, f"{r}_base_url"), args.device, args.dtype)
                 for r in ("policy", "seeker", "critic")}
     m, T = args.num_candidates, args.max_turns
     print(f"{len(turns)} contexts x m={m}, T={T}, theta={args.theta}, reply {args.max_new_tokens} / seeker "
@@ -81,7 +82,7 @@ def main():
           f"{os.cpu_count()} CPUs")
     rows = []
     for C in [int(x) for x in args.batch_sizes.split(",")]:
-        t = {r: Timed(b, r) for r, b in backends.items()}
+        t = {r: Timed(b, r) for r, b in made.items()}
         roles = sim.Roles(policy=t["policy"], seeker=t["seeker"], critic=t["critic"],
                           policy_kw=dict(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0),
                           seeker_kw=dict(max_new_tokens=args.seeker_max_new_tokens, temperature=0.7, top_p=0.9),

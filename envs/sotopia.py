@@ -31,7 +31,7 @@ and counted. All live episodes advance together: one batched call per agent role
 
 The evaluator (Sotopia's ReachGoalLLMEvaluator, prompt in our words) reads the whole episode as the environment
 sees it and answers JSON with, per agent and dimension, a reason and an integer score in the dimension's range;
-answers out of range or incomplete are re-asked (common.ask_json) and, if they never validate, recorded as null
+answers out of range or incomplete are re-asked (backends.ask_json) and, if they never validate, recorded as null
 and counted. overall = the unweighted mean of the seven raw scores.
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: the project root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import backends
 import common
 from common import InputError
 
@@ -287,7 +288,7 @@ def parse_action(text: str) -> dict:
     """{"action_type", "argument", "valid"} from an agent's reply: JSON {"action_type", "argument"} with a known
     type (valid), or else the whole reply (reasoning tags stripped) taken as speech (valid False: counted)."""
     reply = common.strip_reasoning(text)
-    obj = common.extract_json(reply)
+    obj = backends.extract_json(reply)
     if isinstance(obj, dict) and isinstance(obj.get("action_type"), str):
         kind = obj["action_type"].strip().lower()
         arg = obj.get("argument", "")
@@ -384,10 +385,10 @@ def agent_chat(setup: dict, agent: int, messages: list[dict]) -> list[dict]:
     return [{"role": "system", "content": AGENT_SYSTEM}, {"role": "user", "content": user}]
 
 
-def run_episodes(setups: list[dict], players: list[list[str]], backends: dict, gen_kw: dict, *,
+def run_episodes(setups: list[dict], players: list[list[str]], role_backends: dict, gen_kw: dict, *,
                  max_turns: int = MAX_TURNS, max_stale: int = MAX_STALE, seed: int = 0, on_finish=None) -> list[dict]:
     """Play every episode to its end in lock-step. setups[i]: episode_setup(); players[i]: the role name of agent 0
-    and agent 1 (e.g. ["policy", "partner"], or ["policy", "policy"] for self-play); backends[role]: its Backend;
+    and agent 1 (e.g. ["policy", "partner"], or ["policy", "policy"] for self-play); role_role_backends[role]: its Backend;
     gen_kw[role]: its decoding settings. Per turn, the agent to move is turn % 2; its episodes are asked with one
     batched call per role. on_finish(list of (i, episode)) is called as episodes end (so a caller can write them).
     An episode: {messages: [{turn, agent, action_type, argument, valid, raw}], end, invalid [2]}."""
@@ -401,7 +402,7 @@ def run_episodes(setups: list[dict], players: list[list[str]], backends: dict, g
         for i in live:
             by_role.setdefault(players[i][agent], []).append(i)
         for role, idx in sorted(by_role.items()):  # a role's seed: from (seed, turn, role name) only
-            texts = backends[role].complete([agent_chat(setups[i], agent, eps[i]["messages"]) for i in idx],
+            texts = role_backends[role].complete([agent_chat(setups[i], agent, eps[i]["messages"]) for i in idx],
                                             seed=seed + 1000 * turn + zlib.crc32(role.encode()) % 997, **gen_kw[role])
             for i, text in zip(idx, texts):
                 a = parse_action(text)
@@ -498,7 +499,7 @@ def evaluate(evaluator, setups: list[dict], episodes: list[dict], *, retries: in
     """Scores of every episode (one batched evaluator call, re-asked where invalid): per episode [agent 0's
     {dim: score, ..., "overall", "reasons"}, agent 1's], or None when no answer validated.
     Returns (results, the last raw answer of each, {"evaluated", "retried", "failed"})."""
-    res = common.ask_json(evaluator, [evaluator_chat(s, e) for s, e in zip(setups, episodes)], validate_evaluation,
+    res = backends.ask_json(evaluator, [evaluator_chat(s, e) for s, e in zip(setups, episodes)], validate_evaluation,
                           retries=retries, max_new_tokens=max_new_tokens, seed=seed, prefill=prefill)
     out = []
     for v in res.values:
@@ -525,7 +526,7 @@ def episode_record(case: dict, setup: dict, players: list[str], episode: dict, s
             "scores": scores, "evaluator_raw": None if scores is not None else raw_eval}
 
 
-def play_chunk(profiles: dict, cases: list[dict], players: list[list[str]], backends: dict, gen_kw: dict, evaluator,
+def play_chunk(profiles: dict, cases: list[dict], players: list[list[str]], role_backends: dict, gen_kw: dict, evaluator,
                *, max_turns: int = MAX_TURNS, seed: int = 0, retries: int = 2, eval_max_new_tokens: int = 1024,
                eval_prefill: str = "", write=None) -> tuple[list[dict], dict]:
     """Play a chunk of episodes in lock-step and evaluate each as it ends (one batched evaluator call per turn at
@@ -547,7 +548,7 @@ def play_chunk(profiles: dict, cases: list[dict], players: list[list[str]], back
         if write:
             write(batch)
 
-    run_episodes(setups, players, backends, gen_kw, max_turns=max_turns, seed=seed, on_finish=finish)
+    run_episodes(setups, players, role_backends, gen_kw, max_turns=max_turns, seed=seed, on_finish=finish)
     return records, counts
 
 
@@ -773,13 +774,13 @@ def main(argv=None):
                                 {"inputs": inputs, **{k: getattr(args, k) for k in EPISODE_KEYS}}, "episodes")
     chunks = common.chunks(cases, args.batch_size)
     todo = [k for k, ch in enumerate(chunks) if not all(c["id"] in done for c in ch)]
-    backends, gen_kw = {}, {}
+    role_backends, gen_kw = {}, {}
     if todo:
-        mk = lambda spec, url: common.make_backend(spec, url, args.device, args.dtype, decoder=args.decoder)
-        backends["policy"] = mk(args.policy, args.policy_base_url)
+        mk = lambda spec, url: backends.make_backend(spec, url, args.device, args.dtype, decoder=args.decoder)
+        role_backends["policy"] = mk(args.policy, args.policy_base_url)
         gen_kw["policy"] = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
         if not selfplay:
-            backends["partner"] = mk(args.partner, args.partner_base_url)
+            role_backends["partner"] = mk(args.partner, args.partner_base_url)
             gen_kw["partner"] = dict(max_new_tokens=args.max_new_tokens, temperature=args.partner_temperature, top_p=0.9)
     eps_out = common.ResumableOutput(out_dir, "episodes.jsonl", overwrite=args.overwrite)
     common.save_args(args, out_dir, {"stage": "sotopia_episodes", "inputs": inputs})
@@ -793,7 +794,7 @@ def main(argv=None):
             eps_out.append([episode_record(ch[i], setups[i], players[i], e, None) for i, e in finished
                             if ch[i]["id"] not in done])
 
-        run_episodes(setups, players, backends, gen_kw, max_turns=args.max_turns, seed=chunk_seed(args.seed, k),
+        run_episodes(setups, players, role_backends, gen_kw, max_turns=args.max_turns, seed=chunk_seed(args.seed, k),
                      on_finish=write)
     recs = eps_out.merge([c["id"] for c in cases])
     by_id = {c["id"]: c for c in cases}

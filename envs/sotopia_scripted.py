@@ -1,10 +1,10 @@
 """A scripted Sotopia environment whose answer is known: two scenario families a rule can score, a generator of
 training scenarios of those families, a rule partner, a rule evaluator and a rule GRM (docs/design.md section 11).
 
-Why: as on ESC (esc_env.py), the embedded 135M model cannot play a capable partner, evaluator or GRM, so with it
+Why: as on ESC (envs/esc.py), the embedded 135M model cannot play a capable partner, evaluator or GRM, so with it
 RAPO has nothing to learn from on a CPU. Here the partner, the evaluator and the GRM follow stated rules, behind
 the Backend interface (the spec `scripted`: `--partner scripted`, `--evaluator scripted`, `--grm scripted`); they
-read the same prompts an LLM would read (envs/sotopia.py's templates, inverted by esc_env.unformat) and answer in
+read the same prompts an LLM would read (envs/sotopia.py's templates, inverted by envs.esc.unformat) and answer in
 the same form (an action's JSON, the evaluator's JSON, the GRM's JSON). Results in it are results in a scripted
 environment, not on people.
 
@@ -45,7 +45,7 @@ GRM (grm_answer; RAPO Eq. 10 with the rules as judge): each candidate's conversa
   partner's reaction; value = GOAL of the closed deal, or 0.8 x the GOAL the partner's standing offer would give
   (0 after leaving without a deal), plus the other rule dimensions' penalties on the candidate's agent
   (believability - 10, relationship, secret, social_rules) and knowledge / 5; score = clip((value + 25) / 40, 0,
-  1); ranks by score, ties by position (1e-6 steps, as esc_env); the analysis states the outcome and the faults.
+  1); ranks by score, ties by position (1e-6 steps, as envs/esc.py); the analysis states the outcome and the faults.
 """
 from __future__ import annotations
 
@@ -440,7 +440,7 @@ def _history(text: str, names: list[str]) -> list[dict]:
 
 def answer(chat: list[dict]) -> str | None:
     """The scripted answer to a Sotopia prompt (agent, evaluator or GRM), or None for a prompt that is not one."""
-    from esc_env import unformat
+    from envs.esc import unformat
 
     text = chat[-1]["content"] if chat else ""
     if len(chat) == 2 and chat[0]["content"] == S.AGENT_SYSTEM and (f := unformat(S.AGENT_PROMPT, text)):

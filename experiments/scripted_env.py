@@ -1,6 +1,6 @@
-"""Experiment: do RLFF-ESC and RAPO learn in the scripted ESC environment (esc_env.py)? CPU, embedded model.
+"""Experiment: do RLFF-ESC and RAPO learn in the scripted ESC environment (envs/esc.py)? CPU, embedded model.
 
-A transparent stand-in environment, not people: the seeker, the critic and the GRM are the rules of esc_env.py,
+A transparent stand-in environment, not people: the seeker, the critic and the GRM are the rules of envs/esc.py,
 fixed before these runs (their commit precedes the results). Train contexts come from one ESConv file
 (default ../shared/data/esconv_failed.json, every dialogue train), held-out cases from another
 (../shared/data/esconv_ppdpp_valid.jsonl, PPDPP's test dialogues): no test dialogue is trained on or was used
@@ -138,27 +138,27 @@ def label_ceiling(rollouts: list[dict], valid_ids: set[str]) -> dict:
     rule score d(y) (what a perfect reward model of the reply could know) and of the critic's score right
     after it (c_1, which adds the context's mood); the rest of the label is the context and the simulated
     future (the next supporter reply and the seeker)."""
-    import esc_env
+    from envs import esc
 
     rs = [r for r in rollouts if r["id"] in valid_ids]
     y = [r["label"] for r in rs]
-    return {"n": len(rs), "auc_reply_score_d": auc([esc_env.reply_score(r["response"], r["context"]) for r in rs], y),
+    return {"n": len(rs), "auc_reply_score_d": auc([esc.reply_score(r["response"], r["context"]) for r in rs], y),
             "auc_critic_after_reply_c1": auc([r["critic_scores"][0] for r in rs], y)}
 
 
 def rule_profile(records: list[dict]) -> dict:
-    """How often each rule of esc_env.py applied to a policy's supporter turns in 06's dialogues (fractions of
+    """How often each rule of envs/esc.py applied to a policy's supporter turns in 06's dialogues (fractions of
     turns), and the mean reply score d: the trace from a policy's replies to its critic scores."""
-    import esc_env
+    from envs import esc
 
     feats, ds = [], []
     for r in records:
         msgs = r["messages"]
         for i, m in enumerate(msgs):
             if m["role"] == "assistant":
-                feats.append(esc_env.reply_features(m["content"], msgs[:i]))
-                ds.append(esc_env.reply_score(m["content"], msgs[:i]))
-    out = {k: round(float(np.mean([f[k] for f in feats])), 3) for k in esc_env.W} if feats else {}
+                feats.append(esc.reply_features(m["content"], msgs[:i]))
+                ds.append(esc.reply_score(m["content"], msgs[:i]))
+    out = {k: round(float(np.mean([f[k] for f in feats])), 3) for k in esc.W} if feats else {}
     return {"turns": len(ds), "mean_d": round(float(np.mean(ds)), 4) if ds else None, "rule_frac": out}
 
 
@@ -217,7 +217,7 @@ def main(argv=None):
         log["label_ceiling"] = label_ceiling(common.read_jsonl(sim / "rollouts.jsonl"), {p["id"] for p in cls["predictions"]})
         print(f"label ceiling on the valid candidates: {log['label_ceiling']}")
         if a.until == "rm":  # the reward models' valid metrics only
-            log.update(settings=vars(a), environment="scripted (esc_env.py): rule-based seeker and critic; not people")
+            log.update(settings=vars(a), environment="scripted (envs/esc.py): rule-based seeker and critic; not people")
             common.write_json(res_dir / f"scripted_{a.method}.json", log)
             save()
             for obj, m in log["rm"].items():
@@ -290,7 +290,7 @@ def main(argv=None):
                 w.writerow([name, m["step"]] + [m.get(k) for k in keys])
     log["settings"] = vars(a)
     log["wall_s_total_this_invocation"] = round(time.time() - t_start, 1)
-    log["environment"] = "scripted (esc_env.py): rule-based seeker, critic and GRM; not people"
+    log["environment"] = "scripted (envs/esc.py): rule-based seeker, critic and GRM; not people"
     common.write_json(res_dir / f"scripted_{a.method}.json", log)
     save()
     for row in table:
@@ -331,7 +331,7 @@ def plot(a, curves: dict, table: list[dict], path: Path):
         ax[j + 1].set_xticks(xs, [r["policy"] for r in table])
         ax[j + 1].set_ylabel(lab + ", 95% CI")
         ax[j + 1].set_title(f"held-out: {table[0]['n']} cases, T={a.eval_turns}", fontsize=9)
-    fig.suptitle(f"{a.method}: scripted ESC environment (esc_env.py), SmolLM2-135M, CPU - not results on people", fontsize=9)
+    fig.suptitle(f"{a.method}: scripted ESC environment (envs/esc.py), SmolLM2-135M, CPU - not results on people", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

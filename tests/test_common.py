@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import backends
 import common
 from common import InputError
 from conftest import load_stage
@@ -131,8 +132,8 @@ def test_parse_spec_and_strip_reasoning():
 
 
 def test_extract_json_and_grm_parsing():
-    assert common.extract_json('Sure! ```json\n{"learn": true, "reason": "ok",}\n```') == {"learn": True, "reason": "ok"}
-    assert common.extract_json("no json here") is None
+    assert backends.extract_json('Sure! ```json\n{"learn": true, "reason": "ok",}\n```') == {"learn": True, "reason": "ok"}
+    assert backends.extract_json("no json here") is None
     ok = {"0": {"analysis": "a", "rank": 2, "score": 0.3}, "1": {"analysis": "b", "rank": 1, "score": 0.8},
           "2": {"analysis": "c", "rank": 3, "score": 0.1}}
     r = rapo.parse_grm(ok, 3)
@@ -146,7 +147,7 @@ def test_extract_json_and_grm_parsing():
         rapo.parse_grm({"0": ok["0"], "1": ok["1"]}, 3)
 
 
-class ScriptedBackend(common.Backend):
+class ScriptedBackend(backends.Backend):
     """Answers from a script, to test ask_json's retries and counting."""
 
     def __init__(self, answers):
@@ -161,7 +162,7 @@ class ScriptedBackend(common.Backend):
 def test_ask_json_retries_only_failures_and_counts():
     b = ScriptedBackend(['{"learn": true, "reason": "x"}', "garbage", '{"learn": "maybe"}',
                          '{"learn": false, "reason": "y"}', "still garbage", "garbage again"])
-    res = common.ask_json(b, [[{"role": "user", "content": str(i)}] for i in range(3)], select.validate_select, retries=2)
+    res = backends.ask_json(b, [[{"role": "user", "content": str(i)}] for i in range(3)], select.validate_select, retries=2)
     assert b.asked == [3, 2, 1]  # batched; only the failures are re-asked
     assert res.values[0] == {"learn": True, "reason": "x"} and res.values[1] == {"learn": False, "reason": "y"}
     assert res.values[2] is None and res.failed == 1 and res.retried == 3
@@ -181,7 +182,7 @@ def test_embedded_cache_matches_gguf_logits():
 
 
 def test_hf_backend_batched_generation(tiny_model_dir):
-    b = common.HFBackend(str(tiny_model_dir), torch.device("cpu"), torch.float32, batch_size=2)
+    b = backends.HFBackend(str(tiny_model_dir), torch.device("cpu"), torch.float32, batch_size=2)
     chats = [[{"role": "user", "content": "hello"}], [{"role": "user", "content": "a much longer message here"}],
              [{"role": "user", "content": "x"}]]
     g1 = b.generate(chats, max_new_tokens=5, temperature=0.0)
@@ -200,11 +201,11 @@ def test_hf_backend_batched_generation(tiny_model_dir):
 
 
 def test_option_scoring_equals_naive_loglik(tiny_model_dir):
-    b = common.HFBackend(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    b = backends.HFBackend(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     chats = [[{"role": "user", "content": "short"}], [{"role": "user", "content": "a somewhat longer prompt, padded"}]]
     opts = ["yes", "no thank you", "The seeker feels better."]
     fast = torch.tensor(b.option_loglik(chats, opts))  # prompt once, options against the expanded cache
-    naive = torch.tensor(common.Backend.option_loglik(b, chats, opts))  # every (prompt, option) separately
+    naive = torch.tensor(backends.Backend.option_loglik(b, chats, opts))  # every (prompt, option) separately
     assert torch.allclose(fast, naive, atol=1e-4)
     # and the naive path equals a hand computation for one pair, without padding or batching
     p = common.chat_ids(b.tok, chats[1])
@@ -216,7 +217,7 @@ def test_option_scoring_equals_naive_loglik(tiny_model_dir):
 
 
 def test_likelihood_critic_is_the_expectation(tiny_model_dir):
-    b = common.HFBackend(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    b = backends.HFBackend(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     hist = [[{"role": "user", "content": "I feel bad"}, {"role": "assistant", "content": "Tell me more"},
              {"role": "user", "content": "Thanks, that helps"}]]
     score = sim.critic_scores(b, hist, mode="likelihood")[0]

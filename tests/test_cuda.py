@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, load_stage
 
 import common  # noqa: E402
+import speed  # noqa: E402
 import training  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -147,9 +148,9 @@ def test_cuda_graph_decoder_equals_eager(tiny_model_dir, dtype):
         out = {}
         for decoder in ("static", "cuda-graph"):
             torch.manual_seed(1)
-            out[decoder] = common.generate_ids(model, tok, ps, max_new_tokens=24, temperature=temperature, top_p=0.9,
-                                               n=4, decoder=decoder)
+            out[decoder] = speed.generate_ids(model, tok, ps, max_new_tokens=24, temperature=temperature, top_p=0.9,
+                                              n=4, decoder=decoder)
         assert out["static"] == out["cuda-graph"]
     if dtype == torch.float32:
         kw = dict(max_new_tokens=24, temperature=0.0, n=2)
-        assert common.generate_ids(model, tok, ps, decoder="cuda-graph", **kw) == common.generate_ids(model, tok, ps, **kw)
+        assert speed.generate_ids(model, tok, ps, decoder="cuda-graph", **kw) == common.generate_ids(model, tok, ps, **kw)

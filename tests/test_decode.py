@@ -1,8 +1,9 @@
-"""Our static-cache decoding loop (common.static_decode, `--decoder static|cuda-graph`) against transformers'
+"""Our static-cache decoding loop (speed.static_decode, `--decoder static|cuda-graph`) against transformers'
 generate(), and its sampler against transformers' own temperature and top-p warpers."""
 import pytest
 import torch
 
+import backends
 import common
 import speed  # noqa: E402
 import training  # noqa: E402
@@ -40,8 +41,8 @@ def test_static_greedy_equals_generate(tiny_model_dir, impl, n):
     ps = prompts([3, 12, 7])
     kw = dict(max_new_tokens=14, temperature=0.0, n=n)
     want = common.generate_ids(model, tok, ps, batch_size=64, **kw)
-    assert common.generate_ids(model, tok, ps, batch_size=64, decoder="static", **kw) == want
-    assert common.generate_ids(model, tok, ps, batch_size=2 * n, decoder="static", **kw) == want
+    assert speed.generate_ids(model, tok, ps, batch_size=64, decoder="static", **kw) == want
+    assert speed.generate_ids(model, tok, ps, batch_size=2 * n, decoder="static", **kw) == want
 
 
 def test_static_greedy_equals_generate_lora_and_eos(eos_model_dir):
@@ -52,10 +53,10 @@ def test_static_greedy_equals_generate_lora_and_eos(eos_model_dir):
     for min_new in (0, 4):
         kw = dict(max_new_tokens=20, temperature=0.0, n=2, min_new_tokens=min_new)
         want = common.generate_ids(model, tok, ps, **kw)
-        got = common.generate_ids(model, tok, ps, decoder="static", **kw)
+        got = speed.generate_ids(model, tok, ps, decoder="static", **kw)
         assert got == want
         assert all(len(c) >= min_new for c in got)
-    stopped = [c for c in common.generate_ids(model, tok, ps, max_new_tokens=20, temperature=0.0, decoder="static")
+    stopped = [c for c in speed.generate_ids(model, tok, ps, max_new_tokens=20, temperature=0.0, decoder="static")
                if c[-1] == tok.eos_token_id]
     assert stopped and all(tok.eos_token_id not in c[:-1] for c in stopped)
 
@@ -80,7 +81,7 @@ def test_sampler_matches_transformers_warpers(temperature, top_p):
         want = TopPLogitsWarper(top_p)(None, want)
     want = want.softmax(-1)[0]
     torch.manual_seed(0)
-    draws = common.sample_tokens(logits.expand(40000, -1), temperature, top_p)
+    draws = speed.sample_tokens(logits.expand(40000, -1), temperature, top_p)
     freq = torch.bincount(draws, minlength=logits.shape[1]).float() / draws.numel()
     se = (want * (1 - want) / draws.numel()).sqrt()
     assert torch.all((freq - want).abs() <= 4 * se + 1e-9), (freq, want)
@@ -90,12 +91,12 @@ def test_sampler_matches_transformers_warpers(temperature, top_p):
 
 def test_sampler_greedy_and_decoder_errors(tiny_model_dir):
     logits = torch.tensor([[0.1, 3.0, -1.0], [2.0, 0.0, 1.9]])
-    assert common.sample_tokens(logits, 0.0).tolist() == [1, 0]
+    assert speed.sample_tokens(logits, 0.0).tolist() == [1, 0]
     model, tok = load(tiny_model_dir)
     with pytest.raises(ValueError, match="CUDA"):
-        common.generate_ids(model, tok, prompts([3]), max_new_tokens=2, decoder="cuda-graph")
+        speed.generate_ids(model, tok, prompts([3]), max_new_tokens=2, decoder="cuda-graph")
     with pytest.raises(ValueError, match="unknown decoder"):
-        common.generate_ids(model, tok, prompts([3]), max_new_tokens=2, decoder="vllm")
+        speed.generate_ids(model, tok, prompts([3]), max_new_tokens=2, decoder="vllm")
 
 
 def test_hf_backend_static_decoder_equals_generate(tiny_model_dir):
@@ -103,7 +104,7 @@ def test_hf_backend_static_decoder_equals_generate(tiny_model_dir):
     chats = [[{"role": "user", "content": "I feel alone."}], [{"role": "user", "content": "My exams went badly, help."}]]
     out = {}
     for decoder in ("hf", "static"):
-        b = common.HFBackend(str(tiny_model_dir), torch.device("cpu"), torch.float32, decoder=decoder)
+        b = backends.HFBackend(str(tiny_model_dir), torch.device("cpu"), torch.float32, decoder=decoder)
         out[decoder] = b.generate(chats, max_new_tokens=10, temperature=0.0, n=2, prefill="<think>")
     assert out["static"] == out["hf"] and all(t.startswith("<think>") for ts in out["hf"] for t in ts)
 

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
+import backends
 import common
-import esc_env as E
+from envs import esc as E
 from conftest import ROOT, load_stage
 
 sim = load_stage("02_simulate")  # PPDPP's critic
@@ -112,12 +113,12 @@ def test_option_weights_have_expectation_m(m):
 
 @pytest.fixture
 def backend():
-    return common.make_backend("scripted")
+    return backends.make_backend("scripted")
 
 
 def test_spec_and_factory(backend):
     assert common.parse_spec("scripted").backend == "scripted"
-    assert isinstance(backend, E.ScriptedBackend) and common.make_backend("scripted") is backend
+    assert isinstance(backend, backends.ScriptedBackend) and backends.make_backend("scripted") is backend
     assert common.parse_spec("hf:scripted").backend == "hf"  # only the bare word names the scripted roles
 
 
@@ -139,7 +140,7 @@ def test_grm_json_passes_parse_grm_and_ranks_by_rule_score(backend):
     replies = ["Oh no.", "Losing your job is hard. What worries you most about the rent?",
                "You should look for a new job.", "Oh no.", "I understand. Everything will be fine in the end, really."]
     chats = rapo.grm_chats([CTX], [replies], [["a", "b", "c", "d", "e"]])
-    res = common.ask_json(backend, chats, lambda o, i: rapo.parse_grm(o, 5), retries=0, prefill='{"0": {"analysis": "')
+    res = backends.ask_json(backend, chats, lambda o, i: rapo.parse_grm(o, 5), retries=0, prefill='{"0": {"analysis": "')
     assert res.failed == 0 and res.retried == 0
     v = res.values[0]
     assert not v["derived"] and len(set(v["scores"])) == 5

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import backends
 import common
 from conftest import load_stage, make_tiny_model, run_script
 
@@ -111,7 +112,7 @@ def test_bootstrap_ci_covers_the_estimate_and_narrows_with_more_cases():
 # Scripted backends
 
 
-class Scripted(common.Backend):
+class Scripted(backends.Backend):
     """generate -> text_fn(chat); option_loglik -> ll_fn(chat, options); counts batched calls."""
 
     def __init__(self, text_fn=None, ll_fn=None):

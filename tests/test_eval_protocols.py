@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+import backends
 import common
 from conftest import ROOT, load_stage, make_tiny_model, run_script
 from test_eval import lines
@@ -71,7 +72,7 @@ def test_malformed_profiles_name_file_line_and_field(tmp_path, rec, msg):
 # Scripted backends: who speaks when, what each role sees
 
 
-class Recorder(common.Backend):
+class Recorder(backends.Backend):
     """generate -> text_fn(chat, temperature); option_loglik -> ll_fn(chat, options); keeps every batch it got."""
 
     def __init__(self, text_fn=None, ll_fn=None, spec="scripted"):

@@ -12,6 +12,7 @@ import torch
 
 from conftest import free_port, load_stage, run_script
 
+import backends  # noqa: E402
 import common  # noqa: E402
 import training  # noqa: E402
 
@@ -91,16 +92,16 @@ def dead_url() -> str:
 
 
 def test_http_500_is_retried_then_stops(server_500):
-    b = common.OpenAIBackend("m", server_500.url, concurrency=1, timeout=5.0, retries=2)
+    b = backends.OpenAIBackend("m", server_500.url, concurrency=1, timeout=5.0, retries=2)
     with pytest.raises(common.ServerError, match=r"failed 3 times \(HTTP 500"):
         b.generate([[{"role": "user", "content": "hi"}]] * 3, max_new_tokens=4)
     assert server_500.hits == 3  # the first request's 3 tries; the others were cancelled, never sent
 
 
 def test_unparseable_answers_are_retried_recorded_and_counted(server_garbage):
-    b = common.OpenAIBackend("m", server_garbage.url, concurrency=2, timeout=5.0, retries=0)
-    res = common.ask_json(b, select.select_chats([{"context": [{"role": "user", "content": "hi"}], "target": "hello"}] * 2),
-                          select.validate_select, retries=1)
+    b = backends.OpenAIBackend("m", server_garbage.url, concurrency=2, timeout=5.0, retries=0)
+    res = backends.ask_json(b, select.select_chats([{"context": [{"role": "user", "content": "hi"}], "target": "hello"}] * 2),
+                            select.validate_select, retries=1)
     assert res.values == [None, None] and res.failed == 2 and res.retried == 2
     assert res.raw == ["I think so, yes."] * 2 and server_garbage.hits == 4
 

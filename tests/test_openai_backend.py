@@ -1,4 +1,4 @@
-"""common.OpenAIBackend against a real OpenAI-compatible server: `transformers serve` on 127.0.0.1.
+"""backends.OpenAIBackend against a real OpenAI-compatible server: `transformers serve` on 127.0.0.1.
 
 The server is started once for the module on a free loopback port, pinned to a copy of the tiny test model
 (`transformers serve <folder>`: the positional argument preloads a local folder and every request must name
@@ -26,6 +26,7 @@ import urllib.request
 import pytest
 import torch
 
+import backends
 import common
 from conftest import free_port
 
@@ -148,7 +149,7 @@ def recording(backend, pause=0.0):
 
 def test_generate_batch_shapes_n_and_concurrency(server):
     base_url, model = server
-    b = common.OpenAIBackend(model, base_url, concurrency=4, retries=0)
+    b = backends.OpenAIBackend(model, base_url, concurrency=4, retries=0)
     state = recording(b, pause=0.2)
     out = b.generate(CHATS, max_new_tokens=8, temperature=1.0, seed=11, n=2)
     assert len(out) == 3 and all(len(o) == 2 for o in out) and all(isinstance(t, str) for o in out for t in o)
@@ -173,7 +174,7 @@ def test_generate_batch_shapes_n_and_concurrency(server):
 def test_seed_temperature_top_p_max_tokens_match_local_generate(server, local_model):
     base_url, model_name = server
     model, tok = local_model
-    b = common.OpenAIBackend(model_name, base_url, concurrency=1, retries=0)  # server seeding is global
+    b = backends.OpenAIBackend(model_name, base_url, concurrency=1, retries=0)  # server seeding is global
     for temperature, max_new in [(1.0, 6), (0.7, 3)]:
         out = b.generate(CHATS, max_new_tokens=max_new, temperature=temperature, seed=5, n=2)
         for c, texts in zip(CHATS, out):
@@ -195,11 +196,11 @@ def test_seed_temperature_top_p_max_tokens_match_local_generate(server, local_mo
 
 def test_make_backend_builds_a_working_openai_backend(server, monkeypatch):
     base_url, model = server
-    monkeypatch.setattr(common, "_BACKENDS", {})
+    monkeypatch.setattr(backends, "_BACKENDS", {})
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    b = common.make_backend(f"openai:{model}", base_url=base_url)
-    assert isinstance(b, common.OpenAIBackend) and b.model == model
-    assert common.make_backend(f"openai:{model}", base_url=base_url) is b
+    b = backends.make_backend(f"openai:{model}", base_url=base_url)
+    assert isinstance(b, backends.OpenAIBackend) and b.model == model
+    assert backends.make_backend(f"openai:{model}", base_url=base_url) is b
     texts = b.complete(CHATS[:2], max_new_tokens=4, temperature=1.0, seed=0)
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
 
@@ -211,8 +212,8 @@ def test_unreachable_server_stops_with_server_error_and_never_prints_the_key(mon
     monkeypatch.setenv("ESC_TEST_API_KEY", secret)
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     port = free_port()  # bound and closed again: nothing listens there
-    b = common.OpenAIBackend("some-model", f"http://127.0.0.1:{port}/v1", key_env="ESC_TEST_API_KEY",
-                             concurrency=2, timeout=5.0, retries=1)
+    b = backends.OpenAIBackend("some-model", f"http://127.0.0.1:{port}/v1", key_env="ESC_TEST_API_KEY",
+                               concurrency=2, timeout=5.0, retries=1)
     assert b.client.api_key == secret  # the key is read from the named environment variable
     t0 = time.monotonic()
     with pytest.raises(common.ServerError) as e:
@@ -224,14 +225,14 @@ def test_unreachable_server_stops_with_server_error_and_never_prints_the_key(mon
     assert secret not in captured.out + captured.err + caplog.text + str(e.value)
 
     monkeypatch.delenv("ESC_TEST_API_KEY")
-    assert common.OpenAIBackend("m", f"http://127.0.0.1:{port}/v1", key_env="ESC_TEST_API_KEY").client.api_key == "EMPTY"
+    assert backends.OpenAIBackend("m", f"http://127.0.0.1:{port}/v1", key_env="ESC_TEST_API_KEY").client.api_key == "EMPTY"
 
 
 def test_make_backend_openai_needs_base_url_or_key(monkeypatch):
-    monkeypatch.setattr(common, "_BACKENDS", {})
+    monkeypatch.setattr(backends, "_BACKENDS", {})
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(common.InputError, match="openai:x"):
-        common.make_backend("openai:x")
-    assert common._BACKENDS == {}
+        backends.make_backend("openai:x")
+    assert backends._BACKENDS == {}
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-hosted")
-    assert isinstance(common.make_backend("openai:x"), common.OpenAIBackend)  # the hosted API: no request made
+    assert isinstance(backends.make_backend("openai:x"), backends.OpenAIBackend)  # the hosted API: no request made

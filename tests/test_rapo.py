@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+import backends
 import common
 import training  # noqa: E402
 from conftest import load_stage, run_script
@@ -83,7 +84,7 @@ def test_shuffle_unshuffle_roundtrip_and_grm_scores_follow_candidates():
     shown, perm = rapo.shuffle_group(items, rng)
     assert rapo.unshuffle(shown, perm) == items
 
-    class ScriptedGRM(common.Backend):
+    class ScriptedGRM(backends.Backend):
         """Ranks candidates by reply length, whatever order they are shown in."""
 
         def generate(self, chats, n=1, prefill="", **kw):
@@ -103,7 +104,7 @@ def test_shuffle_unshuffle_roundtrip_and_grm_scores_follow_candidates():
     assert res[0]["scores"] == [0.8, 1.0, 0.9, 0.7]  # follows the candidates, not the shown positions
     assert res[0]["critiques"][1] == "critique of a much longer reply" and st["grm_failed"] == 0
 
-    class Broken(common.Backend):
+    class Broken(backends.Backend):
         def generate(self, chats, n=1, **kw):
             return [['{"0": {"analysis": "x", "rank": 1, "score": 0.5}}'] for _ in chats]  # indices missing
 

@@ -116,20 +116,20 @@ def test_shared_prefill_generation_equals_plain_greedy(tiny_model_dir, lora):
     prompts, _ = groups([3, 12, 7], [1])
     kw = dict(max_new_tokens=12, temperature=0.0, batch_size=64, n=3)
     plain = common.generate_ids(model, tok, prompts, **kw)
-    shared = common.generate_ids(model, tok, prompts, shared_prefill=True, **kw)
+    shared = speed.generate_ids(model, tok, prompts, shared_prefill=True, **kw)
     assert len(plain) == 9 and plain == shared
     assert all(plain[3 * i] == plain[3 * i + 1] == plain[3 * i + 2] for i in range(3))  # greedy: n identical
-    small = common.generate_ids(model, tok, prompts, shared_prefill=True, **{**kw, "batch_size": 4})  # 1 prompt per call
+    small = speed.generate_ids(model, tok, prompts, shared_prefill=True, **{**kw, "batch_size": 4})  # 1 prompt per call
     assert small == plain
 
 
 def test_option_logprobs_equal_plain_continuations(tiny_model_dir):
-    """common.option_logprobs (prompt once, K options against its keys/values) against one full forward per pair."""
+    """speed.option_logprobs (prompt once, K options against its keys/values) against one full forward per pair."""
     model, tok = make_model(tiny_model_dir, False)
     model.eval()
     prompts, _ = groups([2, 9, 5], [1])
     options = [[11, 12, 13], [14], [15, 16]]
-    got = common.option_logprobs(model, tok, prompts, options, batch_size=2)
+    got = speed.option_logprobs(model, tok, prompts, options, batch_size=2)
     want = common.continuation_logprobs(model, tok, [p for p in prompts for _ in options], options * len(prompts))
     assert torch.allclose(got.flatten(), torch.tensor(want), atol=1e-4, rtol=0)
 

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+import backends
 import common
 from conftest import load_stage, run_script
 
@@ -60,7 +61,7 @@ def test_degenerate_label_message_names_the_knob():
 # Lock-step batching: one batched call per role per round, finished conversations drop out
 
 
-class Recording(common.Backend):
+class Recording(backends.Backend):
     """A scripted backend that records every batched call (method, batch size)."""
 
     def __init__(self, name, success_turn=None):

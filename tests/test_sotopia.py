@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import backends
 import common
 from envs import sotopia as S
 from envs import sotopia_scripted as R
@@ -188,7 +189,7 @@ def test_transcript_round_trip():
     assert S.parse_transcript(S.transcript(msgs, names), names) == msgs
 
 
-class Script(common.Backend):
+class Script(backends.Backend):
     """Answers from a list per role (one per call of that agent), counting batched calls."""
     spec = "script"
 
@@ -287,7 +288,7 @@ def test_validate_evaluation_rejects_incomplete():
         S.validate_evaluation({"agent_1": good_answer()["agent_1"]})
 
 
-class Answers(common.Backend):
+class Answers(backends.Backend):
     spec = "answers"
 
     def __init__(self, texts):
@@ -406,7 +407,7 @@ def test_rule_dimensions_by_hand():
 
 def test_scripted_backend_plays_evaluates_and_ranks(profiles):
     rapo = common.load_stage("05_rapo")
-    b = common.make_backend("scripted")
+    b = backends.make_backend("scripted")
     st = setup_of(profiles, "fx-c0")  # Wren buys (target $150), Tobias sells (target $120, listing $200)
     msgs = [{"turn": 0, "agent": 0, "action_type": "speak", "argument": "Would you take $100?"}]
     act = json.loads(b.complete([S.agent_chat(st, 1, msgs)])[0])
@@ -519,7 +520,7 @@ def mean_stat(values):
 
 
 def test_play_chunk_summary_and_paired_difference(profiles):
-    b = common.make_backend("scripted")
+    b = backends.make_backend("scripted")
     cases = S.select_cases(profiles)
     written = []
     recs, counts = S.play_chunk(profiles, cases, [["partner", "partner"]] * len(cases), {"partner": b}, {"partner": {}},
@@ -556,7 +557,7 @@ def test_openai_partner_and_evaluator_against_a_real_server(server, tiny_model_d
     assert len(eps) == 2 and all(e["turns"] == 3 and e["invalid_actions"] == [2, 1] for e in eps)
     profiles = S.load_profiles(FIX)
     setups = [setup_of(profiles, e["combo_id"]) for e in eps]
-    b = common.make_backend(f"openai:{name}", url)
+    b = backends.make_backend(f"openai:{name}", url)
     res, raw, stats = S.evaluate(b, setups, [{"messages": e["messages"], "end": e["end"]} for e in eps], retries=1,
                                  max_new_tokens=8)
     assert res == [None, None] and stats == {"evaluated": 2, "retried": 2, "failed": 2} and all(isinstance(x, str) for x in raw)

