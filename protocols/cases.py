@@ -1,0 +1,129 @@
+"""The test inputs of 06_eval.py: dialogue cases and their reference turns, ESC-Eval role cards and EmoHarbor-style
+profiles, read and validated before any model loads (a bad record: one line naming file, record and field).
+
+  dialogues  the test split of 01's turns.jsonl (--data), or --test-data in one of common.load_dialogues' three
+             formats: one case per dialogue (its situation opens the conversation) and its supporter turns
+             (reference, pairwise)
+  cards      ESC-Eval role cards: a JSON list of {id, base, language?, source?, res?}
+  profiles   EmoHarbor-style profiles: JSONL of {id, personality, situation, inner_state, background?}
+Every case has the same fields (case_id, situation, emotion_type, problem_type, first_user; card or profile), so a
+protocol that accepts several kinds reads them alike. Records are numbered from 1, lines too.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import common
+from common import check
+
+PROFILE_FIELDS = ("background", "personality", "situation", "inner_state")  # the profile JSONL schema (README)
+
+
+def cases_from_turns(turns: list[dict]) -> list[dict]:
+    """One case per dialogue, in file order, with the persona fields and the dialogue's first seeker message."""
+    cases: dict[str, dict] = {}
+    for t in turns:
+        if t["dialog_id"] not in cases:
+            first_user = next((m["content"] for m in t["context"] if m["role"] == "user"), "")
+            cases[t["dialog_id"]] = {"case_id": t["dialog_id"], "situation": t.get("situation") or "",
+                                     "emotion_type": t.get("emotion_type") or "",
+                                     "problem_type": t.get("problem_type") or "", "first_user": first_user}
+    return list(cases.values())
+
+
+def opening_message(case: dict) -> dict:
+    """PPDPP's opening: the seeker states the dialogue's situation (its first message if there is none)."""
+    text = case["situation"].strip() or case["first_user"].strip() or "I'm going through a hard time and need to talk."
+    return {"role": "user", "content": " ".join(text.split())}
+
+
+PROBLEM_RE = re.compile(r"^\s*Problem\s*:\s*(.+)$", re.M | re.I)
+
+
+def _id_of(r: dict, where: str) -> str:
+    v = r.get("id")
+    check(isinstance(v, (int, str)) and not isinstance(v, bool) and str(v).strip(), f"{where}: missing field 'id'")
+    return str(v).strip()
+
+
+def cases_from_cards(recs: list[dict], path: str, unit: str) -> list[dict]:
+    """ESC-Eval role cards ({id, base, language?, source?, res?}) as cases; validated record by record."""
+    cases = []
+    for i, r in enumerate(recs):
+        where = f"{path}: {unit} {i + 1}"  # records and lines are numbered from 1
+        cid = _id_of(r, where)
+        check(isinstance(r.get("base"), str) and r["base"].strip(),
+              f"{where}: field 'base' (the role card text) must be a non-empty string")
+        for k in ("language", "source", "res"):
+            check(r.get(k) is None or isinstance(r[k], str), f"{where}: field '{k}' must be a string")
+        m = PROBLEM_RE.search(r["base"])
+        cases.append({"case_id": cid, "situation": m.group(1).strip() if m else " ".join(r["base"].split()),
+                      "emotion_type": "", "problem_type": r.get("res") or "", "first_user": "", "card": r["base"].strip(),
+                      "language": r.get("language") or ""})
+    return cases
+
+
+def cases_from_profiles(recs: list[dict], path: str, unit: str) -> list[dict]:
+    """EmoHarbor-style profiles ({id, personality, situation, inner_state, background?}) as cases; validated."""
+    cases = []
+    for i, r in enumerate(recs):
+        where = f"{path}: {unit} {i + 1}"  # records and lines are numbered from 1
+        cid = _id_of(r, where)
+        for k in PROFILE_FIELDS:
+            check(k in r or k == "background", f"{where}: missing field '{k}'")
+            check(isinstance(r.get(k, ""), str), f"{where}: field '{k}' must be a string")
+        check(r["situation"].strip(), f"{where}: field 'situation' is empty")
+        cases.append({"case_id": cid, "situation": " ".join(r["situation"].split()), "emotion_type": "",
+                      "problem_type": "", "first_user": "",
+                      "profile": {k: " ".join(str(r.get(k, "")).split()) for k in PROFILE_FIELDS}})
+    return cases
+
+
+def detect_test_file(path: str) -> tuple[str, list[dict] | None]:
+    """By content: ('cards', cases) for an ESC-Eval role-card file (objects with 'base'), ('profiles', cases) for
+    EmoHarbor-style profiles (objects with 'inner_state' or 'personality'), ('dialogues', None) otherwise (the
+    three dialogue formats of common.load_dialogues)."""
+    recs, unit = common._parse_records(Path(path))
+    dialog_like = any("dialog" in r or "messages" in r for r in recs)
+    if not dialog_like and any("base" in r for r in recs):
+        kind, cases = "cards", cases_from_cards(recs, path, unit)
+    elif not dialog_like and any("inner_state" in r or "personality" in r for r in recs):
+        kind, cases = "profiles", cases_from_profiles(recs, path, unit)
+    else:
+        return "dialogues", None
+    check(cases, f"{path}: no records")
+    ids = [c["case_id"] for c in cases]
+    dup = next((x for x in ids if ids.count(x) > 1), None)
+    check(dup is None, f"{path}: duplicate id {dup}")
+    return kind, cases
+
+
+def load_test_set(args) -> tuple[list[dict], list[dict], str]:
+    """(cases, reference turns, source kind) from the test split of --data or from --test-data (dialogues, ESC-Eval
+    role cards or EmoHarbor-style profiles; cards and profiles have no reference turns); validated, no model."""
+    kind = "dialogues"
+    if args.test_data:
+        kind, cases = detect_test_file(args.test_data)
+    if kind != "dialogues":
+        other = sorted({c["language"] for c in cases if c.get("language", "").lower() not in ("", "english", "en")})
+        if other:
+            print(f"warning: {args.test_data}: cards in {', '.join(other)}; the seeker and judge prompts are English",
+                  file=sys.stderr)
+        return cases[:args.max_examples] if args.max_examples else cases, [], kind
+    if args.test_data:
+        dialogues = common.load_dialogues(args.test_data, id_prefix="t", max_chars=args.max_message_chars)
+        turns = common.build_turns(dialogues, {d["dialog_id"]: "test" for d in dialogues})
+        check(turns, f"{args.test_data}: no supporter turn with a seeker message before it")
+    else:
+        turns = common.load_turns(args.data, split="test", max_chars=args.max_message_chars)
+        check(turns, f"{args.data}: no test-split turns (run 01_select.py with --test-frac > 0, or pass --test-data FILE)")
+    cases = cases_from_turns(turns)
+    if args.max_examples:
+        cases = cases[:args.max_examples]
+    keep = {c["case_id"] for c in cases}
+    turns = [t for t in turns if t["dialog_id"] in keep]
+    if args.max_ref_turns:
+        turns = turns[:args.max_ref_turns]
+    return cases, turns, kind
