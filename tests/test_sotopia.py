@@ -561,3 +561,51 @@ def test_openai_partner_and_evaluator_against_a_real_server(server, tiny_model_d
     res, raw, stats = S.evaluate(b, setups, [{"messages": e["messages"], "end": e["end"]} for e in eps], retries=1,
                                  max_new_tokens=8)
     assert res == [None, None] and stats == {"evaluated": 2, "retried": 2, "failed": 2} and all(isinstance(x, str) for x in raw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 06_eval.py --test-data PROFILE_FOLDER: the sotopia protocol
+
+
+def test_eval_sotopia_selfplay_scripted_known_numbers(tmp_path):
+    """The scripted agent as the policy in self-play, the scripted evaluator: the numbers worked out by hand in the
+    tests above (bargain 10 and 10, divide 9.52 and 9.89, the two open scenarios 5), on a folder 06 never saw."""
+    from conftest import run_script
+
+    run_script("06_eval.py", "--test-data", FIX, "--out", tmp_path / "e", "--policy", "rules=scripted",
+               "--evaluator", "scripted", "--bootstrap", "200")
+    scores = json.loads((tmp_path / "e" / "scores.json").read_text())
+    s = scores["policies"][0]["sotopia"]
+    assert s["episodes"] == 5 and s["evaluator_failed"] == 0 and s["all"]["scenarios"] == 4
+    assert s["all"]["goal"]["value"] == pytest.approx((10 + (9.5238 + 9.8901) / 2 + 5 + 5) / 4)
+    assert s["hard"]["goal"]["value"] == 5 and len(s["all"]["goal"]["ci"]) == 2
+    recs = common.read_jsonl(tmp_path / "e" / "dialogs.jsonl")
+    assert [r["id"] for r in recs] == [f"sotopia/rules/fx-c{i}-a0" for i in range(5)]
+    assert recs[0]["players"] == ["policy", "policy"] and recs[0]["transcript"].startswith("Turn #0: Wren Calloway")
+    report = (tmp_path / "e" / "report.md").read_text()
+    assert "| rules | 7.43 [" in report and "`scripted`" in report
+    r = run_script("06_eval.py", "--test-data", FIX, "--out", tmp_path / "x", "--parts", "interactive", check=False)
+    assert r.returncode == 2 and "a Sotopia profile folder" in r.stderr
+
+
+def test_eval_sotopia_partner_resumes_byte_identical_and_two_ranks_equal_one(tiny_model_dir, tmp_path):
+    from conftest import run_script
+
+    args = ["--test-data", FIX, "--policy", f"tiny=hf:{tiny_model_dir}", "--evaluator", "scripted", "--sotopia-mode",
+            "partner", "--partner", "scripted", "--sotopia-sides", "2", "--sotopia-pairings", "1", "--sotopia-max-turns",
+            "4", "--max-new-tokens", "6", "--batch-size", "3", "--bootstrap", "100"]
+    run_script("06_eval.py", *args, "--out", tmp_path / "one")
+    full = (tmp_path / "one" / "dialogs.jsonl").read_bytes()
+    recs = common.read_jsonl(tmp_path / "one" / "dialogs.jsonl")
+    assert len(recs) == 8 and [r["players"] for r in recs[:2]] == [["policy", "partner"], ["partner", "policy"]]
+    scores = (tmp_path / "one" / "scores.json").read_bytes()
+    lines = full.decode().splitlines(keepends=True)  # interrupted: the last chunk lost, a torn line left
+    (tmp_path / "one" / "dialogs.jsonl").write_text("".join(lines[:-3]) + lines[-3][:50])
+    run_script("06_eval.py", *args, "--out", tmp_path / "one")
+    assert (tmp_path / "one" / "dialogs.jsonl").read_bytes() == full
+    assert (tmp_path / "one" / "scores.json").read_bytes() == scores
+    run_script("06_eval.py", *args, "--out", tmp_path / "two", nproc=2)
+    assert (tmp_path / "two" / "dialogs.jsonl").read_bytes() == full
+    r = run_script("06_eval.py", *args[:-2], "--bootstrap", "100", "--sotopia-max-turns", "6", "--out",
+                   tmp_path / "one", check=False)
+    assert r.returncode == 2 and "--sotopia-max-turns" in r.stderr
