@@ -1,12 +1,12 @@
 """Stage 01: dialogues -> turns.jsonl, with Hindsight Dialogue Selection (RAPO section 3.2, Eq. 8).
 
-Every supporter turn of the input dialogues becomes one record (SPEC section 1): its context, the target
+Every supporter turn of the input dialogues becomes one record (docs/design.md section 1): its context, the target
 reply, the split (by dialogue, seeded), and for train turns a judge's verdict `learn` / `learn_reason`:
 is this reply worth learning from (empathy, coping strategies, clarifying questions...) or is it a
 greeting, small talk, an acknowledgement? RAPO trains only on `learn == true` turns (13K -> 5,412 turns
 in the paper); `--judge none` keeps every turn (the paper's "Full" setting).
 
-Judge modes (SPEC section 2):
+Judge modes (docs/design.md section 2):
   generate    the judge writes {"learn": bool, "reason": str}; unparseable answers are re-asked
               (--retries), then recorded as learn = null with the raw text and counted;
   likelihood  p(learn) = p('{"learn": true') / (p(... true) + p(... false)) from the judge's log-likelihoods,
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import backends
 import common
+import role_cache
 from common import InputError, check
 
 # Settings that shape the records: a re-run on an --out that holds records must use the same ones (and the same
@@ -57,8 +58,10 @@ def parse_args(argv=None):
                         "the judge's cost grows with the context length")
     g.add_argument("--batch-size", type=int, default=32, help="turns judged per batched call")
     g.add_argument("--max-new-tokens", type=int, default=96, help="judge answer length (generate mode)")
+    role_cache.add_role_cache_args(p)
     args = p.parse_args(argv)
     common.check_common_args(args)
+    role_cache.check_role_cache_args(args)
     common.check_decoder(args)
     check(0 <= args.test_frac < 1 and 0 <= args.valid_frac < 1 and args.test_frac + args.valid_frac < 1,
           "--test-frac and --valid-frac must be in [0, 1) and sum to less than 1")
@@ -164,8 +167,9 @@ def main(argv=None):
     done = set() if args.overwrite else common.ResumableOutput(args.out, "turns.jsonl").done
     settings = {"inputs": inputs, **{k: getattr(args, k) for k in SELECT_KEYS}}
     common.check_resumed_output(settings_path, "01_select", len(done), settings, "turns")  # same input and settings
+    cache = role_cache.open_cache(args)  # --role-cache: the judge's answers recorded / replayed
     backend = None if judge_spec is None else backends.make_backend(args.judge, args.judge_base_url, args.device, args.dtype,
-                                                                   decoder=args.decoder)
+                                                                   decoder=args.decoder, cache=cache)
     out = common.ResumableOutput(args.out, "turns.jsonl", overwrite=args.overwrite)  # (deletes only now: the judge loaded)
     common.save_args(args, args.out, {"stage": "01_select", "inputs": inputs}, name=settings_path.name)
     todo = [t for t in turns if t["id"] not in done]
@@ -201,12 +205,13 @@ def main(argv=None):
              "kept_fraction": kept / max(len(train), 1), "judge_failures": nulls,
              "retried_this_run": retried, "failed_this_run": failed, "judge": args.judge, "judge_mode": mode}
     common.write_json(Path(args.out) / "select_stats.json", stats)
+    role_cache.report(cache, args.out, name="select_role_cache.json")  # this run's hits / misses (a log)
     print(f"kept {kept}/{len(train)} train turns ({stats['kept_fraction']:.1%}); judge failures (learn = null): "
           f"{nulls}; wrote {out.final}")
     if judge_spec is not None and train and kept in (0, len(train)):
         why = (f"{nulls} of its answers never parsed" if nulls else "it does not discriminate")
         print(f"warning: the judge kept {'none' if kept == 0 else 'all'} of the {len(train)} train turns: {why} "
-              "(a small local judge never discriminates, README 'What the embedded model can show'): use a capable --judge",
+              "(a small local judge never discriminates, docs/design.md section 8): use a capable --judge",
               file=sys.stderr)
 
 

@@ -1,4 +1,4 @@
-"""Stage 02: future-oriented rewards by multi-agent simulation (RLFF-ESC stage 1; SPEC section 3).
+"""Stage 02: future-oriented rewards by multi-agent simulation (RLFF-ESC stage 1; docs/design.md section 3).
 
 For every train context x, the ESC model samples m candidate replies (paper: m = 4, temperature 1.0). Each
 candidate is supporter turn 1 of a simulated future: the seeker (a user simulator playing the dialogue's
@@ -15,7 +15,7 @@ Lock-step batching: within a chunk of --batch-size contexts, the m candidates co
 call (n = m), and all live conversations advance together, one batched call per role per round
 (simulate_lockstep); finished conversations drop out.
 
-Deviations and decisions (the summary of the paper gives no formula; see SPEC section 3):
+Deviations and decisions (the summary of the paper gives no formula; see docs/design.md section 3):
  1. r_fut is our reading of "terminal reward combined with efficiency"; every constant is an option.
  2. Critic `likelihood` mode (default for hf:/vllm: critics) replaces PPDPP's 10 samples at temperature 1.1
     by the exact expectation over the four options; `--critic-mode sample` is PPDPP's way.
@@ -47,6 +47,7 @@ import torch
 
 import backends
 import common
+import role_cache
 from common import InputError, check
 
 # Settings that change the simulation itself: a resumed run must use the same ones, and the same --data content
@@ -90,8 +91,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("future reward and label (recomputed at the end of every run)")
     g.add_argument("--lambda-eff", type=float, default=0.5, help="weight of the efficiency bonus in r_fut (ours: 0.5)")
     g.add_argument("--delta", type=float, default=0.5, help="label = 1[r_fut > delta] (ours: 0.5)")
+    role_cache.add_role_cache_args(p)
     args = p.parse_args(argv)
     common.check_common_args(args)
+    role_cache.check_role_cache_args(args)
     common.check_decoder(args)
     check(args.num_candidates >= 1, "--num-candidates must be >= 1")
     check(args.max_turns >= 2, "--max-turns must be >= 2 (r_fut divides by T - 1)")
@@ -146,7 +149,7 @@ def check_resume_settings(args, out_dir: Path, n_done: int, inputs: dict, keys: 
 
 
 # ----------------------------------------------------------------------------------------------------
-# ALGO LOGIC: the future-oriented reward and the label (SPEC section 3)
+# ALGO LOGIC: the future-oriented reward and the label (docs/design.md section 3)
 
 
 def rollout_outcome(critic_scores: list[float], theta: float, max_turns: int) -> tuple[bool, int]:
@@ -179,7 +182,7 @@ def label_records(records: list[dict], args) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The critic (PPDPP): four options for the seeker's state, each with its value (SPEC section 3)
+# The critic (PPDPP): four options for the seeker's state, each with its value (docs/design.md section 3)
 
 CRITIC_OPTIONS = [("The seeker feels worse.", -1.0), ("The seeker feels the same.", -0.5),
                   ("The seeker feels better.", 0.5), ("The seeker's issue is solved.", 1.0)]
@@ -233,7 +236,7 @@ def critic_scores(backend: backends.Backend, histories: list[list[dict]], mode: 
 
 @dataclass
 class Roles:
-    """The three conversation roles of SPEC section 3 with their decoding settings."""
+    """The three conversation roles of docs/design.md section 3 with their decoding settings."""
     policy: backends.Backend
     seeker: backends.Backend
     critic: backends.Backend
@@ -448,9 +451,10 @@ def main(argv=None):
     todo_all = [k for k, ch in enumerate(all_chunks) if not all(c in done for t in ch for c in candidate_ids(t, m))]
 
     roles = None
+    cache = role_cache.open_cache(args)  # --role-cache: the roles' answers recorded / replayed
     if todo_all:  # every rank loads the models at the same point (vLLM under torchrun needs that)
         mk = lambda r: backends.make_backend(getattr(args, r), getattr(args, f"{r}_base_url"), str(dist.device), args.dtype,
-                                       decoder=args.decoder)
+                                             decoder=args.decoder, cache=cache)
         roles = Roles(
             policy=mk("policy"), seeker=mk("seeker"), critic=mk("critic"),
             policy_kw=dict(max_new_tokens=args.max_new_tokens, temperature=args.supporter_temperature, top_p=args.top_p),
@@ -484,6 +488,7 @@ def main(argv=None):
         common.write_json(out_dir / "simulate_stats.json", s)
         print_summary(s)
         print(f"wrote {out.final} and {out_dir / 'simulate_stats.json'}")
+    role_cache.report(cache, out_dir, dist)  # this run's hits / misses, over all ranks (a log: OUT/role_cache.json)
     if dist.world > 1:
         torch.distributed.destroy_process_group()
     if dist.main:

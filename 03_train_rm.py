@@ -1,4 +1,4 @@
-"""Stage 03: the future-oriented reward model (RLFF-ESC stage 2; SPEC section 4).
+"""Stage 03: the future-oriented reward model (RLFF-ESC stage 2; docs/design.md section 4).
 
 A sequence classifier with one logit reads the chat template of (context, candidate as the final assistant
 message), truncated from the left so the candidate and the latest turns survive, and learns the simulated
@@ -103,7 +103,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# ALGO LOGIC: inputs and the three objectives (SPEC section 4)
+# ALGO LOGIC: inputs and the three objectives (docs/design.md section 4)
 
 
 def rm_input_ids(tok, contexts: list[list[dict]], replies: list[str], max_length: int,

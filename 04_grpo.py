@@ -1,4 +1,4 @@
-"""Stage 04: GRPO on the ESC policy with future-oriented + format rewards (RLFF-ESC stage 3; SPEC section 5).
+"""Stage 04: GRPO on the ESC policy with future-oriented + format rewards (RLFF-ESC stage 3; docs/design.md section 5).
 
 One step, per rank: B prompts (turn contexts from turns.jsonl), G completions each, sampled from the policy;
 rewards r_i = R_fut(x, y_i) + alpha * R_fmt(y_i) + R_len(y_i); group advantages (Eq. 1); the clipped
@@ -9,6 +9,19 @@ surrogate with DAPO clip-higher and a k3 KL penalty against the reference policy
     L_t  = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta KL_t   Eq. 2-3
     KL_t = exp(logp_ref_t - logp_t) - (logp_ref_t - logp_t) - 1                  k3 estimator
     L    = sum_t L_t / (global completion-token count)                         --loss-agg token-mean
+
+Options researchers reach for, each one flag, off by default (the defaults are the papers' settings above):
+    --scale-rewards batch|none   A_i = (r_i - mean_g r) / (std_batch r + eps) | r_i - mean_g r     (TRL; Dr. GRPO)
+    --reward-combine gdpo        A = norm_batch(sum_k w_k A(r_k)): Eq. 1 per reward part, then summed    (GDPO)
+    --is-level sequence          rho_i = exp(mean_t (logp_t - logp_old_t)), one ratio per completion,
+                                 clipped to [1 - 3e-4, 1 + 4e-4] (--seq-eps-low/-high)                  (GSPO)
+    --rollout-is token|sequence  L_t = -w min(...) + beta KL_t, w = min(pi_old / pi_engine, C) per token, or
+                                 per completion (product of the ratios); --rollout vllm                 (TIS)
+    --rollout-mask token|sequence  tokens (completions: geometric-mean ratio) whose pi_old / pi_engine leaves
+                                 [lo, hi] get no loss and leave the denominators     (verl rollout_correction)
+    --mask-truncated             completions cut at --max-new-tokens without EOS get no loss        (DAPO)
+    --dynamic-sampling           groups with all-equal rewards (A = 0) are replaced by new prompts  (DAPO)
+    --eval-every N               mean reward of one completion per held-out turn, fixed seed: eval_* metrics
 
 logp are computed from logits / sampling temperature. The reference is the initial policy: with LoRA it is
 the same network with the adapter disabled (`model.disable_adapter()`), so no second model is held; with
@@ -41,7 +54,8 @@ Deliberate deviations and choices (numbered, so forks can find them):
  6. Seeds: python/numpy/torch are seeded with --seed before the LoRA weights are created (identical on
     every rank; DDP also broadcasts rank 0's), then with --seed + rank, so each rank samples different
     completions. The prompt order of epoch e is a permutation seeded by (--seed, e), so the data position
-    is the step number and a resumed run sees exactly the prompts it would have seen.
+    is the step number and a resumed run sees exactly the prompts it would have seen. (--dynamic-sampling: the
+    data position is the number of prompt batches drawn, saved in the checkpoint.)
  7. Distributed: prompts of a step are split over ranks (whole groups stay on one rank); DDP averages
     gradients over ranks, so each rank's loss is multiplied by the world size and divided by the
     all-reduced global token (or sequence) count: the gradient is that of the global-batch loss, for any
@@ -59,6 +73,7 @@ Run:
 """
 import argparse
 import functools
+import os
 import re
 import time
 from contextlib import nullcontext
@@ -91,6 +106,9 @@ class LossConfig:
     eps_high: float = 0.28  # DAPO clip-higher, RAPO: 0.28
     beta: float = 5e-4  # k3 KL coefficient, RAPO: 5e-4
     loss_agg: str = "token-mean"  # deviation 8
+    is_level: str = "token"  # --is-level: token (GRPO's rho_t) or sequence (GSPO's rho_i)
+    seq_eps_low: float = 3e-4  # GSPO's clip range for rho_i (GSPO paper: 3e-4 / 4e-4)
+    seq_eps_high: float = 4e-4
     l_gen: int = 256  # L_gen for seq-mean-token-sum-norm (= --max-new-tokens)
     micro_batch: int = 8  # sequences per forward/backward
     shared_prefix: bool = True  # speed.shared_prefix_logps (False: the plain completion_logps)
@@ -99,7 +117,8 @@ class LossConfig:
 
 def loss_config(args, pad_id: int, device: torch.device, dtype: torch.dtype) -> LossConfig:
     return LossConfig(pad_id=pad_id, temperature=args.temperature, eps_low=args.eps_low, eps_high=args.eps_high,
-                      beta=args.beta, loss_agg=args.loss_agg, l_gen=args.max_new_tokens, micro_batch=args.micro_batch,
+                      beta=args.beta, loss_agg=args.loss_agg, is_level=args.is_level, seq_eps_low=args.seq_eps_low,
+                      seq_eps_high=args.seq_eps_high, l_gen=args.max_new_tokens, micro_batch=args.micro_batch,
                       shared_prefix=not args.no_shared_prefix,
                       autocast_dtype=torch.bfloat16 if device.type == "cuda" and dtype == torch.float32 else None)
 
@@ -107,7 +126,7 @@ def loss_config(args, pad_id: int, device: torch.device, dtype: torch.dtype) -> 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_grpo_args(p, out="runs/grpo", temperature=1.1, learn_only=False, d=LossConfig(pad_id=0))
-    g = p.add_argument_group("RLFF-ESC rewards and prompts (SPEC section 5)")
+    g = p.add_argument_group("RLFF-ESC rewards and prompts (docs/design.md section 5)")
     g.add_argument("--rm", default="none",
                    help="reward model folder from 03_train_rm.py giving R_fut, or 'none' = format (+ length) reward "
                         "only (RLFF-ESC uses the trained RM; default none so the stage runs on its own)")
@@ -118,16 +137,26 @@ def parse_args(argv=None):
     g.add_argument("--system-prompt", default=None,
                    help="replace the protocol's system prompt with this text (the prefill still follows --think-prompt)")
     g.add_argument("--fmt-coef", type=float, default=0.5, help="alpha, weight of the format reward (RLFF-ESC: 0.5)")
+    g.add_argument("--dynamic-sampling", action="store_true",
+                   help="drop the groups whose rewards are all equal (A = 0) and draw new prompts until the step has "
+                        "--prompts-per-step groups that teach something (DAPO's dynamic sampling; verl filter_groups); "
+                        "logged as dynamic_draws, dynamic_groups_drawn/dropped/filled, data_position")
+    g.add_argument("--max-draws", type=int, default=10,
+                   help="--dynamic-sampling: at most this many prompt batches per step; then the step fills up with "
+                        "dropped groups (verl max_num_gen_batches)")
     args = p.parse_args(argv)
     args = common.resume_args(p, args, argv, Path(args.out) / "checkpoint")  # --resume: the run's own settings
     training.check_grpo_args(args)
+    common.check(args.max_draws >= 1, "--max-draws must be >= 1")
+    common.check(not (args.dynamic_sampling and args.rollouts_file), "--dynamic-sampling draws new prompts: not with "
+                 "--rollouts-file")
     return args
 
 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Rewards (SPEC section 5): the place a reward ablation edits
+# Rewards (docs/design.md section 5): the place a reward ablation edits
 
 FORMAT_RE = re.compile(r"\s*<think>(?P<think>(?:(?!</?think>).)*)</think>(?P<reply>(?:(?!</?think>).)*)", re.S)
 
@@ -168,16 +197,47 @@ def make_rm_scorer(path: str, device, dtype, batch_size: int):
     return lambda contexts, replies: rm_mod.score(rm, rm_tok, contexts, replies, batch_size)
 
 
-def group_advantages(rewards: torch.Tensor, norm: str = "std", eps: float = 1e-4) -> torch.Tensor:
-    """Eq. 1: rewards [B, G] -> advantages [B, G]. std: (r - mean_g) / (std_g + eps) with the unbiased std
-    (TRL, verl); none: r - mean_g (Dr. GRPO). A group whose rewards are all equal gets A = 0."""
+def batch_moments(x: torch.Tensor, dist: common.Dist | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, unbiased std) of every element of x over all ranks (the global batch), in float64."""
+    x, dist = x.double(), dist or common.Dist()
+    s = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(), (x * x).sum()])  # [n, sum, sum of squares]
+    s = common.all_reduce_sum(s.to(dist.device), dist).cpu()
+    n, mean = s[0], s[1] / s[0]
+    var = (s[2] - n * mean * mean) / (n - 1).clamp(min=1)
+    return mean, var.clamp(min=0).sqrt()
+
+
+def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4, dist: common.Dist | None = None) -> torch.Tensor:
+    """Eq. 1: rewards [B, G] -> advantages [B, G], centred on the group mean and divided by (--scale-rewards)
+      group: (r - mean_g r) / (std_g r + eps)      unbiased std of the group (GRPO; TRL, verl)
+      batch: (r - mean_g r) / (std_B r + eps)      unbiased std of the whole batch, all ranks (TRL scale_rewards="batch")
+      none:  r - mean_g r                          (Dr. GRPO)
+    A group whose rewards are all equal gets A = 0. ("std" is the old name of group.)"""
     r = rewards.double()
     centred = r - r.mean(dim=1, keepdim=True)  # [B, G]
-    if norm == "none":
+    if scale == "none":
         return centred.to(rewards.dtype)
-    if norm != "std":
-        raise ValueError(f"unknown advantage normalisation {norm!r}")
-    return (centred / (r.std(dim=1, keepdim=True, unbiased=True) + eps)).to(rewards.dtype)
+    if scale in ("group", "std"):
+        return (centred / (r.std(dim=1, keepdim=True, unbiased=True) + eps)).to(rewards.dtype)
+    if scale == "batch":
+        return (centred / (batch_moments(r, dist)[1] + eps)).to(rewards.dtype)
+    raise ValueError(f"unknown reward scaling {scale!r}")
+
+
+def advantages(rewards: torch.Tensor, parts: dict[str, torch.Tensor], weights: dict[str, float], scale: str = "group",
+               combine: str = "sum", eps: float = 1e-4, dist: common.Dist | None = None) -> torch.Tensor:
+    """Advantages [B, G] of a reward made of parts r = sum_k w_k r_k (04: R_fut, R_fmt with alpha, R_len), --reward-combine:
+      sum:  Eq. 1 on the summed reward r (`rewards`, [B, G])                              (sum, then normalise)
+      gdpo: A_sum = sum_k w_k A(r_k), each part's own group advantage (Eq. 1, --scale-rewards);
+            A = (A_sum - mean_B A_sum) / (std_B A_sum + eps), over the whole batch      (GDPO: normalise each, then sum)
+    parts: {name: [B, G]}; weights: {name: w_k} (the parts summed)."""
+    if combine == "sum":
+        return group_advantages(rewards, scale, eps, dist)
+    if combine != "gdpo":
+        raise ValueError(f"unknown reward combination {combine!r}")
+    a_sum = sum(w * group_advantages(parts[k], scale, eps, dist).double() for k, w in weights.items())  # [B, G]
+    mean, std = batch_moments(a_sum, dist)
+    return ((a_sum - mean) / (std + eps)).to(rewards.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,6 +284,9 @@ class Rollouts:
     advantages: torch.Tensor  # [N]
     logp_old: list[torch.Tensor] | None = None  # per sequence [|y_i|]: stored before the first update (ppo-epochs > 1)
     logp_ref: list[torch.Tensor] | None = None  # per sequence [|y_i|]: the reference policy's log-probs (beta > 0)
+    keep: list[torch.Tensor] | None = None  # per sequence [|y_i|] 0/1: tokens in the GRPO loss (--mask-truncated,
+    #                                         --rollout-mask; see loss_masks); None = every completion token
+    is_weight: list[torch.Tensor] | None = None  # per sequence [|y_i|]: truncated IS weights (--rollout-is); None = 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -286,16 +349,18 @@ def logps_fn(cfg: LossConfig, train_model=None):
 
 
 def sampler(args, pol: training.Policy, engine: speed.VLLMRollout | None):
-    """fn(prompts, G, step) -> [B*G] completions: rollout, speed.rollout (the default: shared prefill, merged LoRA,
-    --decoder) or the vLLM engine (--rollout vllm). All sample the same distribution."""
+    """fn(prompts, G, step, seed=None) -> [B*G] completions: rollout, speed.rollout (the default: shared prefill, merged
+    LoRA, --decoder) or the vLLM engine (--rollout vllm). All sample the same distribution. The engine's seed comes
+    from step unless seed is given; the hf rollouts draw from torch's generator (seeded by the caller)."""
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     if engine is not None:
-        return lambda prompts, G, step: engine(pol.model, prompts, G, step, **kw)
+        return lambda prompts, G, step, seed=None: engine(pol.model, prompts, G, step, seed=seed, **kw)
     kw["batch_size"] = args.gen_batch_size
     if args.no_shared_prefix and args.no_rollout_merge and args.decoder == "hf":
-        return lambda prompts, G, step: rollout(pol.model, pol.tok, prompts, G, **kw)
-    return lambda prompts, G, step: speed.rollout(pol.model, pol.tok, prompts, G, shared_prefix=not args.no_shared_prefix,
-                                                  merge_lora=not args.no_rollout_merge, decoder=args.decoder, **kw)
+        return lambda prompts, G, step, seed=None: rollout(pol.model, pol.tok, prompts, G, **kw)
+    return lambda prompts, G, step, seed=None: speed.rollout(pol.model, pol.tok, prompts, G,
+                                                             shared_prefix=not args.no_shared_prefix,
+                                                             merge_lora=not args.no_rollout_merge, decoder=args.decoder, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,13 +374,24 @@ def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 
 
 def grpo_token_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor | None, adv: torch.Tensor,
-                    eps_low: float = 0.2, eps_high: float = 0.28, beta: float = 5e-4) -> torch.Tensor:
+                    eps_low: float = 0.2, eps_high: float = 0.28, beta: float = 5e-4, *, is_level: str = "token",
+                    mask: torch.Tensor | None = None, is_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token GRPO loss [N, T] (Eq. 2-3 with DAPO clip-higher):
-    -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta * k3(logp, logp_ref), rho = exp(logp - logp_old).
+        L_t = -w_t min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta * k3(logp, logp_ref)
+    --is-level token:    rho = rho_t = exp(logp_t - logp_old_t)                                    (GRPO)
+    --is-level sequence: rho = rho_i = exp(mean_t (logp_t - logp_old_t)) over y_i's tokens (mask),
+                         the same for every token of y_i, its gradient reaching every token        (GSPO)
+    w_t: the rollout correction's truncated IS weight (is_weight [N, T], --rollout-is; None = 1).
     adv is per sequence [N]; logp_ref may be None when beta == 0. Masking and averaging: aggregate()."""
-    rho = torch.exp(logp - logp_old)  # [N, T]
+    log_ratio = logp - logp_old  # [N, T]
+    if is_level == "sequence":  # GSPO: the length-normalised sequence ratio (needs the completion mask)
+        m = mask.to(logp.dtype)
+        log_ratio = ((log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)).expand_as(logp)
+    rho = torch.exp(log_ratio)  # [N, T]
     a = adv.unsqueeze(-1).to(logp.dtype)  # [N, 1]
     loss = -torch.min(rho * a, rho.clamp(1 - eps_low, 1 + eps_high) * a)  # Eq. 3: clipped surrogate
+    if is_weight is not None:
+        loss = is_weight * loss  # rollout correction: w_t = min(pi_old / pi_engine, C), a constant
     if beta:
         loss = loss + beta * k3_kl(logp, logp_ref)  # Eq. 2: KL penalty against the reference
     return loss
@@ -348,14 +424,27 @@ class MicroBatch:
     logp_old: torch.Tensor  # [n, C]
     logp_ref: torch.Tensor | None  # [n, C] (beta > 0)
     adv: torch.Tensor  # [n]
-    n_tokens: float  # global completion-token count (all micro-batches and ranks)
-    n_seqs: float  # global sequence count
+    n_tokens: float  # global count of the tokens in the loss (all micro-batches and ranks)
+    n_seqs: float  # global count of the sequences in the loss
+    loss_mask: torch.Tensor | None = None  # [n, C] completion_mask without the masked tokens (Rollouts.keep); None = it
+    is_weight: torch.Tensor | None = None  # [n, C] truncated IS weights (--rollout-is)
 
 
 def grpo_loss(mb: MicroBatch, cfg: LossConfig) -> torch.Tensor:
-    """L_GRPO: this micro-batch's share of the batch's GRPO loss (Eq. 2-3, --loss-agg)."""
-    tok_loss = grpo_token_loss(mb.logp, mb.logp_old, mb.logp_ref, mb.adv, cfg.eps_low, cfg.eps_high, cfg.beta)  # [n, C]
-    return aggregate(tok_loss, mb.completion_mask, cfg.loss_agg, mb.n_tokens, mb.n_seqs, cfg.l_gen)
+    """L_GRPO: this micro-batch's share of the batch's GRPO loss (Eq. 2-3, --is-level, --loss-agg)."""
+    mask = mb.loss_mask if mb.loss_mask is not None else mb.completion_mask
+    eps = (cfg.seq_eps_low, cfg.seq_eps_high) if cfg.is_level == "sequence" else (cfg.eps_low, cfg.eps_high)
+    tok_loss = grpo_token_loss(mb.logp, mb.logp_old, mb.logp_ref, mb.adv, *eps, cfg.beta, is_level=cfg.is_level,
+                               mask=mask, is_weight=mb.is_weight)  # [n, C]
+    return aggregate(tok_loss, mask, cfg.loss_agg, mb.n_tokens, mb.n_seqs, cfg.l_gen)
+
+
+def _pad_values(rows: list[torch.Tensor], C: int, device) -> torch.Tensor:
+    """Per-sequence values (Rollouts.keep, is_weight) as a [n, C] float32 tensor, zero beyond each row."""
+    vals = torch.zeros((len(rows), C), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        vals[i, :len(r)] = r
+    return common.to_device(vals, device)
 
 
 def _pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -386,8 +475,11 @@ def forward(train_model, ro: Rollouts, idx: list[int], cfg: LossConfig, n_tokens
     logp = logp.float()
     logp_old = _pad_rows([ro.logp_old[i] for i in idx], logp) if ro.logp_old is not None else logp.detach()  # rho = 1
     logp_ref = _pad_rows([ro.logp_ref[i] for i in idx], logp) if cfg.beta > 0 else None
+    C = cmask.shape[1]
+    loss_mask = cmask * _pad_values([ro.keep[i] for i in idx], C, device) if ro.keep is not None else None
+    is_weight = _pad_values([ro.is_weight[i] for i in idx], C, device) if ro.is_weight is not None else None
     return MicroBatch(idx, logp, logits, cmask, logp_old, logp_ref, common.to_device(ro.advantages[idx], device),
-                      n_tokens, n_seqs)
+                      n_tokens, n_seqs, loss_mask, is_weight)
 
 
 @torch.no_grad()
@@ -421,6 +513,63 @@ def prepare_logps(pol: training.Policy, ro: Rollouts, cfg: LossConfig, ppo_epoch
         ro.logp_old = sequence_logps(pol.model, ro, cfg)
 
 
+def rollout_correction(logp_old: list[torch.Tensor], logp_engine: list[list[float]], is_mode: str = "none",
+                       cap: float = 2.0, mask_mode: str = "none", band: tuple[float, float] = (0.5, 2.0)):
+    """The engine's sampling distribution pi_engine drifts from the trainer's pi_old (another kernel, dtype, merged
+    weights): per sequence [|y_i|], with d_t = logp_old_t - logp_engine_t,
+      --rollout-is token:      w_t = min(exp(d_t), C)                         (truncated IS, per token)
+      --rollout-is sequence:   w_t = min(exp(sum_t d_t), C) on every token    (truncated IS, per sequence)
+      --rollout-mask token:    keep_t = [lo <= exp(d_t) <= hi]
+      --rollout-mask sequence: keep_t = [lo <= exp(mean_t d_t) <= hi] on every token (geometric mean: a product of
+                               hundreds of ratios would leave any band)
+    Returns (weights or None, keep or None); when the engine and the trainer agree (d = 0), w = 1 and keep = 1."""
+    weights, keep = [] if is_mode != "none" else None, [] if mask_mode != "none" else None
+    for lp, eng in zip(logp_old, logp_engine):
+        d = lp.double() - torch.tensor(eng, dtype=torch.float64)  # [|y_i|] log(pi_old / pi_engine)
+        if is_mode == "token":
+            weights.append(d.exp().clamp(max=cap).float())
+        elif is_mode == "sequence":
+            weights.append(d.sum().exp().clamp(max=cap).float().expand(len(d)).clone())
+        if mask_mode != "none":
+            r = d.exp() if mask_mode == "token" else d.mean().exp().expand(len(d))
+            keep.append(((r >= band[0]) & (r <= band[1])).float())
+    return weights, keep
+
+
+def truncated(completions: list[list[int]], eos: set[int], max_new_tokens: int) -> list[bool]:
+    """Completions that hit --max-new-tokens without an EOS token."""
+    return [len(c) >= max_new_tokens and (not c or c[-1] not in eos) for c in completions]
+
+
+def loss_masks(ro: Rollouts, args, eos: set[int], engine=None, logp_now=None, dist: common.Dist | None = None) -> dict:
+    """Which tokens enter the GRPO loss and with which weight, set on ro (keep, is_weight), and their metrics:
+    --mask-truncated drops the completions that hit --max-new-tokens without EOS (DAPO's overlong filtering);
+    --rollout-is / --rollout-mask (--rollout vllm) weight or drop tokens by pi_old / pi_engine (rollout_correction;
+    logp_now() gives pi_old's per-sequence log-probs, the engine's come with its samples). The denominators of
+    aggregate() then count the kept tokens/sequences only. With every flag at its default: nothing, {}."""
+    row, keep = {}, None
+    if args.mask_truncated:  # (their count is step_metrics' truncated_frac)
+        cut = truncated(ro.completions, eos, args.max_new_tokens)
+        keep = [torch.full((len(c),), 0.0 if t else 1.0) for c, t in zip(ro.completions, cut)]
+    if args.rollout_is != "none" or args.rollout_mask != "none":
+        weights, rkeep = rollout_correction(logp_now(), engine.last_logps, args.rollout_is, args.rollout_is_cap,
+                                            args.rollout_mask, tuple(args.rollout_mask_band))
+        s = {"n": sum(len(c) for c in ro.completions), "w": 0.0, "masked": 0.0}
+        if weights is not None:
+            ro.is_weight = weights
+            s["w"] = float(sum(w.double().sum() for w in weights))
+        if rkeep is not None:
+            s["masked"] = float(sum((1 - k).sum() for k in rkeep))
+            keep = rkeep if keep is None else [a * b for a, b in zip(keep, rkeep)]
+        s = common.all_reduce_named(s, dist or common.Dist())
+        if weights is not None:
+            row["rollout_is_weight_mean"] = s["w"] / max(s["n"], 1.0)  # per token
+        if rkeep is not None:
+            row["rollout_masked_frac"] = s["masked"] / max(s["n"], 1.0)  # of the tokens
+    ro.keep = keep
+    return row
+
+
 # ----------------------------------------------------------------------------------------------------
 # The update
 
@@ -437,8 +586,14 @@ def accumulate_gradients(train_model, ro: Rollouts, cfg: LossConfig, dist: commo
     """
     dist = dist or common.Dist()
     device = next(train_model.parameters()).device
-    counts = torch.tensor([float(sum(len(c) for c in ro.completions)), float(len(ro.completions))], dtype=torch.float64)
+    if ro.keep is None:  # every completion token is in the loss
+        counts = torch.tensor([float(sum(len(c) for c in ro.completions)), float(len(ro.completions))], dtype=torch.float64)
+    else:  # only the kept tokens, and the sequences with at least one (a batch with none: loss 0, not 0 / 0)
+        counts = torch.tensor([float(sum(k.sum() for k in ro.keep)), float(sum(bool(k.any()) for k in ro.keep))],
+                              dtype=torch.float64)
     n_tokens, n_seqs = common.all_reduce_sum(counts.to(device), dist).tolist()  # every micro-batch divides by these
+    if ro.keep is not None:
+        n_tokens, n_seqs = max(n_tokens, 1.0), max(n_seqs, 1.0)
     mbs = micro_batches(ro.prompts, cfg.micro_batch, cfg.shared_prefix)
     ddp = isinstance(train_model, torch.nn.parallel.DistributedDataParallel)
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # read once at the end: no host wait per micro-batch
@@ -457,7 +612,12 @@ def update_stats(mb: MicroBatch, cfg: LossConfig, loss: torch.Tensor, extra: tor
     """Logged sums of a micro-batch: loss, kl, entropy, clipped tokens (no gradient there), extra."""
     m = mb.completion_mask.float()
     rho, a = torch.exp(mb.logp.detach() - mb.logp_old), mb.adv.unsqueeze(-1)
-    clipped = ((rho > 1 + cfg.eps_high) & (a > 0)) | ((rho < 1 - cfg.eps_low) & (a < 0))
+    eps_low, eps_high = cfg.eps_low, cfg.eps_high
+    if cfg.is_level == "sequence":  # GSPO's rho_i on every token of y_i (as grpo_token_loss)
+        lm = mb.loss_mask if mb.loss_mask is not None else m
+        rho = torch.exp(((mb.logp.detach() - mb.logp_old) * lm).sum(-1, keepdim=True) / lm.sum(-1, keepdim=True).clamp(min=1))
+        eps_low, eps_high = cfg.seq_eps_low, cfg.seq_eps_high
+    clipped = ((rho > 1 + eps_high) & (a > 0)) | ((rho < 1 - eps_low) & (a < 0))
     kl = (k3_kl(mb.logp.detach(), mb.logp_ref) * m).sum() if mb.logp_ref is not None else torch.zeros((), device=m.device)
     ent = (common.softmax_entropy(mb.logits, temperature=cfg.temperature) * m).sum()
     return torch.stack([loss.detach(), kl, ent, (clipped.float() * m).sum(), extra.detach()]).double()
@@ -479,12 +639,82 @@ def grpo_step(model, train_model, optimizer, scheduler, ro: Rollouts, cfg: LossC
 
 
 # ----------------------------------------------------------------------------------------------------
+# The step's groups (dynamic sampling) and the held-out evaluation
+
+
+def zero_spread(total: list[float]) -> bool:
+    """A group whose rewards are all equal: A = 0 for every completion (Eq. 1), nothing to learn from."""
+    return max(total) == min(total)
+
+
+def dynamic_sampling(draw, cursor: int, n_groups: int, max_draws: int, dist: common.Dist) -> tuple[list[dict], dict]:
+    """DAPO's dynamic sampling (--dynamic-sampling): draws cursor, cursor + 1, ... of the prompt stream (each a step's
+    worth of prompts, training.step_batch) until every rank holds n_groups groups whose rewards differ, or
+    --max-draws draws were made; the zero-spread groups are dropped. At the cap a rank short of groups fills up with
+    its last dropped ones (A = 0: what the step would have trained on without dynamic sampling). Every rank makes
+    the same draws (a rank already full skips its share of a draw), so the data position is the draw count, kept
+    in the checkpoint. draw(k) -> this rank's groups of draw k. Returns (n_groups groups, counts for the log)."""
+    kept, dropped, n, drawn = [], [], 0, 0
+    while True:
+        if len(kept) < n_groups:
+            for grp in draw(cursor + n):
+                (dropped if zero_spread(grp["rw"]["total"]) else kept).append(grp)
+                drawn += 1
+        n += 1
+        short = common.all_reduce_named({"short": float(len(kept) < n_groups)}, dist, op="max")["short"]
+        if not short or n >= max_draws:
+            break
+    fill = max(0, n_groups - len(kept))
+    groups = kept[:n_groups] + dropped[len(dropped) - fill:]
+    s = common.all_reduce_named({"drawn": drawn, "dropped": len(dropped) - fill, "filled": fill}, dist)
+    return groups, {"dynamic_draws": n, "dynamic_groups_drawn": s["drawn"], "dynamic_groups_dropped": s["dropped"],
+                    "dynamic_groups_filled": s["filled"]}
+
+
+def held_out_turns(args) -> list[dict] | None:
+    """--eval-every: the first --eval-size turns of --eval-split in --eval-data (default --data), checked before any
+    work (at least one per rank); None when there is no held-out evaluation."""
+    if not args.eval_every:
+        return None
+    path, world = args.eval_data or args.data, int(os.environ.get("WORLD_SIZE", "1"))
+    turns = common.load_turns(path, split=args.eval_split, max_chars=args.max_message_chars)[:args.eval_size]
+    common.check(len(turns) >= world, f"{path}: {len(turns)} turns with split == {args.eval_split!r} for "
+                 f"--eval-every, fewer than the {world} rank(s) (pick --eval-split or --eval-data)")
+    return turns
+
+
+@torch.no_grad()
+def evaluate(generate, turns: list[dict], tok, system: str, prefill: str, args, dist: common.Dist, score) -> dict:
+    """--eval-every: the policy's mean reward on the held-out turns, one completion per turn (this rank's share),
+    sampled at a fixed seed (common.step_seed(--seed, -1, rank): the same noise at every evaluation and after
+    --resume) inside a fork of torch's generator, so the training's random stream is untouched.
+    score(contexts, texts, completions) -> {"total": [...], part: [...]}, the stage's reward.
+    Returns eval_reward (the mean total), eval_<name> for score's other entries, eval_completion_len_mean and
+    eval_truncated_frac: means over all ranks."""
+    mine = common.shard(turns, dist)
+    contexts = [t["context"] for t in mine]
+    p_ids = [prompt_ids(tok, c, system, prefill, args.max_prompt_tokens) for c in contexts]
+    seed = common.step_seed(args.seed, -1, dist.rank)
+    with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        comps = generate(p_ids, 1, -1, seed=seed)
+    texts = [prefill + tok.decode(c, skip_special_tokens=True) for c in comps]
+    rw = score(contexts, texts, comps)
+    s = common.all_reduce_named({"n": len(comps), "tokens": sum(len(c) for c in comps),
+                                 "truncated": sum(len(c) >= args.max_new_tokens for c in comps),
+                                 **{k: sum(v) for k, v in rw.items()}}, dist)
+    return {"eval_reward": s["total"] / s["n"], **{f"eval_{k}": s[k] / s["n"] for k in rw if k != "total"},
+            "eval_completion_len_mean": s["tokens"] / s["n"], "eval_truncated_frac": s["truncated"] / s["n"]}
+
+
+# ----------------------------------------------------------------------------------------------------
 # The training loop
 
 
 def main(argv=None):
     args = parse_args(argv)
     out, G = Path(args.out), args.group_size
+    eval_turns = held_out_turns(args)  # --eval-every
     dist, turns, fixed, inputs, policy_path = training.start_run(args, "rewards")  # all checks before any work
     rm_fn = None if args.rm == "none" or fixed else make_rm_scorer(args.rm, dist.device, common.resolve_dtype(
         args.dtype, dist.device), args.rm_batch_size)
@@ -494,56 +724,92 @@ def main(argv=None):
     pol = training.setup_policy(args, dist, n_groups=len(fixed or turns))
     cfg = loss_config(args, pol.tok.pad_token_id, dist.device, pol.dtype)
     generate = sampler(args, pol, engine)
-    start = training.load_checkpoint(out, pol, dist)[0] if args.resume else 0
+    start, extra = training.load_checkpoint(out, pol, dist) if args.resume else (0, None)
+    cursor = extra["draws"] if extra is not None and "draws" in extra else start  # prompt batches drawn so far
     system, prefill = system_prompt(args.think_prompt)
     system = args.system_prompt if args.system_prompt is not None else system
+    eos = set(common.eos_ids(pol.model, pol.tok))
     log = training.RunLog(args, dist, pol, start, {"system_prompt": system, "prefill": prefill})
     common.print0(f"GRPO: {pol.total} steps ({pol.steps_per_epoch} per epoch), {args.prompts_per_step} prompts x G={G} "
                   f"per step on {dist.world} rank(s), {sum(p.numel() for p in pol.model.parameters() if p.requires_grad):,} "
                   f"trainable parameters, starting at step {start}")
 
+    def score(contexts: list[list[dict]], texts: list[str], comps: list[list[int]]) -> dict[str, list[float]]:
+        """r = R_fut + alpha R_fmt + R_len of each completion (contexts: one per completion)."""
+        return compute_rewards(texts, [len(c) for c in comps], contexts, fmt_coef=args.fmt_coef, l_max=args.l_max,
+                               l_cache=args.l_cache, rm_fn=rm_fn)
+
+    def draw(k: int) -> list[dict]:
+        """Draw k of the prompt stream (deviation 6; without dynamic sampling draw k is step k): this rank's
+        prompts, G completions each and their rewards, as groups."""
+        batch = common.shard(training.step_batch(turns, k, pol.steps_per_epoch, args), dist)  # this rank's
+        contexts = [t["context"] for t in batch]
+        p_ids = [prompt_ids(pol.tok, c, system, prefill, args.max_prompt_tokens) for c in contexts]
+        t = time.time()
+        comps = generate(p_ids, G, k)  # [B_local*G], group-major
+        timer["gen"] += time.time() - t
+        texts = [prefill + pol.tok.decode(c, skip_special_tokens=True) for c in comps]
+        rw = score([c for c in contexts for _ in range(G)], texts, comps)
+        lps = engine.last_logps if engine is not None else None  # --rollout vllm: the engine's log-probs of comps
+        return [{"context": contexts[b], "prompt_ids": p_ids[b], "completions": comps[b * G:(b + 1) * G],
+                 "texts": texts[b * G:(b + 1) * G], "rw": {name: v[b * G:(b + 1) * G] for name, v in rw.items()},
+                 "engine_logps": lps[b * G:(b + 1) * G] if lps is not None else None} for b in range(len(p_ids))]
+
     bar = common.progress(total=pol.total, initial=start, desc="grpo")
     stop = pol.total if args.stop_after is None else min(pol.total, start + args.stop_after)
     for step in range(start, stop):
-        t0 = time.time()
-        # ---- this step's prompts (data position = step; deviation 6) and G completions each
+        t0, timer = time.time(), {"gen": 0.0}
+        # ---- this step's groups: prompts (data position = step, or the draw count; deviation 6), G completions
+        # each and their rewards r = R_fut + alpha R_fmt + R_len
+        ds_row = {}
         if fixed:
-            groups = common.shard(fixed, dist)
-            p_ids, contexts = [g["prompt_ids"] for g in groups], [[] for _ in groups]
-            comps = [c for g in groups for c in g["completions"]]
+            groups = []
+            for grp in common.shard(fixed, dist):
+                texts = [prefill + pol.tok.decode(c, skip_special_tokens=True) for c in grp["completions"]]
+                groups.append({"context": [], "prompt_ids": grp["prompt_ids"], "completions": grp["completions"],
+                               "texts": texts, "rw": {"total": grp["rewards"], "fut": [0.0] * G,
+                                                      "fmt": [format_reward(t) for t in texts], "len": [0.0] * G}})
+        elif args.dynamic_sampling:  # DAPO: zero-spread groups replaced by new prompts
+            groups, ds_row = dynamic_sampling(draw, cursor, args.prompts_per_step // dist.world, args.max_draws, dist)
+            cursor += ds_row["dynamic_draws"]
+            ds_row["data_position"] = cursor  # prompt batches drawn since the start of the run
         else:
-            batch = common.shard(training.step_batch(turns, step, pol.steps_per_epoch, args), dist)  # this rank's
-            contexts = [t["context"] for t in batch]
-            p_ids = [prompt_ids(pol.tok, c, system, prefill, args.max_prompt_tokens) for c in contexts]
-            comps = generate(p_ids, G, step)  # [B_local*G], group-major
-        t_gen = time.time() - t0
-        # ---- rewards and group advantages (Eq. 1)
-        texts = [prefill + pol.tok.decode(c, skip_special_tokens=True) for c in comps]
-        if fixed:
-            rw = {"total": [r for g in groups for r in g["rewards"]], "fut": [0.0] * len(comps),
-                  "fmt": [format_reward(t) for t in texts], "len": [0.0] * len(comps)}
-        else:
-            rw = compute_rewards(texts, [len(c) for c in comps], [c for c in contexts for _ in range(G)],
-                                 fmt_coef=args.fmt_coef, l_max=args.l_max, l_cache=args.l_cache, rm_fn=rm_fn)
+            groups = draw(step)
+            cursor = step + 1
+        t_gen = timer["gen"] if not fixed else time.time() - t0
+        contexts, p_ids = [grp["context"] for grp in groups], [grp["prompt_ids"] for grp in groups]
+        comps = [c for grp in groups for c in grp["completions"]]  # [B_local*G], group-major
+        texts = [t for grp in groups for t in grp["texts"]]
+        rw = {k: [x for grp in groups for x in grp["rw"][k]] for k in ("total", "fut", "fmt", "len")}
+        if engine is not None and args.dynamic_sampling:  # the kept groups' engine log-probs, from several draws
+            engine.last_logps = [x for grp in groups for x in grp["engine_logps"]]
+        # ---- group advantages (Eq. 1; --scale-rewards, --reward-combine)
         rewards = torch.tensor(rw["total"], dtype=torch.float32).view(len(p_ids), G)  # [B_local, G]
-        adv = group_advantages(rewards, args.adv_norm, args.adv_eps).flatten()  # [B_local*G]
+        parts = {k: torch.tensor(rw[k], dtype=torch.float32).view(len(p_ids), G) for k in ("fut", "fmt", "len")}
+        adv = advantages(rewards, parts, {"fut": 1.0, "fmt": args.fmt_coef, "len": 1.0}, args.scale_rewards,
+                         args.reward_combine, args.adv_eps, dist).flatten()  # [B_local*G]
         ro = Rollouts(prompts=[p for p in p_ids for _ in range(G)], completions=comps, advantages=adv)
         # ---- the update(s) (Eq. 2-3)
         t1 = time.time()
         prepare_logps(pol, ro, cfg, args.ppo_epochs)  # reference log-probs; logp_old for --ppo-epochs > 1
-        check_row = speed.sampler_check(engine, ro, lambda: ro.logp_old or sequence_logps(pol.model, ro, cfg),
-                                        args.top_p, dist)  # --rollout vllm: engine vs trainer log-probs
+        logp_now = functools.cache(lambda: ro.logp_old or sequence_logps(pol.model, ro, cfg))  # pi_old, once at most
+        check_row = speed.sampler_check(engine, ro, logp_now, args.top_p, dist)  # --rollout vllm: engine vs trainer
+        mask_row = loss_masks(ro, args, eos, engine, logp_now, dist)  # --mask-truncated, --rollout-is/-mask
         try:
             for _ in range(args.ppo_epochs):
                 st = grpo_step(pol.model, pol.train_model, pol.optimizer, pol.scheduler, ro, cfg, dist, args.max_grad_norm)
         except common.StageFailure as e:
             raise common.StageFailure(f"step {step + 1}: {e}; {training.kept_note(out)}") from None
         t_upd = time.time() - t1
-        # ---- logging (sums over ranks; SPEC section 5 list, README table) and checkpoints
+        # ---- logging (sums over ranks; docs/04_grpo.md, Metrics) and checkpoints
         row = training.step_metrics(step, pol, dist, comps, rewards, adv, st, args.beta,
                                     {"reward_fut": rw["fut"], "reward_fmt": rw["fmt"], "reward_len": rw["len"]})
         row.update(training.timings(t0, t_gen, t_upd, row.pop("_tokens"), args.ppo_epochs, dist))
-        row.update(format_rate=row["reward_fmt"], **check_row)
+        row.update(format_rate=row["reward_fmt"], **check_row, **mask_row, **ds_row)
+        if eval_turns is not None and (step + 1) % args.eval_every == 0:  # held-out reward, after the update
+            t2 = time.time()
+            row.update(evaluate(generate, eval_turns, pol.tok, system, prefill, args, dist, lambda *a: {
+                ("total" if k == "total" else f"reward_{k}"): v for k, v in score(*a).items()}), time_eval=time.time() - t2)
         log.metrics(row)
         if log.sample_step(step):
             log.sample({"step": step + 1, "context": contexts[0], "prompt": pol.tok.decode(p_ids[0]),
@@ -552,7 +818,7 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", fmt=f"{row['format_rate']:.2f}", kl=f"{row['kl'] or 0:.2e}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == stop:
-            training.save_checkpoint(out, step + 1, pol, dist, args, inputs)
+            training.save_checkpoint(out, step + 1, pol, dist, args, inputs, extra={"draws": cursor})
     bar.close()
     training.finish(out, pol, dist, done=stop == pol.total)
 

@@ -1,4 +1,4 @@
-"""Stage 05: RAPO, reaction-aware policy optimisation (RAPO sections 3.2-3.4, Eq. 8-15; SPEC section 6).
+"""Stage 05: RAPO, reaction-aware policy optimisation (RAPO sections 3.2-3.4, Eq. 8-15; docs/design.md section 6).
 
 Per prompt x (a train turn's context with learn == true from 01_select.py's hindsight selection, Eq. 8):
   1. Chain-of-Supporting: G candidates a_i = <strategy>s_i</strategy> y_i (the assistant turn is prefilled
@@ -52,6 +52,7 @@ Run:
 """
 import argparse
 import copy
+import functools
 import random
 import time
 from contextlib import contextmanager, nullcontext
@@ -62,6 +63,7 @@ import torch
 
 import backends
 import common
+import role_cache
 import speed
 import training
 from common import check
@@ -203,7 +205,7 @@ def active_adapter(model, name: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Rewards: reactions, the generative reward model and its ablations (SPEC section 6)
+# Rewards: reactions, the generative reward model and its ablations (docs/design.md section 6)
 
 # The prompts (our words after RAPO Appendix G): the criteria, shared by the GRM, the rubric judges and 06's pairwise
 # judge; one reply scored alone (rubric-point); a group ranked with critiques (the GRM, Eq. 10; rubric-group)
@@ -299,7 +301,7 @@ def parse_grm(obj, G: int) -> dict:
 
 
 def grm_prefill(backend) -> str:
-    return "" if isinstance(backend, backends.OpenAIBackend) else '{"0": {"analysis": "'  # deviation 2
+    return "" if backend.spec.startswith("openai:") else '{"0": {"analysis": "'  # deviation 2
 
 
 def score_groups(grm, mode: str, contexts: list[list[dict]], replies: list[list[str]], reactions: list[list[str]] | None,
@@ -398,7 +400,7 @@ def score_sotopia_groups(grm, states: list[dict], actions: list[list[dict]], rea
 
 
 class Teacher:
-    """Forward passes of the feedback-conditioned teacher and its EMA update (SPEC section 6)."""
+    """Forward passes of the feedback-conditioned teacher and its EMA update (docs/design.md section 6)."""
 
     def __init__(self, model, kind: str, lora: bool, ref_model=None, lora_config=None):
         self.model, self.kind, self.lora, self.ref_model = model, kind, lora, ref_model
@@ -486,7 +488,7 @@ def make_sd_loss(teacher: Teacher, ro, distill: dict[int, list[int]], cfg, k: in
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_grpo_args(p, out="runs/rapo", temperature=1.0, learn_only=True, d=grpo.LossConfig(pad_id=0))
-    g = p.add_argument_group("RAPO (SPEC section 6)")
+    g = p.add_argument_group("RAPO (docs/design.md section 6)")
     common.add_role_arg(p, "seeker", "user simulator that reacts to each candidate (Eq. 9)")
     common.add_role_arg(p, "grm", "generative reward model ranking each group with critiques (Eq. 10)")
     g.add_argument("--reward", default="reaction", choices=["reaction", "rubric-group", "rubric-point"],
@@ -498,7 +500,7 @@ def parse_args(argv=None):
     g.add_argument("--teacher", default="ema", choices=["ema", "live", "base"],
                    help="ema = EMA of the policy (RAPO); live = the current policy; base = the initial policy")
     g.add_argument("--ema-rate", type=float, default=0.5, help="m in theta_T <- (1 - m) theta_T + m theta (RAPO: 0.5)")
-    g.add_argument("--grm-retries", type=int, default=3, help="re-asks of an invalid GRM answer (SPEC: 3)")
+    g.add_argument("--grm-retries", type=int, default=3, help="re-asks of an invalid GRM answer (docs/design.md section 6: 3)")
     g.add_argument("--grm-max-new-tokens", type=int, default=512, help="GRM answer length")
     g.add_argument("--seeker-max-new-tokens", type=int, default=64, help="reaction length")
     g.add_argument("--seeker-temperature", type=float, default=0.7, help="seeker sampling temperature")
@@ -513,6 +515,7 @@ def parse_args(argv=None):
                         "give --max-prompt-tokens 2048 or more: the agent's view is long) (RAPO section 4.2)")
     g.add_argument("--teacher-extra-tokens", type=int, default=1024,
                    help="prompt tokens the teacher gets beyond --max-prompt-tokens, for the hindsight block")
+    role_cache.add_role_cache_args(p)
     args = p.parse_args(argv)
     args = common.resume_args(p, args, argv, Path(args.out) / "checkpoint")  # --resume: the run's own settings
     training.check_grpo_args(args)
@@ -525,12 +528,14 @@ def parse_args(argv=None):
           "judges are ESC's)")
     check(0 < args.seeker_top_p <= 1 and args.teacher_extra_tokens >= 0,
           "--seeker-top-p must be in (0, 1] and --teacher-extra-tokens >= 0")
+    role_cache.check_role_cache_args(args)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     out, G = Path(args.out), args.group_size
+    eval_turns = grpo.held_out_turns(args)  # --eval-every
     dist, turns, fixed, inputs, policy_path = training.start_run(args, "scores")  # all checks before any work
     check(args.env == "esc" or fixed or all(isinstance(t.get("sotopia"), dict) for t in turns),
           f"{args.data}: --env sotopia needs turns written by envs/sotopia.py (a 'sotopia' state per turn)")
@@ -541,10 +546,12 @@ def main(argv=None):
         check(longest <= args.max_prompt_tokens, f"{args.data}: a Sotopia context has {longest} prompt tokens, more "
               f"than --max-prompt-tokens {args.max_prompt_tokens}: raise it (the agent's view would lose its start)")
     seeker = grm = None
+    cache = role_cache.open_cache(args)  # --role-cache: the seeker's and the GRM's answers recorded / replayed
     if not fixed:  # the role models (each its own engine; roles on one spec share it)
         if args.reward == "reaction":
-            seeker = backends.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype, decoder=args.decoder)
-        grm = backends.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder)
+            seeker = backends.make_backend(args.seeker, args.seeker_base_url, args.device, args.dtype, decoder=args.decoder,
+                                           cache=cache)
+        grm = backends.make_backend(args.grm, args.grm_base_url, args.device, args.dtype, decoder=args.decoder, cache=cache)
     engine = None  # the vLLM engine is built before the seeding (LLM() reseeds the process)
     if args.rollout == "vllm":
         engine = speed.VLLMRollout(backends.rollout_engine(policy_path, args), args, dist)
@@ -565,6 +572,19 @@ def main(argv=None):
     log = training.RunLog(args, dist, pol, start, {"system_prompt": system, "prefill": prefill})
     common.print0(f"RAPO ({args.reward}, sd-coef {args.sd_coef}, teacher {args.teacher}): {pol.total} steps, "
                   f"{args.prompts_per_step} prompts x G={G} on {dist.world} rank(s), starting at step {start}")
+
+    eos = set(common.eos_ids(pol.model, pol.tok))
+
+    def eval_score(contexts: list[list[dict]], texts: list[str], comps: list[list[int]]) -> dict[str, list[float]]:
+        """--eval-every: the --grm model's rubric score of each reply alone (an absolute scale; a group ranking's mean
+        is fixed by its ranks) + R_len; a reply the judge never scores counts 0 (eval_grm_failed_frac)."""
+        res, _ = score_groups(grm, "rubric-point", contexts, [[common.strip_reasoning(t)] for t in texts], None,
+                              retries=args.grm_retries, max_new_tokens=args.grm_max_new_tokens,
+                              seed=common.step_seed(args.seed, -1, dist.rank))
+        pen = [grpo.overlong_penalty(len(c), args.l_max, args.l_cache) for c in comps]
+        score = [r["scores"][0] if r is not None else 0.0 for r in res]
+        return {"total": [a + b for a, b in zip(score, pen)], "reward_score": score, "reward_len": pen,
+                "grm_failed_frac": [float(r is None) for r in res]}
 
     bar = common.progress(total=pol.total, initial=start, desc="rapo")
     stop = pol.total if args.stop_after is None else min(pol.total, start + args.stop_after)
@@ -611,7 +631,8 @@ def main(argv=None):
                                        max_new_tokens=args.grm_max_new_tokens, seed=seed)
         # r_i = score_i + R_len(y_i); failed groups: all-equal rewards, so A = 0 (Eq. 1), and no distillation
         rewards, r_len = group_rewards(results, [len(c) for c in comps], G, args.l_max, args.l_cache)  # [B, G]
-        adv = grpo.group_advantages(rewards, args.adv_norm, args.adv_eps).flatten()  # [B*G]
+        adv = grpo.advantages(rewards, {"score": rewards - r_len, "len": r_len}, {"score": 1.0, "len": 1.0},
+                              args.scale_rewards, args.reward_combine, args.adv_eps, dist).flatten()  # [B*G], Eq. 1
         ro = grpo.Rollouts(prompts=[p for p in p_ids for _ in range(G)], completions=comps, advantages=adv)
         # ---- verbal RL targets (Eq. 11-12): the worst candidate of each valid group, and the teacher's prompt
         distill = {}
@@ -632,8 +653,9 @@ def main(argv=None):
         # ---- the update: L = L_GRPO + eta * L_SD (Eq. 15), then the teacher's EMA step
         t1 = time.time()  # t_gen .. t1: the seeker's reactions and the GRM (generation by the reward roles)
         grpo.prepare_logps(pol, ro, cfg, args.ppo_epochs)  # reference log-probs; logp_old for --ppo-epochs > 1
-        check_row = speed.sampler_check(engine, ro, lambda: ro.logp_old or grpo.sequence_logps(pol.model, ro, cfg),
-                                        args.top_p, dist)  # --rollout vllm: engine vs trainer log-probs
+        logp_now = functools.cache(lambda: ro.logp_old or grpo.sequence_logps(pol.model, ro, cfg))  # pi_old, once at most
+        check_row = speed.sampler_check(engine, ro, logp_now, args.top_p, dist)  # --rollout vllm: engine vs trainer
+        check_row.update(grpo.loss_masks(ro, args, eos, engine, logp_now, dist))  # --mask-truncated, --rollout-is/-mask
         sd_st = {"sd_loss": 0.0, "sd_kl": 0.0, "topk_mass": 0.0, "sd_tokens": 0.0}
         l_sd = make_sd_loss(teacher, ro, distill, cfg, args.sd_topk, args.sd_is_clip, max(n_sd, 1.0), sd_st)
         eta_l_sd = (lambda mb: args.sd_coef * l_sd(mb)) if args.sd_coef > 0 else None  # Eq. 15: + eta * L_SD
@@ -646,7 +668,7 @@ def main(argv=None):
             raise common.StageFailure(f"step {step + 1}: {e}; {training.kept_note(out)}") from None
         t_upd = time.time() - t1
 
-        # ---- logging: 04's metrics plus GRM counts and distillation statistics (README table)
+        # ---- logging: 04's metrics plus GRM counts and distillation statistics (docs/05_rapo.md, Metrics)
         row = training.step_metrics(step, pol, dist, comps, rewards, adv, upd, args.beta,
                                     {"reward_len": r_len.flatten().tolist()})
         row.update(training.timings(t0, t_gen, t_upd, row.pop("_tokens"), args.ppo_epochs, dist))
@@ -657,6 +679,10 @@ def main(argv=None):
                     **{k: e[s] / n_tok if n_tok else None for k, s in (("sd_loss", "sd_loss"), ("sd_kl", "sd_kl"),
                                                                       ("sd_topk_mass", "topk_mass"))},
                     "sd_tokens": n_tok, **check_row})
+        if eval_turns is not None and (step + 1) % args.eval_every == 0:  # held-out reward, after the update
+            t2 = time.time()
+            row.update(grpo.evaluate(generate, eval_turns, pol.tok, system, prefill, args, dist, eval_score),
+                       time_eval=time.time() - t2)
         log.metrics(row)
         if log.sample_step(step):
             log.sample({"step": step + 1, "context": contexts[0], "completions": texts[:G], "replies": replies[:G],
@@ -667,6 +693,7 @@ def main(argv=None):
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == stop:
             training.save_checkpoint(out, step + 1, pol, dist, args, inputs, extra={"teacher": teacher.state_dict()})
     bar.close()
+    role_cache.report(cache, out, dist)  # this run's hits / misses, over all ranks (a log: OUT/role_cache.json)
     training.finish(out, pol, dist, done=stop == pol.total)
 
 

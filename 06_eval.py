@@ -65,6 +65,7 @@ import torch
 import backends
 import common
 import protocols
+import role_cache
 from common import InputError, check
 from protocols import base, curves
 from protocols.base import Run, chunk_seed, lib_version, md_table
@@ -98,8 +99,8 @@ def parse_args(argv=None):
                    help="take the test cases from this file instead of the test split of --data, detected by content: "
                         "dialogues (ESConv.json, PPDPP jsonl or chat jsonl, e.g. PPDPP's 130-dialogue file), an "
                         "ESC-Eval role-card file (JSON list of {id, base, ...}) or EmoHarbor-style profiles (JSONL of "
-                        "{id, personality, situation, inner_state, background?}; README), or a Sotopia profile folder "
-                        "(the four files of envs/sotopia.py: the sotopia part)")
+                        "{id, personality, situation, inner_state, background?}; docs/06_eval.md), or a Sotopia "
+                        "profile folder (the four files of envs/sotopia.py: the sotopia part)")
     g.add_argument("--max-ref-turns", type=int, default=None,
                    help="score at most N test turns in the reference and pairwise parts (default: every turn of "
                         "the chosen test dialogues; --max-examples N takes the first N dialogues)")
@@ -112,7 +113,7 @@ def parse_args(argv=None):
                         "reference and pairwise need dialogues)")
     g = p.add_argument_group("policies (all evaluated on the same cases, roles and seeds)")
     g.add_argument("--policy", action="append", default=None,
-                   help="a policy to evaluate, repeatable: [LABEL=]SPEC with SPEC hf:PATH | vllm:PATH | openai:MODEL "
+                   help="a policy to evaluate, repeatable: [LABEL=]MODEL with MODEL hf:PATH | vllm:PATH | openai:MODEL "
                         "| a bare path; a folder with adapter_config.json is a trained PEFT adapter (default: "
                         f"{common.DEFAULT_MODEL}); LABEL names its row (default: derived from the spec)")
     g.add_argument("--policy-base-url", default=None,
@@ -149,9 +150,11 @@ def parse_args(argv=None):
                    help="override the metrics.jsonl keys plotted, e.g. 'reward=reward,entropy=entropy,"
                         "length=completion_len_mean' (the keys 04_grpo.py and 05_rapo.py log; default: the first of "
                         "each panel's known names present)")
+    role_cache.add_role_cache_args(p)
     args = p.parse_args(argv)
     common.check_common_args(args)
     common.check_decoder(args)
+    role_cache.check_role_cache_args(args)
     if args.parts is not None:
         parts = [s.strip() for s in args.parts.split(",") if s.strip()]
         bad = [s for s in parts if s not in PARTS]
@@ -176,7 +179,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Policies: [LABEL=]SPEC -> (label, spec)
+# Policies: [LABEL=]MODEL -> (label, spec)
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9_.+\-]+$")
 
@@ -195,7 +198,7 @@ def policy_label(spec: str) -> str:
 
 
 def parse_policies(values: list[str] | None) -> list[tuple[str, str]]:
-    """[(label, spec)] with unique labels; LABEL=SPEC names a row, otherwise the label comes from the spec."""
+    """[(label, spec)] with unique labels; LABEL=MODEL names a row, otherwise the label comes from the spec."""
     out = []
     for v in values or [common.DEFAULT_MODEL]:
         label, sep, rest = v.partition("=")
@@ -207,10 +210,10 @@ def parse_policies(values: list[str] | None) -> list[tuple[str, str]]:
     base = [lab or policy_label(s) for lab, s in out]  # policy_label -> parse_spec raises on an empty spec
     labels = [f"{b}#{base[:i + 1].count(b)}" if lab is None and base.count(b) > 1 else b  # collisions get #k
               for i, ((lab, _), b) in enumerate(zip(out, base))]
-    check(len(set(labels)) == len(labels), f"--policy: duplicate label in {labels}; name rows with LABEL=SPEC")
+    check(len(set(labels)) == len(labels), f"--policy: duplicate label in {labels}; name rows with LABEL=MODEL")
     for lab, s in out:
         check(lab is not None or specs.count(s) == 1,
-              f"--policy {s} is given twice: give each copy its own LABEL=SPEC if that is intended")
+              f"--policy {s} is given twice: give each copy its own LABEL=MODEL if that is intended")
     return list(zip(labels, specs))
 
 
@@ -351,7 +354,7 @@ def evaluate_policy(run: Run, jobs: list, label: str, spec: str, shared: dict):
             shared[role] = shared.get(role) or run.make(role)
         if p.name not in run.backends:
             run.backends[p.name] = p.load(run)
-    policy = backends.make_backend(spec, args.policy_base_url, str(run.dist.device), args.dtype, decoder=args.decoder)
+    policy = run.make("policy", spec)  # (through --role-cache when given)
     open_outputs(run)  # (the same point on every rank: `todo` is decided alike)
     roles = simulate.Roles(policy=policy, seeker=shared.get("seeker"), critic=shared.get("critic"),
                            policy_system=run.system, critic_mode=args.critic_mode_used, critic_n=args.critic_samples,
@@ -432,8 +435,8 @@ def write_report(scores: dict, chosen: list, path: Path):
     L = ["# Evaluation report", "", f"Command: `{st['command']}`", "", f"Test set: {st['test_source']}: {what}. Every policy "
          f"saw the same cases, roles and seeds. Brackets: {st['ci']}.", ""]
     if st["embedded_judges"]:
-        L += ["> **The critic or judge here is the embedded SmolLM2-135M, which does not discriminate (README, "
-              "'What the embedded model can show'): these numbers demonstrate the plumbing, not the policies.** "
+        L += ["> **The critic or judge here is the embedded SmolLM2-135M, which does not discriminate (docs/design.md "
+              "section 8): these numbers demonstrate the plumbing, not the policies.** "
               "Put capable models on --seeker/--critic/--judge for results.", ""]
     if st.get("scripted_roles"):
         L += [f"> **Scripted roles: {', '.join(st['scripted_roles'])}** (`scripted`: the rules of envs/esc.py and, on "
@@ -464,8 +467,9 @@ def main(argv=None):
     run.done = set() if args.overwrite else set().union(*(common.ResumableOutput(out_dir, n).done for n in OUTPUTS))
     if not args.overwrite:  # on every rank alike: all stop together
         check_resume_settings(args, out_dir, len(run.done), run.inputs, run.digests)
+    cache = role_cache.open_cache(args)  # --role-cache: every role's and policy's answers recorded / replayed
     run.make = lambda role, spec=None: backends.make_backend(spec or getattr(args, role), getattr(args, f"{role}_base_url"),
-                                                             str(dist.device), args.dtype, decoder=args.decoder)
+                                                             str(dist.device), args.dtype, decoder=args.decoder, cache=cache)
     common.print0(f"{len(run.policies)} policies x {len(run.cases)} test cases ({run.source}; {len(run.turns)} turns); "
                   f"parts: {args.parts}; {len(run.done)} records already written; {dist.world} rank(s)")
     chosen = [REGISTRY[n] for n in run.parts]
@@ -480,6 +484,7 @@ def main(argv=None):
         if not p.per_policy:
             p.run_all(run)
     common.barrier(dist)
+    role_cache.report(cache, out_dir, dist)  # this run's hits / misses, over all ranks (a log: OUT/role_cache.json)
     if dist.world > 1:
         torch.distributed.destroy_process_group()
     if not dist.main:

@@ -75,11 +75,15 @@ class HFBackend(Backend):
 
     def generate(self, chats, *, max_new_tokens=128, temperature=1.0, top_p=1.0, n=1, seed=None, prefill=""):
         self.calls += 1
-        if seed is not None:
-            torch.manual_seed(seed)
         prompts = [chat_ids(self.tok, c, prefill) for c in chats]
-        ids = speed.generate_ids(self.model, self.tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, batch_size=self.batch_size, n=n, shared_prefill=True, decoder=self.decoder)
+        dev = next(self.model.parameters()).device
+        # a seeded call draws from its own stream and leaves the process's one as it was: what a stage samples
+        # next (05's rollouts) never depends on whether a role call ran, or was answered by --role-cache
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            ids = speed.generate_ids(self.model, self.tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                     top_p=top_p, batch_size=self.batch_size, n=n, shared_prefill=True, decoder=self.decoder)
         texts = [prefill + self.tok.decode(x, skip_special_tokens=True) for x in ids]
         return [texts[i * n:(i + 1) * n] for i in range(len(chats))]
 
@@ -345,12 +349,13 @@ _BACKENDS: dict[tuple, Backend] = {}
 
 
 def make_backend(spec: str, base_url: str | None = None, device: str = "auto", dtype: str = "auto",
-                 batch_size: int = 64, decoder: str = "hf", **vllm_args) -> Backend:
+                 batch_size: int = 64, decoder: str = "hf", cache=None, **vllm_args) -> Backend:
     """Build (or reuse: roles on the same model share one engine) the backend for a model spec. decoder: the
-    decoding loop of an hf: model (generate_ids)."""
+    decoding loop of an hf: model (generate_ids). cache: a role_cache.RoleCache (--role-cache): the backend is
+    answered through it (record/replay of its calls)."""
     key = (spec, base_url, device, dtype, decoder)
     if key in _BACKENDS:
-        return _BACKENDS[key]
+        return _BACKENDS[key] if cache is None else cache.wrap(_BACKENDS[key])
     ms = parse_spec(spec)
     if ms.backend == "openai":
         if not base_url and not os.environ.get("OPENAI_API_KEY"):
@@ -364,11 +369,14 @@ def make_backend(spec: str, base_url: str | None = None, device: str = "auto", d
         dev = resolve_device(device)
         b = HFBackend(ms.name, dev, resolve_dtype(dtype, dev), batch_size=batch_size, decoder=decoder)
     _BACKENDS[key] = b
-    return b
+    return b if cache is None else cache.wrap(b)
 
 
 def release_backend(backend: Backend):
     """Forget a backend made by make_backend (its model is freed once the caller drops its reference too)."""
+    if hasattr(backend, "inner"):  # a role_cache.CachedBackend: forget the wrapper and what it wraps
+        backend.cache.forget(backend.inner)
+        backend = backend.inner
     for key in [k for k, v in _BACKENDS.items() if v is backend]:
         del _BACKENDS[key]
     if torch.cuda.is_available():

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------
-# Errors and the shared command-line vocabulary (SPEC section 9)
+# Errors and the shared command-line vocabulary (docs/design.md section 9)
 
 
 class InputError(Exception):
@@ -97,7 +97,7 @@ def add_common_args(p: argparse.ArgumentParser, data: str, out: str, resume_flag
                        help="continue the run in --out from its newest complete checkpoint, with the run's own settings "
                             "(restored from it); a flag given again must equal the saved value, except "
                             + ", ".join(flag_name(k) for k in RESUME_MAY_CHANGE + ("stop_after",))
-                            + " (README, Reliability)")
+                            + " (docs/reliability.md)")
     return g
 
 
@@ -214,7 +214,7 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# JSONL: append as we go, resume by id, a torn last line is dropped (SPEC section 8)
+# JSONL: append as we go, resume by id, a torn last line is dropped (docs/design.md section 8)
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = (), allow_torn_tail: bool = False) -> list[dict]:
@@ -332,7 +332,7 @@ class ResumableOutput:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Run plumbing: the --out lock, input hashes, settings on resume, atomic checkpoints (SPEC section 8)
+# Run plumbing: the --out lock, input hashes, settings on resume, atomic checkpoints (docs/design.md section 8)
 #
 # What makes a re-run or a --resume continue the SAME run, or stop with one line (exit 2) before any work.
 
@@ -340,7 +340,8 @@ class ResumableOutput:
 # the saved value, except these two lists:
 RESUME_PER_CALL = ("resume", "overwrite", "out", "stop_after")  # this invocation only: never restored
 RESUME_MAY_CHANGE = ("max_steps", "device", "wandb", "sample_every", "checkpoint_every", "save_every",
-                     "vllm_gpu_memory")  # restored unless given again, and then the new value is used
+                     "vllm_gpu_memory", "eval_every", "role_cache", "role_cache_mode")
+# (RESUME_MAY_CHANGE: restored unless given again, and then the new value is used)
 CHECKPOINT_META = "meta.json"  # written last into a checkpoint folder: a folder without it is incomplete
 _HELD_LOCKS = []  # open lock files, kept for the life of the process
 
@@ -412,6 +413,9 @@ def given_flags(parser: argparse.ArgumentParser, argv=None) -> set[str]:
     return {k for k, v in vars(ns).items() if v is not unset}
 
 
+RENAMED_SETTINGS = {"adv_norm": ("scale_rewards", {"std": "group", "none": "none"})}  # old dest: (new, values)
+
+
 def resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv, ckpt: str | Path,
                 per_call: tuple[str, ...] = ()) -> argparse.Namespace:
     """--resume: the run's own settings from its newest complete checkpoint (meta.json). A flag given again
@@ -424,7 +428,10 @@ def resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv,
     found = find_checkpoint(ckpt)
     check(found is not None, f"--resume: no checkpoint in {ckpt}")
     path, meta = found
-    saved, given = meta["args"], given_flags(parser, argv)
+    saved, given = dict(meta["args"]), given_flags(parser, argv)
+    for old, (new, values) in RENAMED_SETTINGS.items():  # a checkpoint written before a flag was renamed
+        if old in saved and new not in saved:
+            saved[new] = values.get(saved[old], saved[old])
     dests = [a.dest for a in parser._actions if a.dest != "help"]
     for k in dests:
         if k in RESUME_PER_CALL or k in per_call:
@@ -556,7 +563,7 @@ def lock_out(out_dir: str | Path, dist=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Dialogues and turns (SPEC section 1)
+# Dialogues and turns (docs/design.md section 1)
 
 SEEKER_LABELS = {"seeker": "user", "usr": "user", "user": "user"}
 SUPPORTER_LABELS = {"supporter": "assistant", "sys": "assistant", "assistant": "assistant"}
@@ -734,7 +741,7 @@ def persona(rec: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The embedded model and model loading (SPEC section 8)
+# The embedded model and model loading (docs/design.md section 8)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -1139,7 +1146,7 @@ def seeker_chats(recs: list[dict], histories: list[list[dict]]) -> list[list[dic
 
 
 # ----------------------------------------------------------------------------------------------------
-# Processes: torchrun set-up, printing, sharding (SPEC section 8, Distributed)
+# Processes: torchrun set-up, printing, sharding (docs/design.md section 8, Distributed)
 
 
 @dataclass

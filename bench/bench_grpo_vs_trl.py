@@ -21,7 +21,7 @@ two demo dialogues joined where one is too short), the ESC sweep of `--sweep` (N
 and 8). Timing split: gen = sampling only (our `rollout`; TRL's `_generate_single_turn`), update = the rest
 of the step (rewards, reference log-probs, loss, backward, optimiser step).
 
-Needs TRL (benchmark only; install without touching torch): pip install trl --no-deps && pip install datasets
+Needs TRL (benchmark only, pinned): pip install -r requirements.txt -r requirements-bench.txt
 Run:  python bench/bench_grpo_vs_trl.py --reps 3 --steps 2            # issue 04: short:4 and multiturn:4
       python bench/bench_grpo_vs_trl.py --sweep --reps 1 --steps 2    # issue 08: the ESC shape sweep
 """

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The whole pipeline, 01 to 06, on the bundled demo dialogues with the embedded SmolLM2-135M, sized to finish
 # in about 10 minutes on 2 CPU cores. The embedded model does not discriminate as a critic or reward model
-# (README, "What the embedded model can show"), so the critic (02, 06) and the GRM (05) are the scripted roles
+# (README, "Models"; docs/design.md section 8), so the critic (02, 06) and the GRM (05) are the scripted roles
 # of envs/esc.py (`scripted`: a documented rule model of the seeker's mood): 02's labels, 03's reward model,
 # 05's ranks and critiques and 06's interactive rows then carry a signal a reader can trace to those rules.
 # The seeker and 01's and 06's judges stay the embedded LLM. Results in a scripted environment, not on people.
 # 02 labels r_fut > 0 (--delta 0: the seeker ends above neutral); with 3 simulated turns of 24 tokens the
 # scripted critic rarely sees that, and when no label is positive 02 says so (exit 2) and the rollouts are
 # relabelled at their median r_fut (02 re-run with that --delta: no new simulation), so 03 gets both labels.
-# The sizes are tiny; scale up with the flags named in the README ("Scaling the demo up").
+# The sizes are tiny; scale up with the flags of docs/reproducing.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false

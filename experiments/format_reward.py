@@ -32,6 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+sys.path.insert(0, str(ROOT / "experiments"))
+from repo_paths import repo_relative  # noqa: E402
 import speed  # noqa: E402
 
 
@@ -56,7 +58,7 @@ def parse_args():
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr for LoRA r=16 at this scale")
     p.add_argument("--beta", type=float, default=0.04,
                    help="k3 KL coefficient against the base model (0 skips the reference forward, and lets the policy "
-                        "satisfy the format with gibberish: README)")
+                        "satisfy the format with gibberish: docs/results.md)")
     p.add_argument("--tag", default="_kl", help="suffix of the result files (format_reward<tag>.json/.csv/.png)")
     p.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the run and of the evaluation samples")
@@ -142,7 +144,7 @@ def main():
               "before": before, "after": after, "steps": len(metrics),
               "mean_step_seconds": sum(m["time_step"] for m in metrics) / max(len(metrics), 1),
               "settings": vars(args)}
-    common.write_json(res_dir / f"format_reward{args.tag}.json", result)
+    common.write_json(res_dir / f"format_reward{args.tag}.json", repo_relative(result))
     try:
         import matplotlib
 

@@ -2,9 +2,9 @@
 
 A transparent stand-in environment, not people: the seeker, the critic and the GRM are the rules of envs/esc.py,
 fixed before these runs (their commit precedes the results). Train contexts come from one ESConv file
-(default ../shared/data/esconv_failed.json, every dialogue train), held-out cases from another
-(../shared/data/esconv_ppdpp_valid.jsonl, PPDPP's test dialogues): no test dialogue is trained on or was used
-to set the rules. The data is read in place and never copied into the repository.
+(--train-data: the runs in docs/results.md used FailedESConv.json, every dialogue train), held-out cases from
+another (--test-data: PPDPP's data/esc-valid.txt): no test dialogue is trained on or was used to set the rules.
+Both are downloads (README, "Getting the data"); they are read in place and never copied into the repository.
 
   --method rlff   RLFF-ESC: 02 (embedded policy, scripted seeker and critic) -> 03 with each objective
                   (classification, regression, ranking) on the same rollouts, valid AUC of each -> 04 GRPO with
@@ -16,11 +16,13 @@ to set the rules. The data is read in place and never copied into the repository
 policy sees the same cases and seeds. Beside 06's per-policy bootstrap CIs, the script computes a paired
 bootstrap CI of trained minus base over the same cases.
 
-Run (the README's runs, one thread each of the 2-core machine, the two methods side by side):
-  OMP_NUM_THREADS=1 python experiments/scripted_env.py --method rapo --prompts-per-step 4 --group-size 8 --steps 20 \
-      --eval-cases 40
-  OMP_NUM_THREADS=1 python experiments/scripted_env.py --method rlff --contexts 80 --rm-epochs 3 --rm-lr 5e-4 \
-      --rm-max-length 256 --prompts-per-step 4 --group-size 8 --steps 20 --eval-cases 40
+Run (docs/results.md's runs, one thread each of the 2-core machine, the two methods side by side; DATA is the
+folder holding the downloaded files, FailedESConv.json with its speaker labels renamed as README says):
+  OMP_NUM_THREADS=1 python experiments/scripted_env.py --method rapo --train-data DATA/esconv_failed.json \
+      --test-data DATA/esc-valid.txt --prompts-per-step 4 --group-size 8 --steps 20 --eval-cases 40
+  OMP_NUM_THREADS=1 python experiments/scripted_env.py --method rlff --train-data DATA/esconv_failed.json \
+      --test-data DATA/esc-valid.txt --contexts 80 --rm-epochs 3 --rm-lr 5e-4 --rm-max-length 256 \
+      --prompts-per-step 4 --group-size 8 --steps 20 --eval-cases 40
   (--until rm stops RLFF after the reward models; --rm-objectives adds objectives to a finished run)
 Outputs: <out>/<method>/ (every stage's folder), and in experiments/results/: scripted_<method>.json (settings,
 commands, wall times, results), scripted_<method>_curve.csv (training metrics per step) and scripted_<method>.png
@@ -42,17 +44,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data"
-
+sys.path.insert(0, str(ROOT / "experiments"))
+from repo_paths import repo_relative  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, choices=["rlff", "rapo"], help="which pipeline to run")
-    p.add_argument("--train-data", default=str(DATA / "esconv_failed.json"), help="dialogues for training contexts")
-    p.add_argument("--test-data", default=str(DATA / "esconv_ppdpp_valid.jsonl"), help="held-out dialogues for 06")
+    p.add_argument("--train-data", required=True,
+                   help="dialogues for training contexts (any format 01 reads; the runs used ESConv's FailedESConv.json)")
+    p.add_argument("--test-data", required=True,
+                   help="held-out dialogues for 06 (the runs used PPDPP's data/esc-valid.txt, 130 dialogues)")
     p.add_argument("--out", default="runs/experiments/scripted", help="working folder (a subfolder per method)")
-    p.add_argument("--results", default=str(ROOT / "experiments" / "results"), help="where the json/csv/png go")
+    p.add_argument("--results", default=str(ROOT / "experiments" / "results"),
+                   help="where the json/csv/png go (paths inside them are written relative to the repository)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.add_argument("--max-new-tokens", type=int, default=32, help="supporter reply length (all stages)")
     p.add_argument("--train-max-new-tokens", type=int, default=None,
@@ -63,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--candidates", type=int, default=4, help="02: m candidates per context (paper: 4)")
     p.add_argument("--sim-turns", type=int, default=2, help="02: T, supporter turns simulated (paper: 8)")
     p.add_argument("--delta", default="median",
-                   help="02: label = 1[r_fut > delta] (SPEC default 0.5), or 'median': the median r_fut of these train "
+                   help="02: label = 1[r_fut > delta] (02's default 0.5), or 'median': the median r_fut of these train "
                         "rollouts (balanced labels; with a strict critic and short simulations almost no r_fut passes 0.5 "
                         "or even 0, and a reward model cannot learn from one positive). 02 relabels without simulating")
     p.add_argument("--context-window", type=int, default=4, help="02: simulate from the last N context messages")
@@ -218,7 +222,7 @@ def main(argv=None):
         print(f"label ceiling on the valid candidates: {log['label_ceiling']}")
         if a.until == "rm":  # the reward models' valid metrics only
             log.update(settings=vars(a), environment="scripted (envs/esc.py): rule-based seeker and critic; not people")
-            common.write_json(res_dir / f"scripted_{a.method}.json", log)
+            common.write_json(res_dir / f"scripted_{a.method}.json", repo_relative(log))
             save()
             for obj, m in log["rm"].items():
                 print(f"{obj}: valid ROC-AUC {m['roc_auc']} accuracy {m['accuracy']} (n={m['n']})")
@@ -291,7 +295,7 @@ def main(argv=None):
     log["settings"] = vars(a)
     log["wall_s_total_this_invocation"] = round(time.time() - t_start, 1)
     log["environment"] = "scripted (envs/esc.py): rule-based seeker, critic and GRM; not people"
-    common.write_json(res_dir / f"scripted_{a.method}.json", log)
+    common.write_json(res_dir / f"scripted_{a.method}.json", repo_relative(log))
     save()
     for row in table:
         print(f"{row['policy']}: SR {row['sr']['value']:.1f}% {row['sr']['ci']}  avg reward {row['avg_reward']['value']:.3f} "

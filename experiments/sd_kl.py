@@ -23,6 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+sys.path.insert(0, str(ROOT / "experiments"))
+from repo_paths import repo_relative  # noqa: E402
 import training  # noqa: E402
 
 grpo = common.load_stage("04_grpo")
@@ -106,8 +108,8 @@ def main():
     print(f"after {args.steps} steps ({time.time() - t0:.0f} s): held-out KL {after['heldout']:.4f}, "
           f"train KL {after['train']:.4f}")
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    common.write_json(args.results, {"args": vars(args), "before": before, "after": after, "curve": curve,
-                                     "examples": {"train": half, "heldout": len(picked) - half}})
+    common.write_json(args.results, repo_relative({"args": vars(args), "before": before, "after": after, "curve": curve,
+                                                   "examples": {"train": half, "heldout": len(picked) - half}}))
 
 
 if __name__ == "__main__":

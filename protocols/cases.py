@@ -18,7 +18,7 @@ from pathlib import Path
 import common
 from common import check
 
-PROFILE_FIELDS = ("background", "personality", "situation", "inner_state")  # the profile JSONL schema (README)
+PROFILE_FIELDS = ("background", "personality", "situation", "inner_state")  # the profile JSONL schema (docs/06_eval.md)
 
 
 def cases_from_turns(turns: list[dict]) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The run plumbing of common.py (README, Reliability: resume, checkpoints and outputs): settings restored and
+"""The run plumbing of common.py (docs/reliability.md: resume, checkpoints and outputs): settings restored and
 checked on --resume, input hashes, the atomic checkpoint swap and its fallback, weights_only loading, RNG
 states, and the --out lock; end to end with 01_select.py (no model needed with --judge none)."""
 import argparse
@@ -27,6 +27,7 @@ def parser():
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--stop-after", type=int, default=None)
     p.add_argument("--flag", action="store_true")
+    p.add_argument("--scale-rewards", default="group")
     return p
 
 
@@ -203,3 +204,18 @@ def test_select_rerun_checks_input_and_settings(tmp_path, demo_data):
     assert {p: (out / p).read_bytes() for p in before} == before
     r = run01(*base, "--overwrite")
     assert r.returncode == 0 and (out / "turns.jsonl").read_bytes() != before["turns.jsonl"]
+
+
+def test_resume_maps_a_renamed_setting(tmp_path, monkeypatch):
+    """A run started before --adv-norm became --scale-rewards resumes with the same normalisation: its saved
+    adv_norm 'none' must not turn into the new flag's default 'group'."""
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path, ["--data", "d.jsonl"])
+    meta_path = tmp_path / "o" / "ckpt" / common.CHECKPOINT_META
+    meta = json.loads(meta_path.read_text())
+    meta["args"].pop("scale_rewards")
+    meta["args"]["adv_norm"] = "none"
+    common.write_json(meta_path, meta)
+    assert parse(["--resume"]).scale_rewards == "none"
+    with pytest.raises(common.InputError, match="--scale-rewards group differs"):
+        parse(["--resume", "--scale-rewards", "group"])

@@ -15,7 +15,7 @@ sim = load_stage("02_simulate")
 
 
 # ----------------------------------------------------------------------------------------------------
-# r_fut and label on hand-made critic traces (SPEC section 3)
+# r_fut and label on hand-made critic traces (docs/design.md section 3)
 
 
 @pytest.mark.parametrize("trace, theta, T, lam, delta, success, end, r, label", [

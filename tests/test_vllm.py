@@ -206,6 +206,22 @@ def test_grpo_vllm_rollout_serves_the_current_adapter(vtrain_dir, turns_file, tm
     assert (tmp_path / "g" / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_grpo_vllm_rollout_correction_and_eval(vtrain_dir, turns_file, tmp_path):
+    """--rollout-is / --rollout-mask with the engine's log-probs: the engine serves the current adapter, so the weights
+    are 1 and nothing is masked (to rounding); --eval-every samples through the engine at its fixed seed, and with
+    --dynamic-sampling every draw hands the adapter over again."""
+    run("04_grpo.py", ["--policy", str(vtrain_dir), "--data", str(turns_file), "--out", str(tmp_path / "c"), *TRAIN,
+                       *OVERLONG, "--rollout-is", "token", "--rollout-mask", "sequence", "--rollout-mask-band", "0.99",
+                       "1.01", "--eval-every", "1", "--eval-split", "test", "--eval-size", "2", "--dynamic-sampling"])
+    rows = common.read_jsonl(tmp_path / "c" / "metrics.jsonl")
+    check_sampler_rows(rows)
+    for r in rows:
+        assert r["rollout_is_weight_mean"] == pytest.approx(1.0, abs=1e-3) and r["rollout_masked_frac"] == 0, r
+        assert "eval_reward" in r and r["eval_completion_len_mean"] > 0
+    assert rows[0]["eval_reward"] != rows[-1]["eval_reward"] or rows[0]["eval_completion_len_mean"] != rows[-1][
+        "eval_completion_len_mean"], "the evaluation must see the moving adapter"
+
+
 def test_rapo_vllm_rollout_serves_the_current_adapter(vtrain_dir, turns_file, tmp_path):
     spec = f"hf:{vtrain_dir}"
     run("05_rapo.py", ["--policy", str(vtrain_dir), "--data", str(turns_file), "--out", str(tmp_path / "r"),
