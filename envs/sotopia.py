@@ -689,7 +689,7 @@ def teacher_context(context: list[dict], response: str, reaction: str, critique:
 # ----------------------------------------------------------------------------------------------------
 # Training contexts for 05_rapo.py --env sotopia: episodes of the base policy, its turns as contexts
 #
-#   python envs/sotopia.py --data PROFILE_FOLDER --out runs/sotopia-train --policy hf:embedded [--partner SPEC]
+#   python envs/sotopia.py --data PROFILE_FOLDER --out runs/sotopia-train --policy hf:embedded [--partner MODEL]
 # writes episodes.jsonl (every episode, resumable: a re-run skips finished ids) and turns.jsonl (05's --data): one
 # record per turn the policy played, whose context is the agent's chat at that turn (05 adds AGENT_SYSTEM) and
 # whose "sotopia" field holds the state the partner and the GRM need (the setup, the agent, the messages before).
