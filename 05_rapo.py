@@ -54,6 +54,14 @@ Deliberate deviations (numbered):
     the ranks and the group counted in grm_derived_frac and grm_disordered_frac.
  8. Every row keeps the same scalar RL (DAPO clip-higher, R_len, beta): rows differ only in reward and eta.
 
+Sotopia (--env sotopia; RAPO section 4.2, Appendix G.2; docs/design.md section 11): the prompts are the policy
+agent's turns in episodes of training scenarios, written by envs/sotopia.py (turns.jsonl with a "sotopia" state per
+turn); a candidate is an action JSON {action_type, argument} under envs/sotopia.AGENT_SYSTEM; the partner agent
+(--seeker: the simulated user, with its own profile and goal) takes its next action after each candidate; the GRM
+ranks the group against Sotopia's seven criteria (goal the most important) with those reactions; the teacher
+refines the worst action from the reaction and the critique. The GRPO + SD update and the ablation flags are the
+same (--reward reaction only: the rubric judges are ESC's).
+
 Run:
   python 05_rapo.py --data runs/demo/turns.jsonl --out runs/rapo
   python 05_rapo.py --ablation cpo --out runs/cpo          # and the other Table 1 / Table 3 rows above
@@ -77,6 +85,7 @@ import role_cache
 import speed
 import training
 from common import check
+from envs import sotopia
 
 grpo = common.load_stage("04_grpo")  # GRPO: prompts, advantages, the loss and its update (Eq. 1-3)
 
@@ -421,6 +430,53 @@ def score_groups(grm, mode: str, contexts: list[list[dict]], replies: list[list[
     return out, stats
 
 
+def sotopia_reactions(partner, states: list[dict], actions: list[list[dict]], *, max_new_tokens: int, temperature: float,
+                      top_p: float, seed: int) -> list[list[dict]]:
+    """Eq. 9 on Sotopia: the partner agent's next action after each candidate action, one batched call. A
+    candidate after which the episode is over (it leaves, a third "none" in a row, the turn limit) gets no
+    reaction ("none")."""
+    G = len(actions[0])
+    out = [[{"action_type": "none", "argument": ""} for _ in range(G)] for _ in states]
+    chats, where = [], []
+    for g, st in enumerate(states):
+        for i, a in enumerate(actions[g]):
+            hist = st["messages"] + [{"turn": len(st["messages"]), "agent": st["agent"], **a}]
+            if sotopia.episode_end(hist, sotopia.MAX_TURNS) is None:
+                chats.append(sotopia.agent_chat(st["setup"], 1 - st["agent"], hist))
+                where.append((g, i))
+    texts = partner.complete(chats, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             seed=seed) if chats else []
+    for (g, i), x in zip(where, texts):
+        a = sotopia.parse_action(x)
+        out[g][i] = {"action_type": a["action_type"], "argument": a["argument"]}
+    return out
+
+
+def score_sotopia_groups(grm, states: list[dict], actions: list[list[dict]], reactions: list[list[dict]], *,
+                         retries: int, max_new_tokens: int, seed: int) -> tuple[list[dict | None], dict]:
+    """Eq. 10 on Sotopia: one GRM call per group (envs/sotopia.grm_chats: the agent's view, its goal, the seven
+    criteria, each candidate action with the partner's reaction), shuffled and un-shuffled as score_groups does."""
+    G = len(actions[0])
+    stats = {"grm_groups": len(states), "grm_failed": 0, "grm_derived": 0, "grm_disordered": 0, "grm_retried": 0}
+    rng = random.Random(seed)
+    perms = [shuffle_group(list(range(G)), rng)[0] for _ in states]
+    chats = sotopia.grm_chats(states, [[actions[g][i] for i in p] for g, p in enumerate(perms)],
+                              [[reactions[g][i] for i in p] for g, p in enumerate(perms)])
+    res = backends.ask_json(grm, chats, lambda obj, i: parse_grm(obj, G), retries=retries, max_new_tokens=max_new_tokens,
+                          seed=seed, prefill=grm_prefill(grm))
+    stats["grm_retried"] = res.retried
+    out = []
+    for g, v in enumerate(res.values):
+        if v is None:
+            out.append(None)
+            stats["grm_failed"] += 1
+            continue
+        stats["grm_derived"] += int(v["derived"])
+        stats["grm_disordered"] += int(v["disordered"])
+        out.append({k: unshuffle(v[k], perms[g]) for k in ("scores", "critiques", "ranks")} | {"derived": v["derived"]})
+    return out, stats
+
+
 # ----------------------------------------------------------------------------------------------------
 # The teacher: EMA adapter (LoRA) or EMA copy (full fine-tuning), live policy, or the initial policy
 
@@ -576,6 +632,10 @@ def parse_args(argv=None):
                    help="cos = RAPO's Chain-of-Supporting: RAPO's system prompt, the turn prefilled with <strategy>, "
                         "a = [rationale, reply]; reply = the plain ESC system prompt (common.ESC_SYSTEM, as 02, 04 "
                         "--think-prompt none and 06 use) and no prefill: a = the reply (deviation 5)")
+    g.add_argument("--env", default="esc", choices=["esc", "sotopia"],
+                   help="esc = emotional support (--data from 01_select.py); sotopia = RAPO on Sotopia (--data: turns.jsonl "
+                        "from envs/sotopia.py; --seeker plays the partner agent; the GRM uses the seven Sotopia criteria; "
+                        "give --max-prompt-tokens 2048 or more: the agent's view is long) (RAPO section 4.2)")
     g.add_argument("--teacher-extra-tokens", type=int, default=1024,
                    help="prompt tokens the teacher gets beyond --max-prompt-tokens, for the hindsight block (the teacher "
                         "sees the student's messages, never older ones)")
@@ -590,6 +650,8 @@ def parse_args(argv=None):
     check(args.sd_coef >= 0 and args.sd_topk >= 1 and args.sd_is_clip > 0, "--sd-coef >= 0, --sd-topk >= 1, --sd-is-clip > 0")
     check(0 < args.ema_rate <= 1, "--ema-rate must be in (0, 1]")
     check(args.grm_retries >= 0, "--grm-retries must be >= 0")
+    check(args.env == "esc" or args.reward == "reaction", "--env sotopia trains with --reward reaction (the rubric "
+          "judges are ESC's)")
     check(0 < args.seeker_top_p <= 1 and args.teacher_extra_tokens >= 0,
           "--seeker-top-p must be in (0, 1] and --teacher-extra-tokens >= 0")
     role_cache.check_role_cache_args(args)
@@ -601,6 +663,14 @@ def main(argv=None):
     out, G = Path(args.out), args.group_size
     eval_turns = grpo.held_out_turns(args)  # --eval-every
     dist, turns, fixed, inputs, policy_path = training.start_run(args, "scores")  # all checks before any work
+    check(args.env == "esc" or fixed or all(isinstance(t.get("sotopia"), dict) for t in turns),
+          f"{args.data}: --env sotopia needs turns written by envs/sotopia.py (a 'sotopia' state per turn)")
+    if args.env == "sotopia" and turns:  # the agent's view is one long message: cutting it would drop its start
+        tok = common.load_tokenizer(policy_path)
+        longest = max(len(common.chat_ids(tok, [{"role": "system", "content": sotopia.AGENT_SYSTEM}] + t["context"]))
+                      for t in turns)
+        check(longest <= args.max_prompt_tokens, f"{args.data}: a Sotopia context has {longest} prompt tokens, more "
+              f"than --max-prompt-tokens {args.max_prompt_tokens}: raise it (the agent's view would lose its start)")
     seeker = grm = None
     cache = role_cache.open_cache(args)  # --role-cache: the seeker's and the GRM's answers recorded / replayed
     if not fixed:  # the role models (each its own engine; roles on one spec share it)
@@ -624,6 +694,8 @@ def main(argv=None):
         check(extra is not None and "teacher" in extra, f"--resume: the checkpoint in {out} has no teacher state")
         teacher.load_state_dict(extra["teacher"])
     system, prefill = (RAPO_SYSTEM, PREFILL) if args.format == "cos" else (common.ESC_SYSTEM, "")
+    if args.env == "sotopia":  # the agent's system prompt; a candidate is the action JSON
+        system, prefill = sotopia.AGENT_SYSTEM, ""
     log = training.RunLog(args, dist, pol, start, {"system_prompt": system, "prefill": prefill})
     common.print0(f"RAPO ({args.ablation or 'no paper row'}: reward {args.reward}, sd-coef {args.sd_coef}, teacher "
                   f"{args.teacher}): {pol.total} steps, "
@@ -666,6 +738,16 @@ def main(argv=None):
             results = [None if g["scores"] is None else {"scores": g["scores"], "critiques": [""] * G} for g in groups]
             st = {"grm_groups": len(p_ids), "grm_failed": sum(r is None for r in results), "grm_derived": 0,
                   "grm_disordered": 0, "grm_retried": 0}
+        elif args.env == "sotopia":  # the partner agent reacts to each candidate action; the GRM ranks with the criteria
+            states = [t["sotopia"] for t in batch]
+            acts = [[{k: a[k] for k in ("action_type", "argument")} for a in map(sotopia.parse_action, texts[g * G:(g + 1) * G])]
+                    for g in range(len(p_ids))]
+            reacts = sotopia_reactions(seeker, states, acts, max_new_tokens=args.seeker_max_new_tokens,
+                                       temperature=args.seeker_temperature, top_p=args.seeker_top_p, seed=seed)
+            results, st = score_sotopia_groups(grm, states, acts, reacts, retries=args.grm_retries,
+                                               max_new_tokens=args.grm_max_new_tokens, seed=seed)
+            reactions = [[sotopia.action_line(len(s["messages"]) + 1, s["setup"]["names"][1 - s["agent"]], u) for u in rs]
+                         for s, rs in zip(states, reacts)]
         else:
             rep_g = [replies[g * G:(g + 1) * G] for g in range(len(p_ids))]
             if args.reward == "reaction":
@@ -690,9 +772,15 @@ def main(argv=None):
                     distill[g * G + w] = groups[g]["teacher_prompt_ids"]
                 continue
             react = reactions[g][w] if reactions is not None else "(no reaction observed; rubric feedback only)"
-            distill[g * G + w] = teacher_prompt_ids(
-                pol.tok, contexts[g], system, prefill, args.max_prompt_tokens, args.teacher_extra_tokens, args.format,
-                response=replies[g * G + w], reaction=react, critique=results[g]["critiques"][w], best=replies[g * G + best])
+            feedback = dict(response=replies[g * G + w], reaction=react, critique=results[g]["critiques"][w],
+                            best=replies[g * G + best])
+            if args.env == "sotopia":  # the agent's own view plus the Sotopia hindsight block, same budget rule
+                seen = student_messages(pol.tok, contexts[g], system, prefill, args.max_prompt_tokens)
+                distill[g * G + w] = grpo.prompt_ids(pol.tok, sotopia.teacher_context(seen, **feedback), system, prefill,
+                                                     args.max_prompt_tokens + args.teacher_extra_tokens)
+            else:
+                distill[g * G + w] = teacher_prompt_ids(pol.tok, contexts[g], system, prefill, args.max_prompt_tokens,
+                                                        args.teacher_extra_tokens, args.format, **feedback)
         n_sd = common.all_reduce_named({"n": sum(len(comps[i]) for i in distill)}, dist)["n"]
         # ---- the update: L = L_GRPO + eta * L_SD (Eq. 15), then the teacher's EMA step
         t1 = time.time()  # t_gen .. t1: the seeker's reactions and the GRM (generation by the reward roles)

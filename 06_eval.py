@@ -45,6 +45,8 @@ Run:
       --seeker hf:haidequanbu/ESC-Role --judge 'openai:{dim}' --judge-base-url http://host:8001/v1 --judge-mode generate
   python 06_eval.py --test-data profiles.jsonl --out runs/eval-emoharbor --policy rapo=runs/rapo/adapter \
       --seeker openai:gpt-4o --judge-mode generate        # emoharbor: gpt-4o plays the user and rates as the user
+  python 06_eval.py --test-data sotopia-profiles/ --out runs/eval-sotopia --policy rapo=runs/rapo-sotopia/adapter \
+      --evaluator openai:gpt-4o --sotopia-mode selfplay      # sotopia: RAPO Table 2 (partner mode: Table 9)
 Re-running on the same --out resumes (finished ids are skipped; a new --policy only adds its records) if the
 test file's content, the protocol settings (EVAL_KEYS) and each earlier policy label's spec (and adapter
 content) are those of the earlier run, else it stops with one line; --overwrite starts afresh (nothing is deleted
@@ -73,9 +75,9 @@ simulate = base.simulate  # 02's lock-step simulation (common.load_stage("02_sim
 REGISTRY = protocols.REGISTRY  # --parts name -> protocol
 PARTS = tuple(REGISTRY)
 DEFAULT_PARTS = {"dialogues": "reference,interactive,judge,pairwise", "cards": "esc-eval,emoharbor",
-                 "profiles": "emoharbor"}  # by the kind of test file (protocols/cases.py)
+                 "profiles": "emoharbor", "sotopia": "sotopia"}  # by the kind of test file (protocols/cases.py)
 OUTPUTS = tuple(dict.fromkeys(p.output for p in REGISTRY.values()))  # replies, dialogs, pairwise .jsonl
-ROLES = ("seeker", "critic", "judge", "user_judge")
+ROLES = ("seeker", "critic", "judge", "user_judge", "partner", "evaluator")
 # Settings that change the generated dialogues or verdicts: a resumed run must use the same ones (the runner's,
 # then every protocol's own).
 EVAL_KEYS = tuple(dict.fromkeys(
@@ -97,7 +99,8 @@ def parse_args(argv=None):
                    help="take the test cases from this file instead of the test split of --data, detected by content: "
                         "dialogues (ESConv.json, PPDPP jsonl or chat jsonl, e.g. PPDPP's 130-dialogue file), an "
                         "ESC-Eval role-card file (JSON list of {id, base, ...}) or EmoHarbor-style profiles (JSONL of "
-                        "{id, personality, situation, inner_state, background?}; docs/06_eval.md)")
+                        "{id, personality, situation, inner_state, background?}; docs/06_eval.md), or a Sotopia "
+                        "profile folder (the four files of envs/sotopia.py: the sotopia part)")
     g.add_argument("--max-ref-turns", type=int, default=None,
                    help="score at most N test turns in the reference and pairwise parts (default: every turn of "
                         "the chosen test dialogues; --max-examples N takes the first N dialogues)")
@@ -235,7 +238,8 @@ def prepare(args, command: str) -> Run:
     and the inputs each accepts, the policies, each chosen protocol's own inputs, its roles, the plot inputs."""
     cases, turns, source = load_test_set(args)
     args.parts = args.parts or DEFAULT_PARTS[source]
-    held = "ESC-Eval role cards" if source == "cards" else "EmoHarbor-style profiles"
+    held = {"cards": "ESC-Eval role cards", "profiles": "EmoHarbor-style profiles",
+            "sotopia": "a Sotopia profile folder"}.get(source)
     for name in args.parts.split(","):
         check(source in REGISTRY[name].inputs, f"--parts {name}: needs dialogues with reference turns, but "
               f"{args.test_data} holds {held} (use {', '.join(n for n, p in REGISTRY.items() if source in p.inputs)})")
@@ -426,7 +430,8 @@ def write_report(scores: dict, chosen: list, path: Path):
     st, pols = scores["settings"], scores["policies"]
     what = (f"{st['cases']} dialogues (interactive, judge), {st['ref_turns']} turns (reference, pairwise)"
             if st["source"] == "dialogues" else
-            f"{st['cases']} {'ESC-Eval role cards' if st['source'] == 'cards' else 'profiles'}")
+            f"{st['cases']} " + {"cards": "ESC-Eval role cards", "profiles": "profiles",
+                                 "sotopia": "Sotopia episodes (scenario pairings)"}[st["source"]])
     L = ["# Evaluation report", "", f"Command: `{st['command']}`", "", f"Test set: {st['test_source']}: {what}. Every policy "
          f"saw the same cases, roles and seeds. Brackets: {st['ci']}.", ""]
     if st["embedded_judges"]:
@@ -434,8 +439,8 @@ def write_report(scores: dict, chosen: list, path: Path):
               "section 8): these numbers demonstrate the plumbing, not the policies.** "
               "Put capable models on --seeker/--critic/--judge for results.", ""]
     if st.get("scripted_roles"):
-        L += [f"> **Scripted roles: {', '.join(st['scripted_roles'])}** (`scripted`: the rules of envs/esc.py; the critic's "
-              "score is the seeker's rule-based mood). Their numbers are results in a scripted environment, not on people.", ""]
+        L += [f"> **Scripted roles: {', '.join(st['scripted_roles'])}** (`scripted`: the rules of envs/esc.py and, on "
+              "Sotopia, envs/sotopia_scripted.py; the critic's score is the seeker's rule-based mood). Their numbers are results in a scripted environment, not on people.", ""]
     L += ["## Policies and roles", "",
           md_table(["role", "model", "settings"],
                    [[f"policy `{p['label']}`", f"`{p['spec']}`", st["policy_decoding"]] for p in pols]

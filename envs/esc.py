@@ -278,8 +278,13 @@ def answer(chat: list[dict], n: int, seed: int | None) -> list[str]:
         # common.seeker_chats swaps the roles: the seeker speaks as 'assistant', the supporter as 'user'
         dialogue = [{"role": "assistant" if m["role"] == "user" else "user", "content": m["content"]} for m in chat[1:]]
         return [seeker_message(f["persona"], dialogue)] * n
+    from envs import sotopia_scripted  # the Sotopia roles: partner, evaluator, GRM (envs/sotopia_scripted.py)
+
+    if (ans := sotopia_scripted.answer(chat)) is not None:
+        return [ans] * n
     raise common.InputError("scripted: this role is not scripted (only --seeker, --critic and --grm, incl. 05's "
-                            "--reward rubric-point, can be 'scripted'); got a prompt it does not know")
+                            "--reward rubric-point, and Sotopia's --partner, --evaluator and --grm can be "
+                            "'scripted'); got a prompt it does not know")
 
 
 def critic_option_loglik(chat: list[dict], options: list[str]) -> list[float]:

@@ -85,6 +85,10 @@ def detect_test_file(path: str) -> tuple[str, list[dict] | None]:
     """By content: ('cards', cases) for an ESC-Eval role-card file (objects with 'base'), ('profiles', cases) for
     EmoHarbor-style profiles (objects with 'inner_state' or 'personality'), ('dialogues', None) otherwise (the
     three dialogue formats of common.load_dialogues)."""
+    if Path(path).is_dir():  # a Sotopia profile folder: its episodes are the cases (protocols/sotopia.py)
+        from protocols.sotopia import folder_cases
+
+        return "sotopia", folder_cases(path)
     recs, unit = common._parse_records(Path(path))
     dialog_like = any("dialog" in r or "messages" in r for r in recs)
     if not dialog_like and any("base" in r for r in recs):

@@ -1,0 +1,611 @@
+"""Sotopia: the profile loader (every malformed class), what each agent sees, episode termination and action
+parsing, the evaluator's validation, and the scripted environment's rules checked by hand (envs/sotopia.py,
+envs/sotopia_scripted.py). Fixtures: tests/fixtures/sotopia (written for the project)."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import backends
+import common
+from envs import sotopia as S
+from envs import sotopia_scripted as R
+from test_openai_backend import server, served_model  # noqa: F401  (the `transformers serve` fixtures)
+
+FIX = Path(__file__).parent / "fixtures" / "sotopia"
+
+
+@pytest.fixture()
+def profiles():
+    return S.load_profiles(FIX)
+
+
+def setup_of(profiles, combo_id):
+    combo = next(c for c in profiles["combos"] if c["combo_id"] == combo_id)
+    return S.episode_setup(profiles, {"id": combo_id, "env_id": combo["env_id"], "combo_id": combo_id, "side": 0})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def test_load_both_schema_variants(profiles):
+    envs = profiles["envs"]
+    assert envs["fx-env-bargain"]["relationship"] == 0 and envs["fx-env-divide"]["relationship"] == 3  # "0" and 3
+    assert envs["fx-env-open"]["relationship"] == 2
+    for e in envs.values():  # "none", "nan", null all mean no constraint
+        assert e["occupation_constraint"] is None and e["agent_constraint"] is None
+    assert envs["fx-env-bargain"]["age_constraint"] == "[(18, 70), (18, 70)]"
+    assert profiles["agents"]["fx-a2"]["age"] == 27  # "27"
+    assert [r["relationship"] for r in profiles["relationships"]] == [0, 3]
+    assert len(profiles["combos"]) == 5
+
+
+def corrupt(tmp_path, name, edit):
+    """A copy of the fixture folder with file `name`'s records passed through edit(list) -> list or raw text."""
+    folder = tmp_path / "profiles"
+    shutil.copytree(FIX, folder)
+    path = folder / name
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    out = edit(recs)
+    path.write_text(out if isinstance(out, str) else "".join(json.dumps(r) + "\n" for r in out))
+    return folder
+
+
+def set_field(i, field, value):
+    def edit(recs):
+        if value is DELETE:
+            del recs[i][field]
+        else:
+            recs[i][field] = value
+        return recs
+    return edit
+
+
+DELETE = object()
+ENVS, AGENTS, COMBOS, RELS = S.FILES["envs"], S.FILES["agents"], S.FILES["combos"], S.FILES["relationships"]
+MALFORMED = {
+    "invalid-json": (ENVS, lambda r: "".join(json.dumps(x) + "\n" for x in r) + "{not json\n", "line 5: invalid JSON"),
+    "missing-scenario": (ENVS, set_field(1, "scenario", DELETE), "line 2 (fx-env-divide): field 'scenario' is missing"),
+    "goals-not-two": (ENVS, set_field(0, "agent_goals", ["only one"]), "line 1 (fx-env-bargain): field 'agent_goals'"),
+    "relationship-range": (ENVS, set_field(2, "relationship", "7"), "line 3 (fx-env-open): field 'relationship' must be 0..5"),
+    "relationship-word": (ENVS, set_field(2, "relationship", "friend"), "field 'relationship' must be 0..5"),
+    "constraint-type": (ENVS, set_field(0, "age_constraint", 5), "line 1 (fx-env-bargain): field 'age_constraint'"),
+    "duplicate-env": (ENVS, lambda r: r + [r[0]], "line 5 (fx-env-bargain): field 'env_id' is a duplicate"),
+    "agent-age": (AGENTS, set_field(1, "age", "old"), "line 2 (fx-a1): field 'age'"),
+    "agent-secret-type": (AGENTS, set_field(0, "secret", None), "line 1 (fx-a0): field 'secret'"),
+    "combo-env": (COMBOS, set_field(2, "env_id", "nope"), "line 3 (fx-c2): field 'env_id' names no scenario"),
+    "combo-agent": (COMBOS, set_field(0, "agent_ids", ["fx-a0", "ghost"]), "line 1 (fx-c0): field 'agent_ids' names no agent"),
+    "combo-pair": (COMBOS, set_field(0, "agent_ids", "fx-a0"), "field 'agent_ids' must be a list of two"),
+    "rel-agent": (RELS, set_field(1, "agent2_id", "ghost"), "line 2 (fx-r1): field 'agent2_id' names no agent"),
+    "rel-relationship": (RELS, set_field(0, "relationship", -1), "line 1 (fx-r0): field 'relationship' must be 0..5"),
+    "no-scenarios": (ENVS, lambda r: "", "no scenarios"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_load_malformed_one_line_error(tmp_path, case):
+    name, edit, msg = MALFORMED[case]
+    folder = corrupt(tmp_path, name, edit)
+    with pytest.raises(common.InputError) as e:
+        S.load_profiles(folder)
+    text = str(e.value)
+    assert "\n" not in text and msg in text
+    if case != "no-scenarios":
+        assert name in text  # the file is named
+
+
+def test_load_missing_file(tmp_path):
+    folder = tmp_path / "p"
+    shutil.copytree(FIX, folder)
+    (folder / COMBOS).unlink()
+    with pytest.raises(common.InputError, match=f"{COMBOS}: missing"):
+        S.load_profiles(folder)
+    with pytest.raises(common.InputError, match="not a folder"):
+        S.load_profiles(tmp_path / "absent")
+
+
+def test_select_cases_subsets_pairings_sides(profiles):
+    assert [c["id"] for c in S.select_cases(profiles)] == [f"fx-c{i}-a0" for i in range(5)]
+    assert [c["id"] for c in S.select_cases(profiles, "hard")] == ["fx-c4-a0"]  # the one env with a hard id
+    assert [c["id"] for c in S.select_cases(profiles, pairings=1)] == ["fx-c0-a0", "fx-c2-a0", "fx-c3-a0", "fx-c4-a0"]
+    two = S.select_cases(profiles, pairings=1, sides=2)
+    assert [(c["combo_id"], c["side"]) for c in two[:2]] == [("fx-c0", 0), ("fx-c0", 1)] and len(two) == 8
+    with pytest.raises(common.InputError):
+        S.select_cases(profiles, "easy")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Visibility
+
+
+def test_partner_profile_by_relationship(profiles):
+    a = profiles["agents"]["fx-a1"]
+    assert S.bio(a, 0) == "Unknown"  # stranger
+    assert S.bio(a, 1) == "Tobias Marek"  # know by name
+    acq = S.bio(a, 2)
+    assert "51-year-old male surveyor" in acq and "old maps" in acq and "careful" not in acq
+    for close in (3, 4, 5):  # friend, romantic, family: + personality
+        assert "careful and values order" in S.bio(a, close)
+    for level in range(6):
+        assert "gambling" not in S.bio(a, level)  # never the secret
+    assert "gambling debt" in S.bio(a, "self")
+
+
+def test_agent_views_hide_partner_goal_secret_and_environment_text(profiles):
+    st = setup_of(profiles, "fx-c0")  # strangers, bargain
+    v0, v1, env = S.background(st, 0), S.background(st, 1), S.background(st, None)
+    assert "Tobias Marek's background: Unknown" in v0 and "Wren Calloway's background: Unknown" in v1
+    assert "forged a reference" in v0 and "forged a reference" not in v1  # own secret only
+    assert "target price is $150" in v0 and "$150" not in v1 and "Tobias Marek's goal: Unknown" in v0
+    assert "forged" in env and "gambling" in env and "$150" in env and "$120" in env  # the evaluator sees all
+    st = setup_of(profiles, "fx-c3")  # acquaintances, <p viewer="environment"> in scenario and goal
+    for viewer in (0, 1):
+        assert "host's sister" not in S.background(st, viewer)
+    assert "Both of them know the host's sister." in S.background(st, None)
+    assert "(the host's sister)" in S.background(st, None)
+    assert "Juno Okafor's background: Juno Okafor is a 27-year-old nonbinary nurse" in S.background(st, 0)
+    assert "direct and values freedom" not in S.background(st, 0)  # acquaintance: no personality
+    st = setup_of(profiles, "fx-c2")  # friends; hint tags shown to their own agent, without the tags
+    v1 = S.background(st, 1)
+    assert "Hint: ask what matters to the other person." in v1 and "<strategy_hint>" not in v1
+    assert "Hint: ask what matters" not in S.background(st, 0)
+    assert "Juno is direct and values freedom" in S.background(st, 0)  # friends see personality
+
+
+def test_render_viewer_tags():
+    t = "a <p viewer='agent_1'>one</p> <p viewer=\"environment\">env</p> <extra_info>x</extra_info> b"
+    assert S.render(t, "agent_0") == "a x b"
+    assert S.render(t, "agent_1") == "a one x b"
+    assert S.render(t, "environment") == "a one env x b"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Actions and episodes
+
+
+@pytest.mark.parametrize("text,kind,arg,valid", [
+    ('{"action_type": "speak", "argument": "Hi there"}', "speak", "Hi there", True),
+    ('```json\n{"action_type": "action", "argument": "opens\\nthe door"}\n```', "action", "opens the door", True),
+    ('{"action_type": "non-verbal communication", "argument": "smiles"}', "non-verbal communication", "smiles", True),
+    ('{"action_type": "none", "argument": "ignored"}', "none", "", True),
+    ('{"action_type": "leave", "argument": ""}', "leave", "", True),
+    ('{"action_type": "dance", "argument": "x"}', "speak", '{"action_type": "dance", "argument": "x"}', False),
+    ("Hello, nice to meet you!", "speak", "Hello, nice to meet you!", False),
+    ('<think>plan</think>{"action_type": "speak", "argument": "ok"}', "speak", "ok", True),
+])
+def test_parse_action(text, kind, arg, valid):
+    assert S.parse_action(text) == {"action_type": kind, "argument": arg, "valid": valid}
+
+
+def test_transcript_round_trip():
+    names = ["Ann Lee", "Bo Park"]
+    msgs = [{"turn": 0, "agent": 0, "action_type": "speak", "argument": 'I say "hi"'},
+            {"turn": 1, "agent": 1, "action_type": "non-verbal communication", "argument": "waves"},
+            {"turn": 2, "agent": 0, "action_type": "action", "argument": "sits down"},
+            {"turn": 3, "agent": 1, "action_type": "none", "argument": ""},
+            {"turn": 4, "agent": 0, "action_type": "leave", "argument": "bye"}]
+    assert S.parse_transcript(S.transcript(msgs, names), names) == msgs
+
+
+class Script(backends.Backend):
+    """Answers from a list per role (one per call of that agent), counting batched calls."""
+    spec = "script"
+
+    def __init__(self, replies):
+        self.replies, self.calls, self.batches = replies, 0, []
+
+    def generate(self, chats, *, n=1, prefill="", **kw):
+        self.calls += 1
+        self.batches.append(len(chats))
+        out = []
+        for c in chats:
+            turn = int(c[-1]["content"].rsplit("This is turn #", 1)[1].split(".")[0])
+            out.append([self.replies[min(turn, len(self.replies) - 1)]] * n)
+        return out
+
+
+def speak(x):
+    return json.dumps({"action_type": "speak", "argument": x})
+
+
+NONE = json.dumps({"action_type": "none", "argument": ""})
+LEAVE = json.dumps({"action_type": "leave", "argument": ""})
+
+
+def play(profiles, replies, max_turns=20, n=1):
+    st = setup_of(profiles, "fx-c3")
+    b = Script(replies)
+    eps = S.run_episodes([st] * n, [["p", "p"]] * n, {"p": b}, {"p": {}}, max_turns=max_turns)
+    return eps, b
+
+
+def test_episode_ends_when_an_agent_leaves(profiles):
+    eps, _ = play(profiles, [speak("a"), speak("b"), speak("c"), LEAVE, speak("never")])
+    assert eps[0]["end"] == "leave" and len(eps[0]["messages"]) == 4 and eps[0]["messages"][-1]["agent"] == 1
+
+
+def test_episode_ends_after_more_than_two_consecutive_none(profiles):
+    eps, _ = play(profiles, [speak("a"), NONE, NONE, speak("b"), NONE, NONE, NONE, speak("never")])
+    assert eps[0]["end"] == "stale" and len(eps[0]["messages"]) == 7  # two "none" in a row do not end it
+    assert S.episode_end([{"action_type": "none"}] * 2, 20) is None
+    assert S.episode_end([{"action_type": "none"}] * 3, 20) == "stale"
+
+
+def test_episode_ends_at_max_turns_and_counts_invalid_replies(profiles):
+    eps, _ = play(profiles, ["just talking"], max_turns=5)
+    assert eps[0]["end"] == "max_turns" and len(eps[0]["messages"]) == 5
+    assert eps[0]["invalid"] == [3, 2]  # every non-JSON reply taken as speech and counted per agent
+    assert all(m["action_type"] == "speak" and m["argument"] == "just talking" for m in eps[0]["messages"])
+
+
+def test_lockstep_one_call_per_role_per_turn(profiles):
+    st = setup_of(profiles, "fx-c0")
+    pol, par = Script([speak("x")]), Script([speak("y")])
+    finished = []
+    eps = S.run_episodes([st] * 3, [["policy", "partner"], ["partner", "policy"], ["policy", "partner"]],
+                         {"policy": pol, "partner": par}, {"policy": {}, "partner": {}}, max_turns=4,
+                         on_finish=finished.extend)
+    assert pol.calls == par.calls == 4 and pol.batches == [2, 1, 2, 1] and par.batches == [1, 2, 1, 2]
+    assert [i for i, _ in finished] == [0, 1, 2] and all(e["end"] == "max_turns" for e in eps)
+    assert [m["argument"] for m in eps[1]["messages"]] == ["y", "x", "y", "x"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The evaluator's validation
+
+
+def good_answer(**over):
+    mid = {"believability": 8, "relationship": 2, "knowledge": 5, "secret": 0, "social_rules": -1,
+           "financial_and_material_benefits": 1, "goal": 7}
+    mid.update(over)
+    return {k: {d: {"reasoning": "because", "score": v} for d, v in mid.items()} for k in S.AGENT_KEYS}
+
+
+def test_validate_evaluation_good_and_overall():
+    v = S.validate_evaluation(good_answer())
+    assert v[0]["goal"] == {"score": 7.0, "reasoning": "because"}
+    assert S.overall({d: v[0][d]["score"] for d in S.DIMENSIONS}) == pytest.approx(22 / 7)
+    lows = {d: lo for d, (lo, _) in S.DIMENSIONS.items()}
+    assert S.validate_evaluation(good_answer(**lows))[1]["secret"]["score"] == -10  # range ends are valid
+
+
+@pytest.mark.parametrize("dim,score", [("goal", 11), ("secret", 1), ("relationship", -6), ("knowledge", -1),
+                                       ("financial_and_material_benefits", 5.5), ("believability", "high"),
+                                       ("social_rules", True)])
+def test_validate_evaluation_rejects_out_of_range(dim, score):
+    with pytest.raises(ValueError):
+        S.validate_evaluation(good_answer(**{dim: score}))
+
+
+def test_validate_evaluation_rejects_incomplete():
+    a = good_answer()
+    del a["agent_2"]["goal"]
+    with pytest.raises(ValueError):
+        S.validate_evaluation(a)
+    with pytest.raises(ValueError):
+        S.validate_evaluation({"agent_1": good_answer()["agent_1"]})
+
+
+class Answers(backends.Backend):
+    spec = "answers"
+
+    def __init__(self, texts):
+        self.texts, self.calls = list(texts), 0
+
+    def generate(self, chats, *, n=1, prefill="", **kw):
+        self.calls += 1
+        return [[self.texts.pop(0)] * n for _ in chats]
+
+
+def test_evaluate_reasks_and_counts_failures(profiles):
+    st = setup_of(profiles, "fx-c0")
+    ep = {"messages": [], "end": "max_turns", "invalid": [0, 0]}
+    bad, good = json.dumps(good_answer(goal=12)), json.dumps(good_answer())
+    res, raw, stats = S.evaluate(Answers([bad, good]), [st], [ep], retries=2)
+    assert stats == {"evaluated": 1, "retried": 1, "failed": 0} and res[0][0]["goal"] == 7
+    assert res[0][1]["overall"] == pytest.approx(22 / 7) and res[0][0]["reasons"]["goal"] == "because"
+    res, raw, stats = S.evaluate(Answers([bad, bad, "no json"]), [st], [ep], retries=2)
+    assert res == [None] and stats["failed"] == 1 and raw == ["no json"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The scripted environment, by hand
+
+BARGAIN_BUYER = {"family": "bargain", "role": "buyer", "target": 100.0, "listing": 160.0}
+DIVIDE = {"family": "divide", "counts": {"mug": 2, "plant": 1, "candle": 3}, "values": {"mug": 4, "plant": 1, "candle": 2}}
+
+
+def m(agent, text, kind="speak"):
+    return {"agent": agent, "action_type": kind, "argument": text}
+
+
+def test_read_task_phrasings():
+    assert R.read_task("A lamp for sale at $80.", "As the seller, your target price is set at $64.5.") == \
+        {"family": "bargain", "role": "seller", "target": 64.5, "listing": 80.0}
+    t = R.read_task("They have 3 apples, 2 bananas, and 1 orange.",
+                    "For you, 1 apple = 1 point, 1 banana = 2 points, 1 orange = 3 points")
+    assert t == {"family": "divide", "counts": {"apple": 3, "banana": 2, "orange": 1},
+                 "values": {"apple": 1, "banana": 2, "orange": 3}}
+    assert R.read_task("x", "Books give you 5 points each")["family"] == "open"  # no item counts in the scenario
+    assert R.read_task("Two friends chat.", "Convince your friend.") == {"family": "open"}
+
+
+def test_outcome_and_goal_bargain():
+    msgs = [m(0, "Would you take $80?"), m(1, "I can't, I could do $130."), m(0, "Deal? How about $90"),
+            m(1, "OK, $110 then."), m(0, "Deal, that works for me.")]
+    out = R.outcome(BARGAIN_BUYER, msgs)
+    assert out["deal"] == 110 and out["closed_by"] == 0  # "Deal? ... $90" named a new price: no close
+    assert R.goal_score(BARGAIN_BUYER, 100, 0) == 10 and R.goal_score(BARGAIN_BUYER, 80, 0) == 10
+    assert R.goal_score(BARGAIN_BUYER, 125, 0) == 5 and R.goal_score(BARGAIN_BUYER, 150, 0) == 0
+    assert R.goal_score(BARGAIN_BUYER, None, 0) == 0
+    seller = dict(BARGAIN_BUYER, role="seller")
+    assert R.goal_score(seller, 75, 1) == 5 and R.financial_score(seller, 120, 1) == 2.0
+    assert R.financial_score(BARGAIN_BUYER, 60, 0) == 4.0 and R.financial_score(BARGAIN_BUYER, 300, 0) == -5
+    assert R.outcome(BARGAIN_BUYER, [m(0, "$90"), m(1, "No deal, I can't.")])["deal"] is None
+
+
+def test_proposals_and_divide_goal():
+    p = R.proposal_in("I take 2 mugs and the plant, you take 3 candles.", DIVIDE["counts"], 1)
+    assert p == {1: {"mug": 2, "plant": 1, "candle": 0}, 0: {"mug": 0, "plant": 0, "candle": 3}}
+    assert R.proposal_in("You can have all the candles.", DIVIDE["counts"], 0) == \
+        {0: {"mug": 2, "plant": 1, "candle": 0}, 1: {"mug": 0, "plant": 0, "candle": 3}}
+    assert R.proposal_in("Nice weather today.", DIVIDE["counts"], 0) is None
+    deal = R.outcome(DIVIDE, [m(0, "I take 2 mugs, you take the rest."), m(1, "Sounds good, deal.")])["deal"]
+    assert R.points(DIVIDE, deal, 0) == 8 and R.total_points(DIVIDE) == 15
+    assert R.goal_score(DIVIDE, deal, 0) == round(10 * 8 / 10.5, 4) and R.financial_score(DIVIDE, deal, 0) == \
+        round(10 * 8 / 15 - 5, 4)
+
+
+def test_partner_concedes_on_schedule_accepts_when_offers_cross_and_says_why():
+    bg = {"scenario": "A bike for sale at $200.", "names": ["A", "B"], "secrets": [None, None],
+          "goals": [None, "You are the seller; your target price is $120."]}
+    asks = []
+    msgs = []
+    for k in range(6):
+        msgs += [m(0, "Would you take $50?")]
+        a = R.partner_action(bg, 1, msgs)
+        asks.append(R.price_in(a["argument"]))
+        assert "can't sell at $50" in a["argument"]  # says why it refuses
+        msgs.append({**a, "agent": 1})
+    assert asks == [200, 180, 160, 140, 120, 120]  # L - (L - T) min(1, k / 4)
+    assert "could do $200" in R.partner_action(bg, 1, [m(0, "I can pay $185.")])["argument"]  # below its ask 200
+    a = R.partner_action(bg, 1, [m(0, "I can pay $185."), m(1, "No."), m(0, "Still $185.")])  # k = 1: asks 180
+    assert a["argument"].startswith("Deal, $185")  # the offers crossed
+    assert R.partner_action(bg, 1, [m(0, "I can pay $205.")])["argument"].startswith("Deal, $205")
+
+
+def test_partner_divide_accepts_enough_and_leaves_after_deal_or_hostility():
+    bg = {"scenario": "Splitting 2 mugs, 1 plant and 3 candles.", "names": ["A", "B"], "secrets": [None, None],
+          "goals": [None, "A mug is worth 1 point, a plant is worth 5 points, a candle is worth 2 points."]}
+    task = R.task_of(bg, 1)  # total 13; needs 0.9 * 13 = 11.7 at k = 0
+    a = R.partner_action(bg, 1, [m(0, "I take 2 mugs, you take the rest.")])  # gives it 11 points < 11.7
+    assert a["argument"].startswith("That split leaves me too little. I take")
+    prop = R.proposal_in(a["argument"], task["counts"], 1)
+    assert R.points(task, prop, 1) >= 11.7
+    a = R.partner_action(bg, 1, [m(0, "I take 1 mug, you take the rest.")])  # 12 points
+    assert "deal" in a["argument"].lower()
+    assert R.partner_action(bg, 1, [m(0, "I take 1 mug, you take the rest."), m(1, "Deal, thanks."),
+                                    m(0, "Great")])["action_type"] == "leave"
+    assert R.partner_action(bg, 1, [m(0, "You idiot."), m(1, "Hm."), m(0, "Stupid offer.")])["action_type"] == "leave"
+
+
+def test_rule_dimensions_by_hand():
+    sec = "He has a large gambling debt"
+    msgs = [m(0, "What do you need it for? Thank you for coming."), m(1, "x"),
+            m(0, "What do you need it for? Thank you for coming."), m(1, "y"),
+            m(0, "You idiot, my target is $100."), m(1, "z"), m(0, '{"action_type": "spe')]
+    d = R.rule_dimensions(BARGAIN_BUYER, sec, msgs, 0)["dims"]
+    assert d == {"believability": 6.0, "relationship": -1.0, "knowledge": 4.0, "secret": -5.0, "social_rules": -3.0}
+    d = R.rule_dimensions(BARGAIN_BUYER, sec, [m(0, "Honestly I have a large gambling debt.")], 0)["dims"]
+    assert d["secret"] == -10
+    left = R.rule_dimensions(BARGAIN_BUYER, "", [m(0, "$90"), m(1, "No."), m(0, "", "leave")], 0)
+    assert left["dims"]["relationship"] == -1 and "leaves before any deal" in left["faults"]
+    assert R.rule_dimensions(DIVIDE, "", [m(0, "Mugs are 4 points to me.")], 0)["dims"]["secret"] == -5
+
+
+def test_scripted_backend_plays_evaluates_and_ranks(profiles):
+    rapo = common.load_stage("05_rapo")
+    b = backends.make_backend("scripted")
+    st = setup_of(profiles, "fx-c0")  # Wren buys (target $150), Tobias sells (target $120, listing $200)
+    msgs = [{"turn": 0, "agent": 0, "action_type": "speak", "argument": "Would you take $100?"}]
+    act = json.loads(b.complete([S.agent_chat(st, 1, msgs)])[0])
+    assert act == {"action_type": "speak", "argument": "I can't sell at $100: it is worth more than that to me. "
+                                                       "I could do $200."}
+    msgs.append({"turn": 1, "agent": 1, **act})
+    cands = [{"action_type": "speak", "argument": "Fine, $200, deal."},  # overpays: goal 0 after the close
+             {"action_type": "speak", "argument": "You are greedy. $100 or nothing."},
+             {"action_type": "speak", "argument": "Could you do $140? Thank you."},
+             {"action_type": "leave", "argument": ""}]
+    reacts = []
+    for c in cands:
+        hist = msgs + [{"turn": 2, "agent": 0, **c}]
+        reacts.append(S.parse_action(b.complete([S.agent_chat(st, 1, hist)])[0]) if c["action_type"] != "leave"
+                      else {"action_type": "none", "argument": ""})
+    chat = S.grm_chats([{"setup": st, "agent": 0, "messages": msgs}], [cands], [reacts])
+    g = rapo.parse_grm(json.loads(b.complete(chat)[0]), 4)
+    # by hand: [0] closes at $200: goal 10 (1 - 50 / 75) = 3.33; [1] the seller now asks $180: 0.8 x 6 = 4.8, hostile
+    # -2 - 3 = -0.2; [2] the same 4.8 + polite 1 + a question 2 / 5 = 6.2; [3] leaves without a deal: 0 - 1 = -1
+    assert g["ranks"] == [2, 3, 1, 4] and not g["derived"]
+    assert "is hostile" in g["critiques"][1]
+    ep = {"messages": msgs + [{"turn": 2, "agent": 0, **cands[2]}, {"turn": 3, "agent": 1, **reacts[2]},
+                              {"turn": 4, "agent": 0, "action_type": "speak", "argument": "OK, deal."}], "end": "max_turns"}
+    res, _, stats = S.evaluate(b, [st], [ep])
+    assert stats["failed"] == 0 and R.price_in(reacts[2]["argument"]) == 180  # the deal closes at the seller's $180
+    assert res[0][0]["goal"] == 6 and res[0][1]["goal"] == 10  # buyer: 10 (1 - 30 / 75); seller: above its $120
+    assert res[0][1]["financial_and_material_benefits"] == 5 and res[0][0]["financial_and_material_benefits"] == -2
+    # believability 10, relationship 1 (polite), knowledge 4 (two questions), secret 0, rules 0, financial -2, goal 6
+    assert res[0][0]["overall"] == pytest.approx((10 + 1 + 4 + 0 + 0 - 2 + 6) / 7)
+
+
+def test_generator_is_seeded_and_loads(tmp_path):
+    a, b = R.generate_profiles(10, seed=3), R.generate_profiles(10, seed=3)
+    assert a == b and a != R.generate_profiles(10, seed=4)
+    R.write_profiles(tmp_path / "gen", a)
+    p = S.load_profiles(tmp_path / "gen")
+    fams = [R.read_task(e["scenario"], S.render(g, "agent_0"))["family"] for e in p["envs"].values() for g in e["agent_goals"]]
+    assert fams == ["bargain"] * 2 + ["divide"] * 2 + ["bargain"] * 2 + ["divide"] * 2 + ["bargain"] * 2 + \
+        ["divide"] * 2 + ["bargain"] * 2 + ["divide"] * 2 + ["bargain"] * 2 + ["divide"] * 2
+    assert len(S.select_cases(p)) == 20 and all(e["source"] == "scripted-generator" for e in p["envs"].values())
+    from conftest import run_script
+
+    run_script("envs/sotopia_scripted.py", "--out", tmp_path / "cli", "-n", "10", "--seed", "3")  # the same folder
+    for name in S.FILES.values():
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "gen" / name).read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training contexts (envs/sotopia.py as a stage) and RAPO on Sotopia (05_rapo.py --env sotopia)
+
+
+def test_episodes_stage_writes_policy_turns_and_resumes_byte_identical(tiny_model_dir, tmp_path):
+    from conftest import run_script
+
+    args = ["--data", FIX, "--policy", f"hf:{tiny_model_dir}", "--partner", "scripted", "--sides", "2",
+            "--pairings", "1", "--max-turns", "4", "--max-new-tokens", "8", "--batch-size", "3", "--max-examples", "5"]
+    run_script("envs/sotopia.py", *args, "--out", tmp_path / "a")
+    eps = common.read_jsonl(tmp_path / "a" / "episodes.jsonl")
+    assert [e["id"] for e in eps] == ["fx-c0-a0", "fx-c0-a1", "fx-c2-a0", "fx-c2-a1", "fx-c3-a0"]
+    assert [e["players"] for e in eps[:2]] == [["policy", "partner"], ["partner", "policy"]]
+    turns = common.load_turns(tmp_path / "a" / "turns.jsonl")
+    assert turns and all(eps[[e["id"] for e in eps].index(t["dialog_id"])]["players"][t["sotopia"]["agent"]] == "policy"
+                         for t in turns)
+    t = turns[1]  # the context is the agent's chat at that turn, its state the messages before it
+    assert t["context"][0]["content"] == S.agent_chat(t["sotopia"]["setup"], t["sotopia"]["agent"],
+                                                      t["sotopia"]["messages"])[1]["content"]
+    # an interrupted run (its last episode lost, a torn line left) resumes to the same bytes
+    full = (tmp_path / "a" / "episodes.jsonl").read_bytes()
+    lines = full.decode().splitlines(keepends=True)
+    (tmp_path / "a" / "episodes.jsonl").write_text("".join(lines[:-2]) + lines[-2][:40])
+    run_script("envs/sotopia.py", *args, "--out", tmp_path / "a")
+    assert (tmp_path / "a" / "episodes.jsonl").read_bytes() == full
+    r = run_script("envs/sotopia.py", *args[:-2], "--max-examples", "4", "--max-turns", "6", "--out", tmp_path / "a",
+                   check=False)
+    assert r.returncode == 2 and "--max-turns 4 (now 6)" in r.stderr
+    bad = tmp_path / "bad"
+    shutil.copytree(FIX, bad)
+    (bad / ENVS).write_text((bad / ENVS).read_text().replace('"relationship": 3', '"relationship": 9'))
+    r = run_script("envs/sotopia.py", *args[2:], "--data", bad, "--out", tmp_path / "b", check=False)
+    assert r.returncode == 2 and "environment_profiles.jsonl: line 2 (fx-env-divide): field 'relationship'" in r.stderr
+    assert not (tmp_path / "b" / "episodes.jsonl").exists()
+
+
+def test_rapo_on_sotopia_one_step(tiny_model_dir, tmp_path):
+    from conftest import run_script
+
+    run_script("envs/sotopia.py", "--data", FIX, "--policy", f"hf:{tiny_model_dir}", "--partner", "scripted",
+               "--max-turns", "4", "--max-new-tokens", "8", "--out", tmp_path / "ep")
+    run_script("05_rapo.py", "--env", "sotopia", "--data", tmp_path / "ep" / "turns.jsonl", "--out", tmp_path / "r",
+               "--policy", f"hf:{tiny_model_dir}", "--seeker", "scripted", "--grm", "scripted", "--prompts-per-step", "2",
+               "--group-size", "3", "--max-steps", "1", "--max-new-tokens", "6", "--grm-retries", "0",
+               "--max-prompt-tokens", "2048", timeout=600)
+    saved = json.loads((tmp_path / "r" / "args.json").read_text())
+    assert saved["env"] == "sotopia" and saved["system_prompt"] == S.AGENT_SYSTEM and saved["prefill"] == ""
+    row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["grm_failed_frac"] == 0 and row["sd_tokens"] > 0
+    sample = json.loads((tmp_path / "r" / "samples.jsonl").read_text().splitlines()[0])
+    assert len(sample["reactions"]) == 3 and all(x.startswith("Turn #") for x in sample["reactions"])
+    assert "(goal value" in sample["grm"]["critiques"][0]  # the scripted GRM's analysis
+    r = run_script("05_rapo.py", "--env", "sotopia", "--data", tmp_path / "ep" / "turns.jsonl", "--out", tmp_path / "y",
+                   "--policy", f"hf:{tiny_model_dir}", "--max-prompt-tokens", "256", check=False)
+    assert r.returncode == 2 and "more than --max-prompt-tokens 256" in r.stderr and not (tmp_path / "y" / "args.json").exists()
+    r = run_script("05_rapo.py", "--env", "sotopia", "--reward", "rubric-point", "--data", tmp_path / "ep" / "turns.jsonl",
+                   "--out", tmp_path / "x", "--policy", f"hf:{tiny_model_dir}", check=False)
+    assert r.returncode == 2 and "--env sotopia trains with --reward reaction" in r.stderr
+
+
+def mean_stat(values):
+    return {"value": sum(values) / len(values), "ci": [min(values), max(values)]}
+
+
+def test_play_chunk_summary_and_paired_difference(profiles):
+    b = backends.make_backend("scripted")
+    cases = S.select_cases(profiles)
+    written = []
+    recs, counts = S.play_chunk(profiles, cases, [["partner", "partner"]] * len(cases), {"partner": b}, {"partner": {}},
+                                b, max_turns=20, write=written.extend)
+    assert counts == {"evaluated": 5, "retried": 0, "failed": 0} and sorted(r["id"] for r in written) == \
+        sorted(c["id"] for c in cases)
+    for r in recs:  # the scripted partner plays both agents here: label them as the policy for the summary
+        r["players"] = ["policy", "policy"]
+    s = S.summarize(recs, mean_stat)
+    assert s["all"]["scenarios"] == 4 and s["hard"]["scenarios"] == 1 and s["evaluator_failed"] == 0
+    # bargain: both agents reach their targets (goal 10, twice over two pairings); divide 9.52 / 9.89; open 5 and 5
+    assert s["all"]["goal"]["value"] == pytest.approx((10 + (9.5238 + 9.8901) / 2 + 5 + 5) / 4)
+    assert s["hard"]["goal"]["value"] == 5 and s["all"]["overall"]["ci"][1] <= 10
+    recs[0]["scores"] = None  # an evaluator failure leaves the episode out of the means, counted
+    assert S.summarize(recs, mean_stat)["evaluator_failed"] == 1
+    worse = [dict(r, scores=[dict(x, goal=x["goal"] - 1) for x in r["scores"]]) for r in recs[1:]]
+    d = S.paired_difference(recs, worse, "goal", mean_stat)
+    assert d["scenarios"] == 4 and d["value"] == pytest.approx(1)
+    table = S.report_tables({"base": s, "rapo": s})
+    assert "| policy | All GOAL | All OVERALL | Hard GOAL | Hard OVERALL |" in table and "| rapo |" in table
+
+
+def test_openai_partner_and_evaluator_against_a_real_server(server, tiny_model_dir, tmp_path):
+    """The Sotopia prompts through an OpenAI-compatible server (`transformers serve`, as tests/test_openai_backend.py):
+    the partner plays its side; the tiny random model never writes valid JSON, which is taken as speech and counted,
+    and the evaluator's answers are re-asked, then recorded as failures, never a crash."""
+    from conftest import run_script
+
+    url, name = server
+    run_script("envs/sotopia.py", "--data", FIX, "--policy", f"hf:{tiny_model_dir}", "--partner", f"openai:{name}",
+               "--partner-base-url", url, "--max-turns", "3", "--max-new-tokens", "6", "--max-examples", "2",
+               "--out", tmp_path / "ep")
+    eps = common.read_jsonl(tmp_path / "ep" / "episodes.jsonl")
+    assert len(eps) == 2 and all(e["turns"] == 3 and e["invalid_actions"] == [2, 1] for e in eps)
+    profiles = S.load_profiles(FIX)
+    setups = [setup_of(profiles, e["combo_id"]) for e in eps]
+    b = backends.make_backend(f"openai:{name}", url)
+    res, raw, stats = S.evaluate(b, setups, [{"messages": e["messages"], "end": e["end"]} for e in eps], retries=1,
+                                 max_new_tokens=8)
+    assert res == [None, None] and stats == {"evaluated": 2, "retried": 2, "failed": 2} and all(isinstance(x, str) for x in raw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 06_eval.py --test-data PROFILE_FOLDER: the sotopia protocol
+
+
+def test_eval_sotopia_selfplay_scripted_known_numbers(tmp_path):
+    """The scripted agent as the policy in self-play, the scripted evaluator: the numbers worked out by hand in the
+    tests above (bargain 10 and 10, divide 9.52 and 9.89, the two open scenarios 5), on a folder 06 never saw."""
+    from conftest import run_script
+
+    run_script("06_eval.py", "--test-data", FIX, "--out", tmp_path / "e", "--policy", "rules=scripted",
+               "--evaluator", "scripted", "--bootstrap", "200")
+    scores = json.loads((tmp_path / "e" / "scores.json").read_text())
+    s = scores["policies"][0]["sotopia"]
+    assert s["episodes"] == 5 and s["evaluator_failed"] == 0 and s["all"]["scenarios"] == 4
+    assert s["all"]["goal"]["value"] == pytest.approx((10 + (9.5238 + 9.8901) / 2 + 5 + 5) / 4)
+    assert s["hard"]["goal"]["value"] == 5 and len(s["all"]["goal"]["ci"]) == 2
+    recs = common.read_jsonl(tmp_path / "e" / "dialogs.jsonl")
+    assert [r["id"] for r in recs] == [f"sotopia/rules/fx-c{i}-a0" for i in range(5)]
+    assert recs[0]["players"] == ["policy", "policy"] and recs[0]["transcript"].startswith("Turn #0: Wren Calloway")
+    report = (tmp_path / "e" / "report.md").read_text()
+    assert "| rules | 7.43 [" in report and "`scripted`" in report
+    r = run_script("06_eval.py", "--test-data", FIX, "--out", tmp_path / "x", "--parts", "interactive", check=False)
+    assert r.returncode == 2 and "a Sotopia profile folder" in r.stderr
+
+
+def test_eval_sotopia_partner_resumes_byte_identical_and_two_ranks_equal_one(tiny_model_dir, tmp_path):
+    from conftest import run_script
+
+    args = ["--test-data", FIX, "--policy", f"tiny=hf:{tiny_model_dir}", "--evaluator", "scripted", "--sotopia-mode",
+            "partner", "--partner", "scripted", "--sotopia-sides", "2", "--sotopia-pairings", "1", "--sotopia-max-turns",
+            "4", "--max-new-tokens", "6", "--batch-size", "3", "--bootstrap", "100"]
+    run_script("06_eval.py", *args, "--out", tmp_path / "one")
+    full = (tmp_path / "one" / "dialogs.jsonl").read_bytes()
+    recs = common.read_jsonl(tmp_path / "one" / "dialogs.jsonl")
+    assert len(recs) == 8 and [r["players"] for r in recs[:2]] == [["policy", "partner"], ["partner", "policy"]]
+    scores = (tmp_path / "one" / "scores.json").read_bytes()
+    lines = full.decode().splitlines(keepends=True)  # interrupted: the last chunk lost, a torn line left
+    (tmp_path / "one" / "dialogs.jsonl").write_text("".join(lines[:-3]) + lines[-3][:50])
+    run_script("06_eval.py", *args, "--out", tmp_path / "one")
+    assert (tmp_path / "one" / "dialogs.jsonl").read_bytes() == full
+    assert (tmp_path / "one" / "scores.json").read_bytes() == scores
+    run_script("06_eval.py", *args, "--out", tmp_path / "two", nproc=2)
+    assert (tmp_path / "two" / "dialogs.jsonl").read_bytes() == full
+    r = run_script("06_eval.py", *args[:-2], "--bootstrap", "100", "--sotopia-max-turns", "6", "--out",
+                   tmp_path / "one", check=False)
+    assert r.returncode == 2 and "--sotopia-max-turns" in r.stderr
