@@ -150,6 +150,7 @@ def parse_args(argv=None):
                    help="override the metrics.jsonl keys plotted, e.g. 'reward=reward,entropy=entropy,"
                         "length=completion_len_mean' (the keys 04_grpo.py and 05_rapo.py log; default: the first of "
                         "each panel's known names present)")
+    common.add_request_timeout_arg(p)
     role_cache.add_role_cache_args(p)
     args = p.parse_args(argv)
     common.check_common_args(args)
@@ -249,6 +250,7 @@ def prepare(args, command: str) -> Run:
         check(common.parse_spec(s).backend != "openai" or args.policy_base_url or os.environ.get("OPENAI_API_KEY"),
               f"--policy {s}: an openai: model needs --policy-base-url or $OPENAI_API_KEY")
     run = Run(args, cases, turns, source, policies, args.parts.split(","))
+    run.servers = [("policy", "--policy", s) for _, s in policies if common.parse_spec(s).backend == "openai"]
     run.command, run.system = command, policy_system(args.policy_system)
     for proto in (REGISTRY[n] for n in run.parts):
         proto.prepare(run)
@@ -280,6 +282,8 @@ def check_roles(run: Run):
         for s in sorted({spec.replace("{dim}", d) for d in dims}):
             common.check_model_path(s, flag)
             ms = common.parse_spec(s)
+            if ms.backend == "openai":
+                run.servers.append((role, flag, s))
             check(ms.backend != "openai" or getattr(args, f"{role}_base_url") or os.environ.get("OPENAI_API_KEY"),
                   f"{flag} {ms}: an openai: model needs {flag}-base-url or $OPENAI_API_KEY")
             fixed = [p.name for p, ok in users[role] if not ok]
@@ -325,6 +329,8 @@ def open_outputs(run: Run):
     if run.outs:
         return
     args, dist, out_dir = run.args, run.dist, Path(run.args.out)
+    # a wrong key or model name of any openai: role or policy stops the run here, before anything is deleted
+    backends.preflight({f"{flag} {spec}": run.make(role, spec) for role, flag, spec in run.servers})
     common.barrier(dist)  # every rank has read `done` before rank 0 may delete outputs (--overwrite)
     run.outs.update({n: common.ResumableOutput(out_dir, n, dist.rank, dist.world, overwrite=args.overwrite) for n in OUTPUTS})
     if dist.main:
@@ -469,7 +475,8 @@ def main(argv=None):
         check_resume_settings(args, out_dir, len(run.done), run.inputs, run.digests)
     cache = role_cache.open_cache(args)  # --role-cache: every role's and policy's answers recorded / replayed
     run.make = lambda role, spec=None: backends.make_backend(spec or getattr(args, role), getattr(args, f"{role}_base_url"),
-                                                             str(dist.device), args.dtype, decoder=args.decoder, cache=cache)
+                                                             str(dist.device), args.dtype, decoder=args.decoder, cache=cache,
+                                                             timeout=args.request_timeout)
     common.print0(f"{len(run.policies)} policies x {len(run.cases)} test cases ({run.source}; {len(run.turns)} turns); "
                   f"parts: {args.parts}; {len(run.done)} records already written; {dist.world} rank(s)")
     chosen = [REGISTRY[n] for n in run.parts]

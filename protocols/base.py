@@ -45,6 +45,7 @@ class Run:
     inputs: dict = field(default_factory=dict)
     digests: dict = field(default_factory=dict)
     curves: tuple = ([], {})
+    servers: list = field(default_factory=list)  # (role, flag, spec) of every openai: model: asked once before outputs open
 
     def mine(self, chunks: list) -> list[int]:
         """This rank's chunks: whole chunks, round-robin."""

@@ -439,3 +439,28 @@ def test_content_null_is_retried_counted_and_never_an_answer():
         assert b.null_answers == 2
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("code", [401, 404])
+def test_06_preflight_stops_a_refused_policy_server_before_overwrite_deletes(code, tmp_path):
+    """Item 2 in 06: an openai: policy whose server refuses the key (401) or the model name (404) stops the run
+    with one line before --overwrite deletes the old records or report."""
+    server = JsonServer((code, REFUSED[code]))
+    out, turns = tmp_path / "out", tmp_path / "turns.jsonl"
+    out.mkdir()
+    common.write_jsonl(turns, [{"id": f"d{i}-t01", "dialog_id": f"d{i}", "split": "test", "target": "ok",
+                                "situation": "exams", "context": [{"role": "user", "content": f"I feel low {i}."}]}
+                               for i in range(2)])
+    old = {"dialogs.jsonl": '{"id": "old"}\n', "report.md": "# old report\n"}
+    for name, text in old.items():
+        (out / name).write_text(text)
+    try:
+        r = run("06_eval.py", "--data", turns, "--out", out, "--overwrite", "--parts", "interactive", "--seeker",
+                "scripted", "--critic", "scripted", "--policy", "openai:m", "--policy-base-url", server.url)
+    finally:
+        server.close()
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = error_lines(r.stderr)
+    assert len(err) == 1 and err[0].startswith("error: --policy openai:m") and f"HTTP {code}" in err[0], err
+    assert server.hits == 1
+    assert {n: (out / n).read_text() for n in old} == old  # nothing deleted
