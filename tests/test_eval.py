@@ -465,7 +465,7 @@ def test_registry_protocols_are_complete_and_distinct():
         values = [getattr(p, attr) for p in protos]
         assert len(set(values)) == len(values), attr
     for p in protos:
-        assert set(p.inputs) <= {"dialogues", "cards", "profiles"} and p.unit in ("cases", "turns")
+        assert set(p.inputs) <= {"dialogues", "cards", "profiles", "sotopia"} and p.unit in ("cases", "turns")
         assert set(p.roles(None if p.name == "reference" else ev.parse_args([]))) <= set(ev.ROLES)
     assert set(ev.EVAL_KEYS) >= {k for p in protos for k in p.eval_keys}
 
