@@ -187,6 +187,22 @@ def unshuffle(shown: list, perm: list[int]) -> list:
     return out
 
 
+def unshuffle_groups(res, perms: list[list[int]], stats: dict) -> tuple[list[dict | None], dict]:
+    """The GRM's parsed answers (backends.ask_json) back in the candidates' order, one per group (None: failed),
+    with the fallbacks counted: failed groups, scores derived from the ranks, scores that contradicted them."""
+    stats["grm_retried"] = res.retried
+    out = []
+    for g, v in enumerate(res.values):
+        if v is None:
+            out.append(None)
+            stats["grm_failed"] += 1
+            continue
+        stats["grm_derived"] += int(v["derived"])
+        stats["grm_disordered"] += int(v["disordered"])
+        out.append({k: unshuffle(v[k], perms[g]) for k in ("scores", "critiques", "ranks")} | {"derived": v["derived"]})
+    return out, stats
+
+
 TEACHER_BLOCK = (
     "\n\n[Hindsight feedback for the supporter's next reply]\n"
     "<Original Response>\n{response}\n</Original Response>\n"
@@ -416,18 +432,7 @@ def score_groups(grm, mode: str, contexts: list[list[dict]], replies: list[list[
     sh_reacts = None if reactions is None else [[reactions[g][i] for i in shown[g]] for g in range(len(contexts))]
     res = backends.ask_json(grm, grm_chats(contexts, sh_replies, sh_reacts), lambda obj, i: parse_grm(obj, G),
                             retries=retries, max_new_tokens=max_new_tokens, seed=seed, prefill=grm_prefill(grm))
-    stats["grm_retried"] = res.retried
-    out = []
-    for g, v in enumerate(res.values):
-        if v is None:
-            out.append(None)
-            stats["grm_failed"] += 1
-            continue
-        stats["grm_derived"] += int(v["derived"])
-        stats["grm_disordered"] += int(v["disordered"])
-        out.append({"scores": unshuffle(v["scores"], perms[g]), "critiques": unshuffle(v["critiques"], perms[g]),
-                    "ranks": unshuffle(v["ranks"], perms[g]), "derived": v["derived"]})
-    return out, stats
+    return unshuffle_groups(res, perms, stats)
 
 
 def sotopia_reactions(partner, states: list[dict], actions: list[list[dict]], *, max_new_tokens: int, temperature: float,
@@ -464,17 +469,7 @@ def score_sotopia_groups(grm, states: list[dict], actions: list[list[dict]], rea
                               [[reactions[g][i] for i in p] for g, p in enumerate(perms)])
     res = backends.ask_json(grm, chats, lambda obj, i: parse_grm(obj, G), retries=retries, max_new_tokens=max_new_tokens,
                           seed=seed, prefill=grm_prefill(grm))
-    stats["grm_retried"] = res.retried
-    out = []
-    for g, v in enumerate(res.values):
-        if v is None:
-            out.append(None)
-            stats["grm_failed"] += 1
-            continue
-        stats["grm_derived"] += int(v["derived"])
-        stats["grm_disordered"] += int(v["disordered"])
-        out.append({k: unshuffle(v[k], perms[g]) for k in ("scores", "critiques", "ranks")} | {"derived": v["derived"]})
-    return out, stats
+    return unshuffle_groups(res, perms, stats)
 
 
 # ----------------------------------------------------------------------------------------------------
