@@ -14,6 +14,7 @@ uninterrupted 1-process one.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
@@ -52,8 +53,9 @@ class Run:
         return [k for k in range(len(chunks)) if k % self.dist.world == self.dist.rank]
 
 
-class Protocol:
-    """One evaluation protocol. Subclasses set the attributes and override what they need."""
+class Protocol(abc.ABC):
+    """One evaluation protocol. Subclasses set the attributes and override what they need (summarise always;
+    run_chunk when per_policy, run_all when not)."""
 
     name = ""  # its --parts name and its key in scores.json
     kind = ""  # record ids are "{kind}/{policy label}/{case or turn id}"
@@ -96,15 +98,16 @@ class Protocol:
         return [f"{self.kind}/{label}/{x[key]}" for x in items]
 
     def run_chunk(self, run: Run, roles, label: str, items: list[dict], seed: int) -> list[dict]:
-        """The records of one chunk for one policy (roles: 02's Roles with this policy)."""
-        raise NotImplementedError
+        """The records of one chunk for one policy (roles: 02's Roles with this policy). Only per-policy protocols
+        run chunks; the runner never calls this on the others."""
+        raise TypeError(f"protocol {self.name}: per_policy is set but it defines no run_chunk")
 
     def run_all(self, run: Run):
         """per_policy = False: its whole work over every policy's records."""
 
+    @abc.abstractmethod
     def summarise(self, run: Run, label: str | None, records: list[dict]):
         """Its numbers for one policy's records (with bootstrap CIs); per_policy = False: over all its records."""
-        raise NotImplementedError
 
     def all_ids(self, run: Run) -> list[str]:
         """Every record id it can write, in file order."""

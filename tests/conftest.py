@@ -1,10 +1,13 @@
 """Shared test fixtures: a tiny Llama-shaped model with the embedded tokenizer, saved as a normal HF folder,
 so every backend and stage can be run on it in seconds (`hf:<folder>`); a free port, and a stage run as a
 subprocess the way a user runs it (python or torchrun)."""
+import http.server
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -93,3 +96,35 @@ def eos_model_dir(tiny_model_dir, tmp_path_factory):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+class JsonServer:
+    """A tiny OpenAI-compatible server on 127.0.0.1 answering every POST with answers[min(hits, last)]: a
+    (status code, JSON body) pair. Counts the requests."""
+
+    def __init__(self, *answers):
+        self.answers, self.hits = answers, 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                code, body = server.answers[min(server.hits, len(server.answers) - 1)]
+                server.hits += 1
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,16 +1,14 @@
 """Failures that stop a stage (issue 14, items 2, 4-8, 13): an unreachable openai: server, non-finite training
 and hyperparameters, the k3 KL at extreme pad log-probs, the schedule under --ppo-epochs, RAPO's overlong
 punishment, the reward model's one context rule, and bad input that must give one line and exit code 2."""
-import http.server
 import json
 import math
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import free_port, load_stage, run_script
+from conftest import JsonServer, free_port, load_stage, run_script
 
 import backends  # noqa: E402
 import common  # noqa: E402
@@ -36,41 +34,14 @@ def error_lines(r) -> list[str]:
 # Item 2: an openai: server that cannot be reached or keeps failing stops the stage (exit 1, nothing written)
 
 
-class FakeServer:
+def FakeServer(mode: str) -> JsonServer:
     """A tiny OpenAI-compatible HTTP server on 127.0.0.1: mode '500' answers every request with HTTP 500, mode
     'garbage' with a valid chat completion whose text is not JSON. Counts the requests."""
-
-    def __init__(self, mode: str):
-        self.mode, self.hits = mode, 0
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                server.hits += 1
-                if server.mode == "500":
-                    body, code = b'{"error": {"message": "boom"}}', 500
-                else:
-                    body, code = json.dumps({
-                        "id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": "I think so, yes."}}]}).encode(), 200
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    if mode == "500":
+        return JsonServer((500, {"error": {"message": "boom"}}))
+    return JsonServer((200, {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": "I think so, yes."}}]}))
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Failures that must stop a stage with one line, second round (issue 30): the items of a hostile trial that did
 not hold. Each test names its item; every one failed on the code before the fix."""
 import fcntl
-import http.server
 import json
 import math
 import os
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, load_stage, run_script
+from conftest import ROOT, JsonServer, load_stage, run_script
 
 import backends  # noqa: E402
 import common  # noqa: E402
@@ -270,38 +269,6 @@ def test_a_signal_while_the_stage_waits_gives_one_line(stage, sig, code, tmp_pat
 
 # ----------------------------------------------------------------------------------------------------
 # Items 2 (preflight), 3 and 7: openai: servers that refuse the key or model, never answer, or answer null
-
-
-class JsonServer:
-    """A tiny OpenAI-compatible server on 127.0.0.1 answering every POST with answers[min(hits, last)]: a
-    (status code, JSON body) pair. Counts the requests."""
-
-    def __init__(self, *answers):
-        self.answers, self.hits = answers, 0
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                code, body = server.answers[min(server.hits, len(server.answers) - 1)]
-                server.hits += 1
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def completion(content) -> tuple[int, dict]:
