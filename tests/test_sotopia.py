@@ -609,3 +609,35 @@ def test_eval_sotopia_partner_resumes_byte_identical_and_two_ranks_equal_one(tin
     r = run_script("06_eval.py", *args[:-2], "--bootstrap", "100", "--sotopia-max-turns", "6", "--out",
                    tmp_path / "one", check=False)
     assert r.returncode == 2 and "--sotopia-max-turns" in r.stderr
+
+
+def test_experiment_bench_families_and_outcomes(tmp_path):
+    """experiments/sotopia_scripted.py without models: the filtered profile folder (only scenarios of the named
+    sources whose goals the rules read as bargain or divide, with the records they reference; "open" ones left out
+    and listed), and the outcome summary of the rule partner playing the policy's seat (every deal closes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sotopia_scripted_exp", FIX.parents[2] / "experiments" / "sotopia_scripted.py")
+    x = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(x)
+    got = x.write_bench_families(FIX, tmp_path / "b", ["fixture"])
+    assert [(r["env_id"], r["families"]) for r in got["kept"]] == [("fx-env-bargain", ["bargain", "bargain"]),
+                                                                    ("fx-env-divide", ["divide", "divide"])]
+    assert [(r["env_id"], r["families"]) for r in got["left_out"]] == [("fx-env-open", ["open", "open"]),
+                                                                        ("01H7VFHNV13MHN97GAH73E3KM8", ["open", "open"])]
+    p = S.load_profiles(tmp_path / "b")
+    assert sorted(p["envs"]) == ["fx-env-bargain", "fx-env-divide"]
+    assert [c["combo_id"] for c in p["combos"]] == ["fx-c0", "fx-c1", "fx-c2"] and sorted(p["agents"]) == ["fx-a0", "fx-a1", "fx-a2"]
+    assert len(p["relationships"]) == 2
+    src = {json.loads(l)["env_id"]: l for l in (FIX / ENVS).read_text().splitlines()}
+    assert (tmp_path / "b" / ENVS).read_text().splitlines() == [src["fx-env-bargain"], src["fx-env-divide"]]  # unchanged
+    with pytest.raises(common.InputError, match="no scenario of source other"):
+        x.write_bench_families(FIX, tmp_path / "c", ["other"])
+    b = backends.make_backend("scripted")
+    cases = S.select_cases(p, sides=2)
+    players = [["policy", "partner"] if c["side"] == 0 else ["partner", "policy"] for c in cases]
+    recs, _ = S.play_chunk(p, cases, players, {"policy": b, "partner": b}, {"policy": {}, "partner": {}}, b, max_turns=20)
+    out = x.policy_outcomes(p, recs)
+    assert out["episodes"] == 6 and out["deal_frac"] == 1.0 and out["deal_frac_by_family"] == {"bargain": 1.0, "divide": 1.0}
+    # the rule partner's refusals ("I can't sell at $X ... I could do $Y") are alike: the repetition rule sees them
+    assert out["episodes_with_fault"] == {"repeats an earlier message": 1.0} and 0 < out["offer_frac_of_actions"] <= 1
