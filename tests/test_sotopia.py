@@ -641,3 +641,17 @@ def test_experiment_bench_families_and_outcomes(tmp_path):
     assert out["episodes"] == 6 and out["deal_frac"] == 1.0 and out["deal_frac_by_family"] == {"bargain": 1.0, "divide": 1.0}
     # the rule partner's refusals ("I can't sell at $X ... I could do $Y") are alike: the repetition rule sees them
     assert out["episodes_with_fault"] == {"repeats an earlier message": 1.0} and 0 < out["offer_frac_of_actions"] <= 1
+    # the results of a real 06 run on that folder (two policy labels, the rule agent in both seats: no model)
+    from conftest import run_script
+
+    run_script("06_eval.py", "--test-data", tmp_path / "b", "--out", tmp_path / "e", "--parts", "sotopia", "--sotopia-mode",
+               "partner", "--partner", "scripted", "--evaluator", "scripted", "--sotopia-sides", "2", "--sotopia-max-turns",
+               "6", "--bootstrap", "100", "--policy", "base=scripted", "--policy", "rapo=scripted")
+    a = x.parse_args(["--bench", str(FIX), "--bootstrap", "100"])
+    scores = json.loads((tmp_path / "e" / "scores.json").read_text())
+    table = x.results_table(p, scores, common.read_jsonl(tmp_path / "e" / "dialogs.jsonl"), a)
+    assert [r["policy"] for r in table] == ["base", "rapo"] and table[0]["episodes"] == 6 and table[0]["scenarios"] == 2
+    assert table[1]["goal"] == table[0]["goal"] and set(table[1]["by_family"]) == {"bargain", "divide"}
+    assert table[1]["minus_base"]["goal"]["value"] == 0 and table[1]["minus_base"]["overall"]["scenarios"] == 2
+    x.plot(a, {"rapo": [{"step": 1, "reward": 0.5}, {"step": 2, "reward": 0.6}]}, table, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
