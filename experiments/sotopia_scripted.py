@@ -119,13 +119,17 @@ def run_side_by_side(jobs: list[tuple[str, list[str], int | None, int]], log: di
     """Stages at once, each (name, command, OMP threads, processes); each one's wall time is its own. A stage that
     fails stops the experiment after the others end (re-running resumes every one)."""
     procs = {name: (*launch(cmd, threads, nproc), time.time()) for name, cmd, threads, nproc in jobs}
-    failed = []
-    for name, (proc, shown, t0) in procs.items():
-        if proc.wait() != 0:
-            failed.append(f"{name} (exit {proc.returncode})")
-            continue
-        log.setdefault("wall_s", {})[name] = round(time.time() - t0, 1)
-        log.setdefault("commands", {})[name] = shown
+    failed, live = [], set(procs)
+    while live:  # each stage's wall time ends when it ends, not when the ones before it in `jobs` do
+        time.sleep(1)
+        for name in [n for n in live if procs[n][0].poll() is not None]:
+            live.discard(name)
+            proc, shown, t0 = procs[name]
+            if proc.returncode != 0:
+                failed.append(f"{name} (exit {proc.returncode})")
+                continue
+            log.setdefault("wall_s", {})[name] = round(time.time() - t0, 1)
+            log.setdefault("commands", {})[name] = shown
     if failed:
         raise common.StageFailure("stage failed: " + ", ".join(failed) + "; re-run to resume")
 
@@ -341,8 +345,8 @@ def main(argv=None):
         log["stopped_early"] = {"eval_step": a.eval_step, "planned_steps": a.steps}
     curves = {d.name: [m for m in common.read_jsonl(d / "metrics.jsonl", allow_torn_tail=True)
                        if a.eval_step is None or m["step"] <= a.eval_step] for d in runs}
-    keys = ["reward", "reward_std", "zero_std_frac", "kl", "entropy", "completion_len_mean", "sd_tokens", "sd_kl",
-            "grm_failed_frac", "time_step"]
+    keys = ["reward", "zero_std_frac", "adv_abs_mean", "kl", "entropy", "completion_len_mean", "truncated_frac",
+            "sd_tokens", "sd_kl", "grm_failed_frac", "time_step"]
     write_curves_csv(res_dir / "sotopia_scripted_curve.csv", curves, keys)
     log["training"] = {name: {"first5_reward": round(float(np.mean([m["reward"] for m in ms[:5]])), 4),
                               "last5_reward": round(float(np.mean([m["reward"] for m in ms[-5:]])), 4),
