@@ -250,6 +250,17 @@ def test_rapo_vllm_rollout_serves_the_current_adapter(vtrain_dir, turns_file, tm
     assert len(rows) == 3 and all(r["sampler_logp_gap"] < 1e-3 for r in rows), rows
 
 
+def test_rapo_vllm_dynamic_sampling_keeps_the_engine_logps_of_the_kept_groups(vtrain_dir, turns_file, tmp_path):
+    """05 --dynamic-sampling with the engine: the scripted rubric judge ties on many groups, so a step's groups come
+    from several draws; their engine log-probs (speed.sampler_check, the rollout correction) are theirs."""
+    run("05_rapo.py", ["--policy", str(vtrain_dir), "--data", str(turns_file), "--out", str(tmp_path / "s"), "--seeker",
+                       "scripted", "--grm", "scripted", "--ablation", "grpo-rubric", *TRAIN, "--dynamic-sampling",
+                       "--max-draws", "3"])
+    rows = common.read_jsonl(tmp_path / "s" / "metrics.jsonl")
+    assert len(rows) == 3 and all(r["sampler_logp_gap"] < 1e-3 for r in rows), rows
+    assert all(r["dynamic_draws"] > 1 and r["dynamic_groups_dropped"] > 0 for r in rows), rows
+
+
 def test_grpo_vllm_rollout_two_ranks(vtrain_dir, turns_file, tmp_path):
     run("04_grpo.py", ["--policy", str(vtrain_dir), "--data", str(turns_file), "--out", str(tmp_path / "g2"),
                        *TRAIN, *OVERLONG, "--max-steps", "2"], nproc=2)
