@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import common
+import models
 from common import check
 
 PROFILE_FIELDS = ("background", "personality", "situation", "inner_state")  # the profile JSONL schema (docs/06_eval.md)
@@ -226,6 +227,6 @@ def policy_digests(policies: list[tuple[str, str]]) -> dict[str, dict]:
     for label, spec in policies:
         ms = common.parse_spec(spec)
         path = os.path.expanduser(ms.name)
-        adapter = ms.backend != "openai" and ms.name != "embedded" and common.is_adapter_folder(path)
+        adapter = ms.backend != "openai" and ms.name != "embedded" and models.is_adapter_folder(path)
         out[label] = {"spec": spec, "sha256": common.input_digest(path) if adapter else None}
     return out
