@@ -84,6 +84,7 @@ import torch
 
 import backends
 import common
+import models
 import speed
 import training
 
@@ -183,7 +184,7 @@ def make_rm_scorer(path: str, device, dtype, batch_size: int):
     rm_mod = common.load_stage("03_train_rm")
     rm_mod.check_reward_model_folder(path)  # InputError for a causal-LM adapter etc., before anything loads
     loaded = rm_mod.load_reward_model(path, device, dtype)
-    rm, rm_tok = loaded if isinstance(loaded, tuple) else (loaded, common.load_tokenizer(path))
+    rm, rm_tok = loaded if isinstance(loaded, tuple) else (loaded, models.load_tokenizer(path))
     return lambda contexts, replies: rm_mod.score(rm, rm_tok, contexts, replies, batch_size)
 
 
@@ -248,7 +249,7 @@ def prompt_ids(tok, context: list[dict], system: str, prefill: str, max_tokens: 
     (the last message is always kept, its ids cut from the left if it alone is too long)."""
     msgs = list(context)
     while True:
-        ids = common.chat_ids(tok, [{"role": "system", "content": system}] + msgs, prefill)
+        ids = models.chat_ids(tok, [{"role": "system", "content": system}] + msgs, prefill)
         if len(ids) <= max_tokens or len(msgs) == 1:
             return ids[-max_tokens:]
         msgs = msgs[1:]
@@ -260,7 +261,7 @@ def rollout(model, tok, prompts: list[list[int]], G: int, *, max_new_tokens: int
     one was produced). (min_new_tokens > 0 suppresses EOS before that length: fixed-work benchmarks.)"""
     was_training = model.training
     model.eval()
-    comps = common.generate_ids(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+    comps = models.generate_ids(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_p=top_p, batch_size=batch_size, min_new_tokens=min_new_tokens, n=G)
     model.train(was_training)
     return comps
@@ -301,7 +302,7 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
             ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
             attn[i, P:P + len(c)] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    return tuple(common.to_device(t, device) for t in (ids, attn, pos, attn[:, P:].contiguous()))
+    return tuple(models.to_device(t, device) for t in (ids, attn, pos, attn[:, P:].contiguous()))
 
 
 def completion_logps(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int, temperature: float):
@@ -315,10 +316,10 @@ def completion_logps(model, prompts: list[list[int]], completions: list[list[int
     C = cmask.shape[1]
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=C + 1,
                    use_cache=False).logits[:, :-1]  # [n, C, V]
-    # log_softmax(logits / T) gathered at the completion tokens: common.selective_log_softmax is exactly
+    # log_softmax(logits / T) gathered at the completion tokens: models.selective_log_softmax is exactly
     #   torch.log_softmax(logits.float() / T, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
     # taken in blocks, so that no fp32 [n, C, V] copy is held (tests/test_common.py)
-    return common.selective_log_softmax(logits, ids[:, -C:], temperature=temperature), logits, cmask
+    return models.selective_log_softmax(logits, ids[:, -C:], temperature=temperature), logits, cmask
 
 
 def micro_batches(prompts: list[list[int]], size: int, shared_prefix: bool) -> list[list[int]]:
@@ -434,7 +435,7 @@ def _pad_values(rows: list[torch.Tensor], C: int, device) -> torch.Tensor:
     vals = torch.zeros((len(rows), C), dtype=torch.float32)
     for i, r in enumerate(rows):
         vals[i, :len(r)] = r
-    return common.to_device(vals, device)
+    return models.to_device(vals, device)
 
 
 def _pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -448,7 +449,7 @@ def _pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     for i, r in enumerate(rows):
         vals[i, :len(r)] = r
         known[i, :len(r)] = True
-    vals, known = common.to_device(vals, like.device), common.to_device(known, like.device)  # two copies, not one per row
+    vals, known = models.to_device(vals, like.device), models.to_device(known, like.device)  # two copies, not one per row
     return torch.where(known, vals, like.detach().float())  # [n, C]
 
 
@@ -468,7 +469,7 @@ def forward(train_model, ro: Rollouts, idx: list[int], cfg: LossConfig, n_tokens
     C = cmask.shape[1]
     loss_mask = cmask * _pad_values([ro.keep[i] for i in idx], C, device) if ro.keep is not None else None
     is_weight = _pad_values([ro.is_weight[i] for i in idx], C, device) if ro.is_weight is not None else None
-    return MicroBatch(idx, logp, logits, cmask, logp_old, logp_ref, common.to_device(ro.advantages[idx], device),
+    return MicroBatch(idx, logp, logits, cmask, logp_old, logp_ref, models.to_device(ro.advantages[idx], device),
                       n_tokens, n_seqs, loss_mask, is_weight)
 
 
@@ -609,7 +610,7 @@ def update_stats(mb: MicroBatch, cfg: LossConfig, loss: torch.Tensor, extra: tor
         eps_low, eps_high = cfg.seq_eps_low, cfg.seq_eps_high
     clipped = ((rho > 1 + eps_high) & (a > 0)) | ((rho < 1 - eps_low) & (a < 0))
     kl = (k3_kl(mb.logp.detach(), mb.logp_ref) * m).sum() if mb.logp_ref is not None else torch.zeros((), device=m.device)
-    ent = (common.softmax_entropy(mb.logits, temperature=cfg.temperature) * m).sum()
+    ent = (models.softmax_entropy(mb.logits, temperature=cfg.temperature) * m).sum()
     return torch.stack([loss.detach(), kl, ent, (clipped.float() * m).sum(), extra.detach()]).double()
 
 
@@ -719,7 +720,7 @@ def main(argv=None):
     out, G = Path(args.out), args.group_size
     eval_turns = held_out_turns(args)  # --eval-every
     dist, turns, fixed, inputs, policy_path = training.start_run(args, "rewards")  # all checks before any work
-    rm_fn = None if args.rm == "none" or fixed else make_rm_scorer(args.rm, dist.device, common.resolve_dtype(
+    rm_fn = None if args.rm == "none" or fixed else make_rm_scorer(args.rm, dist.device, models.resolve_dtype(
         args.dtype, dist.device), args.rm_batch_size)
     engine = None  # the vLLM engine is built before the seeding (LLM() reseeds the process)
     if args.rollout == "vllm":
@@ -731,7 +732,7 @@ def main(argv=None):
     cursor = extra["draws"] if extra is not None and "draws" in extra else start  # prompt batches drawn so far
     system, prefill = system_prompt(args.think_prompt)
     system = args.system_prompt if args.system_prompt is not None else system
-    eos = set(common.eos_ids(pol.model, pol.tok))
+    eos = set(models.eos_ids(pol.model, pol.tok))
     log = training.RunLog(args, dist, pol, start, {"system_prompt": system, "prefill": prefill})
     common.print0(f"GRPO: {pol.total} steps ({pol.steps_per_epoch} per epoch), {args.prompts_per_step} prompts x G={G} "
                   f"per step on {dist.world} rank(s), {sum(p.numel() for p in pol.model.parameters() if p.requires_grad):,} "

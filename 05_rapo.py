@@ -85,6 +85,7 @@ import torch
 
 import backends
 import common
+import models
 import role_cache
 import speed
 import training
@@ -240,7 +241,7 @@ def student_messages(tok, context: list[dict], system: str, prefill: str, max_to
     """The messages of `context` that the student's prompt holds: grpo.prompt_ids drops the oldest ones until
     the prompt fits max_tokens (the last message always stays)."""
     msgs = list(context)
-    while len(msgs) > 1 and len(common.chat_ids(tok, [{"role": "system", "content": system}] + msgs, prefill)) > max_tokens:
+    while len(msgs) > 1 and len(models.chat_ids(tok, [{"role": "system", "content": system}] + msgs, prefill)) > max_tokens:
         msgs = msgs[1:]
     return msgs
 
@@ -553,7 +554,7 @@ def make_sd_loss(teacher: Teacher, ro, distill: dict[int, list[int]], cfg, k: in
         t_logits = teacher.logits([distill[mb.idx[j]] for j in rows], comps, cfg.pad_id,
                                   grpo.autocast(cfg, mb.logits.device))  # [r, C', V]
         C = t_logits.shape[1]  # the longest distilled completion of this micro-batch (<= mb's C)
-        r = common.to_device(torch.tensor(rows), mb.logits.device)
+        r = models.to_device(torch.tensor(rows), mb.logits.device)
         res = sd_loss(mb.logits[r, :C], t_logits, mb.logp[r, :C], mb.logp_old[r, :C], mb.completion_mask[r, :C], k,
                       cfg.temperature, is_clip)
         for key, v in (("sd_loss", res["loss"]), ("sd_kl", res["kl"]), ("topk_mass", res["topk_mass"]), ("sd_tokens", res["n"])):
@@ -665,8 +666,8 @@ def main(argv=None):
     check(args.env == "esc" or fixed or all(isinstance(t.get("sotopia"), dict) for t in turns),
           f"{args.data}: --env sotopia needs turns written by envs/sotopia.py (a 'sotopia' state per turn)")
     if args.env == "sotopia" and turns:  # the agent's view is one long message: cutting it would drop its start
-        tok = common.load_tokenizer(policy_path)
-        longest = max(len(common.chat_ids(tok, [{"role": "system", "content": sotopia.AGENT_SYSTEM}] + t["context"]))
+        tok = models.load_tokenizer(policy_path)
+        longest = max(len(models.chat_ids(tok, [{"role": "system", "content": sotopia.AGENT_SYSTEM}] + t["context"]))
                       for t in turns)
         check(longest <= args.max_prompt_tokens, f"{args.data}: a Sotopia context has {longest} prompt tokens, more "
               f"than --max-prompt-tokens {args.max_prompt_tokens}: raise it (the agent's view would lose its start)")
@@ -701,7 +702,7 @@ def main(argv=None):
                   f"{args.teacher}): {pol.total} steps, "
                   f"{args.prompts_per_step} prompts x G={G} on {dist.world} rank(s), starting at step {start}")
 
-    eos = set(common.eos_ids(pol.model, pol.tok))
+    eos = set(models.eos_ids(pol.model, pol.tok))
 
     def eval_score(contexts: list[list[dict]], texts: list[str], comps: list[list[int]]) -> dict[str, list[float]]:
         """--eval-every: the --grm model's rubric score of each reply alone (an absolute scale; a group ranking's mean

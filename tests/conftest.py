@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import common  # noqa: E402
+import models  # noqa: E402
 
 
 load_stage = common.load_stage  # import a numbered stage script (e.g. "04_grpo") as a module
@@ -88,7 +89,7 @@ def run_in_process(script, *args, check: bool = True) -> subprocess.CompletedPro
 def make_tiny_model(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = common.load_tokenizer(str(common.embedded_tokenizer_path()))
+    tok = models.load_tokenizer(str(models.embedded_tokenizer_path()))
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -124,10 +125,10 @@ def eos_model_dir(tiny_model_dir, tmp_path_factory):
     cfg.tie_word_embeddings = False
     model = LlamaForCausalLM(cfg)
     model.load_state_dict(src.state_dict(), strict=False)
-    tok = common.load_tokenizer(str(tiny_model_dir))
+    tok = models.load_tokenizer(str(tiny_model_dir))
     with torch.no_grad():
         model.lm_head.weight.copy_(src.model.embed_tokens.weight)
-        x = torch.tensor([common.chat_ids(tok, [{"role": "user", "content": "I feel worried today."}], "<think>")])
+        x = torch.tensor([models.chat_ids(tok, [{"role": "user", "content": "I feel worried today."}], "<think>")])
         h = model.model(input_ids=x).last_hidden_state[0].mean(0)
         model.lm_head.weight[2] = 6.0 * h / h.norm() ** 2
     model.save_pretrained(folder)

@@ -28,6 +28,7 @@ import torch
 from conftest import ROOT, load_stage, run_script
 import backends
 import common
+import models
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -38,7 +39,7 @@ N_DRAWS = 4000
 
 
 def first_token_prompt(tok) -> list[int]:
-    return common.chat_ids(tok, [{"role": "user", "content": PROMPT_TEXT}])
+    return models.chat_ids(tok, [{"role": "user", "content": PROMPT_TEXT}])
 
 
 def make_vllm_model(folder, eos_boost: bool):
@@ -49,7 +50,7 @@ def make_vllm_model(folder, eos_boost: bool):
     and others run to the cap: the overlong penalty then gives groups different rewards and the adapter moves."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tok = common.load_tokenizer(str(common.embedded_tokenizer_path()))
+    tok = models.load_tokenizer(str(models.embedded_tokenizer_path()))
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -64,7 +65,7 @@ def make_vllm_model(folder, eos_boost: bool):
         for k, t in enumerate(picks):
             model.lm_head.weight[t] = (13.0 - 0.4 * k) * h / h.norm() ** 2
         if eos_boost:
-            x = common.chat_ids(tok, [{"role": "system", "content": load_stage("04_grpo").THINK_SYSTEM},
+            x = models.chat_ids(tok, [{"role": "system", "content": load_stage("04_grpo").THINK_SYSTEM},
                                       {"role": "user", "content": PROMPT_TEXT}], "<think>")
             hm = model.model(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0)
             model.lm_head.weight[tok.eos_token_id] += 6.3 * hm / hm.norm() ** 2
@@ -97,7 +98,7 @@ def expected_first_token(model_dir, temperature: float, top_p: float) -> np.ndar
     """p(first token | prompt) with temperature and nucleus sampling only, from one fp32 forward (numpy nucleus)."""
     from transformers import AutoModelForCausalLM
 
-    tok = common.load_tokenizer(str(model_dir))
+    tok = models.load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([first_token_prompt(tok)])).logits[0, -1].double().numpy()
@@ -127,7 +128,7 @@ def assert_frequencies(draws: list[int], expected: np.ndarray, what: str):
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.8, 0.7)])
 def test_hf_rollout_samples_only_the_given_parameters(vmodel_dir, temperature, top_p):
     grpo = load_stage("04_grpo")
-    model, tok = common.load_causal_lm(str(vmodel_dir), torch.device("cpu"), torch.float32)
+    model, tok = models.load_causal_lm(str(vmodel_dir), torch.device("cpu"), torch.float32)
     assert model.generation_config.repetition_penalty == 1.05  # the defaults are there to leak
     expected = expected_first_token(vmodel_dir, temperature, top_p)
     assert expected[first_token_prompt(tok)[-6]] > 0.2  # the in-prompt token carries mass: a penalty would show
