@@ -151,6 +151,8 @@ def parse_args(argv=None):
     common.check(args.max_draws >= 1, "--max-draws must be >= 1")
     common.check(not (args.dynamic_sampling and args.rollouts_file), "--dynamic-sampling draws new prompts: not with "
                  "--rollouts-file")
+    if args.rm != "none" and not args.rollouts_file:  # a causal-LM adapter as --rm fails here, before --out is touched
+        common.load_stage("03_train_rm").check_reward_model_folder(args.rm)
     return args
 
 
