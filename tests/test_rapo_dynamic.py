@@ -10,6 +10,7 @@ import pytest
 
 import backends
 import common
+import models
 from conftest import load_stage, run_in_process
 from test_grpo import assert_same_adapter, assert_same_metrics
 
@@ -61,7 +62,7 @@ def runs(tiny_model_dir, tmp_path_factory):
         full = list(seen)
         run_in_process(rapo, *args, "--out", tmp / "cut", "--stop-after", "1")
         run_in_process(rapo, "--out", tmp / "cut", "--resume")
-    return {"dir": tmp, "seen": full, "tok": common.load_tokenizer(str(tiny_model_dir))}
+    return {"dir": tmp, "seen": full, "tok": models.load_tokenizer(str(tiny_model_dir))}
 
 
 def turn_of(tok, ids) -> int:
