@@ -138,19 +138,9 @@ def parse_args(argv=None):
     g.add_argument("--system-prompt", default=None,
                    help="replace the protocol's system prompt with this text (the prefill still follows --think-prompt)")
     g.add_argument("--fmt-coef", type=float, default=0.5, help="alpha, weight of the format reward (RLFF-ESC: 0.5)")
-    g.add_argument("--dynamic-sampling", action="store_true",
-                   help="drop the groups whose rewards are all equal (A = 0) and draw new prompts until the step has "
-                        "--prompts-per-step groups that teach something (DAPO's dynamic sampling; verl filter_groups); "
-                        "logged as dynamic_draws, dynamic_groups_drawn/dropped/filled, data_position")
-    g.add_argument("--max-draws", type=int, default=10,
-                   help="--dynamic-sampling: at most this many prompt batches per step; then the step fills up with "
-                        "dropped groups (verl max_num_gen_batches)")
     args = p.parse_args(argv)
     args = common.resume_args(p, args, argv, Path(args.out) / "checkpoint")  # --resume: the run's own settings
     training.check_grpo_args(args)
-    common.check(args.max_draws >= 1, "--max-draws must be >= 1")
-    common.check(not (args.dynamic_sampling and args.rollouts_file), "--dynamic-sampling draws new prompts: not with "
-                 "--rollouts-file")
     if args.rm != "none" and not args.rollouts_file:  # a causal-LM adapter as --rm fails here, before --out is touched
         common.load_stage("03_train_rm").check_reward_model_folder(args.rm)
     return args
@@ -674,6 +664,19 @@ def dynamic_sampling(draw, cursor: int, n_groups: int, max_draws: int, dist: com
                     "dynamic_groups_filled": s["filled"]}
 
 
+def step_groups(draw, step: int, cursor: int, args, dist: common.Dist, engine=None) -> tuple[list[dict], int, dict]:
+    """A training step's groups from the prompt stream (deviation 6): draw(step), or with --dynamic-sampling draws
+    cursor, cursor + 1, ... (dynamic_sampling). Returns (groups, the data position after them, the dynamic_* log
+    row). --rollout vllm: the engine's log-probs become the kept groups' (they may come from several draws)."""
+    if not args.dynamic_sampling:
+        return draw(step), step + 1, {}
+    groups, row = dynamic_sampling(draw, cursor, args.prompts_per_step // dist.world, args.max_draws, dist)
+    row["data_position"] = cursor + row["dynamic_draws"]  # prompt batches drawn since the start of the run
+    if engine is not None:
+        engine.last_logps = [x for grp in groups for x in grp["engine_logps"]]
+    return groups, row["data_position"], row
+
+
 def held_out_turns(args) -> list[dict] | None:
     """--eval-every: the first --eval-size turns of --eval-split in --eval-data (default --data), checked before any
     work (at least one per rank); None when there is no held-out evaluation."""
@@ -772,20 +775,13 @@ def main(argv=None):
                 groups.append({"context": [], "prompt_ids": grp["prompt_ids"], "completions": grp["completions"],
                                "texts": texts, "rw": {"total": grp["rewards"], "fut": [0.0] * G,
                                                       "fmt": [format_reward(t) for t in texts], "len": [0.0] * G}})
-        elif args.dynamic_sampling:  # DAPO: zero-spread groups replaced by new prompts
-            groups, ds_row = dynamic_sampling(draw, cursor, args.prompts_per_step // dist.world, args.max_draws, dist)
-            cursor += ds_row["dynamic_draws"]
-            ds_row["data_position"] = cursor  # prompt batches drawn since the start of the run
-        else:
-            groups = draw(step)
-            cursor = step + 1
+        else:  # (--dynamic-sampling, DAPO: zero-spread groups replaced by new prompts)
+            groups, cursor, ds_row = step_groups(draw, step, cursor, args, dist, engine)
         t_gen = timer["gen"] if not fixed else time.time() - t0
         contexts, p_ids = [grp["context"] for grp in groups], [grp["prompt_ids"] for grp in groups]
         comps = [c for grp in groups for c in grp["completions"]]  # [B_local*G], group-major
         texts = [t for grp in groups for t in grp["texts"]]
         rw = {k: [x for grp in groups for x in grp["rw"][k]] for k in ("total", "fut", "fmt", "len")}
-        if engine is not None and args.dynamic_sampling:  # the kept groups' engine log-probs, from several draws
-            engine.last_logps = [x for grp in groups for x in grp["engine_logps"]]
         # ---- group advantages (Eq. 1; --scale-rewards, --reward-combine)
         rewards = torch.tensor(rw["total"], dtype=torch.float32).view(len(p_ids), G)  # [B_local, G]
         parts = {k: torch.tensor(rw[k], dtype=torch.float32).view(len(p_ids), G) for k in ("fut", "fmt", "len")}

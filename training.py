@@ -76,6 +76,15 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float, lear
                    help="the plain path: every sequence runs its whole context (rollout prefill, policy, reference and "
                         "old-policy forwards). Default: each context runs once per micro-batch and its G completions "
                         "attend to its keys/values (same numbers, fewer FLOPs); not with --gradient-checkpointing")
+    g.add_argument("--dynamic-sampling", action="store_true",
+                   help="drop the groups whose rewards are all equal (A = 0) and draw new prompts until the step has "
+                        "--prompts-per-step groups that teach something (DAPO's dynamic sampling; verl filter_groups); "
+                        "05: a draw is the prompts' candidates, reactions and GRM rewards (ties of a rubric judge or "
+                        "the scripted GRM, failed GRM groups), and the distillation targets follow the kept groups; "
+                        "logged as dynamic_draws, dynamic_groups_drawn/dropped/filled, data_position")
+    g.add_argument("--max-draws", type=int, default=10,
+                   help="--dynamic-sampling: at most this many prompt batches per step; then the step fills up with "
+                        "dropped groups (verl max_num_gen_batches)")
     g.add_argument("--rollouts-file", default=None,
                    help="train on fixed rollouts instead of sampling (replays, tests of the update); the same groups "
                         "every step. 04: JSONL of groups {prompt_ids, completions [[ids] x G], rewards [G]}; 05: "
@@ -189,6 +198,9 @@ def check_grpo_args(args):
     check(0 <= lo <= 1 <= hi, "--rollout-mask-band LO HI needs 0 <= LO <= 1 <= HI")
     check(args.eval_every >= 0 and args.eval_size >= 1, "--eval-every must be >= 0 and --eval-size >= 1")
     check(not (args.eval_every and args.rollouts_file), "--eval-every samples the policy on held-out turns: not with "
+          "--rollouts-file")
+    check(args.max_draws >= 1, "--max-draws must be >= 1")
+    check(not (args.dynamic_sampling and args.rollouts_file), "--dynamic-sampling draws new prompts: not with "
           "--rollouts-file")
     common.check_decoder(args)
     common.check_model_path(args.policy, "--policy")

