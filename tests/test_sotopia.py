@@ -510,6 +510,25 @@ def test_rapo_on_sotopia_one_step(tiny_model_dir, tmp_path):
     assert r.returncode == 2 and "--env sotopia trains with --reward reaction" in r.stderr
 
 
+def test_rapo_on_sotopia_two_ranks(tiny_model_dir, tmp_path):
+    """05 --env sotopia under torchrun: each rank plays its share of the prompts (reactions of the scripted partner,
+    the scripted GRM), and the step's numbers are sums over both ranks (a rank's groups missing from the all-reduce
+    would halve sd_tokens). Live rollouts are seeded per rank (docs/04_grpo.md, deviation 6), so the weights are
+    not compared with one process: tests/test_rapo.py does that on fixed rollouts."""
+    run_in_process("envs/sotopia.py", "--data", FIX, "--policy", f"hf:{tiny_model_dir}", "--partner", "scripted",
+                   "--max-turns", "4", "--max-new-tokens", "8", "--out", tmp_path / "ep")
+    args = ["--env", "sotopia", "--data", tmp_path / "ep" / "turns.jsonl", "--policy", f"hf:{tiny_model_dir}",
+            "--seeker", "scripted", "--grm", "scripted", "--prompts-per-step", "4", "--group-size", "3", "--max-steps",
+            "1", "--max-new-tokens", "6", "--grm-retries", "0", "--max-prompt-tokens", "2048"]
+    run_in_process("05_rapo.py", *args, "--out", tmp_path / "one")
+    run_script("05_rapo.py", *args, "--out", tmp_path / "two", nproc=2, timeout=600)
+    one, two = (json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0]) for d in ("one", "two"))
+    assert one["sd_tokens"] == two["sd_tokens"] == 4 * 6  # the worst candidate of each of the 4 groups, 6 tokens each
+    assert two["grm_failed_frac"] == 0 and two["completion_len_mean"] == 6
+    assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "two" / "adapter" / "teacher" / "adapter_model.safetensors").is_file()
+
+
 def mean_stat(values):
     return {"value": sum(values) / len(values), "ci": [min(values), max(values)]}
 
