@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import models
 import training
 from common import check
 
@@ -223,7 +224,7 @@ def check_reward_model_folder(path: str | Path):
     causal-LM adapter or model from 04/05 would otherwise fail deep inside transformers or PEFT."""
     path = Path(path)
     check(path.is_dir(), f"--rm {path}: reward model folder not found (train one with 03_train_rm.py)")
-    if common.is_adapter_folder(str(path)):
+    if models.is_adapter_folder(str(path)):
         task = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
         check(task == "SEQ_CLS", f"--rm {path}: a PEFT adapter for {task}, not a reward model: pass the rm/ folder "
               "03_train_rm.py wrote")
@@ -246,13 +247,13 @@ def load_reward_model(path: str | Path, device="cpu", dtype=torch.float32):
     check_reward_model_folder(path)
     info_path = path / "rm_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {"objective": "classification", "max_length": 1024}
-    tok = common.load_tokenizer(str(path))
-    if common.is_adapter_folder(str(path)):
+    tok = models.load_tokenizer(str(path))
+    if models.is_adapter_folder(str(path)):
         from peft import PeftModel
 
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         if not Path(base).exists() and info.get("base"):
-            base = common.resolve_path(common.parse_spec(info["base"]).name)  # moved machines: 'embedded' etc.
+            base = models.resolve_path(common.parse_spec(info["base"]).name)  # moved machines: 'embedded' etc.
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
         model.config.pad_token_id = tok.pad_token_id
         model = PeftModel.from_pretrained(model, str(path))
@@ -348,7 +349,7 @@ def build_model(args, device, dtype, tok):
     """AutoModelForSequenceClassification (one logit) on the base LM, pad id in its config, LoRA or full."""
     from transformers import AutoModelForSequenceClassification
 
-    base = common.resolve_path(common.parse_spec(args.rm).name)
+    base = models.resolve_path(common.parse_spec(args.rm).name)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
     model.config.pad_token_id = tok.pad_token_id  # Llama-style configs have none: needed to find the last token
     if not args.full:
@@ -425,9 +426,9 @@ def main(argv=None):
 
     dist = common.init_dist(args.device)
     common.lock_out(out_dir, dist)  # one run at a time on --out
-    dtype = common.resolve_dtype(args.dtype, dist.device)
+    dtype = models.resolve_dtype(args.dtype, dist.device)
     common.seed_everything(args.seed)  # same on every rank: identical score-head / LoRA init
-    tok = common.load_tokenizer(common.resolve_path(common.parse_spec(args.rm).name))
+    tok = models.load_tokenizer(models.resolve_path(common.parse_spec(args.rm).name))
     model = build_model(args, dist.device, dtype, tok)
     raw = model  # the unwrapped model: saved, evaluated
     model = training.wrap_ddp(model, dist)

@@ -84,6 +84,7 @@ import torch
 
 import backends
 import common
+import models
 import speed
 import training
 
@@ -137,19 +138,11 @@ def parse_args(argv=None):
     g.add_argument("--system-prompt", default=None,
                    help="replace the protocol's system prompt with this text (the prefill still follows --think-prompt)")
     g.add_argument("--fmt-coef", type=float, default=0.5, help="alpha, weight of the format reward (RLFF-ESC: 0.5)")
-    g.add_argument("--dynamic-sampling", action="store_true",
-                   help="drop the groups whose rewards are all equal (A = 0) and draw new prompts until the step has "
-                        "--prompts-per-step groups that teach something (DAPO's dynamic sampling; verl filter_groups); "
-                        "logged as dynamic_draws, dynamic_groups_drawn/dropped/filled, data_position")
-    g.add_argument("--max-draws", type=int, default=10,
-                   help="--dynamic-sampling: at most this many prompt batches per step; then the step fills up with "
-                        "dropped groups (verl max_num_gen_batches)")
     args = p.parse_args(argv)
     args = common.resume_args(p, args, argv, Path(args.out) / "checkpoint")  # --resume: the run's own settings
     training.check_grpo_args(args)
-    common.check(args.max_draws >= 1, "--max-draws must be >= 1")
-    common.check(not (args.dynamic_sampling and args.rollouts_file), "--dynamic-sampling draws new prompts: not with "
-                 "--rollouts-file")
+    if args.rm != "none" and not args.rollouts_file:  # a causal-LM adapter as --rm fails here, before --out is touched
+        common.load_stage("03_train_rm").check_reward_model_folder(args.rm)
     return args
 
 
@@ -193,7 +186,7 @@ def make_rm_scorer(path: str, device, dtype, batch_size: int):
     rm_mod = common.load_stage("03_train_rm")
     rm_mod.check_reward_model_folder(path)  # InputError for a causal-LM adapter etc., before anything loads
     loaded = rm_mod.load_reward_model(path, device, dtype)
-    rm, rm_tok = loaded if isinstance(loaded, tuple) else (loaded, common.load_tokenizer(path))
+    rm, rm_tok = loaded if isinstance(loaded, tuple) else (loaded, models.load_tokenizer(path))
     return lambda contexts, replies: rm_mod.score(rm, rm_tok, contexts, replies, batch_size)
 
 
@@ -258,7 +251,7 @@ def prompt_ids(tok, context: list[dict], system: str, prefill: str, max_tokens: 
     (the last message is always kept, its ids cut from the left if it alone is too long)."""
     msgs = list(context)
     while True:
-        ids = common.chat_ids(tok, [{"role": "system", "content": system}] + msgs, prefill)
+        ids = models.chat_ids(tok, [{"role": "system", "content": system}] + msgs, prefill)
         if len(ids) <= max_tokens or len(msgs) == 1:
             return ids[-max_tokens:]
         msgs = msgs[1:]
@@ -270,7 +263,7 @@ def rollout(model, tok, prompts: list[list[int]], G: int, *, max_new_tokens: int
     one was produced). (min_new_tokens > 0 suppresses EOS before that length: fixed-work benchmarks.)"""
     was_training = model.training
     model.eval()
-    comps = common.generate_ids(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+    comps = models.generate_ids(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_p=top_p, batch_size=batch_size, min_new_tokens=min_new_tokens, n=G)
     model.train(was_training)
     return comps
@@ -311,7 +304,7 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
             ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
             attn[i, P:P + len(c)] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    return tuple(common.to_device(t, device) for t in (ids, attn, pos, attn[:, P:].contiguous()))
+    return tuple(models.to_device(t, device) for t in (ids, attn, pos, attn[:, P:].contiguous()))
 
 
 def completion_logps(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int, temperature: float):
@@ -325,10 +318,10 @@ def completion_logps(model, prompts: list[list[int]], completions: list[list[int
     C = cmask.shape[1]
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=C + 1,
                    use_cache=False).logits[:, :-1]  # [n, C, V]
-    # log_softmax(logits / T) gathered at the completion tokens: common.selective_log_softmax is exactly
+    # log_softmax(logits / T) gathered at the completion tokens: models.selective_log_softmax is exactly
     #   torch.log_softmax(logits.float() / T, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
     # taken in blocks, so that no fp32 [n, C, V] copy is held (tests/test_common.py)
-    return common.selective_log_softmax(logits, ids[:, -C:], temperature=temperature), logits, cmask
+    return models.selective_log_softmax(logits, ids[:, -C:], temperature=temperature), logits, cmask
 
 
 def micro_batches(prompts: list[list[int]], size: int, shared_prefix: bool) -> list[list[int]]:
@@ -444,7 +437,7 @@ def _pad_values(rows: list[torch.Tensor], C: int, device) -> torch.Tensor:
     vals = torch.zeros((len(rows), C), dtype=torch.float32)
     for i, r in enumerate(rows):
         vals[i, :len(r)] = r
-    return common.to_device(vals, device)
+    return models.to_device(vals, device)
 
 
 def _pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -458,7 +451,7 @@ def _pad_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     for i, r in enumerate(rows):
         vals[i, :len(r)] = r
         known[i, :len(r)] = True
-    vals, known = common.to_device(vals, like.device), common.to_device(known, like.device)  # two copies, not one per row
+    vals, known = models.to_device(vals, like.device), models.to_device(known, like.device)  # two copies, not one per row
     return torch.where(known, vals, like.detach().float())  # [n, C]
 
 
@@ -478,7 +471,7 @@ def forward(train_model, ro: Rollouts, idx: list[int], cfg: LossConfig, n_tokens
     C = cmask.shape[1]
     loss_mask = cmask * _pad_values([ro.keep[i] for i in idx], C, device) if ro.keep is not None else None
     is_weight = _pad_values([ro.is_weight[i] for i in idx], C, device) if ro.is_weight is not None else None
-    return MicroBatch(idx, logp, logits, cmask, logp_old, logp_ref, common.to_device(ro.advantages[idx], device),
+    return MicroBatch(idx, logp, logits, cmask, logp_old, logp_ref, models.to_device(ro.advantages[idx], device),
                       n_tokens, n_seqs, loss_mask, is_weight)
 
 
@@ -619,7 +612,7 @@ def update_stats(mb: MicroBatch, cfg: LossConfig, loss: torch.Tensor, extra: tor
         eps_low, eps_high = cfg.seq_eps_low, cfg.seq_eps_high
     clipped = ((rho > 1 + eps_high) & (a > 0)) | ((rho < 1 - eps_low) & (a < 0))
     kl = (k3_kl(mb.logp.detach(), mb.logp_ref) * m).sum() if mb.logp_ref is not None else torch.zeros((), device=m.device)
-    ent = (common.softmax_entropy(mb.logits, temperature=cfg.temperature) * m).sum()
+    ent = (models.softmax_entropy(mb.logits, temperature=cfg.temperature) * m).sum()
     return torch.stack([loss.detach(), kl, ent, (clipped.float() * m).sum(), extra.detach()]).double()
 
 
@@ -671,6 +664,19 @@ def dynamic_sampling(draw, cursor: int, n_groups: int, max_draws: int, dist: com
                     "dynamic_groups_filled": s["filled"]}
 
 
+def step_groups(draw, step: int, cursor: int, args, dist: common.Dist, engine=None) -> tuple[list[dict], int, dict]:
+    """A training step's groups from the prompt stream (deviation 6): draw(step), or with --dynamic-sampling draws
+    cursor, cursor + 1, ... (dynamic_sampling). Returns (groups, the data position after them, the dynamic_* log
+    row). --rollout vllm: the engine's log-probs become the kept groups' (they may come from several draws)."""
+    if not args.dynamic_sampling:
+        return draw(step), step + 1, {}
+    groups, row = dynamic_sampling(draw, cursor, args.prompts_per_step // dist.world, args.max_draws, dist)
+    row["data_position"] = cursor + row["dynamic_draws"]  # prompt batches drawn since the start of the run
+    if engine is not None:
+        engine.last_logps = [x for grp in groups for x in grp["engine_logps"]]
+    return groups, row["data_position"], row
+
+
 def held_out_turns(args) -> list[dict] | None:
     """--eval-every: the first --eval-size turns of --eval-split in --eval-data (default --data), checked before any
     work (at least one per rank); None when there is no held-out evaluation."""
@@ -716,7 +722,7 @@ def main(argv=None):
     out, G = Path(args.out), args.group_size
     eval_turns = held_out_turns(args)  # --eval-every
     dist, turns, fixed, inputs, policy_path = training.start_run(args, "rewards")  # all checks before any work
-    rm_fn = None if args.rm == "none" or fixed else make_rm_scorer(args.rm, dist.device, common.resolve_dtype(
+    rm_fn = None if args.rm == "none" or fixed else make_rm_scorer(args.rm, dist.device, models.resolve_dtype(
         args.dtype, dist.device), args.rm_batch_size)
     engine = None  # the vLLM engine is built before the seeding (LLM() reseeds the process)
     if args.rollout == "vllm":
@@ -728,7 +734,7 @@ def main(argv=None):
     cursor = extra["draws"] if extra is not None and "draws" in extra else start  # prompt batches drawn so far
     system, prefill = system_prompt(args.think_prompt)
     system = args.system_prompt if args.system_prompt is not None else system
-    eos = set(common.eos_ids(pol.model, pol.tok))
+    eos = set(models.eos_ids(pol.model, pol.tok))
     log = training.RunLog(args, dist, pol, start, {"system_prompt": system, "prefill": prefill})
     common.print0(f"GRPO: {pol.total} steps ({pol.steps_per_epoch} per epoch), {args.prompts_per_step} prompts x G={G} "
                   f"per step on {dist.world} rank(s), {sum(p.numel() for p in pol.model.parameters() if p.requires_grad):,} "
@@ -769,20 +775,13 @@ def main(argv=None):
                 groups.append({"context": [], "prompt_ids": grp["prompt_ids"], "completions": grp["completions"],
                                "texts": texts, "rw": {"total": grp["rewards"], "fut": [0.0] * G,
                                                       "fmt": [format_reward(t) for t in texts], "len": [0.0] * G}})
-        elif args.dynamic_sampling:  # DAPO: zero-spread groups replaced by new prompts
-            groups, ds_row = dynamic_sampling(draw, cursor, args.prompts_per_step // dist.world, args.max_draws, dist)
-            cursor += ds_row["dynamic_draws"]
-            ds_row["data_position"] = cursor  # prompt batches drawn since the start of the run
-        else:
-            groups = draw(step)
-            cursor = step + 1
+        else:  # (--dynamic-sampling, DAPO: zero-spread groups replaced by new prompts)
+            groups, cursor, ds_row = step_groups(draw, step, cursor, args, dist, engine)
         t_gen = timer["gen"] if not fixed else time.time() - t0
         contexts, p_ids = [grp["context"] for grp in groups], [grp["prompt_ids"] for grp in groups]
         comps = [c for grp in groups for c in grp["completions"]]  # [B_local*G], group-major
         texts = [t for grp in groups for t in grp["texts"]]
         rw = {k: [x for grp in groups for x in grp["rw"][k]] for k in ("total", "fut", "fmt", "len")}
-        if engine is not None and args.dynamic_sampling:  # the kept groups' engine log-probs, from several draws
-            engine.last_logps = [x for grp in groups for x in grp["engine_logps"]]
         # ---- group advantages (Eq. 1; --scale-rewards, --reward-combine)
         rewards = torch.tensor(rw["total"], dtype=torch.float32).view(len(p_ids), G)  # [B_local, G]
         parts = {k: torch.tensor(rw[k], dtype=torch.float32).view(len(p_ids), G) for k in ("fut", "fmt", "len")}

@@ -22,6 +22,10 @@ Per prompt x (a train turn's context with learn == true from 01_select.py's hind
      towards the policy's: theta_T <- (1 - m) theta_T + m theta, m = 0.5 (EMA, initialised from the
      initial policy). With LoRA the teacher is a second adapter ("teacher") on the same base model.
 
+--dynamic-sampling (DAPO; 04's, on 05's draws): groups whose rewards r_i all tie (A = 0: a failed GRM group, ties of a
+rubric judge or of the scripted GRM) are dropped and new prompts drawn (candidates, reactions, GRM) until the step has
+its B groups; the distillation targets (Eq. 11) are those of the kept groups.
+
 The RL rows of RAPO Table 1 and Table 3, one preset each (--ablation sets --reward and --sd-coef, and is saved in
 args.json; giving --reward or --sd-coef as well is allowed only if it agrees: the same --reward, and eta > 0 for
 the rows with SD (it tunes eta), 0 for the rows without):
@@ -81,6 +85,7 @@ import torch
 
 import backends
 import common
+import models
 import role_cache
 import speed
 import training
@@ -236,7 +241,7 @@ def student_messages(tok, context: list[dict], system: str, prefill: str, max_to
     """The messages of `context` that the student's prompt holds: grpo.prompt_ids drops the oldest ones until
     the prompt fits max_tokens (the last message always stays)."""
     msgs = list(context)
-    while len(msgs) > 1 and len(common.chat_ids(tok, [{"role": "system", "content": system}] + msgs, prefill)) > max_tokens:
+    while len(msgs) > 1 and len(models.chat_ids(tok, [{"role": "system", "content": system}] + msgs, prefill)) > max_tokens:
         msgs = msgs[1:]
     return msgs
 
@@ -549,7 +554,7 @@ def make_sd_loss(teacher: Teacher, ro, distill: dict[int, list[int]], cfg, k: in
         t_logits = teacher.logits([distill[mb.idx[j]] for j in rows], comps, cfg.pad_id,
                                   grpo.autocast(cfg, mb.logits.device))  # [r, C', V]
         C = t_logits.shape[1]  # the longest distilled completion of this micro-batch (<= mb's C)
-        r = common.to_device(torch.tensor(rows), mb.logits.device)
+        r = models.to_device(torch.tensor(rows), mb.logits.device)
         res = sd_loss(mb.logits[r, :C], t_logits, mb.logp[r, :C], mb.logp_old[r, :C], mb.completion_mask[r, :C], k,
                       cfg.temperature, is_clip)
         for key, v in (("sd_loss", res["loss"]), ("sd_kl", res["kl"]), ("topk_mass", res["topk_mass"]), ("sd_tokens", res["n"])):
@@ -661,8 +666,8 @@ def main(argv=None):
     check(args.env == "esc" or fixed or all(isinstance(t.get("sotopia"), dict) for t in turns),
           f"{args.data}: --env sotopia needs turns written by envs/sotopia.py (a 'sotopia' state per turn)")
     if args.env == "sotopia" and turns:  # the agent's view is one long message: cutting it would drop its start
-        tok = common.load_tokenizer(policy_path)
-        longest = max(len(common.chat_ids(tok, [{"role": "system", "content": sotopia.AGENT_SYSTEM}] + t["context"]))
+        tok = models.load_tokenizer(policy_path)
+        longest = max(len(models.chat_ids(tok, [{"role": "system", "content": sotopia.AGENT_SYSTEM}] + t["context"]))
                       for t in turns)
         check(longest <= args.max_prompt_tokens, f"{args.data}: a Sotopia context has {longest} prompt tokens, more "
               f"than --max-prompt-tokens {args.max_prompt_tokens}: raise it (the agent's view would lose its start)")
@@ -683,11 +688,12 @@ def main(argv=None):
     cfg = grpo.loss_config(args, pol.tok.pad_token_id, dist.device, pol.dtype)
     generate = grpo.sampler(args, pol, engine)
     teacher = Teacher(pol.model, args.teacher if args.sd_coef > 0 else "live", pol.lora, pol.ref_model, pol.lora_config)
-    start = 0
-    if args.resume:  # the teacher's state is the checkpoint's extra state (inside its atomic swap)
+    start = cursor = 0  # cursor: prompt batches drawn so far (the data position; 04's deviation 6)
+    if args.resume:  # the teacher's state and the data position are the checkpoint's extra state (inside its atomic swap)
         start, extra = training.load_checkpoint(out, pol, dist)
         check(extra is not None and "teacher" in extra, f"--resume: the checkpoint in {out} has no teacher state")
         teacher.load_state_dict(extra["teacher"])
+        cursor = extra.get("draws", start)
     system, prefill = (RAPO_SYSTEM, PREFILL) if args.format == "cos" else (common.ESC_SYSTEM, "")
     if args.env == "sotopia":  # the agent's system prompt; a candidate is the action JSON
         system, prefill = sotopia.AGENT_SYSTEM, ""
@@ -696,7 +702,7 @@ def main(argv=None):
                   f"{args.teacher}): {pol.total} steps, "
                   f"{args.prompts_per_step} prompts x G={G} on {dist.world} rank(s), starting at step {start}")
 
-    eos = set(common.eos_ids(pol.model, pol.tok))
+    eos = set(models.eos_ids(pol.model, pol.tok))
 
     def eval_score(contexts: list[list[dict]], texts: list[str], comps: list[list[int]]) -> dict[str, list[float]]:
         """--eval-every: the --grm model's rubric score of each reply alone (an absolute scale; a group ranking's mean
@@ -709,38 +715,40 @@ def main(argv=None):
         return {"total": [a + b for a, b in zip(score, pen)], "reward_score": score, "reward_len": pen,
                 "grm_failed_frac": [float(r is None) for r in res]}
 
-    bar = common.progress(total=pol.total, initial=start, desc="rapo")
-    stop = pol.total if args.stop_after is None else min(pol.total, start + args.stop_after)
-    for step in range(start, stop):
-        t0 = time.time()
-        seed = common.step_seed(args.seed, step, dist.rank)  # the roles' seeds for this step and rank
-        # ---- prompts and Chain-of-Supporting rollouts
-        if fixed:
-            groups = common.shard(fixed, dist)
-            p_ids, contexts = [g["prompt_ids"] for g in groups], [[] for _ in groups]
-            comps = [c for g in groups for c in g["completions"]]
-        else:
-            batch = common.shard(training.step_batch(turns, step, pol.steps_per_epoch, args), dist)
-            contexts = [t["context"] for t in batch]
-            p_ids = [grpo.prompt_ids(pol.tok, c, system, prefill, args.max_prompt_tokens) for c in contexts]
-            comps = generate(p_ids, G, step)  # [B_local*G], group-major
-        t_gen = time.time() - t0
+    def as_groups(contexts, p_ids, comps, texts, results, reactions, teacher_ids=None) -> list[dict]:
+        """One dict per group: its prompt, G candidates, reactions, GRM answer (None: failed) and rewards
+        r_i = score_i + R_len(y_i) (failed groups: all-equal rewards, so A = 0, Eq. 1, and no distillation)."""
+        rewards, r_len = group_rewards(results, [len(c) for c in comps], G, args.l_max, args.l_cache)  # [B, G]
+        lps = engine.last_logps if engine is not None else None  # --rollout vllm: the engine's log-probs of comps
+        return [{"context": contexts[b], "prompt_ids": p_ids[b], "completions": comps[b * G:(b + 1) * G],
+                 "texts": texts[b * G:(b + 1) * G], "result": results[b],
+                 "reactions": reactions[b] if reactions is not None else None,
+                 "rw": {"total": rewards[b].tolist(), "len": r_len[b].tolist()},
+                 "teacher_prompt_ids": teacher_ids[b] if teacher_ids is not None else None,
+                 "engine_logps": lps[b * G:(b + 1) * G] if lps is not None else None} for b in range(len(p_ids))]
+
+    def draw(k: int) -> list[dict]:
+        """Draw k of the prompt stream (04's deviation 6; without --dynamic-sampling draw k is step k): this rank's
+        prompts, G Chain-of-Supporting candidates each, the reactions (Eq. 9) and the GRM's answers (Eq. 10), as
+        groups; the GRM's counts are added to the step's `st`."""
+        seed = common.step_seed(args.seed, k, dist.rank)  # the roles' seeds for this draw and rank
+        batch = common.shard(training.step_batch(turns, k, pol.steps_per_epoch, args), dist)
+        contexts = [t["context"] for t in batch]
+        p_ids = [grpo.prompt_ids(pol.tok, c, system, prefill, args.max_prompt_tokens) for c in contexts]
+        t = time.time()
+        comps = generate(p_ids, G, k)  # [B_local*G], group-major
+        timer["gen"] += time.time() - t
         texts = [prefill + pol.tok.decode(c, skip_special_tokens=True) for c in comps]
         replies = [common.strip_reasoning(t) for t in texts]
-        # ---- reactions (Eq. 9) and the generative reward model (Eq. 10)
         reactions = None
-        if fixed:
-            results = [None if g["scores"] is None else {"scores": g["scores"], "critiques": [""] * G} for g in groups]
-            st = {"grm_groups": len(p_ids), "grm_failed": sum(r is None for r in results), "grm_derived": 0,
-                  "grm_disordered": 0, "grm_retried": 0}
-        elif args.env == "sotopia":  # the partner agent reacts to each candidate action; the GRM ranks with the criteria
+        if args.env == "sotopia":  # the partner agent reacts to each candidate action; the GRM ranks with the criteria
             states = [t["sotopia"] for t in batch]
-            acts = [[{k: a[k] for k in ("action_type", "argument")} for a in map(sotopia.parse_action, texts[g * G:(g + 1) * G])]
+            acts = [[{f: a[f] for f in ("action_type", "argument")} for a in map(sotopia.parse_action, texts[g * G:(g + 1) * G])]
                     for g in range(len(p_ids))]
             reacts = sotopia_reactions(seeker, states, acts, max_new_tokens=args.seeker_max_new_tokens,
                                        temperature=args.seeker_temperature, top_p=args.seeker_top_p, seed=seed)
-            results, st = score_sotopia_groups(grm, states, acts, reacts, retries=args.grm_retries,
-                                               max_new_tokens=args.grm_max_new_tokens, seed=seed)
+            results, st_k = score_sotopia_groups(grm, states, acts, reacts, retries=args.grm_retries,
+                                                 max_new_tokens=args.grm_max_new_tokens, seed=seed)
             reactions = [[sotopia.action_line(len(s["messages"]) + 1, s["setup"]["names"][1 - s["agent"]], u) for u in rs]
                          for s, rs in zip(states, reacts)]
         else:
@@ -751,10 +759,39 @@ def main(argv=None):
                 flat = seeker.complete(common.seeker_chats(recs, hists), max_new_tokens=args.seeker_max_new_tokens,
                                        temperature=args.seeker_temperature, top_p=args.seeker_top_p, seed=seed)
                 reactions = [[" ".join(u.split()) or "..." for u in flat[g * G:(g + 1) * G]] for g in range(len(p_ids))]
-            results, st = score_groups(grm, args.reward, contexts, rep_g, reactions, retries=args.grm_retries,
-                                       max_new_tokens=args.grm_max_new_tokens, seed=seed)
-        # r_i = score_i + R_len(y_i); failed groups: all-equal rewards, so A = 0 (Eq. 1), and no distillation
-        rewards, r_len = group_rewards(results, [len(c) for c in comps], G, args.l_max, args.l_cache)  # [B, G]
+            results, st_k = score_groups(grm, args.reward, contexts, rep_g, reactions, retries=args.grm_retries,
+                                         max_new_tokens=args.grm_max_new_tokens, seed=seed)
+        for key, v in st_k.items():
+            st[key] += v
+        return as_groups(contexts, p_ids, comps, texts, results, reactions)
+
+    bar = common.progress(total=pol.total, initial=start, desc="rapo")
+    stop = pol.total if args.stop_after is None else min(pol.total, start + args.stop_after)
+    for step in range(start, stop):
+        t0, timer = time.time(), {"gen": 0.0}
+        st = {"grm_groups": 0, "grm_failed": 0, "grm_derived": 0, "grm_disordered": 0, "grm_retried": 0}
+        # ---- this step's groups: prompts (data position = step, or the draw count), Chain-of-Supporting rollouts,
+        # reactions (Eq. 9) and the generative reward model (Eq. 10); r_i = score_i + R_len(y_i)
+        ds_row = {}
+        if fixed:
+            fx = common.shard(fixed, dist)
+            comps = [c for g in fx for c in g["completions"]]
+            results = [None if g["scores"] is None else {"scores": g["scores"], "critiques": [""] * G} for g in fx]
+            groups = as_groups([[] for _ in fx], [g["prompt_ids"] for g in fx], comps,
+                               [prefill + pol.tok.decode(c, skip_special_tokens=True) for c in comps], results, None,
+                               [g.get("teacher_prompt_ids") for g in fx])
+            st.update(grm_groups=len(fx), grm_failed=sum(r is None for r in results))
+        else:  # (--dynamic-sampling, DAPO: zero-spread groups, ties or failed GRM groups, replaced by new prompts)
+            groups, cursor, ds_row = grpo.step_groups(draw, step, cursor, args, dist, engine)
+        t_gen = timer["gen"] if not fixed else time.time() - t0
+        contexts, p_ids = [grp["context"] for grp in groups], [grp["prompt_ids"] for grp in groups]
+        comps = [c for grp in groups for c in grp["completions"]]  # [B_local*G], group-major
+        texts = [t for grp in groups for t in grp["texts"]]
+        replies = [common.strip_reasoning(t) for t in texts]
+        results = [grp["result"] for grp in groups]
+        reactions = None if groups[0]["reactions"] is None else [grp["reactions"] for grp in groups]
+        rewards = torch.tensor([grp["rw"]["total"] for grp in groups], dtype=torch.float32).view(len(groups), G)  # [B, G]
+        r_len = torch.tensor([grp["rw"]["len"] for grp in groups], dtype=torch.float32).view(len(groups), G)
         adv = grpo.advantages(rewards, {"score": rewards - r_len, "len": r_len}, {"score": 1.0, "len": 1.0},
                               args.scale_rewards, args.reward_combine, args.adv_eps, dist).flatten()  # [B*G], Eq. 1
         ro = grpo.Rollouts(prompts=[p for p in p_ids for _ in range(G)], completions=comps, advantages=adv)
@@ -763,7 +800,7 @@ def main(argv=None):
         targets = distill_targets(results, rewards) if args.sd_coef > 0 else {}
         for g, (w, best) in targets.items():
             if fixed:
-                if groups[g].get("teacher_prompt_ids"):
+                if groups[g]["teacher_prompt_ids"]:
                     distill[g * G + w] = groups[g]["teacher_prompt_ids"]
                 continue
             react = reactions[g][w] if reactions is not None else "(no reaction observed; rubric feedback only)"
@@ -806,7 +843,7 @@ def main(argv=None):
                     "grm_disordered_frac": e["grm_disordered"] / e["grm_groups"], "grm_retries": e["grm_retried"],
                     **{k: e[s] / n_tok if n_tok else None for k, s in (("sd_loss", "sd_loss"), ("sd_kl", "sd_kl"),
                                                                       ("sd_topk_mass", "topk_mass"))},
-                    "sd_tokens": n_tok, **check_row})
+                    "sd_tokens": n_tok, **check_row, **ds_row})
         if eval_turns is not None and (step + 1) % args.eval_every == 0:  # held-out reward, after the update
             t2 = time.time()
             row.update(grpo.evaluate(generate, eval_turns, pol.tok, system, prefill, args, dist, eval_score),
@@ -819,7 +856,8 @@ def main(argv=None):
         bar.set_postfix(reward=f"{row['reward']:.3f}", grm_fail=f"{row['grm_failed_frac']:.2f}",
                         sd_kl=f"{row['sd_kl'] or 0:.3f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == stop:
-            training.save_checkpoint(out, step + 1, pol, dist, args, inputs, extra={"teacher": teacher.state_dict()})
+            training.save_checkpoint(out, step + 1, pol, dist, args, inputs, extra={"teacher": teacher.state_dict(),
+                                                                                      "draws": cursor})
     bar.close()
     role_cache.report(cache, out, dist)  # this run's hits / misses, over all ranks (a log: OUT/role_cache.json)
     training.finish(out, pol, dist, done=stop == pol.total)

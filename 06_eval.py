@@ -3,35 +3,11 @@ Appendix D/E.3.2/E.4, RLFF-ESC's success rate after PPDPP).
 
 Every policy given (`--policy` repeated: the base model, a trained adapter folder, an openai: endpoint) is
 evaluated on the same test cases, with the same roles and the same seeds, so the table compares like with
-like. Each part (`--parts`) is a protocol in its own file under protocols/ (registered in protocols/__init__.py;
-its docstring gives its paper and equations); this script only runs them:
-
-  reference    protocols/reference.py    BLEU-2/4, ROUGE-L, Distinct-2/3, BERTScore against the human reply
-  interactive  protocols/interactive.py  PPDPP's protocol: SR, average turns, average reward, SR@t
-  judge        protocols/judge.py        ESC-Eval-style judge dimensions (0-4) of fixed-length role-plays
-  pairwise     protocols/pairwise.py     pairwise preference between policies, both orders
-  esc-eval     protocols/esc_eval.py     ESC-Eval on role cards (Zhao et al. 2024; RAPO Tables 6/8)
-  emoharbor    protocols/emoharbor.py    EmoHarbor-style user-as-judge on profiles (Ye et al. 2026; RAPO Tables 5/7)
-
-Every statistic comes with a percentile bootstrap 95% confidence interval over cases (the papers give none).
-
-Decisions and deviations (numbered so a fork can find them; each protocol's docstring writes its own out):
- 1. interactive: average reward = the mean of the critic's last score c_end in [-1, 1] (PPDPP reports SR, AT only).
- 2. judge: the judge rates separate fixed-length role-plays (no critic), not the interactive dialogues, which stop
-    at the first success and so differ in length by policy.
- 3. Judge modes: `likelihood` (default for hf:/vllm: judges) takes the expected score sum_k k * p(k) over the digits'
-    log-likelihoods, one question per dimension (pairwise: the most likely of "A", "B", "tie"); `generate` (default
-    for openai: judges) asks for JSON at temperature 0, re-asks invalid answers (--retries, sampled at 0.7), then
-    records them as null and counts them.
- 4. pairwise: MT-Bench's conservative rule, a verdict that changes with the order is a tie; unparsed ones counted.
- 5. reference: Distinct-n is corpus-level on lower-cased 13a tokens, without a CI (resampling biases it down).
- 6. reference: BERTScore is F1 x 100 without rescaling, from the model named in the report (default: the offline
-    all-MiniLM-L6-v2; RAPO used roberta-large: the numbers are not comparable).
- 7. Determinism and sharding as in 02: chunk k of --batch-size cases is seeded from (--seed, protocol, k) only,
-    ranks take whole chunks round-robin, so a 2-rank run equals a 1-process run and a resumed run an
-    uninterrupted one.
- 8. esc-eval: the policy does not see the greeting; a judge answer is its JSON "score" or its first number.
- 9. emoharbor: one prompted model plays the user, who opens; the rounds are ours; profiles can be seeded.
+like. Each part (`--parts`) is a protocol in its own file under protocols/, registered by one line in
+protocols/__init__.py (its docstring gives its paper and equations; `--help` lists the parts and their defaults per
+kind of test file); this script only runs them. Every statistic comes with a percentile bootstrap 95% confidence
+interval over cases (the papers give none). The decisions and deviations, numbered so a fork can find them, are in
+docs/06_eval.md ("Deviations and decisions"); each protocol's docstring writes its own out.
 
 Run:
   python 06_eval.py --data runs/demo/turns.jsonl --out runs/eval --policy hf:embedded --policy grpo=runs/grpo/adapter \\
@@ -56,7 +32,6 @@ import argparse
 import copy
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -69,15 +44,15 @@ import role_cache
 from common import InputError, check
 from protocols import base, curves
 from protocols.base import Run, chunk_seed, lib_version, md_table
-from protocols.cases import load_test_set
+from protocols.cases import INPUT_KINDS, check_policies, load_test_set, policy_digests, policy_system
 
 simulate = base.simulate  # 02's lock-step simulation (common.load_stage("02_simulate")), PPDPP's critic, their flags
 REGISTRY = protocols.REGISTRY  # --parts name -> protocol
 PARTS = tuple(REGISTRY)
-DEFAULT_PARTS = {"dialogues": "reference,interactive,judge,pairwise", "cards": "esc-eval,emoharbor",
-                 "profiles": "emoharbor", "sotopia": "sotopia"}  # by the kind of test file (protocols/cases.py)
+DEFAULT_PARTS = {kind: ",".join(n for n, p in REGISTRY.items() if kind in p.default_on)  # by the kind of test file
+                 for kind in INPUT_KINDS}
 OUTPUTS = tuple(dict.fromkeys(p.output for p in REGISTRY.values()))  # replies, dialogs, pairwise .jsonl
-ROLES = ("seeker", "critic", "judge", "user_judge", "partner", "evaluator")
+ROLES = tuple(dict.fromkeys(("seeker", "critic", "judge") + tuple(r for p in REGISTRY.values() for r in p.own_roles)))
 # Settings that change the generated dialogues or verdicts: a resumed run must use the same ones (the runner's,
 # then every protocol's own).
 EVAL_KEYS = tuple(dict.fromkeys(
@@ -91,26 +66,27 @@ def auto_mode(spec: str, local: str, remote: str) -> str:
     return remote if common.parse_spec(spec).backend == "openai" else local
 
 
+def parts_help() -> str:
+    """--parts' help, from the registry: the parts, the default ones per kind of test file, those of one kind only."""
+    default = "; ".join(f"{DEFAULT_PARTS[k]} for {v.holds}" for k, v in INPUT_KINDS.items() if DEFAULT_PARTS[k])
+    only = "; ".join(f"{n} needs {INPUT_KINDS[p.inputs[0]].holds}" for n, p in REGISTRY.items() if len(p.inputs) == 1)
+    return f"comma-separated parts to run, of {','.join(PARTS)} (default: {default}; {only})"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, data="runs/demo/turns.jsonl", out="runs/eval")
     g = p.add_argument_group("test cases")
     g.add_argument("--test-data", default=None,
                    help="take the test cases from this file instead of the test split of --data, detected by content: "
-                        "dialogues (ESConv.json, PPDPP jsonl or chat jsonl, e.g. PPDPP's 130-dialogue file), an "
-                        "ESC-Eval role-card file (JSON list of {id, base, ...}) or EmoHarbor-style profiles (JSONL of "
-                        "{id, personality, situation, inner_state, background?}; docs/06_eval.md), or a Sotopia "
-                        "profile folder (the four files of envs/sotopia.py: the sotopia part)")
+                        + ", ".join(k.file for k in INPUT_KINDS.values()))
     g.add_argument("--max-ref-turns", type=int, default=None,
                    help="score at most N test turns in the reference and pairwise parts (default: every turn of "
                         "the chosen test dialogues; --max-examples N takes the first N dialogues)")
     g.add_argument("--batch-size", type=int, default=8,
                    help="cases per chunk: one batched call per role per round within a chunk; also the unit of "
                         "resume, sharding and seeding (part of the protocol: changing it changes the samples)")
-    g.add_argument("--parts", default=None,
-                   help=f"comma-separated parts to run, of {','.join(PARTS)} (default: {DEFAULT_PARTS['dialogues']} "
-                        f"for dialogues, {DEFAULT_PARTS['cards']} for role cards, emoharbor for profiles; "
-                        "reference and pairwise need dialogues)")
+    g.add_argument("--parts", default=None, help=parts_help())
     g = p.add_argument_group("policies (all evaluated on the same cases, roles and seeds)")
     g.add_argument("--policy", action="append", default=None,
                    help="a policy to evaluate, repeatable: [LABEL=]MODEL with MODEL hf:PATH | vllm:PATH | openai:MODEL "
@@ -180,57 +156,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Policies: [LABEL=]MODEL -> (label, spec)
-
-LABEL_RE = re.compile(r"^[A-Za-z0-9_.+\-]+$")
-
-
-def policy_label(spec: str) -> str:
-    """A short row name from a spec: 'embedded', 'grpo' for runs/grpo/adapter, 'openai:gpt-4o'."""
-    ms = common.parse_spec(spec)
-    if ms.backend == "openai":
-        return str(ms)
-    parts = [s for s in Path(ms.name).parts if s not in ("", "/", ".")]
-    if not parts:
-        return ms.name
-    last = parts[-1]
-    generic = last in ("adapter", "final", "model", "policy") or re.match(r"^(checkpoint|step)[-_]?\d*$", last)
-    return "/".join(parts[-2:]) if generic and len(parts) > 1 else last
-
-
-def parse_policies(values: list[str] | None) -> list[tuple[str, str]]:
-    """[(label, spec)] with unique labels; LABEL=MODEL names a row, otherwise the label comes from the spec."""
-    out = []
-    for v in values or [common.DEFAULT_MODEL]:
-        label, sep, rest = v.partition("=")
-        if sep and LABEL_RE.match(label) and rest:
-            out.append((label, rest))
-        else:
-            out.append((None, v))
-    specs = [s for _, s in out]
-    base = [lab or policy_label(s) for lab, s in out]  # policy_label -> parse_spec raises on an empty spec
-    labels = [f"{b}#{base[:i + 1].count(b)}" if lab is None and base.count(b) > 1 else b  # collisions get #k
-              for i, ((lab, _), b) in enumerate(zip(out, base))]
-    check(len(set(labels)) == len(labels), f"--policy: duplicate label in {labels}; name rows with LABEL=MODEL")
-    for lab, s in out:
-        check(lab is not None or specs.count(s) == 1,
-              f"--policy {s} is given twice: give each copy its own LABEL=MODEL if that is intended")
-    return list(zip(labels, specs))
-
-
-def policy_system(arg: str) -> str | None:
-    if arg == "esc":
-        return common.ESC_SYSTEM
-    if arg == "none":
-        return None
-    path = Path(arg)
-    check(path.is_file(), f"--policy-system {arg}: not 'esc', 'none' or a text file")
-    text = path.read_text(encoding="utf-8").strip()
-    check(text, f"--policy-system {arg}: empty file")
-    return text
-
-
-# ----------------------------------------------------------------------------------------------------
 # Validation before any work, and the resumable outputs
 
 
@@ -239,16 +164,12 @@ def prepare(args, command: str) -> Run:
     and the inputs each accepts, the policies, each chosen protocol's own inputs, its roles, the plot inputs."""
     cases, turns, source = load_test_set(args)
     args.parts = args.parts or DEFAULT_PARTS[source]
-    held = {"cards": "ESC-Eval role cards", "profiles": "EmoHarbor-style profiles",
-            "sotopia": "a Sotopia profile folder"}.get(source)
+    check(args.parts, f"{args.test_data or args.data}: no part runs on {INPUT_KINDS[source].holds} by default: choose --parts")
     for name in args.parts.split(","):
-        check(source in REGISTRY[name].inputs, f"--parts {name}: needs dialogues with reference turns, but "
-              f"{args.test_data} holds {held} (use {', '.join(n for n, p in REGISTRY.items() if source in p.inputs)})")
-    policies = parse_policies(args.policy)
-    for _, s in policies:
-        common.check_model_path(s, "--policy")
-        check(common.parse_spec(s).backend != "openai" or args.policy_base_url or os.environ.get("OPENAI_API_KEY"),
-              f"--policy {s}: an openai: model needs --policy-base-url or $OPENAI_API_KEY")
+        check(source in REGISTRY[name].inputs, f"--parts {name}: needs "
+              f"{' or '.join(INPUT_KINDS[k].holds for k in REGISTRY[name].inputs)}, but {args.test_data or args.data} "
+              f"holds {INPUT_KINDS[source].holds} (use {', '.join(n for n, p in REGISTRY.items() if source in p.inputs)})")
+    policies = check_policies(args)
     run = Run(args, cases, turns, source, policies, args.parts.split(","))
     run.servers = [("policy", "--policy", s) for _, s in policies if common.parse_spec(s).backend == "openai"]
     run.command, run.system = command, policy_system(args.policy_system)
@@ -272,7 +193,9 @@ def check_roles(run: Run):
     for proto in (REGISTRY[n] for n in run.parts):
         for role, scriptable in proto.roles(args).items():
             users.setdefault(role, []).append((proto, scriptable))
-    for role in sorted(users, key=lambda r: ROLES.index(r) if r in ROLES else len(ROLES)):  # a protocol's own roles last
+    undeclared = [f"{p.name}: {r}" for r in users if r not in ROLES for p, _ in users[r]]
+    assert not undeclared, f"a protocol's own role is not in its own_roles: {undeclared}"
+    for role in sorted(users, key=ROLES.index):
         flag, spec = "--" + role.replace("_", "-"), getattr(args, role)
         per_dim = [p for p, _ in users[role] if getattr(p, "judge_role", None) == role]
         others = [p.name for p, _ in users[role] if p not in per_dim]
@@ -293,18 +216,6 @@ def check_roles(run: Run):
             check(not (getattr(args, f"{role}_mode_used", "") == "likelihood" and ms.backend == "openai"),
                   f"{flag} is an openai: model: likelihood scoring needs an hf: or vllm: model "
                   "(openai: servers give no prompt log-probs); use --judge-mode generate")
-
-
-def policy_digests(policies: list[tuple[str, str]]) -> dict[str, dict]:
-    """{label: {spec, sha256}}: the sha256 of a local adapter folder (small), None for other specs (a full model
-    folder is not hashed: gigabytes)."""
-    out = {}
-    for label, spec in policies:
-        ms = common.parse_spec(spec)
-        path = os.path.expanduser(ms.name)
-        adapter = ms.backend != "openai" and ms.name != "embedded" and common.is_adapter_folder(path)
-        out[label] = {"spec": spec, "sha256": common.input_digest(path) if adapter else None}
-    return out
 
 
 def check_resume_settings(args, out_dir: Path, n_done: int, inputs: dict, policies: dict):
@@ -434,10 +345,7 @@ def summarise(run: Run, chosen: list) -> dict:
 
 def write_report(scores: dict, chosen: list, path: Path):
     st, pols = scores["settings"], scores["policies"]
-    what = (f"{st['cases']} dialogues (interactive, judge), {st['ref_turns']} turns (reference, pairwise)"
-            if st["source"] == "dialogues" else
-            f"{st['cases']} " + {"cards": "ESC-Eval role cards", "profiles": "profiles",
-                                 "sotopia": "Sotopia episodes (scenario pairings)"}[st["source"]])
+    what = INPUT_KINDS[st["source"]].counted.format(**st)
     L = ["# Evaluation report", "", f"Command: `{st['command']}`", "", f"Test set: {st['test_source']}: {what}. Every policy "
          f"saw the same cases, roles and seeds. Brackets: {st['ci']}.", ""]
     if st["embedded_judges"]:

@@ -3,7 +3,7 @@
 
   Backend          the interface every role calls: generate(chats, n), loglik, option_loglik, complete
   HFBackend        transformers in this process (hf:PATH, a bare path, hf:embedded); decodes and scores through
-                   speed.generate_ids and speed.option_logprobs (tested equal to the plain common versions)
+                   speed.generate_ids and speed.option_logprobs (tested equal to the plain models.py versions)
   OpenAIBackend    any OpenAI-compatible server (openai:MODEL, --<role>-base-url)
   VLLMBackend      a vLLM engine in this process (vllm:PATH); rollout_engine() builds the one 04/05 sample from
   ScriptedBackend  the adaptor of envs/esc.py's rule-based roles (spec `scripted`; the environment is imported
@@ -12,7 +12,8 @@
   ask_json         batched JSON questions to any backend: parse, validate, re-ask the failures, count
 
 Imported by the stages that call roles (01, 02, 04/05 for the vLLM rollout engine, 06) and by the tests; it
-imports common.py (plumbing), speed.py and, lazily, envs/; none of them imports it back.
+imports common.py (plumbing), models.py (loading), speed.py and, lazily, envs/; none of them imports it
+back.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from pathlib import Path
 import torch
 
 import speed
-from common import (REQUEST_RETRIES, REQUEST_TIMEOUT, InputError, ServerError, chat_ids, continuation_logprobs,
-                    is_adapter_folder, load_causal_lm, parse_spec, resolve_device, resolve_dtype, resolve_path)
+from common import REQUEST_RETRIES, REQUEST_TIMEOUT, InputError, ServerError, parse_spec, resolve_device
+from models import chat_ids, continuation_logprobs, is_adapter_folder, load_causal_lm, resolve_dtype, resolve_path
 
 
 # ----------------------------------------------------------------------------------------------------

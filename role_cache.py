@@ -74,6 +74,7 @@ import torch
 
 import backends
 import common
+import models
 from backends import Backend
 from common import InputError, StageFailure
 
@@ -239,7 +240,7 @@ class RoleCache:
 
     def model_digest(self, name: str) -> str:
         """Digest of a local model's files: its folder (a hub id: its local snapshot), an adapter's with its base's."""
-        path = Path(common.resolve_path(name))
+        path = Path(models.resolve_path(name))
         if not path.is_dir():
             try:
                 from huggingface_hub import snapshot_download
@@ -249,7 +250,7 @@ class RoleCache:
                 raise InputError(f"--role-cache: cannot find the files of the model {name} to key its answers by; "
                                  "give a local folder") from None
         digest = self.folder_digest(path)
-        if common.is_adapter_folder(str(path)):
+        if models.is_adapter_folder(str(path)):
             base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
             digest = hashlib.sha256(f"{digest}+{self.model_digest(base)}".encode()).hexdigest()
         return digest

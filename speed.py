@@ -1,8 +1,8 @@
 """Speed twins: the same computation as a plain function, with the same numbers (tested equal), less work.
 
-04_grpo.py and common.py are written to be read: 04's log-probs are one forward of prompt + completion per
-sequence, its rollouts one generate() call; common.generate_ids decodes with transformers' generate() and
-common.continuation_logprobs scores one (prompt, continuation) pair per row. The versions here do the same
+04_grpo.py and models.py are written to be read: 04's log-probs are one forward of prompt + completion per
+sequence, its rollouts one generate() call; models.generate_ids decodes with transformers' generate() and
+models.continuation_logprobs scores one (prompt, continuation) pair per row. The versions here do the same
 computation faster; 04 picks its twins in one place (`logps_fn` and `sampler` there), 05_rapo.py uses the same
 choice, and backends.HFBackend (every hf: role) decodes and scores through generate_ids and option_logprobs
 below. Read the plain function first; come here to see how it gets fast. Each twin names the test that holds it
@@ -14,9 +14,9 @@ to its plain version.
                          times) (tests/test_shared_prefix.py)
   group_micro_batches  ~ grpo.micro_batches       micro-batches that hold whole groups, so the above runs each
                          context once per micro-batch (tests/test_shared_prefix.py)
-  option_logprobs      ~ common.continuation_logprobs   K options after the same prompt: the prompt runs once
+  option_logprobs      ~ models.continuation_logprobs   K options after the same prompt: the prompt runs once
                          and the K options against its keys/values (tests/test_shared_prefix.py)
-  generate_ids         ~ common.generate_ids      shared prefill of each prompt for its n samples, and our
+  generate_ids         ~ models.generate_ids      shared prefill of each prompt for its n samples, and our
                          static-cache decoding loop (static_decode, --decoder static) or the same replayed as
                          a CUDA graph (--decoder cuda-graph) (tests/test_decode.py, tests/test_shared_prefix.py)
   rollout              ~ grpo.rollout             generate_ids above, with the LoRA adapter folded into the
@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import common
+import models
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,11 +105,11 @@ def shared_prefix_logps(model, prompts: list[list[int]], completions: list[list[
     wrapped module, so that DDP sees one forward per backward; see shared_prefix_logits)."""
     device = next(model.parameters()).device
     runs = prefix_runs(prompts)
-    index = common.to_device(torch.tensor([r for r, (a, b) in enumerate(runs) for _ in range(a, b)]), device)
-    p_ids, p_mask = common.left_pad([prompts[a] for a, _ in runs], pad_id, device)  # [k, P]
-    c_ids, cmask = common.right_pad(completions, pad_id, device)  # [n, C]
+    index = models.to_device(torch.tensor([r for r, (a, b) in enumerate(runs) for _ in range(a, b)]), device)
+    p_ids, p_mask = models.left_pad([prompts[a] for a, _ in runs], pad_id, device)  # [k, P]
+    c_ids, cmask = models.right_pad(completions, pad_id, device)  # [n, C]
     logits = shared_prefix_logits(model, p_ids, p_mask, index, c_ids, cmask, cont_model)  # [n, C, V]
-    return common.selective_log_softmax(logits, c_ids, temperature=temperature), logits, cmask
+    return models.selective_log_softmax(logits, c_ids, temperature=temperature), logits, cmask
 
 
 @torch.no_grad()
@@ -118,15 +119,15 @@ def option_logprobs(model, tok, prompts: list[list[int]], options: list[list[int
     (shared_prefix_logits: a K-fold saving for the critic's four options and the judges' true/false)."""
     device = next(model.parameters()).device
     K = len(options)
-    opt, opt_mask = common.right_pad(options, tok.pad_token_id, device)  # [K, L]
+    opt, opt_mask = models.right_pad(options, tok.pad_token_id, device)  # [K, L]
     res = []
     for s in range(0, len(prompts), batch_size):
-        ids, mask = common.left_pad(prompts[s:s + batch_size], tok.pad_token_id, device)  # [b, T]
+        ids, mask = models.left_pad(prompts[s:s + batch_size], tok.pad_token_id, device)  # [b, T]
         b = ids.shape[0]
         index = torch.arange(b, device=device).repeat_interleave(K)  # row i*K + k: prompt i, option k
         o_ids, o_mask = opt.repeat(b, 1), opt_mask.repeat(b, 1)  # [b*K, L]
         lg = shared_prefix_logits(model, ids, mask, index, o_ids, o_mask)  # [b*K, L, V]
-        lp = common.selective_log_softmax(lg, o_ids)  # [b*K, L]
+        lp = models.selective_log_softmax(lg, o_ids)  # [b*K, L]
         res.append((lp * o_mask).sum(-1).view(b, K))
     return torch.cat(res)
 
@@ -281,7 +282,7 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, n: int, *, max_n
 def generate_ids(model, tok, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, min_new_tokens: int = 0, batch_size: int = 64, n: int = 1,
                  shared_prefill: bool = False, decoder: str = "hf") -> list[list[int]]:
-    """Twin of common.generate_ids (same batches, same tokens). shared_prefill (n > 1, decoder "hf"): each
+    """Twin of models.generate_ids (same batches, same tokens). shared_prefill (n > 1, decoder "hf"): each
     prompt's keys/values (all its tokens but the last) are computed once and selected for its n continuations
     instead of n identical prefills (the same tokens under greedy decoding, tested). decoder "static" /
     "cuda-graph": static_decode (each prompt is always prefilled once)."""
@@ -301,9 +302,9 @@ def generate_ids(model, tok, prompts: list[list[int]], *, max_new_tokens: int, t
             cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos, use_cache=True,
                           logits_to_keep=1).past_key_values
             cache.batch_repeat_interleave(n)  # [k*n, ...]
-        return common.hf_generate(model, ids, mask, n, eos=eos, pad_id=pad_id, past_key_values=cache, **sampling)
+        return models.hf_generate(model, ids, mask, n, eos=eos, pad_id=pad_id, past_key_values=cache, **sampling)
 
-    return common.generate_ids(model, tok, prompts, batch_size=batch_size, n=n, decode=decode, **sampling)
+    return models.generate_ids(model, tok, prompts, batch_size=batch_size, n=n, decode=decode, **sampling)
 
 
 def rollout(model, tok, prompts: list[list[int]], G: int, *, max_new_tokens: int, temperature: float,

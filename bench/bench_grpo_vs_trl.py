@@ -55,9 +55,10 @@ def reward_value(text: str) -> float:
 def fit_context(tok, msgs: list[dict], n_tokens: int) -> list[dict]:
     """[system] + the latest messages of msgs whose chat-template ids fit n_tokens (the oldest dropped)."""
     import common
+    import models
 
     msgs = list(msgs)
-    while len(msgs) > 1 and len(common.chat_ids(tok, [{"role": "system", "content": common.ESC_SYSTEM}] + msgs)) > n_tokens:
+    while len(msgs) > 1 and len(models.chat_ids(tok, [{"role": "system", "content": common.ESC_SYSTEM}] + msgs)) > n_tokens:
         msgs = msgs[1:]
     return [{"role": "system", "content": common.ESC_SYSTEM}] + msgs
 
@@ -65,6 +66,7 @@ def fit_context(tok, msgs: list[dict], n_tokens: int) -> list[dict]:
 def prompt_pool(shape: str, tok, n: int) -> list[list[dict]]:
     """n chat prompts of the given shape (see the docstring), cycling over the distinct ones."""
     import common
+    import models
 
     if shape == "short":
         msgs = [[{"role": "system", "content": common.ESC_SYSTEM}, {"role": "user", "content": p}] for p in SHORT_PROMPTS]
@@ -74,7 +76,7 @@ def prompt_pool(shape: str, tok, n: int) -> list[list[dict]]:
         msgs = []
         for t in turns:
             m = [{"role": "system", "content": common.ESC_SYSTEM}] + t["context"]
-            if 200 <= len(common.chat_ids(tok, m)) <= 500:
+            if 200 <= len(models.chat_ids(tok, m)) <= 500:
                 msgs.append(m)
     elif shape.startswith("ctx"):
         N = int(shape[3:])
@@ -83,7 +85,7 @@ def prompt_pool(shape: str, tok, n: int) -> list[list[dict]]:
         for i, d in enumerate(dialogues):
             joined = dialogues[i - 1]["messages"] + d["messages"]  # long enough for any N up to ~1500
             m = fit_context(tok, joined[:-1] if joined[-1]["role"] == "assistant" else joined, N)
-            if len(common.chat_ids(tok, m)) >= 0.8 * N:
+            if len(models.chat_ids(tok, m)) >= 0.8 * N:
                 msgs.append(m)
     else:
         raise SystemExit(f"unknown shape {shape!r}")
@@ -103,6 +105,7 @@ def worker_ours(args) -> dict:
 
     import backends
     import common
+    import models
     import speed
     import training
 
@@ -110,12 +113,12 @@ def worker_ours(args) -> dict:
     engine = None
     if args.worker == "vllm":  # built first: LLM(seed=...) reseeds torch
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        engine = backends.VLLMBackend(common.resolve_path(common.parse_spec(args.policy).name), dtype="float32",
+        engine = backends.VLLMBackend(models.resolve_path(common.parse_spec(args.policy).name), dtype="float32",
                                       seed=args.seed, enable_lora=True, max_lora_rank=16, max_loras=1,
                                       max_model_len=2048, enable_prefix_caching=True)
         adapters = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     torch.manual_seed(args.seed)
-    model, tok = common.load_causal_lm(common.parse_spec(args.policy).name, torch.device("cpu"), torch.float32)
+    model, tok = models.load_causal_lm(common.parse_spec(args.policy).name, torch.device("cpu"), torch.float32)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=training.LORA_TARGETS,
                                              task_type="CAUSAL_LM"))
     model.train()
@@ -127,7 +130,7 @@ def worker_ours(args) -> dict:
     gen_t, step_t = [], []
     for s in range(args.steps + 1):
         t0 = time.perf_counter()
-        p_ids = [common.chat_ids(tok, m) for m in pool[2 * s:2 * s + 2]]
+        p_ids = [models.chat_ids(tok, m) for m in pool[2 * s:2 * s + 2]]
         if engine is not None:  # as 04 --rollout vllm: hand the adapter over, then sample in the engine
             model.save_pretrained(adapters / f"step{s}")
             engine.set_adapter(str(adapters / f"step{s}"), s + 1)
@@ -157,17 +160,18 @@ def worker_trl(args) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     import common
+    import models
 
     torch.manual_seed(args.seed)
-    path = common.resolve_path(common.parse_spec(args.policy).name)
+    path = models.resolve_path(common.parse_spec(args.policy).name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     # The embedded model's cached config still carries the GGUF `quantization_config` of its source, although
-    # its weights are plain fp32 (common.embedded_model_path de-quantised them); transformers' Trainer then
+    # its weights are plain fp32 (models.embedded_model_path de-quantised them); transformers' Trainer then
     # refuses to train it. Drop the stale marker (our side never checks it).
     model.is_quantized, model.hf_quantizer = False, None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tok = common.load_tokenizer(path)
+    tok = models.load_tokenizer(path)
     pool = prompt_pool(args.shape, tok, 2 * (args.steps + 1))
 
     def reward_fn(completions, **kw):

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import models  # noqa: E402
 import speed  # noqa: E402
 import training  # noqa: E402
 
@@ -43,7 +44,7 @@ def main():
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
-        model, tok = common.load_causal_lm("embedded", torch.device("cpu"), dtype)
+        model, tok = models.load_causal_lm("embedded", torch.device("cpu"), dtype)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=training.LORA_TARGETS,
                                                  init_lora_weights=False))
         with torch.no_grad():  # trained-sized adapter: |s B A| about args.scale of |W|

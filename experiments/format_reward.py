@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import models  # noqa: E402
 sys.path.insert(0, str(ROOT / "experiments"))
 from repo_paths import repo_relative  # noqa: E402
 import speed  # noqa: E402
@@ -106,7 +107,7 @@ def main():
     if before_path.exists() and "base_model_nll_per_token" in json.loads(before_path.read_text()):
         before = json.loads(before_path.read_text())
     else:
-        model, tok = common.load_causal_lm("embedded", device, torch.float32)
+        model, tok = models.load_causal_lm("embedded", device, torch.float32)
         before = format_rate(g, model, tok, held_out, args)
         common.write_json(before_path, before)
         del model
@@ -127,7 +128,7 @@ def main():
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, env=env)
 
-    model, tok = common.load_causal_lm(str(run / "adapter"), device, torch.float32)
+    model, tok = models.load_causal_lm(str(run / "adapter"), device, torch.float32)
     after = format_rate(g, model, tok, held_out, args)
     print(f"after:  format rate {after['format_rate']:.3f} on {after['n']} held-out samples", flush=True)
     print(f"base-model NLL per completion token: before {before['base_model_nll_per_token']:.2f}, "

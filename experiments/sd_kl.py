@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import models  # noqa: E402
 sys.path.insert(0, str(ROOT / "experiments"))
 from repo_paths import repo_relative  # noqa: E402
 import training  # noqa: E402
@@ -76,12 +77,12 @@ def main():
     picked += [t for g in groups[args.train_dialogues:] for t in g]
     from peft import LoraConfig, get_peft_model
 
-    model, tok = common.load_causal_lm("embedded", torch.device("cpu"), torch.float32)
+    model, tok = models.load_causal_lm("embedded", torch.device("cpu"), torch.float32)
     lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=training.LORA_TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
     ctxs = [t["context"][-args.context_messages:] for t in picked]
     prompts = [grpo.prompt_ids(tok, c, rapo.RAPO_SYSTEM, rapo.PREFILL, 512) for c in ctxs]
-    comps = common.generate_ids(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=0.0)  # a_w
+    comps = models.generate_ids(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=0.0)  # a_w
     replies = [common.strip_reasoning(rapo.PREFILL + tok.decode(c, skip_special_tokens=True)) for c in comps]
     t_prompts = [grpo.prompt_ids(tok, rapo.teacher_context(c, y, REACTION, CRITIQUE, t["target"]), rapo.RAPO_SYSTEM,
                                  rapo.PREFILL, 1024) for c, y, t in zip(ctxs, replies, picked)]

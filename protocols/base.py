@@ -31,7 +31,7 @@ class Run:
     args: object
     cases: list[dict]  # one per test dialogue, role card or profile
     turns: list[dict]  # the reference turns (dialogues only)
-    source: str  # "dialogues", "cards" or "profiles": the kind of test file
+    source: str  # the kind of test file: "dialogues", "cards", "profiles", "sotopia" (cases.INPUT_KINDS)
     policies: list[tuple[str, str]]  # (label, spec)
     parts: list[str]  # the protocols chosen (--parts)
     dist: common.Dist | None = None
@@ -60,7 +60,10 @@ class Protocol(abc.ABC):
     name = ""  # its --parts name and its key in scores.json
     kind = ""  # record ids are "{kind}/{policy label}/{case or turn id}"
     output = "dialogs.jsonl"  # the JSONL file its records go to
-    inputs = ("dialogues",)  # the test files it runs on: dialogues, cards, profiles
+    inputs = ("dialogues",)  # the kinds of test file it runs on (protocols/cases.py INPUT_KINDS)
+    default_on: tuple[str, ...] = ()  # the kinds of test file for which it is in the default --parts
+    own_roles: tuple[str, ...] = ()  # the roles it adds beyond the runner's seeker, critic and judge (their
+    # --ROLE / --ROLE-base-url flags come from its add_args, common.add_role_arg); 06 validates them like the others
     unit = "cases"  # what its chunks hold: "cases" or "turns" (reference turns; dialogues only)
     seed_id = 0  # chunk k is seeded from (--seed, seed_id, k)
     section = 0  # its place in the report (and in a policy's scores)
@@ -79,7 +82,7 @@ class Protocol(abc.ABC):
         """Validation before any work, when chosen (its packages, its prompt files); may keep what it read."""
 
     def roles(self, args) -> dict[str, bool]:
-        """The roles it needs, {role: may the role be `scripted`}: seeker, critic, judge, user_judge."""
+        """The roles it needs, {role: may the role be `scripted`}: seeker, critic, judge, or its own_roles."""
         return {}
 
     def uses(self, run: Run) -> list[str]:

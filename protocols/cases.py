@@ -1,24 +1,50 @@
-"""The test inputs of 06_eval.py: dialogue cases and their reference turns, ESC-Eval role cards and EmoHarbor-style
-profiles, read and validated before any model loads (a bad record: one line naming file, record and field).
+"""The test inputs of 06_eval.py: dialogue cases and their reference turns, ESC-Eval role cards, EmoHarbor-style
+profiles and Sotopia profile folders, read and validated before any model loads (a bad record: one line naming
+file, record and field); and the policies evaluated on them (--policy [LABEL=]MODEL, --policy-system).
 
+The kinds of test file (INPUT_KINDS, detected by content: detect_test_file; a protocol's `inputs` names the kinds it
+runs on, its `default_on` those for which it is in the default --parts):
   dialogues  the test split of 01's turns.jsonl (--data), or --test-data in one of common.load_dialogues' three
              formats: one case per dialogue (its situation opens the conversation) and its supporter turns
              (reference, pairwise)
   cards      ESC-Eval role cards: a JSON list of {id, base, language?, source?, res?}
   profiles   EmoHarbor-style profiles: JSONL of {id, personality, situation, inner_state, background?}
+  sotopia    a Sotopia profile folder (the four files of envs/sotopia.py): its episodes are the cases
 Every case has the same fields (case_id, situation, emotion_type, problem_type, first_user; card or profile), so a
 protocol that accepts several kinds reads them alike. Records are numbered from 1, lines too.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import common
+import models
 from common import check
 
 PROFILE_FIELDS = ("background", "personality", "situation", "inner_state")  # the profile JSONL schema (docs/06_eval.md)
+
+
+class InputKind(NamedTuple):
+    holds: str  # what a test file of this kind holds (messages naming it)
+    file: str  # how such a file looks (--test-data's help)
+    counted: str  # its cases in the report's "Test set" line, formatted with scores.json's settings (cases, ref_turns)
+
+
+INPUT_KINDS = {  # the kinds of test file (detect_test_file tells them apart)
+    "dialogues": InputKind("dialogues", "dialogues (ESConv.json, PPDPP jsonl or chat jsonl, e.g. "
+                           "PPDPP's 130-dialogue file)",
+                           "{cases} dialogues (interactive, judge), {ref_turns} turns (reference, pairwise)"),
+    "cards": InputKind("ESC-Eval role cards", "an ESC-Eval role-card file (JSON list of {id, base, ...})",
+                       "{cases} ESC-Eval role cards"),
+    "profiles": InputKind("EmoHarbor-style profiles", "EmoHarbor-style profiles (JSONL of {id, personality, "
+                          "situation, inner_state, background?}; docs/06_eval.md)", "{cases} profiles"),
+    "sotopia": InputKind("a Sotopia profile folder", "a Sotopia profile folder (the four files of envs/sotopia.py)",
+                         "{cases} Sotopia episodes (scenario pairings)"),
+}
 
 
 def cases_from_turns(turns: list[dict]) -> list[dict]:
@@ -131,3 +157,76 @@ def load_test_set(args) -> tuple[list[dict], list[dict], str]:
     if args.max_ref_turns:
         turns = turns[:args.max_ref_turns]
     return cases, turns, kind
+
+
+# ----------------------------------------------------------------------------------------------------
+# Policies: --policy [LABEL=]MODEL -> (label, spec), checked before any model loads
+
+LABEL_RE = re.compile(r"^[A-Za-z0-9_.+\-]+$")
+
+
+def policy_label(spec: str) -> str:
+    """A short row name from a spec: 'embedded', 'grpo' for runs/grpo/adapter, 'openai:gpt-4o'."""
+    ms = common.parse_spec(spec)
+    if ms.backend == "openai":
+        return str(ms)
+    parts = [s for s in Path(ms.name).parts if s not in ("", "/", ".")]
+    if not parts:
+        return ms.name
+    last = parts[-1]
+    generic = last in ("adapter", "final", "model", "policy") or re.match(r"^(checkpoint|step)[-_]?\d*$", last)
+    return "/".join(parts[-2:]) if generic and len(parts) > 1 else last
+
+
+def parse_policies(values: list[str] | None) -> list[tuple[str, str]]:
+    """[(label, spec)] with unique labels; LABEL=MODEL names a row, otherwise the label comes from the spec."""
+    out = []
+    for v in values or [common.DEFAULT_MODEL]:
+        label, sep, rest = v.partition("=")
+        if sep and LABEL_RE.match(label) and rest:
+            out.append((label, rest))
+        else:
+            out.append((None, v))
+    specs = [s for _, s in out]
+    base = [lab or policy_label(s) for lab, s in out]  # policy_label -> parse_spec raises on an empty spec
+    labels = [f"{b}#{base[:i + 1].count(b)}" if lab is None and base.count(b) > 1 else b  # collisions get #k
+              for i, ((lab, _), b) in enumerate(zip(out, base))]
+    check(len(set(labels)) == len(labels), f"--policy: duplicate label in {labels}; name rows with LABEL=MODEL")
+    for lab, s in out:
+        check(lab is not None or specs.count(s) == 1,
+              f"--policy {s} is given twice: give each copy its own LABEL=MODEL if that is intended")
+    return list(zip(labels, specs))
+
+
+def check_policies(args) -> list[tuple[str, str]]:
+    """parse_policies(--policy), each spec's local path and openai: server checked (before any model loads)."""
+    policies = parse_policies(args.policy)
+    for _, s in policies:
+        common.check_model_path(s, "--policy")
+        check(common.parse_spec(s).backend != "openai" or args.policy_base_url or os.environ.get("OPENAI_API_KEY"),
+              f"--policy {s}: an openai: model needs --policy-base-url or $OPENAI_API_KEY")
+    return policies
+
+
+def policy_system(arg: str) -> str | None:
+    if arg == "esc":
+        return common.ESC_SYSTEM
+    if arg == "none":
+        return None
+    path = Path(arg)
+    check(path.is_file(), f"--policy-system {arg}: not 'esc', 'none' or a text file")
+    text = path.read_text(encoding="utf-8").strip()
+    check(text, f"--policy-system {arg}: empty file")
+    return text
+
+
+def policy_digests(policies: list[tuple[str, str]]) -> dict[str, dict]:
+    """{label: {spec, sha256}}: the sha256 of a local adapter folder (small), None for other specs (a full model
+    folder is not hashed: gigabytes)."""
+    out = {}
+    for label, spec in policies:
+        ms = common.parse_spec(spec)
+        path = os.path.expanduser(ms.name)
+        adapter = ms.backend != "openai" and ms.name != "embedded" and models.is_adapter_folder(path)
+        out[label] = {"spec": spec, "sha256": common.input_digest(path) if adapter else None}
+    return out

@@ -103,6 +103,7 @@ def emoharbor_chunk(roles: simulate.Roles, raters: dict, label: str, cases: list
 class EmoHarbor(RatedConversations):
     name = kind = "emoharbor"
     seed_id, section, settings_key, role_label = 6, 5, "emoharbor", "user judge (emoharbor)"
+    default_on, own_roles = ("cards", "profiles"), ("user_judge",)  # --user-judge: add_args below
     rounds_flag, cases_key, chunk = "emoharbor_rounds", "profiles", staticmethod(emoharbor_chunk)
     dims, lo, hi, title, judge_role = EH_DIMS, 1, 5, "EmoHarbor-style user-as-judge", "user_judge"
     eval_keys = ("emoharbor_rounds", "user_judge", "user_judge_mode_used", "retries", "judge_max_new_tokens")

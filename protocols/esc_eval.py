@@ -138,6 +138,7 @@ def esc_eval_chunk(roles: simulate.Roles, judges: dict, label: str, cases: list[
 class EscEval(RatedConversations):
     name = kind = "esc-eval"
     seed_id, section, settings_key, role_label = 5, 4, "esc_eval", "judge (esc-eval)"
+    default_on = ("cards",)
     rounds_flag, cases_key, chunk = "esc_rounds", "cards", staticmethod(esc_eval_chunk)
     dims, lo, hi, title = ESC_DIMS, 0, 4, "ESC-Eval protocol"
     eval_keys = ("judge", "judge_mode_used", "retries", "judge_max_new_tokens", "esc_judge_prompts", "esc_rounds")

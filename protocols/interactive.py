@@ -85,6 +85,7 @@ def plot_sr_at_t(rows: list[tuple[str, dict]], path: Path) -> bool:
 class Interactive(Protocol):
     name = kind = "interactive"
     inputs = ("dialogues", "cards", "profiles")  # a case's situation opens the conversation
+    default_on = ("dialogues",)
     seed_id, section, empty = 2, 1, {"n": 0}
     eval_keys = ("critic", "critic_mode_used", "critic_samples", "critic_temperature", "max_turns", "theta")
 

@@ -121,6 +121,7 @@ def roleplay_chunk(roles: simulate.Roles, judge, label: str, cases: list[dict], 
 class Judge(Protocol):
     name, kind = "judge", "roleplay"
     inputs = ("dialogues", "cards", "profiles")  # a case's situation opens the conversation
+    default_on = ("dialogues",)
     seed_id, section, empty = 3, 3, {"n": 0, "failed": 0, "dims": {}}
     eval_keys = ("judge", "judge_mode_used", "judge_rounds", "retries", "judge_max_new_tokens")
 

@@ -111,6 +111,7 @@ def pairwise_chunk(judge, a: str, b: str, items: list[tuple[dict, str, str]], *,
 class Pairwise(Protocol):
     name = kind = "pairwise"
     output, unit, seed_id, section, empty, per_policy = "pairwise.jsonl", "turns", 4, 6, [], False
+    default_on = ("dialogues",)
     eval_keys = ("judge", "judge_mode_used", "retries", "judge_max_new_tokens")
 
     def roles(self, args):

@@ -133,6 +133,7 @@ def reply_chunk(roles: simulate.Roles, label: str, turns: list[dict], seed: int)
 class Reference(Protocol):
     name, kind, output, unit = "reference", "reply", "replies.jsonl", "turns"
     seed_id, section, empty = 1, 2, {"n": 0}
+    default_on = ("dialogues",)
 
     def add_args(self, p):
         g = p.add_argument_group("reference metrics")

@@ -33,7 +33,8 @@ def folder_cases(path: str) -> list[dict]:
 
 class Sotopia(Protocol):
     name = kind = "sotopia"
-    inputs = ("sotopia",)
+    inputs = default_on = ("sotopia",)
+    own_roles = ("partner", "evaluator")  # --partner, --evaluator: add_args below
     seed_id, section, empty = 7, 7, {"episodes": 0}
     eval_keys = ("sotopia_mode", "sotopia_subset", "sotopia_pairings", "sotopia_sides", "sotopia_max_turns", "partner",
                  "partner_temperature", "evaluator", "evaluator_max_new_tokens", "retries")

@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import common  # noqa: E402
+import models  # noqa: E402
 
 
 load_stage = common.load_stage  # import a numbered stage script (e.g. "04_grpo") as a module
@@ -48,10 +49,47 @@ def run_script(script, *args, nproc: int = 1, env: dict | None = None, timeout: 
     return p
 
 
+def run_in_process(script, *args, check: bool = True) -> subprocess.CompletedProcess:
+    """A script's main(ARGS) in this process, as run_script runs it in a new one (common.run_main: exit code 2 on
+    bad input, 1 on a failure; one torch thread, as OMP_NUM_THREADS=1 there), its stdout and stderr captured; then
+    the --out lock is released and the role models it built are forgotten, as the end of its process would. Saves
+    a process start and the imports (seconds each) where the test's point is the script's result; tests of
+    signals, kills and torchrun keep run_script."""
+    import contextlib
+    import importlib
+    import io
+
+    import backends
+
+    if isinstance(script, (str, Path)):  # a script of the repository, or a stage module already loaded
+        name = str(script).removesuffix(".py")
+        mod = importlib.import_module(name.replace("/", ".")) if "/" in name else load_stage(name)
+    else:
+        mod, script = script, script.__name__
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved, threads = dict(backends._BACKENDS), torch.get_num_threads()
+    torch.set_num_threads(1)  # as run_script's OMP_NUM_THREADS=1: the same numbers as a run in its own process
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            common.run_main(lambda: mod.main([str(a) for a in args]))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        while common._HELD_LOCKS:
+            common._HELD_LOCKS.pop().close()
+        backends._BACKENDS.clear()
+        backends._BACKENDS.update(saved)
+        torch.set_num_threads(threads)
+    p = subprocess.CompletedProcess([str(script), *map(str, args)], code, out.getvalue(), err.getvalue())
+    if check:
+        assert code == 0, f"exit {code}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
 def make_tiny_model(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = common.load_tokenizer(str(common.embedded_tokenizer_path()))
+    tok = models.load_tokenizer(str(models.embedded_tokenizer_path()))
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -87,10 +125,10 @@ def eos_model_dir(tiny_model_dir, tmp_path_factory):
     cfg.tie_word_embeddings = False
     model = LlamaForCausalLM(cfg)
     model.load_state_dict(src.state_dict(), strict=False)
-    tok = common.load_tokenizer(str(tiny_model_dir))
+    tok = models.load_tokenizer(str(tiny_model_dir))
     with torch.no_grad():
         model.lm_head.weight.copy_(src.model.embed_tokens.weight)
-        x = torch.tensor([common.chat_ids(tok, [{"role": "user", "content": "I feel worried today."}], "<think>")])
+        x = torch.tensor([models.chat_ids(tok, [{"role": "user", "content": "I feel worried today."}], "<think>")])
         h = model.model(input_ids=x).last_hidden_state[0].mean(0)
         model.lm_head.weight[2] = 6.0 * h / h.norm() ** 2
     model.save_pretrained(folder)

@@ -9,6 +9,7 @@ import torch
 
 import backends
 import common
+import models
 from common import InputError
 from conftest import load_stage
 
@@ -171,10 +172,10 @@ def test_ask_json_retries_only_failures_and_counts():
 def test_embedded_cache_matches_gguf_logits():
     from transformers import AutoModelForCausalLM
 
-    path = common.embedded_model_path()
+    path = models.embedded_model_path()
     cached = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    gguf = AutoModelForCausalLM.from_pretrained(common.gguf_folder(), gguf_file=common.GGUF_FILE, dtype=torch.float32)
-    tok = common.load_tokenizer(str(path))
+    gguf = AutoModelForCausalLM.from_pretrained(models.gguf_folder(), gguf_file=models.GGUF_FILE, dtype=torch.float32)
+    tok = models.load_tokenizer(str(path))
     x = tok(["My exams start tomorrow and I cannot sleep."], return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(cached(**x).logits, gguf(**x).logits, atol=1e-5)
@@ -196,7 +197,7 @@ def test_hf_backend_batched_generation(tiny_model_dir):
     s2 = b.generate(chats, max_new_tokens=6, temperature=1.0, seed=3)
     assert s1 == s2  # seeded sampling is reproducible
     assert b.generate(chats[:1], max_new_tokens=4, temperature=0.0, prefill="<think>")[0][0].startswith("<think>")
-    ids = common.generate_ids(b.model, b.tok, [common.chat_ids(b.tok, chats[0])], max_new_tokens=7, temperature=1.0)
+    ids = models.generate_ids(b.model, b.tok, [models.chat_ids(b.tok, chats[0])], max_new_tokens=7, temperature=1.0)
     assert 1 <= len(ids[0]) <= 7
 
 
@@ -208,7 +209,7 @@ def test_option_scoring_equals_naive_loglik(tiny_model_dir):
     naive = torch.tensor(backends.Backend.option_loglik(b, chats, opts))  # every (prompt, option) separately
     assert torch.allclose(fast, naive, atol=1e-4)
     # and the naive path equals a hand computation for one pair, without padding or batching
-    p = common.chat_ids(b.tok, chats[1])
+    p = models.chat_ids(b.tok, chats[1])
     c = b.tok(opts[1], add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         lp = torch.log_softmax(b.model(torch.tensor([p + c])).logits[0], -1)
@@ -244,7 +245,7 @@ def test_blockwise_log_softmax_and_entropy_match_full(budget):
     torch.manual_seed(0)
     logits = (3 * torch.randn(4, 7, 11)).requires_grad_()  # [B, T, V]
     index = torch.randint(0, 11, (4, 7))
-    lp = common.selective_log_softmax(logits, index, budget=budget)
+    lp = models.selective_log_softmax(logits, index, budget=budget)
     ref_logits = logits.detach().clone().requires_grad_()
     ref = torch.log_softmax(ref_logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(lp, ref, atol=1e-6)
@@ -254,7 +255,7 @@ def test_blockwise_log_softmax_and_entropy_match_full(budget):
     assert torch.allclose(logits.grad, ref_logits.grad, atol=1e-6)
     p = torch.softmax(ref_logits.detach(), -1)
     ent = -(p * torch.log(p)).sum(-1)
-    assert torch.allclose(common.softmax_entropy(logits, budget=budget), ent, atol=1e-5)
+    assert torch.allclose(models.softmax_entropy(logits, budget=budget), ent, atol=1e-5)
 
 
 @pytest.mark.parametrize("budget", [10**9, 2 * 11, 5])
@@ -266,7 +267,7 @@ def test_blockwise_log_softmax_with_temperature_matches_full(budget, dtype):
     T = 1.1
     logits = (3 * torch.randn(3, 5, 11)).to(dtype).requires_grad_()
     index = torch.randint(0, 11, (3, 5))
-    lp = common.selective_log_softmax(logits, index, budget=budget, temperature=T)
+    lp = models.selective_log_softmax(logits, index, budget=budget, temperature=T)
     ref_logits = logits.detach().clone().requires_grad_()
     ref = torch.log_softmax(ref_logits.float() / T, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
     assert lp.dtype == torch.float32 and torch.allclose(lp, ref, atol=1e-5)
@@ -276,4 +277,4 @@ def test_blockwise_log_softmax_with_temperature_matches_full(budget, dtype):
     assert logits.grad.dtype == dtype
     assert torch.allclose(logits.grad.float(), ref_logits.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
     p = torch.softmax(ref_logits.detach().float() / T, -1)
-    assert torch.allclose(common.softmax_entropy(logits, budget=budget, temperature=T), -(p * p.log()).sum(-1), atol=1e-4)
+    assert torch.allclose(models.softmax_entropy(logits, budget=budget, temperature=T), -(p * p.log()).sum(-1), atol=1e-4)

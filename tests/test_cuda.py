@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, load_stage
 
 import common  # noqa: E402
+import models  # noqa: E402
 import speed  # noqa: E402
 import training  # noqa: E402
 
@@ -77,7 +78,7 @@ def test_pipeline_smoke_on_gpu_bf16(tmp_path, tiny_model_dir, demo_data):
 def lora_on_cuda(folder):
     from peft import LoraConfig, get_peft_model
 
-    model, tok = common.load_causal_lm(str(folder), torch.device("cuda"), torch.float32)
+    model, tok = models.load_causal_lm(str(folder), torch.device("cuda"), torch.float32)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=training.LORA_TARGETS, init_lora_weights=False))
     return model.train(), tok
@@ -140,7 +141,7 @@ def test_topk_kl_bf16_close_to_fp32():
 def test_cuda_graph_decoder_equals_eager(tiny_model_dir, dtype):
     """--decoder cuda-graph replays the eager static loop's kernels: the same tokens, greedy and sampled with
     the same seed (the sampler runs outside the graph); in fp32 the greedy tokens also equal generate()'s."""
-    model, tok = common.load_causal_lm(str(tiny_model_dir), torch.device("cuda"), dtype)
+    model, tok = models.load_causal_lm(str(tiny_model_dir), torch.device("cuda"), dtype)
     model.generation_config.eos_token_id = tok.eos_token_id
     gen = torch.Generator().manual_seed(0)
     ps = [torch.randint(100, 2000, (n,), generator=gen).tolist() for n in (3, 40, 17, 9)]
@@ -153,4 +154,4 @@ def test_cuda_graph_decoder_equals_eager(tiny_model_dir, dtype):
         assert out["static"] == out["cuda-graph"]
     if dtype == torch.float32:
         kw = dict(max_new_tokens=24, temperature=0.0, n=2)
-        assert speed.generate_ids(model, tok, ps, decoder="cuda-graph", **kw) == common.generate_ids(model, tok, ps, **kw)
+        assert speed.generate_ids(model, tok, ps, decoder="cuda-graph", **kw) == models.generate_ids(model, tok, ps, **kw)

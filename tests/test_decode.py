@@ -5,6 +5,7 @@ import torch
 
 import backends
 import common
+import models
 import speed  # noqa: E402
 import training  # noqa: E402
 from conftest import load_stage
@@ -13,7 +14,7 @@ g = load_stage("04_grpo")
 
 
 def load(folder, lora=False, impl="sdpa"):
-    model, tok = common.load_causal_lm(str(folder), torch.device("cpu"), torch.float32)
+    model, tok = models.load_causal_lm(str(folder), torch.device("cpu"), torch.float32)
     model.set_attn_implementation(impl)
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -40,7 +41,7 @@ def test_static_greedy_equals_generate(tiny_model_dir, impl, n):
     model, tok = load(tiny_model_dir, impl=impl)
     ps = prompts([3, 12, 7])
     kw = dict(max_new_tokens=14, temperature=0.0, n=n)
-    want = common.generate_ids(model, tok, ps, batch_size=64, **kw)
+    want = models.generate_ids(model, tok, ps, batch_size=64, **kw)
     assert speed.generate_ids(model, tok, ps, batch_size=64, decoder="static", **kw) == want
     assert speed.generate_ids(model, tok, ps, batch_size=2 * n, decoder="static", **kw) == want
 
@@ -52,7 +53,7 @@ def test_static_greedy_equals_generate_lora_and_eos(eos_model_dir):
     ps = prompts([5, 9, 2, 14], seed=1)
     for min_new in (0, 4):
         kw = dict(max_new_tokens=20, temperature=0.0, n=2, min_new_tokens=min_new)
-        want = common.generate_ids(model, tok, ps, **kw)
+        want = models.generate_ids(model, tok, ps, **kw)
         got = speed.generate_ids(model, tok, ps, decoder="static", **kw)
         assert got == want
         assert all(len(c) >= min_new for c in got)

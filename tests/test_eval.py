@@ -14,6 +14,7 @@ import backends
 import common
 import protocols
 import protocols.base
+import protocols.cases
 import protocols.curves
 from conftest import load_stage, make_tiny_model, run_script
 
@@ -293,15 +294,15 @@ def test_pairwise_verdict_that_changes_with_order_is_a_tie_and_failures_are_coun
 
 
 def test_policy_labels():
-    pols = ev.parse_policies(["hf:embedded", "grpo=runs/grpo/adapter", "runs/rapo/adapter", "openai:gpt-4o"])
+    pols = protocols.cases.parse_policies(["hf:embedded", "grpo=runs/grpo/adapter", "runs/rapo/adapter", "openai:gpt-4o"])
     assert [lab for lab, _ in pols] == ["embedded", "grpo", "rapo/adapter", "openai:gpt-4o"]
     assert pols[1][1] == "runs/grpo/adapter"
-    assert [lab for lab, _ in ev.parse_policies(["x/a/adapter", "y/a/adapter"])] == ["a/adapter#1", "a/adapter#2"]
-    assert [lab for lab, _ in ev.parse_policies(None)] == ["embedded"]
+    assert [lab for lab, _ in protocols.cases.parse_policies(["x/a/adapter", "y/a/adapter"])] == ["a/adapter#1", "a/adapter#2"]
+    assert [lab for lab, _ in protocols.cases.parse_policies(None)] == ["embedded"]
     with pytest.raises(common.InputError):
-        ev.parse_policies(["hf:embedded", "hf:embedded"])
+        protocols.cases.parse_policies(["hf:embedded", "hf:embedded"])
     with pytest.raises(common.InputError):
-        ev.parse_policies(["a=hf:x", "a=hf:y"])
+        protocols.cases.parse_policies(["a=hf:x", "a=hf:y"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="optional extra matplotlib not installed")
@@ -465,9 +466,56 @@ def test_registry_protocols_are_complete_and_distinct():
         values = [getattr(p, attr) for p in protos]
         assert len(set(values)) == len(values), attr
     for p in protos:
-        assert set(p.inputs) <= {"dialogues", "cards", "profiles", "sotopia"} and p.unit in ("cases", "turns")
+        assert set(p.inputs) <= set(protocols.cases.INPUT_KINDS) and p.unit in ("cases", "turns")
+        assert set(p.default_on) <= set(p.inputs) and set(p.own_roles) <= set(ev.ROLES)
         assert set(p.roles(None if p.name == "reference" else ev.parse_args([]))) <= set(ev.ROLES)
     assert set(ev.EVAL_KEYS) >= {k for p in protos for k in p.eval_keys}
+
+
+class Coached(protocols.base.Protocol):
+    """A throwaway protocol with a role and a default of its own: one record per profile, naming its coach."""
+    name = kind = "coached"
+    inputs = default_on = ("profiles",)
+    own_roles = ("coach",)
+    seed_id, section = 99, 99
+
+    def add_args(self, p):
+        common.add_role_arg(p, "coach", "the coach of the throwaway protocol")
+
+    def roles(self, args):
+        return {"coach": True}
+
+    def run_chunk(self, run, roles, label, items, seed):
+        return [{"id": i, "kind": self.kind, "policy": label, "coach": run.args.coach} for i in self.ids(label, items)]
+
+    def summarise(self, run, label, records):
+        return {"n": len(records)}
+
+
+def test_a_new_protocol_brings_its_roles_and_defaults(tmp_path, monkeypatch, capsys):
+    """One file + one registry line: a protocol's own role and its default --parts reach 06's --help, the default
+    parts, the role validation and scores.json's scripted_roles without an edit to 06 (before, 06 listed the roles
+    and the defaults per kind of test file itself, and a new protocol's role was never validated or reported)."""
+    monkeypatch.setitem(protocols.REGISTRY, "coached", Coached())
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    ev2 = load_stage("06_eval")  # the runner as it loads with the new registry line
+    assert ev2.ROLES[-1] == "coach" and ev2.DEFAULT_PARTS["profiles"] == "emoharbor,coached"
+    with pytest.raises(SystemExit):
+        ev2.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "emoharbor,coached for EmoHarbor-style profiles" in help_text and "--coach COACH" in help_text
+    profiles = Path(__file__).parent / "fixtures" / "emoharbor_profiles.jsonl"
+    base = ["--test-data", str(profiles), "--out", str(tmp_path / "e"), "--policy", "rules=scripted", "--max-examples", "2",
+            "--bootstrap", "0"]
+    with pytest.raises(common.InputError, match="--coach openai:x: an openai: model needs --coach-base-url"):
+        ev2.prepare(ev2.parse_args(base + ["--parts", "coached", "--coach", "openai:x"]), "cmd")
+    ev2.main(base + ["--parts", "coached", "--coach", "scripted", "--seeker", "scripted"])
+    scores = json.loads((tmp_path / "e" / "scores.json").read_text())
+    assert scores["settings"]["parts"] == ["coached"] and scores["policies"][0]["coached"] == {"n": 2}
+    # in ROLES' order: the runner's roles, then each protocol's own (--user-judge defaults to the --seeker model)
+    assert scores["settings"]["scripted_roles"] == ["seeker", "user_judge", "coach"]
+    assert [r["coach"] for r in lines(tmp_path / "e" / "dialogs.jsonl")] == ["scripted", "scripted"]
+    assert ev2.prepare(ev2.parse_args(base), "cmd").parts == ["emoharbor", "coached"]  # the default for profiles
 
 
 def test_a_role_that_cannot_be_scripted_fails_before_outputs_are_touched(tmp_path, turns_file, tiny_model_dir):

@@ -12,6 +12,7 @@ from conftest import JsonServer, free_port, load_stage, run_script
 
 import backends  # noqa: E402
 import common  # noqa: E402
+import models  # noqa: E402
 import training  # noqa: E402
 
 grpo = load_stage("04_grpo")
@@ -126,7 +127,7 @@ def tiny_rollouts(tok, G=4, n_groups=2, seed=0):
     gen = torch.Generator().manual_seed(seed)
     prompts, comps = [], []
     for k in range(n_groups):
-        p = common.chat_ids(tok, [{"role": "user", "content": f"I feel worried, number {k}."}])
+        p = models.chat_ids(tok, [{"role": "user", "content": f"I feel worried, number {k}."}])
         for j in range(G):
             prompts.append(p)
             comps.append(torch.randint(100, 3000, (2 + (j + k) % 4,), generator=gen).tolist())
@@ -134,7 +135,7 @@ def tiny_rollouts(tok, G=4, n_groups=2, seed=0):
 
 
 def test_grpo_step_stops_before_the_update_on_a_non_finite_loss(tiny_model_dir):
-    model, tok = common.load_causal_lm(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    model, tok = models.load_causal_lm(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     model.train()
     prompts, comps = tiny_rollouts(tok)
     adv = torch.ones(len(comps))
@@ -152,7 +153,7 @@ def test_grpo_step_stops_before_the_update_on_a_non_finite_loss(tiny_model_dir):
 def test_04_non_finite_run_exits_1_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    tok = common.load_tokenizer(str(tiny_model_dir))
+    tok = models.load_tokenizer(str(tiny_model_dir))
     prompts, comps = tiny_rollouts(tok)
     rfile = tmp_path / "groups.jsonl"
     common.write_jsonl(rfile, [{"prompt_ids": prompts[4 * k], "completions": comps[4 * k:4 * k + 4],
@@ -211,10 +212,10 @@ def test_k3_kl_in_the_update_with_pad_logprobs_below_the_overflow(tiny_model_dir
     """Through accumulate_gradients: at temperature 1e-3 the tiny model's log-prob of the pad token at padded
     positions is far below -88.7; the loss and gradient stay finite and equal the unpadded (one sequence per
     micro-batch) computation."""
-    model, tok = common.load_causal_lm(str(tiny_model_dir), torch.device("cpu"), torch.float32)
-    ref_model, _ = common.load_causal_lm(str(tiny_model_dir_2), torch.device("cpu"), torch.float32)
+    model, tok = models.load_causal_lm(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    ref_model, _ = models.load_causal_lm(str(tiny_model_dir_2), torch.device("cpu"), torch.float32)
     T = 1e-3
-    prompts = [common.chat_ids(tok, [{"role": "user", "content": f"I feel low, number {k}."}]) for k in range(2)]
+    prompts = [models.chat_ids(tok, [{"role": "user", "content": f"I feel low, number {k}."}]) for k in range(2)]
     greedy = grpo.rollout(model, tok, prompts, 1, max_new_tokens=4, temperature=0.0)
     comps = [greedy[0][:4], greedy[0][:1], greedy[1][:3], greedy[1][:2]]  # greedy prefixes: logp ~ 0, ragged
     ro = grpo.Rollouts([prompts[0]] * 2 + [prompts[1]] * 2, comps, torch.tensor([1.0, -1.0, 0.5, -0.5]))
@@ -285,7 +286,7 @@ def test_rapo_rewards_add_the_overlong_punishment_except_for_failed_groups():
 
 
 def test_rapo_run_logs_the_length_reward(tiny_model_dir, tmp_path):
-    tok = common.load_tokenizer(str(tiny_model_dir))
+    tok = models.load_tokenizer(str(tiny_model_dir))
     prompts, comps = tiny_rollouts(tok)
     groups = [{"prompt_ids": prompts[4 * k], "completions": comps[4 * k:4 * k + 4],
                "scores": [0.1, 0.4, 0.7, 0.9] if k == 0 else None, "teacher_prompt_ids": None} for k in range(2)]
@@ -406,9 +407,9 @@ def test_a_causal_lm_adapter_as_rm(tmp_path, capsys):
 def test_teacher_base_full_fine_tuning_without_kl_builds_the_reference(tiny_model_dir, tmp_path):
     """--teacher base --no-lora --beta 0 crashed (no frozen copy is built when beta is 0): now it runs and
     distils from the initial model."""
-    tok = common.load_tokenizer(str(tiny_model_dir))
+    tok = models.load_tokenizer(str(tiny_model_dir))
     prompts, comps = tiny_rollouts(tok)
-    t_ids = common.chat_ids(tok, [{"role": "user", "content": "I feel worried. [feedback: be warmer]"}], "<strategy>")
+    t_ids = models.chat_ids(tok, [{"role": "user", "content": "I feel worried. [feedback: be warmer]"}], "<strategy>")
     groups = [{"prompt_ids": prompts[4 * k], "completions": comps[4 * k:4 * k + 4], "scores": [0.1, 0.4, 0.7, 0.9],
                "teacher_prompt_ids": t_ids} for k in range(2)]
     rfile = tmp_path / "groups.jsonl"

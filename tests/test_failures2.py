@@ -18,6 +18,7 @@ from conftest import ROOT, JsonServer, load_stage, run_script
 
 import backends  # noqa: E402
 import common  # noqa: E402
+import models  # noqa: E402
 
 rapo = load_stage("05_rapo")
 grpo = load_stage("04_grpo")
@@ -113,7 +114,7 @@ def cosine_lr(lr: float, k: int, total: int) -> float:
 @pytest.fixture(scope="module")
 def rapo_groups(tiny_model_dir, tmp_path_factory):
     """Two fixed RAPO groups (G = 4) with scores and no teacher prompt."""
-    tok = common.load_tokenizer(str(tiny_model_dir))
+    tok = models.load_tokenizer(str(tiny_model_dir))
     recs = []
     for g in range(2):
         p = grpo.prompt_ids(tok, [{"role": "user", "content": f"worry {g}: I cannot sleep."}], rapo.RAPO_SYSTEM,
@@ -127,7 +128,7 @@ def rapo_groups(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def grpo_groups(tiny_model_dir, tmp_path_factory):
-    tok = common.load_tokenizer(str(tiny_model_dir))
+    tok = models.load_tokenizer(str(tiny_model_dir))
     recs = []
     for g in range(2):
         p = grpo.prompt_ids(tok, [{"role": "user", "content": f"worry {g}: I cannot sleep."}], "Be kind.", "", 128)

@@ -10,6 +10,7 @@ import torch
 
 import backends
 import common
+import models
 from conftest import load_stage, run_script
 
 sel = load_stage("01_select")
@@ -252,12 +253,12 @@ def test_sd_docstrings_cite_eq_12_for_the_summed_loss():
 
 
 def test_teacher_sees_the_students_messages_plus_the_block():
-    tok = common.load_tokenizer(str(common.embedded_tokenizer_path()))
+    tok = models.load_tokenizer(str(models.embedded_tokenizer_path()))
     ctx = [{"role": "user", "content": "OLDEST " + "I worry about everything at work. " * 30},
            {"role": "assistant", "content": "That sounds heavy. What worries you most?"},
            {"role": "user", "content": "LATEST my manager ignores me."}]
     grpo = load_stage("04_grpo")
-    budget = len(common.chat_ids(tok, [{"role": "system", "content": rapo.RAPO_SYSTEM}] + ctx[1:], rapo.PREFILL)) + 5
+    budget = len(models.chat_ids(tok, [{"role": "system", "content": rapo.RAPO_SYSTEM}] + ctx[1:], rapo.PREFILL)) + 5
     student = tok.decode(grpo.prompt_ids(tok, ctx, rapo.RAPO_SYSTEM, rapo.PREFILL, budget))
     assert "OLDEST" not in student and "LATEST" in student  # the student's budget drops the oldest message
     fb = dict(response="ok", reaction="meh", critique="too short", best="That sounds lonely.")

@@ -13,6 +13,7 @@ from conftest import ROOT, load_stage, run_script
 
 g = load_stage("04_grpo")
 import common  # noqa: E402
+import models  # noqa: E402
 import speed  # noqa: E402
 import training  # noqa: E402
 
@@ -127,13 +128,13 @@ def test_on_policy_ratio_keeps_policy_gradient():
 
 
 def test_per_token_logps_match_full_log_softmax(tiny_model_dir):
-    model, tok = common.load_causal_lm(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    model, tok = models.load_causal_lm(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     prompts, comps = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
     ids, attn, pos, cmask = g.collate(prompts, comps, tok.pad_token_id)
     assert cmask.tolist() == [[1, 1, 0], [1, 1, 1]]
     with torch.no_grad():
         lp, logits, _ = g.completion_logps(model, prompts, comps, tok.pad_token_id, 0.7)
-        ent = common.softmax_entropy(logits, temperature=0.7)
+        ent = models.softmax_entropy(logits, temperature=0.7)
         for i, (p, c) in enumerate(zip(prompts, comps)):  # each sequence alone, unpadded, full log-softmax
             x = torch.tensor([p + c])
             full = torch.log_softmax(model(input_ids=x).logits[0] / 0.7, -1)  # [T, V]
@@ -151,7 +152,7 @@ def lora_model(model_dir, seed=0):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    model, tok = common.load_causal_lm(str(model_dir), torch.device("cpu"), torch.float32)
+    model, tok = models.load_causal_lm(str(model_dir), torch.device("cpu"), torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=training.LORA_TARGETS))
     with torch.no_grad():  # non-zero B so that every LoRA parameter gets a gradient
         for n, p in model.named_parameters():
@@ -220,7 +221,7 @@ def test_toy_verifiable_reward_rises():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    tok = common.load_tokenizer(str(common.embedded_tokenizer_path()))  # only its pad/eos id (2) is used
+    tok = models.load_tokenizer(str(models.embedded_tokenizer_path()))  # only its pad/eos id (2) is used
     cfg_m = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                         num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg_m)
@@ -332,7 +333,7 @@ def test_resume_equals_uninterrupted(eos_model_dir, turns_file, tmp_path):
     # the adapter really moved (lora_B starts at zero)
     assert any(v.abs().sum() > 0 for k, v in adapter_tensors(tmp_path / "full" / "adapter").items() if "lora_B" in k)
     # the final adapter reloads with PEFT
-    m, _ = common.load_causal_lm(str(tmp_path / "full" / "adapter"), torch.device("cpu"), torch.float32)
+    m, _ = models.load_causal_lm(str(tmp_path / "full" / "adapter"), torch.device("cpu"), torch.float32)
     assert type(m).__name__.startswith("Peft")
     assert sorted(p.name for p in cut.glob("checkpoint*")) == ["checkpoint"]
     # a setting given again must equal the run's (else one line, exit 2); --max-steps may change

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_stage, run_script
+from conftest import load_stage, run_in_process
 
 g = load_stage("04_grpo")
 import common  # noqa: E402
@@ -265,7 +265,7 @@ def split_turns(tmp_path_factory):
 
 
 def run_stage(args, check=True):
-    return run_script("04_grpo.py", *args, env={"PYTHONPATH": str(ROOT)}, timeout=400, check=check)
+    return run_in_process("04_grpo.py", *args, check=check)
 
 
 def test_dynamic_sampling_and_eval_resume_equal_uninterrupted(eos_model_dir, split_turns, tmp_path):
@@ -295,7 +295,7 @@ def test_dynamic_sampling_and_eval_resume_equal_uninterrupted(eos_model_dir, spl
     run_stage([*args[:args.index("--eval-every")], *args[args.index("--eval-size") + 2:], "--out", str(tmp_path / "noeval")])
     assert_same_metrics(mf, common.read_jsonl(tmp_path / "noeval" / "metrics.jsonl"))
     # --eval-every may change on --resume (it is in RESUME_MAY_CHANGE); a training knob may not
-    r = run_script("04_grpo.py", "--out", tmp_path / "cut", "--resume", "--is-level", "token", check=False)
+    r = run_stage(["--out", tmp_path / "cut", "--resume", "--is-level", "token"], check=False)
     assert r.returncode == 2 and "--is-level token differs from the run's sequence" in r.stderr, r.stderr
 
 
@@ -326,18 +326,19 @@ def test_every_new_flag_names_its_source():
                "--eval-every": "TRL"}
     for flag, src in sources.items():
         assert src in helps[flag], flag
-    h = " ".join(run_script("04_grpo.py", "--help").stdout.split())
-    assert "DAPO's dynamic sampling" in h and "verl max_num_gen_batches" in h
+    for stage in ("04_grpo.py", "05_rapo.py"):  # (05: its own draws, through 04's dynamic_sampling)
+        h = " ".join(run_in_process(stage, "--help").stdout.split())
+        assert "--dynamic-sampling" in h and "DAPO's dynamic sampling" in h and "verl max_num_gen_batches" in h, stage
 
 
 def test_rapo_eval_every_and_options(tiny_model_dir, split_turns, tmp_path):
     """05 takes the same knobs (its update is 04's) and logs its held-out reward: the --grm model's rubric score of
     each reply alone (the scripted judge here) plus R_len, at the --eval-every steps."""
-    run_script("05_rapo.py", "--data", split_turns, "--out", tmp_path / "r", "--policy", f"hf:{tiny_model_dir}",
+    run_in_process("05_rapo.py", "--data", split_turns, "--out", tmp_path / "r", "--policy", f"hf:{tiny_model_dir}",
                "--seeker", "scripted", "--grm", "scripted", "--all-turns", "--format", "reply", "--prompts-per-step", "2",
                "--group-size", "2", "--max-steps", "2", "--max-new-tokens", "6", "--grm-retries", "0", "--eval-every", "2",
                "--eval-size", "2", "--mask-truncated", "--scale-rewards", "batch", "--reward-combine", "gdpo",
-               "--is-level", "sequence", timeout=600)
+               "--is-level", "sequence")
     rows = common.read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and "eval_reward" not in rows[0]
     ev = rows[1]

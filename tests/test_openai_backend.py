@@ -9,7 +9,7 @@ tests that need no server still run.
 Two properties of `transformers serve` 5.23 shape the tests:
 - it samples only when the served folder's generation_config.json says `do_sample: true` (a request's
   `temperature` > 0 never turns sampling on; `temperature: 0` turns it off), so the served copy gets
-  `do_sample: true, top_k: 0` (plain temperature / top-p sampling, as in common.generate_ids);
+  `do_sample: true, top_k: 0` (plain temperature / top-p sampling, as in models.generate_ids);
 - a request's `seed` is a global `torch.manual_seed` on the server, so seeded draws are reproducible only
   with one request in flight: the seed tests use concurrency=1, the concurrency test checks bookkeeping.
 """

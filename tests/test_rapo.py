@@ -9,6 +9,7 @@ import torch
 
 import backends
 import common
+import models
 import training  # noqa: E402
 from conftest import load_stage, run_script
 
@@ -115,7 +116,7 @@ def test_shuffle_unshuffle_roundtrip_and_grm_scores_follow_candidates():
 
 def test_teacher_scores_the_students_token_ids(tiny_model_dir):
     """The teacher's logits line up with the student's completion tokens, with left padding in both."""
-    model, tok = common.load_causal_lm(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    model, tok = models.load_causal_lm(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     ctx = [{"role": "user", "content": "I lost my job and I feel lost."}]
     p_short = grpo.prompt_ids(tok, ctx, rapo.RAPO_SYSTEM, rapo.PREFILL, 512)
     t_ctx = rapo.teacher_context(ctx, "ok", "that did not help", "too short", "That sounds really hard.")
@@ -145,7 +146,7 @@ def _lora_model(path, b_std=0.02):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model, tok = common.load_causal_lm(str(path), torch.device("cpu"), torch.float32)
+    model, tok = models.load_causal_lm(str(path), torch.device("cpu"), torch.float32)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=training.LORA_TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
     for n, p in model.named_parameters():
@@ -215,7 +216,7 @@ def _adapter(folder):
 @pytest.fixture(scope="module")
 def fixed_groups(tiny_model_dir, tmp_path_factory):
     """Four groups of G=4 with scores, one failed group and teacher prompts for the worst candidates."""
-    tok = common.load_tokenizer(str(tiny_model_dir))
+    tok = models.load_tokenizer(str(tiny_model_dir))
     rng = random.Random(7)
     recs = []
     for g in range(4):

@@ -14,9 +14,8 @@ import torch
 import backends
 import common
 import role_cache
-from conftest import ROOT, run_script
+from conftest import ROOT, run_in_process
 from test_openai_backend import served_model, server  # noqa: F401 (the real `transformers serve`)
-from test_vllm import vmodel_dir  # noqa: F401 (the vLLM tier's tiny model)
 
 CHATS = [[{"role": "user", "content": f"I feel worried about thing {i}."}] for i in range(4)]
 
@@ -313,15 +312,15 @@ def test_02_killed_run_resumes_from_the_cache_and_replays_byte_for_byte(tmp_path
     p.kill()
     assert p.wait() == -signal.SIGKILL  # killed mid-way, not finished
     # the same command completes, reading the torn cache; then a replay-only run makes no model call
-    done = run_script(*args, "--out", tmp_path / "a", check=False)
+    done = run_in_process(*args, "--out", tmp_path / "a", check=False)
     assert done.returncode in (0, 2) and "role cache" in done.stdout, done.stderr  # 2: a one-class label set
-    again = run_script(*args, "--out", tmp_path / "b", "--role-cache-mode", "read", check=False)
+    again = run_in_process(*args, "--out", tmp_path / "b", "--role-cache-mode", "read", check=False)
     assert again.returncode == done.returncode, again.stderr
     names = ["rollouts.jsonl", "simulate_stats.json"]
     assert _outputs(tmp_path / "a", names) == _outputs(tmp_path / "b", names)
     assert _counts(tmp_path / "b")[1:] == (0, 0) and _counts(tmp_path / "b")[0] > 0
     # a changed setting misses: replay-only stops with one line, exit code 1
-    bad = run_script(*args, "--out", tmp_path / "c", "--seeker-temperature", 0.5, "--role-cache-mode", "read", check=False)
+    bad = run_in_process(*args, "--out", tmp_path / "c", "--seeker-temperature", 0.5, "--role-cache-mode", "read", check=False)
     last = bad.stderr.strip().splitlines()[-1]  # (the lines above it: progress bars)
     assert bad.returncode == 1 and last.startswith("error: role cache") and "no stored answer for a generate call" in last
     assert "temperature 0.5" in last and not (tmp_path / "c" / "rollouts.jsonl").exists()
@@ -331,13 +330,13 @@ def test_05_second_run_makes_no_role_call_and_trains_the_same(tmp_path, tiny_mod
     """Two steps with hf: seeker and GRM: the step-2 rollouts continue the process's random stream, which a
     replayed role call must leave as a live one does."""
     sel = tmp_path / "sel"
-    run_script("01_select.py", "--data", demo_data, "--out", sel, "--judge", "none", "--max-examples", "3")
+    run_in_process("01_select.py", "--data", demo_data, "--out", sel, "--judge", "none", "--max-examples", "3")
     tiny = f"hf:{tiny_model_dir}"
     args = ["05_rapo.py", "--data", sel / "turns.jsonl", "--policy", tiny, "--seeker", tiny, "--grm", tiny,
             "--prompts-per-step", 2, "--group-size", 2, "--max-steps", 2, "--max-new-tokens", 6, "--grm-max-new-tokens", 8,
             "--seeker-max-new-tokens", 6, "--grm-retries", 1, "--role-cache", tmp_path / "cache"]
-    run_script(*args, "--out", tmp_path / "a")
-    run_script(*args, "--out", tmp_path / "b")
+    run_in_process(*args, "--out", tmp_path / "a")
+    run_in_process(*args, "--out", tmp_path / "b")
     assert _counts(tmp_path / "a")[2] > 0 and _counts(tmp_path / "b")[1:] == (0, 0)
     names = ["samples.jsonl", "adapter/adapter_model.safetensors"]
     assert _outputs(tmp_path / "a", names) == _outputs(tmp_path / "b", names)
@@ -345,14 +344,14 @@ def test_05_second_run_makes_no_role_call_and_trains_the_same(tmp_path, tiny_mod
 
 def test_06_second_run_makes_no_model_call_and_writes_the_same_report(tmp_path, tiny_model_dir, demo_data):
     d = tmp_path / "turns"
-    run_script("01_select.py", "--data", demo_data, "--out", d, "--judge", "none", "--test-frac", "0.2")
+    run_in_process("01_select.py", "--data", demo_data, "--out", d, "--judge", "none", "--test-frac", "0.2")
     t = f"hf:{tiny_model_dir}"
     args = ["06_eval.py", "--data", d / "turns.jsonl", "--seeker", t, "--critic", t, "--judge", t, "--policy", t,
             "--max-examples", 2, "--max-ref-turns", 2, "--max-turns", 2, "--judge-rounds", 1, "--max-new-tokens", 5,
             "--seeker-max-new-tokens", 5, "--batch-size", 2, "--bootstrap", 0, "--bertscore-model", "none",
             "--role-cache", tmp_path / "cache"]
-    run_script(*args, "--out", tmp_path / "a")
-    run_script(*args, "--out", tmp_path / "b")
+    run_in_process(*args, "--out", tmp_path / "a")
+    run_in_process(*args, "--out", tmp_path / "b")
     assert _counts(tmp_path / "a")[2] > 0 and _counts(tmp_path / "b")[1:] == (0, 0)
     names = ["scores.json", "report.md", "dialogs.jsonl", "replies.jsonl"]
     a, b = _outputs(tmp_path / "a", names), _outputs(tmp_path / "b", names)
@@ -366,23 +365,6 @@ def test_05_grm_prefill_sees_an_openai_grm_through_the_cache(tmp_path):
     rapo = common.load_stage("05_rapo")
     served = backends.OpenAIBackend("m", "http://127.0.0.1:9/v1")
     assert rapo.grm_prefill(role_cache.RoleCache(tmp_path / "c").wrap(served)) == rapo.grm_prefill(served) == ""
-
-
-def test_vllm_partial_batches_answer_as_the_full_batch(tmp_path, vmodel_dir):
-    """vllm: prompt i of a call draws at seed + i*n: items stored by other calls (at their own seeds) and the
-    misses sent in runs of consecutive positions give exactly the full batch's samples."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    engine = backends.VLLMBackend(str(vmodel_dir), dtype="float32", seed=0, max_model_len=1024, enforce_eager=True)
-    chats = CHATS + [[{"role": "user", "content": "x"}]]
-    kw = dict(max_new_tokens=4, temperature=1.0, n=2)
-    full = engine.generate(chats, seed=21, **kw)
-    b = role_cache.RoleCache(tmp_path / "c").wrap(engine)
-    assert b.generate(chats[1:2], seed=21 + 1 * 2, **kw) == full[1:2]  # item 1 alone, at its own seed
-    assert b.generate(chats[3:4], seed=21 + 3 * 2, **kw) == full[3:4]
-    calls = engine.calls
-    assert b.generate(chats, seed=21, **kw) == full and engine.calls == calls + 3  # runs [0], [2] and [4]
-    del engine.llm
 
 
 def test_any_text_round_trips_byte_for_byte(tmp_path):
@@ -403,8 +385,8 @@ def test_any_text_round_trips_byte_for_byte(tmp_path):
 def test_01_judge_replays_in_read_mode(tmp_path, tiny_model_dir, demo_data):
     args = ["01_select.py", "--data", demo_data, "--judge", f"hf:{tiny_model_dir}", "--max-examples", 3,
             "--role-cache", tmp_path / "cache"]
-    run_script(*args, "--out", tmp_path / "a")
-    run_script(*args, "--out", tmp_path / "b", "--role-cache-mode", "read")
+    run_in_process(*args, "--out", tmp_path / "a")
+    run_in_process(*args, "--out", tmp_path / "b", "--role-cache-mode", "read")
     assert (tmp_path / "a" / "turns.jsonl").read_bytes() == (tmp_path / "b" / "turns.jsonl").read_bytes()
     a, b = (json.loads((tmp_path / d / "select_role_cache.json").read_text()) for d in "ab")
     assert a["misses"] > 0 and a["model_calls"] > 0 and (b["hits"], b["misses"], b["model_calls"]) == (a["misses"], 0, 0)

@@ -8,6 +8,7 @@ import torch
 from conftest import load_stage
 
 import common  # noqa: E402
+import models  # noqa: E402
 import speed  # noqa: E402
 import training  # noqa: E402
 
@@ -18,7 +19,7 @@ GRAD_RTOL = 1e-4  # per parameter: max |g_shared - g_plain| <= GRAD_RTOL * max |
 
 
 def make_model(folder, lora: bool):
-    model, tok = common.load_causal_lm(str(folder), torch.device("cpu"), torch.float32)
+    model, tok = models.load_causal_lm(str(folder), torch.device("cpu"), torch.float32)
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -115,7 +116,7 @@ def test_shared_prefill_generation_equals_plain_greedy(tiny_model_dir, lora):
     model.generation_config.eos_token_id = tok.eos_token_id
     prompts, _ = groups([3, 12, 7], [1])
     kw = dict(max_new_tokens=12, temperature=0.0, batch_size=64, n=3)
-    plain = common.generate_ids(model, tok, prompts, **kw)
+    plain = models.generate_ids(model, tok, prompts, **kw)
     shared = speed.generate_ids(model, tok, prompts, shared_prefill=True, **kw)
     assert len(plain) == 9 and plain == shared
     assert all(plain[3 * i] == plain[3 * i + 1] == plain[3 * i + 2] for i in range(3))  # greedy: n identical
@@ -130,7 +131,7 @@ def test_option_logprobs_equal_plain_continuations(tiny_model_dir):
     prompts, _ = groups([2, 9, 5], [1])
     options = [[11, 12, 13], [14], [15, 16]]
     got = speed.option_logprobs(model, tok, prompts, options, batch_size=2)
-    want = common.continuation_logprobs(model, tok, [p for p in prompts for _ in options], options * len(prompts))
+    want = models.continuation_logprobs(model, tok, [p for p in prompts for _ in options], options * len(prompts))
     assert torch.allclose(got.flatten(), torch.tensor(want), atol=1e-4, rtol=0)
 
 

@@ -9,6 +9,7 @@ import pytest
 
 import backends
 import common
+from conftest import run_in_process, run_script
 from envs import sotopia as S
 from envs import sotopia_scripted as R
 from test_openai_backend import server, served_model  # noqa: F401  (the `transformers serve` fixtures)
@@ -448,8 +449,6 @@ def test_generator_is_seeded_and_loads(tmp_path):
     assert fams == ["bargain"] * 2 + ["divide"] * 2 + ["bargain"] * 2 + ["divide"] * 2 + ["bargain"] * 2 + \
         ["divide"] * 2 + ["bargain"] * 2 + ["divide"] * 2 + ["bargain"] * 2 + ["divide"] * 2
     assert len(S.select_cases(p)) == 20 and all(e["source"] == "scripted-generator" for e in p["envs"].values())
-    from conftest import run_script
-
     run_script("envs/sotopia_scripted.py", "--out", tmp_path / "cli", "-n", "10", "--seed", "3")  # the same folder
     for name in S.FILES.values():
         assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "gen" / name).read_bytes()
@@ -460,11 +459,9 @@ def test_generator_is_seeded_and_loads(tmp_path):
 
 
 def test_episodes_stage_writes_policy_turns_and_resumes_byte_identical(tiny_model_dir, tmp_path):
-    from conftest import run_script
-
     args = ["--data", FIX, "--policy", f"hf:{tiny_model_dir}", "--partner", "scripted", "--sides", "2",
             "--pairings", "1", "--max-turns", "4", "--max-new-tokens", "8", "--batch-size", "3", "--max-examples", "5"]
-    run_script("envs/sotopia.py", *args, "--out", tmp_path / "a")
+    run_in_process("envs/sotopia.py", *args, "--out", tmp_path / "a")
     eps = common.read_jsonl(tmp_path / "a" / "episodes.jsonl")
     assert [e["id"] for e in eps] == ["fx-c0-a0", "fx-c0-a1", "fx-c2-a0", "fx-c2-a1", "fx-c3-a0"]
     assert [e["players"] for e in eps[:2]] == [["policy", "partner"], ["partner", "policy"]]
@@ -478,28 +475,26 @@ def test_episodes_stage_writes_policy_turns_and_resumes_byte_identical(tiny_mode
     full = (tmp_path / "a" / "episodes.jsonl").read_bytes()
     lines = full.decode().splitlines(keepends=True)
     (tmp_path / "a" / "episodes.jsonl").write_text("".join(lines[:-2]) + lines[-2][:40])
-    run_script("envs/sotopia.py", *args, "--out", tmp_path / "a")
+    run_in_process("envs/sotopia.py", *args, "--out", tmp_path / "a")
     assert (tmp_path / "a" / "episodes.jsonl").read_bytes() == full
-    r = run_script("envs/sotopia.py", *args[:-2], "--max-examples", "4", "--max-turns", "6", "--out", tmp_path / "a",
+    r = run_in_process("envs/sotopia.py", *args[:-2], "--max-examples", "4", "--max-turns", "6", "--out", tmp_path / "a",
                    check=False)
     assert r.returncode == 2 and "--max-turns 4 (now 6)" in r.stderr
     bad = tmp_path / "bad"
     shutil.copytree(FIX, bad)
     (bad / ENVS).write_text((bad / ENVS).read_text().replace('"relationship": 3', '"relationship": 9'))
-    r = run_script("envs/sotopia.py", *args[2:], "--data", bad, "--out", tmp_path / "b", check=False)
+    r = run_script("envs/sotopia.py", *args[2:], "--data", bad, "--out", tmp_path / "b", check=False)  # as a script
     assert r.returncode == 2 and "environment_profiles.jsonl: line 2 (fx-env-divide): field 'relationship'" in r.stderr
     assert not (tmp_path / "b" / "episodes.jsonl").exists()
 
 
 def test_rapo_on_sotopia_one_step(tiny_model_dir, tmp_path):
-    from conftest import run_script
-
-    run_script("envs/sotopia.py", "--data", FIX, "--policy", f"hf:{tiny_model_dir}", "--partner", "scripted",
+    run_in_process("envs/sotopia.py", "--data", FIX, "--policy", f"hf:{tiny_model_dir}", "--partner", "scripted",
                "--max-turns", "4", "--max-new-tokens", "8", "--out", tmp_path / "ep")
-    run_script("05_rapo.py", "--env", "sotopia", "--data", tmp_path / "ep" / "turns.jsonl", "--out", tmp_path / "r",
+    run_in_process("05_rapo.py", "--env", "sotopia", "--data", tmp_path / "ep" / "turns.jsonl", "--out", tmp_path / "r",
                "--policy", f"hf:{tiny_model_dir}", "--seeker", "scripted", "--grm", "scripted", "--prompts-per-step", "2",
                "--group-size", "3", "--max-steps", "1", "--max-new-tokens", "6", "--grm-retries", "0",
-               "--max-prompt-tokens", "2048", timeout=600)
+               "--max-prompt-tokens", "2048")
     saved = json.loads((tmp_path / "r" / "args.json").read_text())
     assert saved["env"] == "sotopia" and saved["system_prompt"] == S.AGENT_SYSTEM and saved["prefill"] == ""
     row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
@@ -507,12 +502,31 @@ def test_rapo_on_sotopia_one_step(tiny_model_dir, tmp_path):
     sample = json.loads((tmp_path / "r" / "samples.jsonl").read_text().splitlines()[0])
     assert len(sample["reactions"]) == 3 and all(x.startswith("Turn #") for x in sample["reactions"])
     assert "(goal value" in sample["grm"]["critiques"][0]  # the scripted GRM's analysis
-    r = run_script("05_rapo.py", "--env", "sotopia", "--data", tmp_path / "ep" / "turns.jsonl", "--out", tmp_path / "y",
+    r = run_in_process("05_rapo.py", "--env", "sotopia", "--data", tmp_path / "ep" / "turns.jsonl", "--out", tmp_path / "y",
                    "--policy", f"hf:{tiny_model_dir}", "--max-prompt-tokens", "256", check=False)
     assert r.returncode == 2 and "more than --max-prompt-tokens 256" in r.stderr and not (tmp_path / "y" / "args.json").exists()
-    r = run_script("05_rapo.py", "--env", "sotopia", "--reward", "rubric-point", "--data", tmp_path / "ep" / "turns.jsonl",
+    r = run_in_process("05_rapo.py", "--env", "sotopia", "--reward", "rubric-point", "--data", tmp_path / "ep" / "turns.jsonl",
                    "--out", tmp_path / "x", "--policy", f"hf:{tiny_model_dir}", check=False)
     assert r.returncode == 2 and "--env sotopia trains with --reward reaction" in r.stderr
+
+
+def test_rapo_on_sotopia_two_ranks(tiny_model_dir, tmp_path):
+    """05 --env sotopia under torchrun: each rank plays its share of the prompts (reactions of the scripted partner,
+    the scripted GRM), and the step's numbers are sums over both ranks (a rank's groups missing from the all-reduce
+    would halve sd_tokens). Live rollouts are seeded per rank (docs/04_grpo.md, deviation 6), so the weights are
+    not compared with one process: tests/test_rapo.py does that on fixed rollouts."""
+    run_in_process("envs/sotopia.py", "--data", FIX, "--policy", f"hf:{tiny_model_dir}", "--partner", "scripted",
+                   "--max-turns", "4", "--max-new-tokens", "8", "--out", tmp_path / "ep")
+    args = ["--env", "sotopia", "--data", tmp_path / "ep" / "turns.jsonl", "--policy", f"hf:{tiny_model_dir}",
+            "--seeker", "scripted", "--grm", "scripted", "--prompts-per-step", "4", "--group-size", "3", "--max-steps",
+            "1", "--max-new-tokens", "6", "--grm-retries", "0", "--max-prompt-tokens", "2048"]
+    run_in_process("05_rapo.py", *args, "--out", tmp_path / "one")
+    run_script("05_rapo.py", *args, "--out", tmp_path / "two", nproc=2, timeout=600)
+    one, two = (json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0]) for d in ("one", "two"))
+    assert one["sd_tokens"] == two["sd_tokens"] == 4 * 6  # the worst candidate of each of the 4 groups, 6 tokens each
+    assert two["grm_failed_frac"] == 0 and two["completion_len_mean"] == 6
+    assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "two" / "adapter" / "teacher" / "adapter_model.safetensors").is_file()
 
 
 def mean_stat(values):
@@ -547,10 +561,8 @@ def test_openai_partner_and_evaluator_against_a_real_server(server, tiny_model_d
     """The Sotopia prompts through an OpenAI-compatible server (`transformers serve`, as tests/test_openai_backend.py):
     the partner plays its side; the tiny random model never writes valid JSON, which is taken as speech and counted,
     and the evaluator's answers are re-asked, then recorded as failures, never a crash."""
-    from conftest import run_script
-
     url, name = server
-    run_script("envs/sotopia.py", "--data", FIX, "--policy", f"hf:{tiny_model_dir}", "--partner", f"openai:{name}",
+    run_in_process("envs/sotopia.py", "--data", FIX, "--policy", f"hf:{tiny_model_dir}", "--partner", f"openai:{name}",
                "--partner-base-url", url, "--max-turns", "3", "--max-new-tokens", "6", "--max-examples", "2",
                "--out", tmp_path / "ep")
     eps = common.read_jsonl(tmp_path / "ep" / "episodes.jsonl")
@@ -570,9 +582,7 @@ def test_openai_partner_and_evaluator_against_a_real_server(server, tiny_model_d
 def test_eval_sotopia_selfplay_scripted_known_numbers(tmp_path):
     """The scripted agent as the policy in self-play, the scripted evaluator: the numbers worked out by hand in the
     tests above (bargain 10 and 10, divide 9.52 and 9.89, the two open scenarios 5), on a folder 06 never saw."""
-    from conftest import run_script
-
-    run_script("06_eval.py", "--test-data", FIX, "--out", tmp_path / "e", "--policy", "rules=scripted",
+    run_in_process("06_eval.py", "--test-data", FIX, "--out", tmp_path / "e", "--policy", "rules=scripted",
                "--evaluator", "scripted", "--bootstrap", "200")
     scores = json.loads((tmp_path / "e" / "scores.json").read_text())
     s = scores["policies"][0]["sotopia"]
@@ -584,29 +594,27 @@ def test_eval_sotopia_selfplay_scripted_known_numbers(tmp_path):
     assert recs[0]["players"] == ["policy", "policy"] and recs[0]["transcript"].startswith("Turn #0: Wren Calloway")
     report = (tmp_path / "e" / "report.md").read_text()
     assert "| rules | 7.43 [" in report and "`scripted`" in report
-    r = run_script("06_eval.py", "--test-data", FIX, "--out", tmp_path / "x", "--parts", "interactive", check=False)
+    r = run_in_process("06_eval.py", "--test-data", FIX, "--out", tmp_path / "x", "--parts", "interactive", check=False)
     assert r.returncode == 2 and "a Sotopia profile folder" in r.stderr
 
 
 def test_eval_sotopia_partner_resumes_byte_identical_and_two_ranks_equal_one(tiny_model_dir, tmp_path):
-    from conftest import run_script
-
     args = ["--test-data", FIX, "--policy", f"tiny=hf:{tiny_model_dir}", "--evaluator", "scripted", "--sotopia-mode",
             "partner", "--partner", "scripted", "--sotopia-sides", "2", "--sotopia-pairings", "1", "--sotopia-max-turns",
             "4", "--max-new-tokens", "6", "--batch-size", "3", "--bootstrap", "100"]
-    run_script("06_eval.py", *args, "--out", tmp_path / "one")
+    run_in_process("06_eval.py", *args, "--out", tmp_path / "one")
     full = (tmp_path / "one" / "dialogs.jsonl").read_bytes()
     recs = common.read_jsonl(tmp_path / "one" / "dialogs.jsonl")
     assert len(recs) == 8 and [r["players"] for r in recs[:2]] == [["policy", "partner"], ["partner", "policy"]]
     scores = (tmp_path / "one" / "scores.json").read_bytes()
     lines = full.decode().splitlines(keepends=True)  # interrupted: the last chunk lost, a torn line left
     (tmp_path / "one" / "dialogs.jsonl").write_text("".join(lines[:-3]) + lines[-3][:50])
-    run_script("06_eval.py", *args, "--out", tmp_path / "one")
+    run_in_process("06_eval.py", *args, "--out", tmp_path / "one")
     assert (tmp_path / "one" / "dialogs.jsonl").read_bytes() == full
     assert (tmp_path / "one" / "scores.json").read_bytes() == scores
     run_script("06_eval.py", *args, "--out", tmp_path / "two", nproc=2)
     assert (tmp_path / "two" / "dialogs.jsonl").read_bytes() == full
-    r = run_script("06_eval.py", *args[:-2], "--bootstrap", "100", "--sotopia-max-turns", "6", "--out",
+    r = run_in_process("06_eval.py", *args[:-2], "--bootstrap", "100", "--sotopia-max-turns", "6", "--out",
                    tmp_path / "one", check=False)
     assert r.returncode == 2 and "--sotopia-max-turns" in r.stderr
 

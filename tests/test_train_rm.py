@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import models
 from conftest import load_stage, run_script
 
 rm = load_stage("03_train_rm")
@@ -160,7 +161,7 @@ def test_padding_does_not_change_scores(toy, tiny_model_dir):
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
-    tok = common.load_tokenizer(str(tiny_model_dir))
+    tok = models.load_tokenizer(str(tiny_model_dir))
     model.config.pad_token_id = tok.pad_token_id
     recs = toy["recs"][:6]
     ctx = [r["context"] for r in recs]

