@@ -87,10 +87,6 @@ def parse_args(argv=None):
     g.add_argument("--beta", type=float, default=0.04, help="k3 KL coefficient against the base model")
     g.add_argument("--max-prompt-tokens", type=int, default=1024,
                    help="05's prompt budget (05 refuses a Sotopia context longer than it)")
-    g.add_argument("--eval-step", type=int, default=None,
-                   help="evaluate each run's checkpoint of this step (W/NAME/checkpoint/adapter) instead of its final "
-                        "adapter, and train no further: for runs stopped early (the results say so; default: the "
-                        "final adapters after --steps)")
     g.add_argument("--train-threads", type=int, default=1,
                    help="OMP_NUM_THREADS of each 05 run; the two runs and 06 on the base go side by side (0: one after "
                         "the other, with the threads of the environment)")
@@ -308,14 +304,10 @@ def main(argv=None):
             cmd += ["--policy", f"{label}={spec}"]
         return cmd
 
-    def checkpoint_step(d: Path):
-        meta = d / "checkpoint" / common.CHECKPOINT_META
-        return json.loads(meta.read_text())["step"] if meta.exists() else None
-
     jobs = []
     for name, ablation in RUNS:
         d = W / name
-        if (d / "adapter").exists() or a.eval_step is not None:
+        if (d / "adapter").exists():
             continue
         cmd = ["05_rapo.py", "--env", "sotopia", "--ablation", ablation, "--data", str(ctx / "turns.jsonl"), "--out", str(d),
                "--policy", "hf:embedded", "--seeker", "scripted", "--grm", "scripted", "--grm-retries", "0",
@@ -336,15 +328,7 @@ def main(argv=None):
     log["made"]["train"] = made["train"]
     save()
     runs = [W / name for name, _ in RUNS]
-    adapters = {d.name: d / "adapter" for d in runs}
-    if a.eval_step is not None:  # runs stopped early: their checkpoint of that step, and the curves up to it
-        for d in runs:
-            common.check(checkpoint_step(d) == a.eval_step, f"{d}: its checkpoint holds step {checkpoint_step(d)}, not "
-                                                            f"--eval-step {a.eval_step}")
-            adapters[d.name] = d / "checkpoint" / "adapter"
-        log["stopped_early"] = {"eval_step": a.eval_step, "planned_steps": a.steps}
-    curves = {d.name: [m for m in common.read_jsonl(d / "metrics.jsonl", allow_torn_tail=True)
-                       if a.eval_step is None or m["step"] <= a.eval_step] for d in runs}
+    curves = {d.name: common.read_jsonl(d / "metrics.jsonl") for d in runs}
     keys = ["reward", "zero_std_frac", "adv_abs_mean", "kl", "entropy", "completion_len_mean", "truncated_frac",
             "sd_tokens", "sd_kl", "grm_failed_frac", "time_step"]
     write_curves_csv(res_dir / "sotopia_scripted_curve.csv", curves, keys)
@@ -358,7 +342,7 @@ def main(argv=None):
         print(json.dumps(log["training"], indent=1))
         return
 
-    policies = base[:1] + [(name, str(adapters[name])) for name, _ in RUNS] + base[1:]
+    policies = base[:1] + [(name, str(W / name / "adapter")) for name, _ in RUNS] + base[1:]
     done = json.loads((ev / "scores.json").read_text()) if (ev / "scores.json").exists() else None
     if done is None or [p["label"] for p in done["policies"]] != [l for l, _ in policies]:
         run(eval_cmd(policies) + ["--runs", *map(str, runs)], log, "5b_06_eval", 1 if a.eval_ranks > 1 else None,
