@@ -30,7 +30,6 @@ commands, wall times, results), scripted_<method>_curve.csv (training metrics pe
 02 and 06 resume their JSONL outputs, 04/05 continue from their checkpoints.
 """
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -45,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 sys.path.insert(0, str(ROOT / "experiments"))
+from figures import plot_curves_and_bars, write_curves_csv  # noqa: E402
 from repo_paths import repo_relative  # noqa: E402
 
 def parse_args(argv=None):
@@ -286,12 +286,7 @@ def main(argv=None):
     curves = {d.name: common.read_jsonl(d / "metrics.jsonl") for d in runs}
     keys = ["reward", "zero_std_frac", "kl", "entropy", "completion_len_mean", "time_step"] + \
            (["sd_tokens", "sd_kl", "grm_failed_frac"] if a.method == "rapo" else ["reward_fut"])
-    with open(res_dir / f"scripted_{a.method}_curve.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["run", "step"] + keys)
-        for name, ms in curves.items():
-            for m in ms:
-                w.writerow([name, m["step"]] + [m.get(k) for k in keys])
+    write_curves_csv(res_dir / f"scripted_{a.method}_curve.csv", curves, keys)
     log["settings"] = vars(a)
     log["wall_s_total_this_invocation"] = round(time.time() - t_start, 1)
     log["environment"] = "scripted (envs/esc.py): rule-based seeker, critic and GRM; not people"
@@ -309,35 +304,10 @@ def main(argv=None):
 
 
 def plot(a, curves: dict, table: list[dict], path: Path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no PNG", file=sys.stderr)
-        return
-    fig, ax = plt.subplots(1, 3, figsize=(12, 3.5))
-    for k, (name, ms) in enumerate(curves.items()):
-        steps, r = [m["step"] for m in ms], [m["reward"] for m in ms]
-        sm = [float(np.mean(r[max(0, i - 4):i + 1])) for i in range(len(r))]
-        ax[0].plot(steps, r, color=f"C{k}", alpha=0.3)
-        ax[0].plot(steps, sm, color=f"C{k}", label=f"{name} (5-step mean)")
-    ax[0].set_xlabel("step")
-    ax[0].set_ylabel("train reward (" + ("RM R_fut" if a.method == "rlff" else "scripted GRM score") + ")")
-    ax[0].legend(fontsize=8)
-    for j, (key, lab) in enumerate((("sr", "SR (%)"), ("avg_reward", "average reward c_end"))):
-        xs = np.arange(len(table))
-        v = [r[key]["value"] for r in table]
-        lo = [r[key]["value"] - r[key]["ci"][0] for r in table]
-        hi = [r[key]["ci"][1] - r[key]["value"] for r in table]
-        ax[j + 1].bar(xs, v, yerr=[lo, hi], capsize=4, color=[f"C{i}" for i in range(len(table))])
-        ax[j + 1].set_xticks(xs, [r["policy"] for r in table])
-        ax[j + 1].set_ylabel(lab + ", 95% CI")
-        ax[j + 1].set_title(f"held-out: {table[0]['n']} cases, T={a.eval_turns}", fontsize=9)
-    fig.suptitle(f"{a.method}: scripted ESC environment (envs/esc.py), SmolLM2-135M, CPU - not results on people", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plot_curves_and_bars(path, curves, "train reward (" + ("RM R_fut" if a.method == "rlff" else "scripted GRM score") + ")",
+                         table, [("sr", "SR (%)"), ("avg_reward", "average reward c_end")],
+                         f"held-out: {table[0]['n']} cases, T={a.eval_turns}",
+                         f"{a.method}: scripted ESC environment (envs/esc.py), SmolLM2-135M, CPU - not results on people")
 
 
 if __name__ == "__main__":

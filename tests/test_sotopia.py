@@ -617,3 +617,49 @@ def test_eval_sotopia_partner_resumes_byte_identical_and_two_ranks_equal_one(tin
     r = run_in_process("06_eval.py", *args[:-2], "--bootstrap", "100", "--sotopia-max-turns", "6", "--out",
                    tmp_path / "one", check=False)
     assert r.returncode == 2 and "--sotopia-max-turns" in r.stderr
+
+
+def test_experiment_bench_families_and_outcomes(tmp_path):
+    """experiments/sotopia_scripted.py without models: the filtered profile folder (only scenarios of the named
+    sources whose goals the rules read as bargain or divide, with the records they reference; "open" ones left out
+    and listed), and the outcome summary of the rule partner playing the policy's seat (every deal closes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sotopia_scripted_exp", FIX.parents[2] / "experiments" / "sotopia_scripted.py")
+    x = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(x)
+    got = x.write_bench_families(FIX, tmp_path / "b", ["fixture"])
+    assert [(r["env_id"], r["families"]) for r in got["kept"]] == [("fx-env-bargain", ["bargain", "bargain"]),
+                                                                    ("fx-env-divide", ["divide", "divide"])]
+    assert [(r["env_id"], r["families"]) for r in got["left_out"]] == [("fx-env-open", ["open", "open"]),
+                                                                        ("01H7VFHNV13MHN97GAH73E3KM8", ["open", "open"])]
+    p = S.load_profiles(tmp_path / "b")
+    assert sorted(p["envs"]) == ["fx-env-bargain", "fx-env-divide"]
+    assert [c["combo_id"] for c in p["combos"]] == ["fx-c0", "fx-c1", "fx-c2"] and sorted(p["agents"]) == ["fx-a0", "fx-a1", "fx-a2"]
+    assert len(p["relationships"]) == 2
+    src = {json.loads(l)["env_id"]: l for l in (FIX / ENVS).read_text().splitlines()}
+    assert (tmp_path / "b" / ENVS).read_text().splitlines() == [src["fx-env-bargain"], src["fx-env-divide"]]  # unchanged
+    with pytest.raises(common.InputError, match="no scenario of source other"):
+        x.write_bench_families(FIX, tmp_path / "c", ["other"])
+    b = backends.make_backend("scripted")
+    cases = S.select_cases(p, sides=2)
+    players = [["policy", "partner"] if c["side"] == 0 else ["partner", "policy"] for c in cases]
+    recs, _ = S.play_chunk(p, cases, players, {"policy": b, "partner": b}, {"policy": {}, "partner": {}}, b, max_turns=20)
+    out = x.policy_outcomes(p, recs)
+    assert out["episodes"] == 6 and out["deal_frac"] == 1.0 and out["deal_frac_by_family"] == {"bargain": 1.0, "divide": 1.0}
+    # the rule partner's refusals ("I can't sell at $X ... I could do $Y") are alike: the repetition rule sees them
+    assert out["episodes_with_fault"] == {"repeats an earlier message": 1.0} and 0 < out["offer_frac_of_actions"] <= 1
+    # the results of a real 06 run on that folder (two policy labels, the rule agent in both seats: no model)
+    from conftest import run_script
+
+    run_script("06_eval.py", "--test-data", tmp_path / "b", "--out", tmp_path / "e", "--parts", "sotopia", "--sotopia-mode",
+               "partner", "--partner", "scripted", "--evaluator", "scripted", "--sotopia-sides", "2", "--sotopia-max-turns",
+               "6", "--bootstrap", "100", "--policy", "base=scripted", "--policy", "rapo=scripted")
+    a = x.parse_args(["--bench", str(FIX), "--bootstrap", "100"])
+    scores = json.loads((tmp_path / "e" / "scores.json").read_text())
+    table = x.results_table(p, scores, common.read_jsonl(tmp_path / "e" / "dialogs.jsonl"), a)
+    assert [r["policy"] for r in table] == ["base", "rapo"] and table[0]["episodes"] == 6 and table[0]["scenarios"] == 2
+    assert table[1]["goal"] == table[0]["goal"] and set(table[1]["by_family"]) == {"bargain", "divide"}
+    assert table[1]["minus_base"]["goal"]["value"] == 0 and table[1]["minus_base"]["overall"]["scenarios"] == 2
+    x.plot(a, {"rapo": [{"step": 1, "reward": 0.5}, {"step": 2, "reward": 0.6}]}, table, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
