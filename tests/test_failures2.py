@@ -236,6 +236,13 @@ def test_an_out_that_cannot_be_written(tmp_path, capsys, demo_data):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(error_lines(r.stderr)) == 1
 
 
+def ctrl_c_as_in_a_terminal():
+    """In the child before exec: SIGINT at its default, as a stage started in a terminal has it. A test run started in
+    the background of a non-interactive shell (`pytest ... &`, as CI scripts do) ignores SIGINT, every child inherits
+    that, and Python then installs no KeyboardInterrupt handler: the stage would not see the signal under test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("stage,sig,code", [("01_select.py", signal.SIGINT, 130), ("04_grpo.py", signal.SIGTERM, 143)])
 def test_a_signal_while_the_stage_waits_gives_one_line(stage, sig, code, tmp_path, tiny_model_dir):
     """The stage blocks reading its --data (a FIFO nobody writes to) after its start-up; the signal stops it at once."""
@@ -245,7 +252,8 @@ def test_a_signal_while_the_stage_waits_gives_one_line(stage, sig, code, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("OPENAI_API_KEY", None)
     p = subprocess.Popen([sys.executable, str(ROOT / stage), "--data", str(fifo), "--out", str(tmp_path / "out"), *extra],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         deadline, w = time.monotonic() + 120, None
         while w is None and time.monotonic() < deadline and p.poll() is None:
@@ -345,7 +353,8 @@ def test_a_signal_stops_a_stage_waiting_on_a_silent_server_at_once(sig, code, tm
     env.pop("OPENAI_API_KEY", None)
     p = subprocess.Popen([sys.executable, str(ROOT / "01_select.py"), "--data", str(demo_data), "--out", str(out),
                           "--overwrite", "--judge", "openai:m", "--judge-base-url", server.url, "--request-timeout", "600"],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 120
         while not server.accepted.wait(0.2) and p.poll() is None and time.monotonic() < deadline:
