@@ -9,28 +9,36 @@ scenarios, field `source` of environment_profiles.jsonl), which no stage trains 
 
 Stages (each a subprocess of the real script; a finished stage is skipped, an unfinished one resumes):
   1. train-profiles  python envs/sotopia_scripted.py --out W/train-profiles -n N --seed S
-  2. contexts        python envs/sotopia.py --data W/train-profiles --out W/contexts --policy hf:embedded
-                     --partner scripted --sides 2 ...: base-policy episodes; the policy agent's turns are 05's prompts
-  3. training        python 05_rapo.py --env sotopia --data W/contexts/turns.jsonl --seeker scripted --grm scripted
-                     --ablation rapo (W/rapo) and --ablation wo-sd (W/wo-sd), side by side (--train-threads each)
+  1b. warm start     (only with --warm-start-steps > 0) python envs/sotopia.py --data W/train-profiles
+                     --out W/warm-data --policy scripted --partner scripted --sides 2 --max-turns 20: the rule agent
+                     in the policy's seat; then python experiments/warm_start.py --data W/warm-data/turns.jsonl
+                     --out W/warm: supervised fine-tuning on its actions, merged into W/warm/model, the start of RL
+                     (and the `warm` row of the evaluation)
+  2. contexts        python envs/sotopia.py --data W/train-profiles --out W/contexts --policy P --partner scripted
+                     --sides 2 ...: episodes of the start policy P (hf:embedded, or W/warm/model); the policy agent's
+                     turns are 05's prompts
+  3. training        python 05_rapo.py --env sotopia --policy P --data W/contexts/turns.jsonl --seeker scripted
+                     --grm scripted --ablation rapo (W/rapo) and --ablation wo-sd (W/wo-sd), side by side
   4. bench-families  the benchmark scenarios of --sources whose two goals the rules read as bargain or divide, with
                      the agents, pairings and relationships they reference, written into W/bench-families (the work
                      folder, never the repository: the data is CC BY-SA). A scenario whose goal reads "open" (the
                      rules cannot score it) is left out and listed in the results JSON.
   5. eval            python 06_eval.py --test-data W/bench-families --parts sotopia --sotopia-mode partner
                      --partner scripted --evaluator scripted --sotopia-sides 2 --policy base=hf:embedded
-                     --policy rapo=W/rapo/adapter --policy wo-sd=W/wo-sd/adapter --policy rules=scripted ...: one run,
+                     [--policy warm=W/warm/model] --policy rapo=W/rapo/adapter --policy wo-sd=W/wo-sd/adapter
+                     --policy rules=scripted ...: one run,
                      every policy on the same episodes and seeds; `rules` (the rule partner itself in the policy's
                      seat) is the environment's reference, no model.
 Numbers: 06's GOAL, OVERALL and the seven dimensions per policy, each a mean over scenarios with a percentile
 bootstrap 95% CI over scenarios; per family; and the paired difference trained minus base (per scenario, then a
-bootstrap over scenarios of those differences), with the deal rate and the rule faults of each policy's turns.
+bootstrap over scenarios of those differences; with a warm start also minus warm, RL's own share), with the deal rate
+and the rule faults of each policy's turns.
 
 Run (docs/results.md, 2026-12-03; BENCH is the folder of the Sotopia benchmark profiles, read in place):
   OMP_NUM_THREADS=2 python experiments/sotopia_scripted.py --bench BENCH
-Outputs: W = --out (every stage's folder and log.json), and in experiments/results/: sotopia_scripted.json (settings,
-commands, wall times, the rules' commit, the scenarios kept and left out, results), sotopia_scripted_curve.csv
-(training metrics per step) and sotopia_scripted.png (training reward curves; GOAL and OVERALL with CIs).
+Outputs: W = --out (every stage's folder and log.json), and in experiments/results/ (NAME = --name): NAME.json
+(settings, commands, wall times, the rules' commit, the scenarios kept and left out, results), NAME_curve.csv
+(training metrics per step) and NAME.png (training reward curves; GOAL and OVERALL with CIs).
 """
 import argparse
 import json
@@ -68,11 +76,17 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (and of the scenario generator)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="the policy's action length (contexts, 05, 06)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (06's CIs and the paired ones)")
+    p.add_argument("--name", default="sotopia_scripted", help="stem of the result files in --results")
     p.add_argument("--until", default="eval", choices=["contexts", "train", "eval"],
                    help="stop after the training contexts, after training, or run on to the evaluation (default)")
     g = p.add_argument_group("1-2: training scenarios (envs/sotopia_scripted.py) and contexts (envs/sotopia.py)")
     g.add_argument("--train-scenarios", type=int, default=24,
                    help="generated training scenarios, alternately bargain and divide (envs/sotopia_scripted.py -n)")
+    g.add_argument("--warm-start-steps", type=int, default=0,
+                   help="supervised steps on the rule agent's actions before RL (experiments/warm_start.py; 0: none, "
+                        "RL starts from the embedded model)")
+    g.add_argument("--warm-start-batch", type=int, default=4, help="records per warm-start step")
+    g.add_argument("--warm-start-lr", type=float, default=1e-3, help="warm-start AdamW lr (LoRA r=16, then merged)")
     g.add_argument("--context-pairings", type=int, default=1, help="pairings per training scenario played")
     g.add_argument("--context-episodes", type=int, default=16,
                    help="play only the first N episodes (envs/sotopia.py --max-examples; 0: every pairing and side)")
@@ -235,8 +249,9 @@ def results_table(profiles: dict, scores: dict, records: list[dict], a) -> list[
                "by_family": {f: S.summarize([r for r in recs if family[r["env_id"]] == f], ci, ())["all"]
                              for f in sorted(set(family.values()))}}
         row["by_family"] = {f: {k: v[k] for k in ("scenarios", "goal", "overall")} for f, v in row["by_family"].items()}
-        if label != "base":
-            row["minus_base"] = {k: S.paired_difference(recs, by["base"], k, ci) for k in ("goal", "overall", *S.DIMENSIONS)}
+        for ref in ("base", "warm"):  # paired differences: against the base, and RL's own share against the warm start
+            if ref in by and label != ref and not (ref == "warm" and label in ("base", "rules")):
+                row[f"minus_{ref}"] = {k: S.paired_difference(recs, by[ref], k, ci) for k in ("goal", "overall", *S.DIMENSIONS)}
         row["outcomes"] = policy_outcomes(profiles, recs)
         table.append(row)
     return table
@@ -251,6 +266,8 @@ def main(argv=None):
                  "counts, turns, steps and sizes must be >= 1")
     common.check(a.group_size >= 2 and min(a.train_threads, a.bootstrap, a.context_episodes) >= 0,
                  "--group-size must be >= 2; --train-threads, --bootstrap and --context-episodes >= 0")
+    common.check(a.warm_start_steps >= 0 and a.warm_start_batch >= 1 and a.warm_start_lr > 0,
+                 "--warm-start-steps must be >= 0, --warm-start-batch >= 1 and --warm-start-lr > 0")
     t_start, W, res_dir = time.time(), Path(a.out), Path(a.results)
     for d in (W, res_dir):
         d.mkdir(parents=True, exist_ok=True)
@@ -259,6 +276,7 @@ def main(argv=None):
     save = lambda: common.write_json(log_path, log)
     # what each finished stage was made with: a re-run with other settings stops instead of mixing them
     made = {"train-profiles": [a.train_scenarios, a.seed],
+            "warm": [a.warm_start_steps, a.warm_start_batch, a.warm_start_lr, a.seed],
             "contexts": [a.context_pairings, a.context_episodes, a.context_max_turns, a.max_new_tokens, a.seed],
             "train": [a.steps, a.prompts_per_step, a.group_size, a.lr, a.beta, a.max_new_tokens, a.max_prompt_tokens]}
     for k, v in made.items():
@@ -273,9 +291,26 @@ def main(argv=None):
             "1_train_profiles")
     log.setdefault("made", {})["train-profiles"] = made["train-profiles"]
     save()
+    start = "hf:embedded"  # the policy RL starts from
+    if a.warm_start_steps:
+        wd, warm = W / "warm-data", W / "warm"
+        if not (wd / "turns.jsonl").exists():
+            run(["envs/sotopia.py", "--data", str(gen), "--out", str(wd), "--policy", "scripted", "--partner", "scripted",
+                 "--sides", "2", "--max-turns", "20", "--seed", str(a.seed), "--device", "cpu"], log, "1b_warm_data")
+        if not (warm / "model" / "config.json").exists():
+            run(["experiments/warm_start.py", "--data", str(wd / "turns.jsonl"), "--out", str(warm), "--steps",
+                 str(a.warm_start_steps), "--batch-size", str(a.warm_start_batch), "--lr", str(a.warm_start_lr),
+                 "--seed", str(a.seed), "--device", "cpu", "--overwrite"], log, "1c_warm_start")
+        ms = common.read_jsonl(warm / "metrics.jsonl")
+        log["warm_start"] = {"records": len(common.read_jsonl(wd / "turns.jsonl")), "steps": len(ms),
+                             "first5_loss": round(float(np.mean([m["loss"] for m in ms[:5]])), 4),
+                             "last5_loss": round(float(np.mean([m["loss"] for m in ms[-5:]])), 4)}
+        start = str(warm / "model")
+    log["made"]["warm"] = made["warm"]
+    save()
     ctx = W / "contexts"
     if not (ctx / "turns.jsonl").exists():  # envs/sotopia.py resumes its episodes.jsonl
-        run(["envs/sotopia.py", "--data", str(gen), "--out", str(ctx), "--policy", "hf:embedded", "--partner", "scripted",
+        run(["envs/sotopia.py", "--data", str(gen), "--out", str(ctx), "--policy", start, "--partner", "scripted",
              "--sides", "2", "--pairings", str(a.context_pairings), "--max-turns", str(a.context_max_turns),
              "--max-new-tokens", str(a.max_new_tokens), "--batch-size", "16", "--seed", str(a.seed), "--device", "cpu"]
             + (["--max-examples", str(a.context_episodes)] if a.context_episodes else []), log, "2_contexts")
@@ -310,14 +345,15 @@ def main(argv=None):
         if (d / "adapter").exists():
             continue
         cmd = ["05_rapo.py", "--env", "sotopia", "--ablation", ablation, "--data", str(ctx / "turns.jsonl"), "--out", str(d),
-               "--policy", "hf:embedded", "--seeker", "scripted", "--grm", "scripted", "--grm-retries", "0",
+               "--policy", start, "--seeker", "scripted", "--grm", "scripted", "--grm-retries", "0",
                "--device", "cpu", "--seed", str(a.seed), "--prompts-per-step", str(a.prompts_per_step), "--group-size",
                str(a.group_size), "--max-new-tokens", str(a.max_new_tokens), "--max-prompt-tokens", str(a.max_prompt_tokens),
                "--lr", str(a.lr), "--beta", str(a.beta), "--max-steps", str(a.steps), "--micro-batch", "8",
                "--checkpoint-every", "5", "--sample-every", "5"]
         cmd.append("--resume" if (d / "checkpoint").exists() else "--overwrite")
         jobs.append((f"3_05_{name}", cmd, a.train_threads or None, 1))
-    base = [("base", "hf:embedded"), ("rules", "scripted")]  # no trained policy needed: evaluated while training runs
+    # no RL-trained policy needed: evaluated while training runs
+    base = [("base", "hf:embedded")] + ([("warm", start)] if a.warm_start_steps else []) + [("rules", "scripted")]
     if jobs and a.until == "eval" and not (ev / "scores.json").exists():
         jobs.append(("5a_06_eval_base", eval_cmd(base), a.train_threads or None, 1))
     if a.train_threads:
@@ -331,7 +367,7 @@ def main(argv=None):
     curves = {d.name: common.read_jsonl(d / "metrics.jsonl") for d in runs}
     keys = ["reward", "zero_std_frac", "adv_abs_mean", "kl", "entropy", "completion_len_mean", "truncated_frac",
             "sd_tokens", "sd_kl", "grm_failed_frac", "time_step"]
-    write_curves_csv(res_dir / "sotopia_scripted_curve.csv", curves, keys)
+    write_curves_csv(res_dir / f"{a.name}_curve.csv", curves, keys)
     log["training"] = {name: {"first5_reward": round(float(np.mean([m["reward"] for m in ms[:5]])), 4),
                               "last5_reward": round(float(np.mean([m["reward"] for m in ms[-5:]])), 4),
                               "steps": len(ms), "mean_sd_tokens": round(float(np.mean([m.get("sd_tokens") or 0 for m in ms])), 1),
@@ -342,7 +378,7 @@ def main(argv=None):
         print(json.dumps(log["training"], indent=1))
         return
 
-    policies = base[:1] + [(name, str(W / name / "adapter")) for name, _ in RUNS] + base[1:]
+    policies = base[:-1] + [(name, str(W / name / "adapter")) for name, _ in RUNS] + base[-1:]
     done = json.loads((ev / "scores.json").read_text()) if (ev / "scores.json").exists() else None
     if done is None or [p["label"] for p in done["policies"]] != [l for l, _ in policies]:
         run(eval_cmd(policies) + ["--runs", *map(str, runs)], log, "5b_06_eval", 1 if a.eval_ranks > 1 else None,
@@ -357,15 +393,15 @@ def main(argv=None):
     log["wall_s_total_this_invocation"] = round(time.time() - t_start, 1)
     log["environment"] = ("scripted Sotopia (envs/sotopia_scripted.py): rule partner, rule evaluator and rule GRM; "
                           "evaluated on the benchmark's real scenarios of the two families; not people")
-    common.write_json(res_dir / "sotopia_scripted.json", repo_relative(log))
+    common.write_json(res_dir / f"{a.name}.json", repo_relative(log))
     save()
     fmt = lambda s: f"{s['value']:.2f} [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}]"
     for row in table:
         print(f"{row['policy']}: GOAL {fmt(row['goal'])}  OVERALL {fmt(row['overall'])}  deals {row['outcomes']['deal_frac']}"
-              + (f"  paired GOAL {fmt(row['minus_base']['goal'])}  OVERALL {fmt(row['minus_base']['overall'])}"
-                 if "minus_base" in row else ""))
-    plot(a, curves, table, res_dir / "sotopia_scripted.png")
-    print(f"wrote {res_dir / 'sotopia_scripted.json'}")
+              + "".join(f"  minus {ref}: GOAL {fmt(row['minus_' + ref]['goal'])} OVERALL {fmt(row['minus_' + ref]['overall'])}"
+                        for ref in ("base", "warm") if "minus_" + ref in row))
+    plot(a, curves, table, res_dir / f"{a.name}.png")
+    print(f"wrote {res_dir / (a.name + '.json')}")
 
 
 def plot(a, curves: dict, table: list[dict], path: Path):

@@ -654,12 +654,15 @@ def test_experiment_bench_families_and_outcomes(tmp_path):
 
     run_script("06_eval.py", "--test-data", tmp_path / "b", "--out", tmp_path / "e", "--parts", "sotopia", "--sotopia-mode",
                "partner", "--partner", "scripted", "--evaluator", "scripted", "--sotopia-sides", "2", "--sotopia-max-turns",
-               "6", "--bootstrap", "100", "--policy", "base=scripted", "--policy", "rapo=scripted")
+               "6", "--bootstrap", "100", "--policy", "base=scripted", "--policy", "warm=scripted", "--policy", "rapo=scripted")
     a = x.parse_args(["--bench", str(FIX), "--bootstrap", "100"])
     scores = json.loads((tmp_path / "e" / "scores.json").read_text())
     table = x.results_table(p, scores, common.read_jsonl(tmp_path / "e" / "dialogs.jsonl"), a)
-    assert [r["policy"] for r in table] == ["base", "rapo"] and table[0]["episodes"] == 6 and table[0]["scenarios"] == 2
-    assert table[1]["goal"] == table[0]["goal"] and set(table[1]["by_family"]) == {"bargain", "divide"}
-    assert table[1]["minus_base"]["goal"]["value"] == 0 and table[1]["minus_base"]["overall"]["scenarios"] == 2
+    assert [r["policy"] for r in table] == ["base", "warm", "rapo"] and table[0]["episodes"] == 6 and table[0]["scenarios"] == 2
+    assert table[2]["goal"] == table[0]["goal"] and set(table[2]["by_family"]) == {"bargain", "divide"}
+    assert table[2]["minus_base"]["goal"]["value"] == 0 and table[2]["minus_base"]["overall"]["scenarios"] == 2
+    # paired against the base for every other row, and against the warm start (RL's own share) for the RL rows
+    assert [sorted(k for k in r if k.startswith("minus_")) for r in table] == [[], ["minus_base"], ["minus_base", "minus_warm"]]
+    assert table[2]["minus_warm"]["goal"]["value"] == 0
     x.plot(a, {"rapo": [{"step": 1, "reward": 0.5}, {"step": 2, "reward": 0.6}]}, table, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
