@@ -103,7 +103,7 @@ def sft_loss(model, batch: list[tuple[list[int], list[int]]], pad_id: int) -> to
 
 
 def detached_sft_loss(model, batch: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
-    """The same loss value as sft_loss, at about a third of its cost: the prompt but its last token runs once
+    """The same loss value as sft_loss, at about a quarter of its cost on a CPU (docs/design.md section 11): the prompt but its last token runs once
     without a graph (its keys and values become a cache), then the last prompt token and the reply run with one.
     The gradient is the reply positions' own: it does not flow back into the prompt's keys and values (a stop-
     gradient on the context, as when fine-tuning on top of a frozen prefix)."""
