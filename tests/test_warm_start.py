@@ -97,3 +97,30 @@ def test_bad_records_stop_before_any_work(tmp_path, bad, field):
     r = run_in_process("experiments/warm_start.py", "--data", data, "--out", tmp_path / "w", "--model", "/nonexistent",
                        check=False)
     assert r.returncode == 2 and f"record 2 (bad): field {field}" in r.stderr and not (tmp_path / "w").exists()
+
+
+def test_teacher_probe(tiny_model_dir, tmp_path):
+    """experiments/teacher_probe.py: the student and teacher chats of a logged group (worst and best by GRM score,
+    the hindsight block as 05 builds it), one batched greedy decode, and a bad log refused with exit 2."""
+    spec = importlib.util.spec_from_file_location("teacher_probe", ROOT / "experiments" / "teacher_probe.py")
+    P = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(P)
+    from envs import sotopia as S
+
+    sample = {"step": 3, "context": [{"role": "user", "content": "You are Ada. Your action as JSON:"}],
+              "replies": ['{"action_type": "speak", "argument": "A"}', '{"action_type": "speak", "argument": "B"}',
+                          '{"action_type": "speak", "argument": "C"}'],
+              "reactions": ["Turn #1: Bo said: \"no\"", "Turn #1: Bo said: \"deal\"", "Turn #1: Bo said: \"maybe\""],
+              "grm": {"scores": [0.5, 0.9, 0.1], "critiques": ["ok", "good", "bad"]}}
+    student, teacher, w, b = P.probe_chats(sample)
+    assert (w, b) == (2, 1) and student[0]["content"] == S.AGENT_SYSTEM and student[1:] == sample["context"]
+    assert teacher[1:] == S.teacher_context(sample["context"], response=sample["replies"][2], reaction=sample["reactions"][2],
+                                            critique="bad", best=sample["replies"][1])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "samples.jsonl").write_text(json.dumps(sample) + "\n")
+    r = run_in_process("experiments/teacher_probe.py", "--run", run, "--model", tiny_model_dir, "--max-new-tokens", "4")
+    assert "step 3: best candidate" in r.stdout and "of 1 teacher answers copy" in r.stdout
+    (run / "samples.jsonl").write_text(json.dumps({**sample, "reactions": None}) + "\n")
+    r = run_in_process("experiments/teacher_probe.py", "--run", run, "--model", "/nonexistent", check=False)
+    assert r.returncode == 2 and "record 1: field grm/reactions" in r.stderr
