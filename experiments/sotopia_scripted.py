@@ -17,6 +17,8 @@ Stages (each a subprocess of the real script; a finished stage is skipped, an un
   2. contexts        python envs/sotopia.py --data W/train-profiles --out W/contexts --policy P --partner scripted
                      --sides 2 ...: episodes of the start policy P (hf:embedded, or W/warm/model); the policy agent's
                      turns are 05's prompts
+  2b. (only with --context-drop-decided) W/contexts/turns-undecided.jsonl: the contexts at which no deal has closed
+                     yet (undecided_turns)
   3. training        python 05_rapo.py --env sotopia --policy P --data W/contexts/turns.jsonl --seeker scripted
                      --grm scripted --ablation rapo (W/rapo) and --ablation wo-sd (W/wo-sd), side by side
   4. bench-families  the benchmark scenarios of --sources whose two goals the rules read as bargain or divide, with
@@ -93,6 +95,15 @@ def parse_args(argv=None):
     g.add_argument("--context-max-turns", type=int, default=6,
                    help="actions per context episode, both agents (Sotopia: 20; short keeps the contexts early, where "
                         "an action still changes the outcome)")
+    g.add_argument("--context-drop-decided", action="store_true",
+                   help="train only on the turns whose outcome is still open: drop the policy's turns after a deal "
+                        "closed (there every candidate action leads to the same outcome, so the GRM's ranking and the "
+                        "teacher's refinement carry no signal; RAPO's hindsight selection keeps pivotal turns). 05 reads "
+                        "W/contexts/turns-undecided.jsonl")
+    g.add_argument("--reuse", default=None, metavar="DIR",
+                   help="copy the finished training scenarios, warm start and context episodes from an earlier --out "
+                        "made with the same settings (its log.json must say so) instead of making them again; "
+                        "their commands and wall times come along, marked as reused")
     g = p.add_argument_group("3: RAPO and RAPO w/o SD (05_rapo.py --env sotopia)")
     g.add_argument("--steps", type=int, default=12, help="optimiser steps of each run")
     g.add_argument("--prompts-per-step", type=int, default=2, help="B, contexts per step")
@@ -202,6 +213,48 @@ def write_bench_families(src, dst, sources: list[str]) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Results from 06's records
 
+def undecided_turns(turns: list[dict]) -> list[dict]:
+    """The training contexts (envs/sotopia.py turns.jsonl records) at which no deal has closed yet, under the rules'
+    reading of the scenario (the evaluator's view of both goals): after a deal nothing the policy says changes GOAL."""
+    keep = []
+    for t in turns:
+        st = t["sotopia"]
+        bg = R.parse_background(S.background(st["setup"], None))
+        if R.outcome(R.task_of(bg, st["agent"]), st["messages"])["deal"] is None:
+            keep.append(t)
+    return keep
+
+
+def reuse_stages(src: Path, W: Path, made: dict, log: dict, warm: bool):
+    """Copy the model-free or deterministic early stages from an earlier work folder whose log.json says they were
+    made with the same settings; their commands and wall times are copied into `log` and listed under "reused"."""
+    import shutil
+
+    common.check((src / "log.json").is_file(), f"--reuse {src}: no log.json there (not a work folder of this script)")
+    old = json.loads((src / "log.json").read_text())
+    stages = [("train-profiles", ["train-profiles"], ["1_train_profiles"])]
+    stages += [("warm", ["warm-data", "warm"], ["1b_warm_data", "1c_warm_start"])] if warm else []
+    stages += [("contexts", ["contexts"], ["2_contexts"])]
+    stages = [s for s in stages if not all((W / f).exists() for f in s[1])]
+    for key, folders, _ in stages:  # every check before any copy
+        was = old.get("made", {}).get(key)
+        common.check(was == made[key], f"--reuse {src}: its {key} stage was made with {was}, now {made[key]}")
+        for f in folders:
+            common.check((src / f).is_dir(), f"--reuse {src}: no {f} folder there")
+    for key, folders, names in stages:
+        for f in folders:
+            shutil.rmtree(W / f, ignore_errors=True)
+            shutil.copytree(src / f, W / f)
+        log.setdefault("made", {})[key] = made[key]
+        for n in names:
+            for k in ("commands", "wall_s"):
+                if n in old.get(k, {}):
+                    log.setdefault(k, {})[n] = old[k][n]
+            log.setdefault("reused", {})[n] = str(src)
+        if key == "warm" and "warm_start" in old:
+            log["warm_start"] = old["warm_start"]
+
+
 def policy_outcomes(profiles: dict, records: list[dict]) -> dict:
     """What a policy's episodes came to under the rules (the evaluator's reading of each scenario): the deal rate
     (overall and per family), how often the policy's side closed the deal, the share of its actions that name an
@@ -278,12 +331,15 @@ def main(argv=None):
     made = {"train-profiles": [a.train_scenarios, a.seed],
             "warm": [a.warm_start_steps, a.warm_start_batch, a.warm_start_lr, a.seed],
             "contexts": [a.context_pairings, a.context_episodes, a.context_max_turns, a.max_new_tokens, a.seed],
-            "train": [a.steps, a.prompts_per_step, a.group_size, a.lr, a.beta, a.max_new_tokens, a.max_prompt_tokens]}
+            "train": [a.steps, a.prompts_per_step, a.group_size, a.lr, a.beta, a.max_new_tokens, a.max_prompt_tokens]
+            + (["drop-decided"] if a.context_drop_decided else [])}
     for k, v in made.items():
         was = log.get("made", {}).get(k, v)
         common.check(was == v, f"{W}: its {k} stage was made with {was}, now {v}: use another --out (or delete that "
                                f"stage's folder and its entry in {log_path})")
     log["rules"] = rules_commit()
+    if a.reuse:
+        reuse_stages(Path(a.reuse), W, made, log, bool(a.warm_start_steps))
 
     gen = W / "train-profiles"
     if not (gen / S.FILES["relationships"]).exists():
@@ -317,9 +373,16 @@ def main(argv=None):
     log["made"]["contexts"] = made["contexts"]
     log["contexts"] = {"turns": len(common.read_jsonl(ctx / "turns.jsonl")),
                        "episodes": len(common.read_jsonl(ctx / "episodes.jsonl"))}
+    data = ctx / "turns.jsonl"
+    if a.context_drop_decided:
+        data = ctx / "turns-undecided.jsonl"
+        common.write_jsonl(data, undecided_turns(common.read_jsonl(ctx / "turns.jsonl")))
+        log["contexts"]["undecided"] = len(common.read_jsonl(data))
+        common.check(log["contexts"]["undecided"] > 0, f"{ctx}: every context comes after a deal (nothing to train on)")
     save()
     if a.until == "contexts":
-        print(f"{log['contexts']['turns']} training contexts in {ctx / 'turns.jsonl'}")
+        print(f"{log['contexts']['turns']} training contexts in {ctx / 'turns.jsonl'}"
+              + (f"; {log['contexts']['undecided']} before a deal in {data}" if a.context_drop_decided else ""))
         return
 
     bench, ev = W / "bench-families", W / "eval"
@@ -344,7 +407,7 @@ def main(argv=None):
         d = W / name
         if (d / "adapter").exists():
             continue
-        cmd = ["05_rapo.py", "--env", "sotopia", "--ablation", ablation, "--data", str(ctx / "turns.jsonl"), "--out", str(d),
+        cmd = ["05_rapo.py", "--env", "sotopia", "--ablation", ablation, "--data", str(data), "--out", str(d),
                "--policy", start, "--seeker", "scripted", "--grm", "scripted", "--grm-retries", "0",
                "--device", "cpu", "--seed", str(a.seed), "--prompts-per-step", str(a.prompts_per_step), "--group-size",
                str(a.group_size), "--max-new-tokens", str(a.max_new_tokens), "--max-prompt-tokens", str(a.max_prompt_tokens),

@@ -649,6 +649,17 @@ def test_experiment_bench_families_and_outcomes(tmp_path):
     assert out["episodes"] == 6 and out["deal_frac"] == 1.0 and out["deal_frac_by_family"] == {"bargain": 1.0, "divide": 1.0}
     # the rule partner's refusals ("I can't sell at $X ... I could do $Y") are alike: the repetition rule sees them
     assert out["episodes_with_fault"] == {"repeats an earlier message": 1.0} and 0 < out["offer_frac_of_actions"] <= 1
+    # --context-drop-decided: the policy's turns after the deal are dropped; by hand, the turn that closed each deal
+    turns = [t for r in recs for t in S.policy_turns(r, S.episode_setup(p, r))]
+    closing = {}
+    for r in recs:
+        bg = R.parse_background(S.background(S.episode_setup(p, r), None))
+        task = R.task_of(bg, r["players"].index("policy"))
+        closing[r["id"]] = next(m["turn"] for i, m in enumerate(r["messages"])
+                                if R.outcome(task, r["messages"][:i + 1])["deal"] is not None)
+    kept = x.undecided_turns(turns)
+    assert [t["id"] for t in kept] == [t["id"] for t in turns if t["turn"] <= closing[t["dialog_id"]]]
+    assert 0 < len(kept) < len(turns)  # the rule partner closes some deals on the policy's offer: a goodbye follows
     # the results of a real 06 run on that folder (two policy labels, the rule agent in both seats: no model)
     from conftest import run_script
 
@@ -666,3 +677,38 @@ def test_experiment_bench_families_and_outcomes(tmp_path):
     assert table[2]["minus_warm"]["goal"]["value"] == 0
     x.plot(a, {"rapo": [{"step": 1, "reward": 0.5}, {"step": 2, "reward": 0.6}]}, table, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_experiment_reuse_copies_finished_stages(tmp_path):
+    """experiments/sotopia_scripted.py --reuse: the early stages are copied from a work folder whose log.json says they
+    were made with the same settings (commands and wall times come along, marked reused); other settings stop."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sotopia_scripted_exp", FIX.parents[2] / "experiments" / "sotopia_scripted.py")
+    x = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(x)
+    src, made = tmp_path / "src", {"train-profiles": [4, 0], "warm": [2, 4, 0.001, 0], "contexts": [1, 2, 6, 8, 0]}
+    for f in ("train-profiles", "warm-data", "warm", "contexts"):
+        (src / f).mkdir(parents=True)
+        (src / f / "a.txt").write_text(f)
+    names = ["1_train_profiles", "1b_warm_data", "1c_warm_start", "2_contexts"]
+    common.write_json(src / "log.json", {"made": made, "commands": {n: f"cmd {n}" for n in names + ["3_05_rapo"]},
+                                         "wall_s": {n: 1.0 for n in names}, "warm_start": {"steps": 2}})
+    log, W = {}, tmp_path / "w"
+    W.mkdir()
+    x.reuse_stages(src, W, made, log, warm=True)
+    assert all((W / f / "a.txt").read_text() == f for f in ("train-profiles", "warm-data", "warm", "contexts"))
+    assert sorted(log["commands"]) == sorted(names) and log["reused"] == {n: str(src) for n in names}
+    assert log["made"] == made and log["warm_start"] == {"steps": 2}
+    (W / "contexts" / "a.txt").write_text("mine")  # a finished stage of the work folder is kept
+    x.reuse_stages(src, W, made, {}, warm=True)
+    assert (W / "contexts" / "a.txt").read_text() == "mine"
+    W2 = tmp_path / "w2"
+    W2.mkdir()
+    with pytest.raises(common.InputError, match="its contexts stage was made with"):
+        x.reuse_stages(src, W2, {**made, "contexts": [1, 2, 6, 16, 0]}, {}, warm=False)
+    assert list(W2.iterdir()) == []  # checked before anything is copied
+    x.reuse_stages(src, W2, made, {}, warm=False)
+    assert not (W2 / "warm").exists() and (W2 / "contexts").exists()  # without a warm start its folders stay
+    with pytest.raises(common.InputError, match="no log.json"):
+        x.reuse_stages(tmp_path / "nowhere", W2, made, {}, warm=False)
