@@ -38,6 +38,8 @@ and the rule faults of each policy's turns.
 
 Run (docs/results.md, 2026-12-03; BENCH is the folder of the Sotopia benchmark profiles, read in place):
   OMP_NUM_THREADS=2 python experiments/sotopia_scripted.py --bench BENCH
+(the second run, from a supervised warm start, and the third, --context-drop-decided: their commands are in
+docs/results.md)
 Outputs: W = --out (every stage's folder and log.json), and in experiments/results/ (NAME = --name): NAME.json
 (settings, commands, wall times, the rules' commit, the scenarios kept and left out, results), NAME_curve.csv
 (training metrics per step) and NAME.png (training reward curves; GOAL and OVERALL with CIs).
