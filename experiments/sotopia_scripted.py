@@ -114,6 +114,9 @@ def parse_args(argv=None):
     g.add_argument("--beta", type=float, default=0.04, help="k3 KL coefficient against the base model")
     g.add_argument("--max-prompt-tokens", type=int, default=1024,
                    help="05's prompt budget (05 refuses a Sotopia context longer than it)")
+    g.add_argument("--train-seed", type=int, default=None,
+                   help="seed of the two 05 runs (default: --seed); another value repeats RL alone on the same training "
+                        "scenarios, warm start and contexts (with --reuse: copied from the first seed's folder)")
     g.add_argument("--train-threads", type=int, default=1,
                    help="OMP_NUM_THREADS of each 05 run; the two runs and 06 on the base go side by side (0: one after "
                         "the other, with the threads of the environment)")
@@ -126,6 +129,16 @@ def parse_args(argv=None):
     g.add_argument("--eval-ranks", type=int, default=2,
                    help="06 processes for the trained policies (torchrun, one thread each; results equal to one process)")
     return p.parse_args(argv)
+
+
+def rapo_cmd(a, ablation: str, data: Path, out: Path, start: str) -> list[str]:
+    """One 05 run of the experiment (stage 3): RAPO (`rapo`) or RAPO w/o SD (`wo-sd`) with the scripted roles."""
+    return ["05_rapo.py", "--env", "sotopia", "--ablation", ablation, "--data", str(data), "--out", str(out),
+            "--policy", start, "--seeker", "scripted", "--grm", "scripted", "--grm-retries", "0",
+            "--device", "cpu", "--seed", str(a.seed if a.train_seed is None else a.train_seed), "--prompts-per-step",
+            str(a.prompts_per_step), "--group-size", str(a.group_size), "--max-new-tokens", str(a.max_new_tokens),
+            "--max-prompt-tokens", str(a.max_prompt_tokens), "--lr", str(a.lr), "--beta", str(a.beta), "--max-steps",
+            str(a.steps), "--micro-batch", "8", "--checkpoint-every", "5", "--sample-every", "5"]
 
 
 def launch(cmd: list[str], threads: int | None, nproc: int = 1) -> tuple[subprocess.Popen, str]:
@@ -334,7 +347,8 @@ def main(argv=None):
             "warm": [a.warm_start_steps, a.warm_start_batch, a.warm_start_lr, a.seed],
             "contexts": [a.context_pairings, a.context_episodes, a.context_max_turns, a.max_new_tokens, a.seed],
             "train": [a.steps, a.prompts_per_step, a.group_size, a.lr, a.beta, a.max_new_tokens, a.max_prompt_tokens]
-            + (["drop-decided"] if a.context_drop_decided else [])}
+            + (["drop-decided"] if a.context_drop_decided else [])
+            + (["seed", a.train_seed] if a.train_seed not in (None, a.seed) else [])}
     for k, v in made.items():
         was = log.get("made", {}).get(k, v)
         common.check(was == v, f"{W}: its {k} stage was made with {was}, now {v}: use another --out (or delete that "
@@ -409,13 +423,7 @@ def main(argv=None):
         d = W / name
         if (d / "adapter").exists():
             continue
-        cmd = ["05_rapo.py", "--env", "sotopia", "--ablation", ablation, "--data", str(data), "--out", str(d),
-               "--policy", start, "--seeker", "scripted", "--grm", "scripted", "--grm-retries", "0",
-               "--device", "cpu", "--seed", str(a.seed), "--prompts-per-step", str(a.prompts_per_step), "--group-size",
-               str(a.group_size), "--max-new-tokens", str(a.max_new_tokens), "--max-prompt-tokens", str(a.max_prompt_tokens),
-               "--lr", str(a.lr), "--beta", str(a.beta), "--max-steps", str(a.steps), "--micro-batch", "8",
-               "--checkpoint-every", "5", "--sample-every", "5"]
-        cmd.append("--resume" if (d / "checkpoint").exists() else "--overwrite")
+        cmd = rapo_cmd(a, ablation, data, d, start) + ["--resume" if (d / "checkpoint").exists() else "--overwrite"]
         jobs.append((f"3_05_{name}", cmd, a.train_threads or None, 1))
     # no RL-trained policy needed: evaluated while training runs
     base = [("base", "hf:embedded")] + ([("warm", start)] if a.warm_start_steps else []) + [("rules", "scripted")]

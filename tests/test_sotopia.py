@@ -667,6 +667,10 @@ def test_experiment_bench_families_and_outcomes(tmp_path):
                "partner", "--partner", "scripted", "--evaluator", "scripted", "--sotopia-sides", "2", "--sotopia-max-turns",
                "6", "--bootstrap", "100", "--policy", "base=scripted", "--policy", "warm=scripted", "--policy", "rapo=scripted")
     a = x.parse_args(["--bench", str(FIX), "--bootstrap", "100"])
+    seed_of = lambda cmd: cmd[cmd.index("--seed") + 1]
+    assert seed_of(x.rapo_cmd(a, "rapo", Path("t.jsonl"), Path("o"), "hf:embedded")) == "0"  # 05 takes --seed ...
+    b = x.parse_args(["--bench", str(FIX), "--seed", "3", "--train-seed", "5"])  # ... or --train-seed where given
+    assert seed_of(x.rapo_cmd(b, "wo-sd", Path("t.jsonl"), Path("o"), "hf:embedded")) == "5"
     scores = json.loads((tmp_path / "e" / "scores.json").read_text())
     table = x.results_table(p, scores, common.read_jsonl(tmp_path / "e" / "dialogs.jsonl"), a)
     assert [r["policy"] for r in table] == ["base", "warm", "rapo"] and table[0]["episodes"] == 6 and table[0]["scenarios"] == 2
