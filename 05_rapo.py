@@ -255,15 +255,18 @@ def teacher_prompt_ids(tok, context: list[dict], system: str, prefill: str, max_
     return grpo.prompt_ids(tok, teacher_context(seen, fmt=fmt, **feedback), system, prefill, max_tokens + extra_tokens)
 
 
-def distill_targets(results: list[dict | None], rewards: torch.Tensor) -> dict[int, tuple[int, int]]:
+def distill_targets(results: list[dict | None], rewards: torch.Tensor, min_gap: float = 0.0) -> dict[int, tuple[int, int]]:
     """Eq. 11 per valid group g: (w, best) from the rewards r_i = score_i + R_len(y_i) [B, G] (the overlong
     punishment included): the distilled candidate a_w = argmin_i r_i and the teacher's "better example"
-    argmax_i r_i (the first index on ties). Failed groups (None) are not distilled."""
+    argmax_i r_i (the first index on ties). Not distilled: failed groups (None), and tied groups, whose rewards
+    spread no more than min_gap (max - min <= min_gap, --sd-min-gap): no candidate is better than a_w there, so
+    the "better example" would be an arbitrary one (on an exact tie, a_w itself) and the teacher would only copy it."""
     out = {}
     for g, res in enumerate(results):
         if res is not None:
             r = rewards[g].tolist()
-            out[g] = (r.index(min(r)), r.index(max(r)))
+            if max(r) - min(r) > min_gap:
+                out[g] = (r.index(min(r)), r.index(max(r)))
     return out
 
 
@@ -619,6 +622,10 @@ def parse_args(argv=None):
     g.add_argument("--sd-coef", type=float, default=1e-3, help="eta, weight of the self-distillation loss (RAPO: 1e-3; 0 = w/o SD)")
     g.add_argument("--sd-topk", type=int, default=256, help="K, student's top-K tokens in the distillation KL (RAPO: 256)")
     g.add_argument("--sd-is-clip", type=float, default=2.0, help="upper clip of the per-token importance ratio (SDPO: 2)")
+    g.add_argument("--sd-min-gap", type=float, default=0.0,
+                   help="distil a group only when its rewards spread more than this (max - min): a tied group has no "
+                        "better candidate to learn from (default 0: every group but exact ties; the scripted GRMs break "
+                        "ties by 1e-6 steps, so 1e-3 skips their ties)")
     g.add_argument("--teacher", default="ema", choices=["ema", "live", "base"],
                    help="ema = EMA of the policy (RAPO); live = the current policy; base = the initial policy")
     g.add_argument("--ema-rate", type=float, default=0.5, help="m in theta_T <- (1 - m) theta_T + m theta (RAPO: 0.5)")
@@ -647,7 +654,8 @@ def parse_args(argv=None):
     training.check_grpo_args(args)
     for role in ("seeker", "grm"):  # openai: needs a URL or key; a local path must exist
         common.check_role(args, role)
-    check(args.sd_coef >= 0 and args.sd_topk >= 1 and args.sd_is_clip > 0, "--sd-coef >= 0, --sd-topk >= 1, --sd-is-clip > 0")
+    check(args.sd_coef >= 0 and args.sd_topk >= 1 and args.sd_is_clip > 0 and args.sd_min_gap >= 0,
+          "--sd-coef >= 0, --sd-topk >= 1, --sd-is-clip > 0, --sd-min-gap >= 0")
     check(0 < args.ema_rate <= 1, "--ema-rate must be in (0, 1]")
     check(args.grm_retries >= 0, "--grm-retries must be >= 0")
     check(args.env == "esc" or args.reward == "reaction", "--env sotopia trains with --reward reaction (the rubric "
@@ -797,7 +805,8 @@ def main(argv=None):
         ro = grpo.Rollouts(prompts=[p for p in p_ids for _ in range(G)], completions=comps, advantages=adv)
         # ---- verbal RL targets (Eq. 11): a_w = argmin_i r_i of each valid group, and the teacher's prompt (x, f_w)
         distill = {}
-        targets = distill_targets(results, rewards) if args.sd_coef > 0 else {}
+        targets = distill_targets(results, rewards, args.sd_min_gap) if args.sd_coef > 0 else {}
+        st["sd_groups"] = len(targets)
         for g, (w, best) in targets.items():
             if fixed:
                 if groups[g]["teacher_prompt_ids"]:
@@ -843,7 +852,7 @@ def main(argv=None):
                     "grm_disordered_frac": e["grm_disordered"] / e["grm_groups"], "grm_retries": e["grm_retried"],
                     **{k: e[s] / n_tok if n_tok else None for k, s in (("sd_loss", "sd_loss"), ("sd_kl", "sd_kl"),
                                                                       ("sd_topk_mass", "topk_mass"))},
-                    "sd_tokens": n_tok, **check_row, **ds_row})
+                    "sd_tokens": n_tok, "sd_groups": e["sd_groups"], **check_row, **ds_row})
         if eval_turns is not None and (step + 1) % args.eval_every == 0:  # held-out reward, after the update
             t2 = time.time()
             row.update(grpo.evaluate(generate, eval_turns, pol.tok, system, prefill, args, dist, eval_score),

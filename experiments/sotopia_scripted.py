@@ -117,6 +117,10 @@ def parse_args(argv=None):
     g.add_argument("--train-seed", type=int, default=None,
                    help="seed of the two 05 runs (default: --seed); another value repeats RL alone on the same training "
                         "scenarios, warm start and contexts (with --reuse: copied from the first seed's folder)")
+    g.add_argument("--sd-min-gap", type=float, default=0.0,
+                   help="05's --sd-min-gap for the RAPO run: distil only groups whose rewards spread more than this (the "
+                        "scripted GRM breaks ties by 1e-6 steps, so 1e-3 leaves tied groups undistilled; default 0: "
+                        "05's default)")
     g.add_argument("--train-threads", type=int, default=1,
                    help="OMP_NUM_THREADS of each 05 run; the two runs and 06 on the base go side by side (0: one after "
                         "the other, with the threads of the environment)")
@@ -138,7 +142,8 @@ def rapo_cmd(a, ablation: str, data: Path, out: Path, start: str) -> list[str]:
             "--device", "cpu", "--seed", str(a.seed if a.train_seed is None else a.train_seed), "--prompts-per-step",
             str(a.prompts_per_step), "--group-size", str(a.group_size), "--max-new-tokens", str(a.max_new_tokens),
             "--max-prompt-tokens", str(a.max_prompt_tokens), "--lr", str(a.lr), "--beta", str(a.beta), "--max-steps",
-            str(a.steps), "--micro-batch", "8", "--checkpoint-every", "5", "--sample-every", "5"]
+            str(a.steps), "--micro-batch", "8", "--checkpoint-every", "5", "--sample-every", "5"] \
+        + (["--sd-min-gap", str(a.sd_min_gap)] if a.sd_min_gap and ablation == "rapo" else [])
 
 
 def launch(cmd: list[str], threads: int | None, nproc: int = 1) -> tuple[subprocess.Popen, str]:
@@ -348,7 +353,8 @@ def main(argv=None):
             "contexts": [a.context_pairings, a.context_episodes, a.context_max_turns, a.max_new_tokens, a.seed],
             "train": [a.steps, a.prompts_per_step, a.group_size, a.lr, a.beta, a.max_new_tokens, a.max_prompt_tokens]
             + (["drop-decided"] if a.context_drop_decided else [])
-            + (["seed", a.train_seed] if a.train_seed not in (None, a.seed) else [])}
+            + (["seed", a.train_seed] if a.train_seed not in (None, a.seed) else [])
+            + (["sd-min-gap", a.sd_min_gap] if a.sd_min_gap else [])}
     for k, v in made.items():
         was = log.get("made", {}).get(k, v)
         common.check(was == v, f"{W}: its {k} stage was made with {was}, now {v}: use another --out (or delete that "

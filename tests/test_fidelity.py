@@ -86,6 +86,19 @@ def test_distilled_candidate_includes_the_overlong_punishment():
     assert rapo.distill_targets(results, r) == {0: (0, 2)}  # the failed group 1 is not distilled
 
 
+def test_tied_groups_are_not_distilled():
+    """--sd-min-gap: a group whose rewards spread no more than the gap has no better candidate, so it is not
+    distilled (an exact tie never is: argmin and argmax would both be candidate 0)."""
+    tie = 1e-6  # the scripted GRMs' tie-break step
+    results = [{"scores": s, "critiques": [""] * 3} for s in ([0.5, 0.5, 0.5], [0.5 + 2 * tie, 0.5 + tie, 0.5],
+                                                              [0.5, 0.7, 0.6])]
+    r = torch.tensor([res["scores"] for res in results])
+    assert rapo.distill_targets(results, r) == {1: (2, 0), 2: (0, 1)}  # default 0: only the exact tie is skipped
+    assert rapo.distill_targets(results, r, 1e-3) == {2: (0, 1)}  # the tie-broken group too
+    assert rapo.distill_targets(results, r, 0.2) == {}  # a spread of exactly the gap is a tie
+    assert rapo.parse_args(["--data", "d.jsonl", "--sd-min-gap", "1e-3"]).sd_min_gap == 1e-3
+
+
 # ----------------------------------------------------------------------------------------------------
 # 4. GRM scores whose order contradicts the ranks: derived from the ranks, counted
 

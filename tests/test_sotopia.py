@@ -671,6 +671,10 @@ def test_experiment_bench_families_and_outcomes(tmp_path):
     assert seed_of(x.rapo_cmd(a, "rapo", Path("t.jsonl"), Path("o"), "hf:embedded")) == "0"  # 05 takes --seed ...
     b = x.parse_args(["--bench", str(FIX), "--seed", "3", "--train-seed", "5"])  # ... or --train-seed where given
     assert seed_of(x.rapo_cmd(b, "wo-sd", Path("t.jsonl"), Path("o"), "hf:embedded")) == "5"
+    assert "--sd-min-gap" not in x.rapo_cmd(a, "rapo", Path("t.jsonl"), Path("o"), "hf:embedded")  # 05's default
+    c = x.parse_args(["--bench", str(FIX), "--sd-min-gap", "0.001"])  # the RAPO run only: w/o SD distils nothing
+    assert x.rapo_cmd(c, "rapo", Path("t.jsonl"), Path("o"), "hf:embedded")[-2:] == ["--sd-min-gap", "0.001"]
+    assert "--sd-min-gap" not in x.rapo_cmd(c, "wo-sd", Path("t.jsonl"), Path("o"), "hf:embedded")
     scores = json.loads((tmp_path / "e" / "scores.json").read_text())
     table = x.results_table(p, scores, common.read_jsonl(tmp_path / "e" / "dialogs.jsonl"), a)
     assert [r["policy"] for r in table] == ["base", "warm", "rapo"] and table[0]["episodes"] == 6 and table[0]["scenarios"] == 2
