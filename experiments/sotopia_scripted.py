@@ -445,7 +445,7 @@ def main(argv=None):
     runs = [W / name for name, _ in RUNS]
     curves = {d.name: common.read_jsonl(d / "metrics.jsonl") for d in runs}
     keys = ["reward", "zero_std_frac", "adv_abs_mean", "kl", "entropy", "completion_len_mean", "truncated_frac",
-            "sd_tokens", "sd_kl", "grm_failed_frac", "time_step"]
+            "sd_tokens", "sd_groups", "sd_kl", "grm_failed_frac", "time_step"]
     write_curves_csv(res_dir / f"{a.name}_curve.csv", curves, keys)
     log["training"] = {name: {"first5_reward": round(float(np.mean([m["reward"] for m in ms[:5]])), 4),
                               "last5_reward": round(float(np.mean([m["reward"] for m in ms[-5:]])), 4),
