@@ -278,8 +278,9 @@ def reuse_stages(src: Path, W: Path, made: dict, log: dict, warm: bool):
 def policy_outcomes(profiles: dict, records: list[dict]) -> dict:
     """What a policy's episodes came to under the rules (the evaluator's reading of each scenario): the deal rate
     (overall and per family), how often the policy's side closed the deal, the share of its actions that name an
-    offer (a price; an 'I take / you take' split), and the share of episodes with each rule fault of its agent."""
-    deals, closed, offers, actions, faults, fam = 0, 0, 0, 0, {}, {}
+    offer (a price; an 'I take / you take' split), the share of episodes with each rule fault of its agent, and its
+    most frequent action with its share of all its actions (a collapsed policy says one line everywhere)."""
+    deals, closed, offers, actions, faults, fam, said = 0, 0, 0, 0, {}, {}, {}
     for r in records:
         me = r["players"].index("policy")
         bg = R.parse_background(S.background(S.episode_setup(profiles, r), None))
@@ -293,13 +294,17 @@ def policy_outcomes(profiles: dict, records: list[dict]) -> dict:
         mine = [m for m in r["messages"] if m["agent"] == me]
         actions += len(mine)
         offers += sum(R.offer_of(task, m) is not None for m in mine)
+        for m in mine:
+            said[(m["action_type"], m["argument"])] = said.get((m["action_type"], m["argument"]), 0) + 1
         for x in R.rule_dimensions(task, bg["secrets"][me] or "", r["messages"], me)["faults"]:
             faults[x] = faults.get(x, 0) + 1
     n = max(1, len(records))
     return {"episodes": len(records), "deal_frac": round(deals / n, 3), "closed_by_policy_frac": round(closed / n, 3),
             "deal_frac_by_family": {k: round(v[0] / v[1], 3) for k, v in sorted(fam.items())},
             "policy_actions": actions, "offer_frac_of_actions": round(offers / max(1, actions), 3),
-            "episodes_with_fault": {k: round(v / n, 3) for k, v in sorted(faults.items())}}
+            "episodes_with_fault": {k: round(v / n, 3) for k, v in sorted(faults.items())},
+            "top_action": (lambda k: {"action_type": k[0], "argument": k[1], "frac_of_actions": round(said[k] / actions, 3)}
+                           )(max(said, key=lambda k: (said[k], k))) if said else None}
 
 
 def results_table(profiles: dict, scores: dict, records: list[dict], a) -> list[dict]:

@@ -683,6 +683,11 @@ def test_experiment_bench_families_and_outcomes(tmp_path):
     # paired against the base for every other row, and against the warm start (RL's own share) for the RL rows
     assert [sorted(k for k in r if k.startswith("minus_")) for r in table] == [[], ["minus_base"], ["minus_base", "minus_warm"]]
     assert table[2]["minus_warm"]["goal"]["value"] == 0
+    top = table[2]["outcomes"]["top_action"]  # the most frequent action of the policy and its share, counted again here
+    mine = [(m["action_type"], m["argument"]) for r in common.read_jsonl(tmp_path / "e" / "dialogs.jsonl")
+            if r["policy"] == "rapo" for m in r["messages"] if m["agent"] == r["players"].index("policy")]
+    assert top["frac_of_actions"] == round(mine.count((top["action_type"], top["argument"])) / len(mine), 3)
+    assert all(mine.count(k) <= mine.count((top["action_type"], top["argument"])) for k in mine)
     x.plot(a, {"rapo": [{"step": 1, "reward": 0.5}, {"step": 2, "reward": 0.6}]}, table, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
 
