@@ -32,11 +32,13 @@ Evaluator (evaluate_episode; agent a, its own messages only):
              10 min(1, points / (0.7 total)); open: 5.
   financial  bargain: buyer clip(10 (T - p) / T, -5, 5), seller clip(10 (p - T) / T, -5, 5); divide:
              clip(10 points / total - 5, -5, 5); no deal or open: 0.
-  believability  10 - 2 per broken action (speech holding JSON debris "{" / "action_type", or empty) - 2 per
-             repetition (Jaccard of words >= 0.8 with one of its earlier messages) - 1 per message over 60 words.
+  believability  10 - 2 per broken action (speech holding JSON debris "{" / "action_type"; a message with no letter
+             and no digit: empty, "$.", "...") - 2 per repetition (Jaccard of words >= 0.8 with one of its earlier
+             messages) - 1 per message over 60 words.
   relationship   +1 if polite once (please, thank, appreciate) - 2 per hostile message (HOSTILE) - 1 for leaving a
              bargain/divide before any deal (leaving early); clip -5..5.
-  knowledge  2 per message that asks a question ("?"), at most 10.
+  knowledge  2 per question that seeks information: a message with "?" that names no offer (an offer phrased as a
+             question is a proposal) and is not a repetition of an earlier question of the agent, at most 10.
   secret     -10 if a message holds 60% of the content words of its profile secret (2 or more such words);
              else -5 if it gives away its private numbers (bargain: "target", "bottom line", "my limit" or
              "budget is" next to a number; divide: any "N point(s)"); else 0.
@@ -46,6 +48,13 @@ GRM (grm_answer; RAPO Eq. 10 with the rules as judge): each candidate's conversa
   (0 after leaving without a deal), plus the other rule dimensions' penalties on the candidate's agent
   (believability - 10, relationship, secret, social_rules) and knowledge / 5; score = clip((value + 25) / 40, 0,
   1); ranks by score, ties by position (1e-6 steps, as envs/esc.py); the analysis states the outcome and the faults.
+
+RULE VERSIONS (RULES_VERSION; the experiment records it and the commit that last changed this file). Each version is
+fixed in a commit before any policy trained under it is evaluated.
+  1  commit 0ff2a13: the first five runs of experiments/sotopia_scripted.py (docs/results.md).
+  2  two weak rules found in those runs closed, nothing else changed: a message with no letter and no digit is a
+     broken action (v1 let "$." keep believability 10), and knowledge pays a question once and not for an offer
+     phrased as a question (v1 paid 2 points per message with a "?": "speak?" scored knowledge 10).
 """
 from __future__ import annotations
 
@@ -62,6 +71,7 @@ if __name__ == "__main__":  # run as a script: the project root on the path
 import common
 from envs import sotopia as S
 
+RULES_VERSION = 2  # RULE VERSIONS above
 K_CONCEDE = 4  # partner turns from its opening ask to its target
 HOSTILE = ("stupid", "idiot", "shut up", "ridiculous", "liar", "hate you", "scam", "rip-off", "rip off", "greedy",
            "pathetic", "get lost", "damn", "moron", "useless")
@@ -261,18 +271,30 @@ def leaks_numbers(task: dict, text: str) -> bool:
     return False
 
 
+def repeats_one_of(text: str, earlier: list[str]) -> bool:
+    """Jaccard of words >= 0.8 with one of the earlier texts (texts without words repeat nothing)."""
+    a = set(words(text))
+    return bool(a) and any(len(a & set(words(p))) / len(a | set(words(p))) >= 0.8 for p in earlier if words(p))
+
+
+def says_nothing(text: str) -> bool:
+    return not re.search(r"[A-Za-z0-9]", text)
+
+
 def rule_dimensions(task: dict, secret: str, messages: list[dict], agent: int) -> dict:
     """believability, relationship, knowledge, secret, social_rules of `agent` (module docstring), with the faults
     found (for the GRM's analysis)."""
     mine = [m for m in messages if m["agent"] == agent]
-    said = [m["argument"] for m in mine if m["action_type"] in ("speak", "non-verbal communication", "action")]
-    broken = sum(1 for m in mine if m["action_type"] == "speak" and ("{" in m["argument"] or "action_type" in
-                                                                       m["argument"] or not m["argument"].strip()))
-    repeats = 0
-    for j, s in enumerate(said):
-        a = set(words(s))
-        if a and any(len(a & set(words(p))) / len(a | set(words(p))) >= 0.8 for p in said[:j] if words(p)):
-            repeats += 1
+    acts = [m for m in mine if m["action_type"] in ("speak", "non-verbal communication", "action")]
+    said = [m["argument"] for m in acts]
+    broken = sum(1 for m in acts if says_nothing(m["argument"]) or m["action_type"] == "speak" and (
+        "{" in m["argument"] or "action_type" in m["argument"]))
+    repeats = sum(repeats_one_of(s, said[:j]) for j, s in enumerate(said))
+    asked = []  # the questions that seek information, each counted once
+    for m in acts:
+        q = m["argument"]
+        if "?" in q and words(q) and offer_of(task, m) is None and not repeats_one_of(q, asked):
+            asked.append(q)
     long = sum(1 for s in said if len(words(s)) > 60)
     hostile = sum(1 for s in said if is_hostile(s))
     polite = any(k in s.lower() for s in said for k in POLITE)
@@ -284,11 +306,11 @@ def rule_dimensions(task: dict, secret: str, messages: list[dict], agent: int) -
     dims = {
         "believability": float(max(0, 10 - 2 * broken - 2 * repeats - long)),
         "relationship": float(max(-5, min(5, int(polite) - 2 * hostile - int(early)))),
-        "knowledge": float(min(10, 2 * sum(1 for s in said if "?" in s))),
+        "knowledge": float(min(10, 2 * len(asked))),
         "secret": -10.0 if leaked else (-5.0 if numbers else 0.0),
         "social_rules": float(max(-10, -3 * hostile)),
     }
-    faults = [f for f, on in (("is not a clean JSON action", broken), ("repeats an earlier message", repeats),
+    faults = [f for f, on in (("is a broken action (JSON debris, or no words)", broken), ("repeats an earlier message", repeats),
                               ("is too long", long), ("is hostile", hostile), ("leaves before any deal", early),
                               ("reveals the character's secret", leaked),
                               ("gives away private numbers (target or point values)", numbers and not leaked)) if on]

@@ -181,11 +181,12 @@ def run(cmd: list[str], log: dict, name: str, threads: int | None = None, nproc:
 
 
 def rules_commit() -> dict:
-    """The commit that last changed envs/sotopia_scripted.py, and whether the file here differs from it."""
+    """The rules' version, the commit that last changed envs/sotopia_scripted.py, and whether the file here differs
+    from it."""
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
     sha = git("log", "-1", "--format=%H", "--", "envs/sotopia_scripted.py").stdout.strip() or None
     dirty = git("diff", "--quiet", "HEAD", "--", "envs/sotopia_scripted.py").returncode != 0
-    return {"commit": sha, "modified_since": dirty}
+    return {"version": R.RULES_VERSION, "commit": sha, "modified_since": dirty}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -359,7 +360,7 @@ def main(argv=None):
             "train": [a.steps, a.prompts_per_step, a.group_size, a.lr, a.beta, a.max_new_tokens, a.max_prompt_tokens]
             + (["drop-decided"] if a.context_drop_decided else [])
             + (["seed", a.train_seed] if a.train_seed not in (None, a.seed) else [])
-            + (["sd-min-gap", a.sd_min_gap] if a.sd_min_gap else [])}
+            + (["sd-min-gap", a.sd_min_gap] if a.sd_min_gap else []) + ["rules", R.RULES_VERSION]}  # the GRM's rules
     for k, v in made.items():
         was = log.get("made", {}).get(k, v)
         common.check(was == v, f"{W}: its {k} stage was made with {was}, now {v}: use another --out (or delete that "

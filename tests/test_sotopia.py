@@ -397,13 +397,35 @@ def test_rule_dimensions_by_hand():
     msgs = [m(0, "What do you need it for? Thank you for coming."), m(1, "x"),
             m(0, "What do you need it for? Thank you for coming."), m(1, "y"),
             m(0, "You idiot, my target is $100."), m(1, "z"), m(0, '{"action_type": "spe')]
-    d = R.rule_dimensions(BARGAIN_BUYER, sec, msgs, 0)["dims"]
-    assert d == {"believability": 6.0, "relationship": -1.0, "knowledge": 4.0, "secret": -5.0, "social_rules": -3.0}
+    d = R.rule_dimensions(BARGAIN_BUYER, sec, msgs, 0)["dims"]  # the repeated question is paid once
+    assert d == {"believability": 6.0, "relationship": -1.0, "knowledge": 2.0, "secret": -5.0, "social_rules": -3.0}
     d = R.rule_dimensions(BARGAIN_BUYER, sec, [m(0, "Honestly I have a large gambling debt.")], 0)["dims"]
     assert d["secret"] == -10
     left = R.rule_dimensions(BARGAIN_BUYER, "", [m(0, "$90"), m(1, "No."), m(0, "", "leave")], 0)
     assert left["dims"]["relationship"] == -1 and "leaves before any deal" in left["faults"]
     assert R.rule_dimensions(DIVIDE, "", [m(0, "Mugs are 4 points to me.")], 0)["dims"]["secret"] == -5
+
+
+def test_rules_v2_wordless_messages_and_questions():
+    """Rules version 2: a message with no letter and no digit is a broken action (any action type; v1 let "$." keep
+    believability 10); knowledge pays each information question once, and never an offer phrased as a question (v1
+    paid 2 points per "?": "speak?" said five times scored 10)."""
+    assert R.RULES_VERSION == 2
+    dims = lambda task, msgs: R.rule_dimensions(task, "", msgs, 0)
+    r = dims(BARGAIN_BUYER, [m(0, "$."), m(1, "x"), m(0, "...", "non-verbal communication"), m(1, "y"), m(0, "$90")])
+    assert r["dims"]["believability"] == 6.0 and "is a broken action (JSON debris, or no words)" in r["faults"]
+    assert dims(BARGAIN_BUYER, [m(0, "smiles", "non-verbal communication"), m(1, "x"), m(0, "$90")])["dims"][
+        "believability"] == 10.0  # a word or a number is not broken
+    speak_q = [x for _ in range(5) for x in (m(0, "speak?"), m(1, "x"))]
+    d = dims(BARGAIN_BUYER, speak_q)["dims"]
+    assert d["knowledge"] == 2.0 and d["believability"] == 2.0  # one question paid; four repetitions cost 8
+    offers = [m(0, "Would you take $90?"), m(1, "x"), m(0, "How about $95?"), m(1, "y")]
+    assert dims(BARGAIN_BUYER, offers)["dims"]["knowledge"] == 0.0
+    assert dims(DIVIDE, [m(0, "Can I take 2 mugs and you take the rest?")])["dims"]["knowledge"] == 0.0
+    mixed = [m(0, "What do you use it for?"), m(1, "x"), m(0, "Is it still under warranty?"), m(1, "y"),
+             m(0, "?"), m(1, "z"), m(0, "what do you use it for?")]
+    d = dims(BARGAIN_BUYER, mixed)["dims"]
+    assert d["knowledge"] == 4.0 and d["believability"] == 6.0  # "?" is broken, not a question; the last repeats
 
 
 def test_scripted_backend_plays_evaluates_and_ranks(profiles):
@@ -427,7 +449,8 @@ def test_scripted_backend_plays_evaluates_and_ranks(profiles):
     chat = S.grm_chats([{"setup": st, "agent": 0, "messages": msgs}], [cands], [reacts])
     g = rapo.parse_grm(json.loads(b.complete(chat)[0]), 4)
     # by hand: [0] closes at $200: goal 10 (1 - 50 / 75) = 3.33; [1] the seller now asks $180: 0.8 x 6 = 4.8, hostile
-    # -2 - 3 = -0.2; [2] the same 4.8 + polite 1 + a question 2 / 5 = 6.2; [3] leaves without a deal: 0 - 1 = -1
+    # -2 - 3 = -0.2; [2] the same 4.8 + polite 1 = 5.8 (an offer asked as a question earns no knowledge); [3] leaves
+    # without a deal: 0 - 1 = -1
     assert g["ranks"] == [2, 3, 1, 4] and not g["derived"]
     assert "is hostile" in g["critiques"][1]
     ep = {"messages": msgs + [{"turn": 2, "agent": 0, **cands[2]}, {"turn": 3, "agent": 1, **reacts[2]},
@@ -436,8 +459,9 @@ def test_scripted_backend_plays_evaluates_and_ranks(profiles):
     assert stats["failed"] == 0 and R.price_in(reacts[2]["argument"]) == 180  # the deal closes at the seller's $180
     assert res[0][0]["goal"] == 6 and res[0][1]["goal"] == 10  # buyer: 10 (1 - 30 / 75); seller: above its $120
     assert res[0][1]["financial_and_material_benefits"] == 5 and res[0][0]["financial_and_material_benefits"] == -2
-    # believability 10, relationship 1 (polite), knowledge 4 (two questions), secret 0, rules 0, financial -2, goal 6
-    assert res[0][0]["overall"] == pytest.approx((10 + 1 + 4 + 0 + 0 - 2 + 6) / 7)
+    # believability 10, relationship 1 (polite), knowledge 0 (its two questions are offers), secret 0, rules 0,
+    # financial -2, goal 6
+    assert res[0][0]["overall"] == pytest.approx((10 + 1 + 0 + 0 + 0 - 2 + 6) / 7)
 
 
 def test_generator_is_seeded_and_loads(tmp_path):
@@ -725,3 +749,24 @@ def test_experiment_reuse_copies_finished_stages(tmp_path):
     assert not (W2 / "warm").exists() and (W2 / "contexts").exists()  # without a warm start its folders stay
     with pytest.raises(common.InputError, match="no log.json"):
         x.reuse_stages(tmp_path / "nowhere", W2, made, {}, warm=False)
+
+
+def test_experiment_stops_on_work_folder_of_other_rules(tmp_path):
+    """experiments/sotopia_scripted.py: the rules' version is part of the training stage's settings (the scripted GRM
+    ranks by the rules), so a work folder trained under other rules stops the run before any stage, and the results
+    record the version with the rules' commit."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sotopia_scripted_exp", FIX.parents[2] / "experiments" / "sotopia_scripted.py")
+    x = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(x)
+    a = x.parse_args(["--bench", str(FIX)])
+    train = [a.steps, a.prompts_per_step, a.group_size, a.lr, a.beta, a.max_new_tokens, a.max_prompt_tokens]
+    W = tmp_path / "w"
+    W.mkdir()
+    common.write_json(W / "log.json", {"made": {"train": train + ["rules", R.RULES_VERSION - 1]}})
+    before = (W / "log.json").read_bytes()
+    with pytest.raises(common.InputError, match=rf"its train stage was made with .*'rules', {R.RULES_VERSION - 1}\]"):
+        x.main(["--bench", str(FIX), "--out", str(W), "--results", str(tmp_path / "res")])
+    assert sorted(p.name for p in W.iterdir()) == ["log.json"] and (W / "log.json").read_bytes() == before
+    assert x.rules_commit()["version"] == R.RULES_VERSION
