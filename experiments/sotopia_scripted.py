@@ -66,6 +66,7 @@ from repo_paths import repo_relative  # noqa: E402
 
 SOURCES = "craigslist_bargains,deal-or-no-deal"  # the benchmark's scenario families the rules can score
 RUNS = (("rapo", "rapo"), ("wo-sd", "wo-sd"))  # (folder and policy label, 05's --ablation)
+RULES = getattr(R, "RULES_VERSION", 1)  # version 1 (commit 0ff2a13, restored to rerun runs 1-5) had no constant
 
 
 def parse_args(argv=None):
@@ -186,7 +187,7 @@ def rules_commit() -> dict:
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
     sha = git("log", "-1", "--format=%H", "--", "envs/sotopia_scripted.py").stdout.strip() or None
     dirty = git("diff", "--quiet", "HEAD", "--", "envs/sotopia_scripted.py").returncode != 0
-    return {"version": R.RULES_VERSION, "commit": sha, "modified_since": dirty}
+    return {"version": RULES, "commit": sha, "modified_since": dirty}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -360,7 +361,7 @@ def main(argv=None):
             "train": [a.steps, a.prompts_per_step, a.group_size, a.lr, a.beta, a.max_new_tokens, a.max_prompt_tokens]
             + (["drop-decided"] if a.context_drop_decided else [])
             + (["seed", a.train_seed] if a.train_seed not in (None, a.seed) else [])
-            + (["sd-min-gap", a.sd_min_gap] if a.sd_min_gap else []) + ["rules", R.RULES_VERSION]}  # the GRM's rules
+            + (["sd-min-gap", a.sd_min_gap] if a.sd_min_gap else []) + ["rules", RULES]}  # the GRM's rules
     for k, v in made.items():
         was = log.get("made", {}).get(k, v)
         common.check(was == v, f"{W}: its {k} stage was made with {was}, now {v}: use another --out (or delete that "
