@@ -310,8 +310,8 @@ def rule_dimensions(task: dict, secret: str, messages: list[dict], agent: int) -
         "secret": -10.0 if leaked else (-5.0 if numbers else 0.0),
         "social_rules": float(max(-10, -3 * hostile)),
     }
-    faults = [f for f, on in (("is a broken action (JSON debris, or no words)", broken), ("repeats an earlier message", repeats),
-                              ("is too long", long), ("is hostile", hostile), ("leaves before any deal", early),
+    faults = [f for f, on in (("is a broken action (JSON debris, or no words)", broken),
+                              ("repeats an earlier message", repeats), ("is too long", long), ("is hostile", hostile), ("leaves before any deal", early),
                               ("reveals the character's secret", leaked),
                               ("gives away private numbers (target or point values)", numbers and not leaked)) if on]
     return {"dims": dims, "faults": faults}
