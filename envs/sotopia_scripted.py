@@ -33,8 +33,8 @@ Evaluator (evaluate_episode; agent a, its own messages only):
   financial  bargain: buyer clip(10 (T - p) / T, -5, 5), seller clip(10 (p - T) / T, -5, 5); divide:
              clip(10 points / total - 5, -5, 5); no deal or open: 0.
   believability  10 - 2 per broken action (speech holding JSON debris "{" / "action_type"; a message with no letter
-             and no digit: empty, "$.", "...") - 2 per repetition (Jaccard of words >= 0.8 with one of its earlier
-             messages) - 1 per message over 60 words.
+             and no digit: empty, "$.", "...") - 2 per repetition (Jaccard of tokens, words and numbers, >= 0.8
+             with one of its earlier messages) - 1 per message over 60 words.
   relationship   +1 if polite once (please, thank, appreciate) - 2 per hostile message (HOSTILE) - 1 for leaving a
              bargain/divide before any deal (leaving early); clip -5..5.
   knowledge  2 per question that seeks information: a message with "?" that names no offer (an offer phrased as a
@@ -44,8 +44,8 @@ Evaluator (evaluate_episode; agent a, its own messages only):
              "budget is" next to a number; divide: any "N point(s)"); else 0.
   social_rules  -3 per hostile message, at least -10.
 GRM (grm_answer; RAPO Eq. 10 with the rules as judge): each candidate's conversation is extended by it and the
-  partner's reaction; value = GOAL of the closed deal, or 0.8 x the GOAL the partner's standing offer would give
-  (0 after leaving without a deal), plus the other rule dimensions' penalties on the candidate's agent
+  partner's reaction; value = GOAL of the closed deal, or OPEN_OFFER x the GOAL the partner's standing offer would
+  give (OPEN_OFFER = 0.6: an offer still open may yet end without a deal; 0 after leaving without a deal), plus the other rule dimensions' penalties on the candidate's agent
   (believability - 10, relationship, secret, social_rules) and knowledge / 5; score = clip((value + 25) / 40, 0,
   1); ranks by score, ties by position (1e-6 steps, as envs/esc.py); the analysis states the outcome and the faults.
 
@@ -55,6 +55,12 @@ fixed in a commit before any policy trained under it is evaluated.
   2  two weak rules found in those runs closed, nothing else changed: a message with no letter and no digit is a
      broken action (v1 let "$." keep believability 10), and knowledge pays a question once and not for an offer
      phrased as a question (v1 paid 2 points per message with a "?": "speak?" scored knowledge 10).
+  3  two changes after the sixth run (docs/results.md), nothing else changed: repetition compares tokens with their
+     numbers (v2 compared letter words only, so a bare "$30." said again and again was no repetition, and two offers
+     that differ only in their amounts were one); the GRM values an offer still open after the reaction at 0.6 x its
+     GOAL, not 0.8 x (with 0.8 the GRM ranked waiting above accepting the partner's offer in 12 of 14 bargaining
+     and 10 of 18 item-division contexts of the fifth run, while the start policy's own 10-turn context episodes
+     closed a deal in 10 of 16: an open offer is worth about that share of a closed one).
 """
 from __future__ import annotations
 
@@ -71,7 +77,8 @@ if __name__ == "__main__":  # run as a script: the project root on the path
 import common
 from envs import sotopia as S
 
-RULES_VERSION = 2  # RULE VERSIONS above
+RULES_VERSION = 3  # RULE VERSIONS above
+OPEN_OFFER = 0.6  # the GRM's value of an offer still open, as a share of the GOAL it would give
 K_CONCEDE = 4  # partner turns from its opening ask to its target
 HOSTILE = ("stupid", "idiot", "shut up", "ridiculous", "liar", "hate you", "scam", "rip-off", "rip off", "greedy",
            "pathetic", "get lost", "damn", "moron", "useless")
@@ -271,10 +278,16 @@ def leaks_numbers(task: dict, text: str) -> bool:
     return False
 
 
+def tokens(text: str) -> set[str]:
+    """The words and numbers of a text ("$1,200.50" -> 1, 200, 50)."""
+    return set(re.findall(r"[a-z0-9']+", text.lower()))
+
+
 def repeats_one_of(text: str, earlier: list[str]) -> bool:
-    """Jaccard of words >= 0.8 with one of the earlier texts (texts without words repeat nothing)."""
-    a = set(words(text))
-    return bool(a) and any(len(a & set(words(p))) / len(a | set(words(p))) >= 0.8 for p in earlier if words(p))
+    """Jaccard of tokens (words and numbers) >= 0.8 with one of the earlier texts (a text without tokens repeats
+    nothing)."""
+    a = tokens(text)
+    return bool(a) and any(len(a & tokens(p)) / len(a | tokens(p)) >= 0.8 for p in earlier if tokens(p))
 
 
 def says_nothing(text: str) -> bool:
@@ -433,7 +446,8 @@ def candidate_value(bg: dict, me: int, messages: list[dict]) -> tuple[float, str
     elif left or out["offers"][1 - me] is None:
         g, what = (goal_score(task, None, me), "the conversation ended without a deal" if left else "no offer stands")
     else:
-        g, what = 0.8 * goal_score(task, out["offers"][1 - me], me), f"the other side now offers {out['offers'][1 - me]}"
+        g = OPEN_OFFER * goal_score(task, out["offers"][1 - me], me)
+        what = f"the other side now offers {out['offers'][1 - me]}"
     if task["family"] == "open":
         g, what = 5.0, "the rules cannot score this goal"
     rd = rule_dimensions(task, bg["secrets"][me] or "", messages, me)

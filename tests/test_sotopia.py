@@ -410,7 +410,7 @@ def test_rules_v2_wordless_messages_and_questions():
     """Rules version 2: a message with no letter and no digit is a broken action (any action type; v1 let "$." keep
     believability 10); knowledge pays each information question once, and never an offer phrased as a question (v1
     paid 2 points per "?": "speak?" said five times scored 10)."""
-    assert R.RULES_VERSION == 2
+    assert R.RULES_VERSION >= 2
     dims = lambda task, msgs: R.rule_dimensions(task, "", msgs, 0)
     r = dims(BARGAIN_BUYER, [m(0, "$."), m(1, "x"), m(0, "...", "non-verbal communication"), m(1, "y"), m(0, "$90")])
     assert r["dims"]["believability"] == 6.0 and "is a broken action (JSON debris, or no words)" in r["faults"]
@@ -426,6 +426,32 @@ def test_rules_v2_wordless_messages_and_questions():
              m(0, "?"), m(1, "z"), m(0, "what do you use it for?")]
     d = dims(BARGAIN_BUYER, mixed)["dims"]
     assert d["knowledge"] == 4.0 and d["believability"] == 6.0  # "?" is broken, not a question; the last repeats
+
+
+def test_rules_v3_repetition_counts_numbers_and_open_offers_weigh_less():
+    """Rules version 3: repetition compares words and numbers (v2 compared letter words only: a bare "$30." said
+    three times was no repetition, and two offers differing only in their amounts were one); the GRM values an offer
+    still open after the reaction at 0.6 x its GOAL (v2: 0.8 x, which ranked waiting above accepting)."""
+    assert R.RULES_VERSION == 3 and R.OPEN_OFFER == 0.6
+    assert R.tokens("I'd pay $1,200.50 now") == {"i'd", "pay", "1", "200", "50", "now"}
+    dims = lambda task, msgs: R.rule_dimensions(task, "", msgs, 0)["dims"]
+    bare = [m(0, "$30."), m(1, "x"), m(0, "$30."), m(1, "y"), m(0, "$30.")]
+    assert dims(DIVIDE, bare)["believability"] == 6.0  # two repetitions (v2: 10)
+    moving = [m(0, "I can't sell at $300: it is worth more than that to me. I could do $350."), m(1, "x"),
+              m(0, "I can't sell at $290: it is worth more than that to me. I could do $340.")]
+    assert dims(BARGAIN_BUYER, moving)["believability"] == 10.0  # 14 shared of 18 tokens: 0.78 (v2: the same words)
+    same = [m(0, "I could do $350."), m(1, "x"), m(0, "I could do $350!")]
+    assert dims(BARGAIN_BUYER, same)["believability"] == 8.0
+    # the GRM: Wren buys (target $150) from a seller (target $120, listing $200) asking $150 at its third turn.
+    bg = {"scenario": "A bike is for sale at $200.", "names": ["Wren", "Tobias"], "secrets": [None, None],
+          "goals": ["You are the buyer; your target price is $150.", "You are the seller; your target price is $120."]}
+    hist = [m(0, "Hello"), m(1, "I am asking $200."), m(0, "Hi"), m(1, "I could do $170."), m(0, "Hm"),
+            m(1, "I could do $150.")]
+    accept, wait = m(0, "Deal."), m(0, "Let me think about it.")
+    v_accept, _ = R.candidate_value(bg, 0, hist + [accept, m(1, "Thank you!")])
+    v_wait, why = R.candidate_value(bg, 0, hist + [wait, m(1, "I could do $135.")])
+    assert v_accept == 10.0  # the deal closes at the buyer's target: goal 10
+    assert v_wait == pytest.approx(0.6 * 10) and "goal value 6.0 of 10" in why  # $135 open: 0.6 x 10 (v2: 8)
 
 
 def test_scripted_backend_plays_evaluates_and_ranks(profiles):
@@ -448,10 +474,10 @@ def test_scripted_backend_plays_evaluates_and_ranks(profiles):
                       else {"action_type": "none", "argument": ""})
     chat = S.grm_chats([{"setup": st, "agent": 0, "messages": msgs}], [cands], [reacts])
     g = rapo.parse_grm(json.loads(b.complete(chat)[0]), 4)
-    # by hand: [0] closes at $200: goal 10 (1 - 50 / 75) = 3.33; [1] the seller now asks $180: 0.8 x 6 = 4.8, hostile
-    # -2 - 3 = -0.2; [2] the same 4.8 + polite 1 = 5.8 (an offer asked as a question earns no knowledge); [3] leaves
-    # without a deal: 0 - 1 = -1
-    assert g["ranks"] == [2, 3, 1, 4] and not g["derived"]
+    # by hand: [0] closes at $200: goal 10 (1 - 50 / 75) = 3.33; [1] the seller now asks $180: an open offer,
+    # 0.6 x 6 = 3.6, hostile -2 - 3: -1.4; [2] the same 3.6 + polite 1 = 4.6 (an offer asked as a question earns no
+    # knowledge); [3] leaves without a deal: 0 - 1 = -1
+    assert g["ranks"] == [2, 4, 1, 3] and not g["derived"]
     assert "is hostile" in g["critiques"][1]
     ep = {"messages": msgs + [{"turn": 2, "agent": 0, **cands[2]}, {"turn": 3, "agent": 1, **reacts[2]},
                               {"turn": 4, "agent": 0, "action_type": "speak", "argument": "OK, deal."}], "end": "max_turns"}
@@ -671,8 +697,9 @@ def test_experiment_bench_families_and_outcomes(tmp_path):
     recs, _ = S.play_chunk(p, cases, players, {"policy": b, "partner": b}, {"policy": {}, "partner": {}}, b, max_turns=20)
     out = x.policy_outcomes(p, recs)
     assert out["episodes"] == 6 and out["deal_frac"] == 1.0 and out["deal_frac_by_family"] == {"bargain": 1.0, "divide": 1.0}
-    # the rule partner's refusals ("I can't sell at $X ... I could do $Y") are alike: the repetition rule sees them
-    assert out["episodes_with_fault"] == {"repeats an earlier message": 1.0} and 0 < out["offer_frac_of_actions"] <= 1
+    # the rule agent's refusals ("I can't sell at $X ... I could do $Y") move their amounts: no repetition (rules v3);
+    # in item division it proposes one split twice, word for word and number for number: a repetition (2 of 6)
+    assert out["episodes_with_fault"] == {"repeats an earlier message": 0.333} and 0 < out["offer_frac_of_actions"] <= 1
     # --context-drop-decided: the policy's turns after the deal are dropped; by hand, the turn that closed each deal
     turns = [t for r in recs for t in S.policy_turns(r, S.episode_setup(p, r))]
     closing = {}
