@@ -45,9 +45,10 @@ Evaluator (evaluate_episode; agent a, its own messages only):
   social_rules  -3 per hostile message, at least -10.
 GRM (grm_answer; RAPO Eq. 10 with the rules as judge): each candidate's conversation is extended by it and the
   partner's reaction; value = GOAL of the closed deal, or OPEN_OFFER x the GOAL the partner's standing offer would
-  give (OPEN_OFFER = 0.6: an offer still open may yet end without a deal; 0 after leaving without a deal), plus the other rule dimensions' penalties on the candidate's agent
-  (believability - 10, relationship, secret, social_rules) and knowledge / 5; score = clip((value + 25) / 40, 0,
-  1); ranks by score, ties by position (1e-6 steps, as envs/esc.py); the analysis states the outcome and the faults.
+  give (OPEN_OFFER = 0.6: an offer still open may yet end without a deal; 0 after leaving without a deal), plus the
+  other rule dimensions' penalties on the candidate's agent (believability - 10, relationship, secret, social_rules)
+  and knowledge / 5; score = clip((value + 25) / 40, 0, 1); ranks by score, ties by position (1e-6 steps, as
+  envs/esc.py); the analysis states the outcome and the faults.
 
 RULE VERSIONS (RULES_VERSION; the experiment records it and the commit that last changed this file). Each version is
 fixed in a commit before any policy trained under it is evaluated.
