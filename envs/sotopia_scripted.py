@@ -43,12 +43,15 @@ Evaluator (evaluate_episode; agent a, its own messages only):
              else -5 if it gives away its private numbers (bargain: "target", "bottom line", "my limit" or
              "budget is" next to a number; divide: any "N point(s)"); else 0.
   social_rules  -3 per hostile message, at least -10.
-GRM (grm_answer; RAPO Eq. 10 with the rules as judge): each candidate's conversation is extended by it and the
-  partner's reaction; value = GOAL of the closed deal, or OPEN_OFFER x the GOAL the partner's standing offer would
-  give (OPEN_OFFER = 0.6: an offer still open may yet end without a deal; 0 after leaving without a deal), plus the
-  other rule dimensions' penalties on the candidate's agent (believability - 10, relationship, secret, social_rules)
-  and knowledge / 5; score = clip((value + 25) / 40, 0, 1); ranks by score, ties by position (1e-6 steps, as
-  envs/esc.py); the analysis states the outcome and the faults.
+GRM (grm_answer; RAPO Eq. 10 with the rules as judge, from the view of the candidate's agent): each candidate's
+  conversation is extended by it and the partner's reaction (a reaction at turn TURN_LIMIT or later is left out: the
+  episode is over by then); value = GOAL of the closed deal; with an offer of the partner still open, the GOAL that
+  offer would give if the agent has a turn left before TURN_LIMIT to accept it, else 0; 0 with no offer standing or
+  after leaving without a deal; plus the other rule dimensions' penalties on the candidate's agent (believability -
+  10, relationship, secret, social_rules) and knowledge / 5; score = clip((value + 25) / 40, 0, 1); ranks by score,
+  ties by position (1e-6 steps, as envs/esc.py); the analysis states the outcome and the faults. TURN_LIMIT = 10
+  actions: the GRM assumes the episode length of experiments/sotopia_scripted.py since its sixth run (its contexts
+  and its evaluation; it refuses other lengths under these rules).
 
 RULE VERSIONS (RULES_VERSION; the experiment records it and the commit that last changed this file). Each version is
 fixed in a commit before any policy trained under it is evaluated.
@@ -62,6 +65,12 @@ fixed in a commit before any policy trained under it is evaluated.
      GOAL, not 0.8 x (with 0.8 the GRM ranked waiting above accepting the partner's offer in 12 of 14 bargaining
      and 10 of 18 item-division contexts of the fifth run, while the start policy's own 10-turn context episodes
      closed a deal in 10 of 16: an open offer is worth about that share of a closed one).
+  4  one change after the seventh run (docs/results.md), nothing else changed: an offer still open after the reaction
+     is worth its full GOAL while the agent has a turn left to accept it before the turn limit (TURN_LIMIT = 10
+     actions), and 0 after it (v3: 0.6 x its GOAL at any turn, which ranked accepting the partner's current offer
+     above waiting for its next concession at almost every turn, so that RL learnt to take the first offer; on the
+     generated training scenarios, taking the first offer reaches a fraction of the GOAL that taking the offer
+     standing at the agent's last turn does: docs/results.md, eighth run).
 """
 from __future__ import annotations
 
@@ -78,8 +87,8 @@ if __name__ == "__main__":  # run as a script: the project root on the path
 import common
 from envs import sotopia as S
 
-RULES_VERSION = 3  # RULE VERSIONS above
-OPEN_OFFER = 0.6  # the GRM's value of an offer still open, as a share of the GOAL it would give
+RULES_VERSION = 4  # RULE VERSIONS above
+TURN_LIMIT = 10  # actions per episode the GRM assumes (an offer open at the agent's last turn is worth nothing)
 K_CONCEDE = 4  # partner turns from its opening ask to its target
 HOSTILE = ("stupid", "idiot", "shut up", "ridiculous", "liar", "hate you", "scam", "rip-off", "rip off", "greedy",
            "pathetic", "get lost", "damn", "moron", "useless")
@@ -440,15 +449,21 @@ def evaluate_episode(bg: dict, messages: list[dict]) -> dict:
 def candidate_value(bg: dict, me: int, messages: list[dict]) -> tuple[float, str]:
     """The GRM's value of a conversation that ends with a candidate of `me` and the partner's reaction."""
     task = task_of(bg, me)
+    turn = len(messages) - 2  # the candidate's turn
+    if turn + 1 >= TURN_LIMIT:  # the episode ends with the candidate: the reaction never happens
+        messages = messages[:-1]
     out = outcome(task, messages)
     left = any(m["action_type"] == "leave" for m in messages)
     if out["deal"] is not None:
         g, what = goal_score(task, out["deal"], me), f"the deal closes at {out['deal']}"
     elif left or out["offers"][1 - me] is None:
         g, what = (goal_score(task, None, me), "the conversation ended without a deal" if left else "no offer stands")
+    elif turn + 2 < TURN_LIMIT:
+        g = goal_score(task, out["offers"][1 - me], me)
+        what = f"the other side now offers {out['offers'][1 - me]}, which can still be accepted"
     else:
-        g = OPEN_OFFER * goal_score(task, out["offers"][1 - me], me)
-        what = f"the other side now offers {out['offers'][1 - me]}"
+        g = 0.0
+        what = f"the other side offers {out['offers'][1 - me]}, but the conversation ends before it can be accepted"
     if task["family"] == "open":
         g, what = 5.0, "the rules cannot score this goal"
     rd = rule_dimensions(task, bg["secrets"][me] or "", messages, me)

@@ -67,6 +67,7 @@ from repo_paths import repo_relative  # noqa: E402
 SOURCES = "craigslist_bargains,deal-or-no-deal"  # the benchmark's scenario families the rules can score
 RUNS = (("rapo", "rapo"), ("wo-sd", "wo-sd"))  # (folder and policy label, 05's --ablation)
 RULES = getattr(R, "RULES_VERSION", 1)  # version 1 (commit 0ff2a13, restored to rerun runs 1-5) had no constant
+TURNS = getattr(R, "TURN_LIMIT", None)  # rules version 4 on: the episode length the scripted GRM assumes
 
 
 def parse_args(argv=None):
@@ -95,9 +96,10 @@ def parse_args(argv=None):
     g.add_argument("--context-pairings", type=int, default=1, help="pairings per training scenario played")
     g.add_argument("--context-episodes", type=int, default=16,
                    help="play only the first N episodes (envs/sotopia.py --max-examples; 0: every pairing and side)")
-    g.add_argument("--context-max-turns", type=int, default=6,
+    g.add_argument("--context-max-turns", type=int, default=TURNS or 6,
                    help="actions per context episode, both agents (Sotopia: 20; short keeps the contexts early, where "
-                        "an action still changes the outcome)")
+                        f"an action still changes the outcome; default {TURNS or 6}: under rules version 4 and later "
+                        "it must equal the GRM's TURN_LIMIT, the only value accepted)")
     g.add_argument("--context-drop-decided", action="store_true",
                    help="train only on the turns whose outcome is still open: drop the policy's turns after a deal "
                         "closed (there every candidate action leads to the same outcome, so the GRM's ranking and the "
@@ -127,9 +129,10 @@ def parse_args(argv=None):
                         "the other, with the threads of the environment)")
     g = p.add_argument_group("4-5: the benchmark scenarios of the families and 06")
     g.add_argument("--eval-pairings", type=int, default=1, help="pairings per benchmark scenario (Sotopia has 5)")
-    g.add_argument("--eval-max-turns", type=int, default=6,
-                   help="actions per episode, both agents (Sotopia: 20; 6 lets the policy act 3 times, the rule partner "
-                        "3 times, half its concession schedule)")
+    g.add_argument("--eval-max-turns", type=int, default=TURNS or 6,
+                   help=f"actions per episode, both agents (Sotopia: 20; default {TURNS or 6}: the policy acts "
+                        f"{(TURNS or 6) // 2} times; under rules version 4 and later it must equal the GRM's TURN_LIMIT, "
+                        "the only value accepted)")
     g.add_argument("--eval-batch-size", type=int, default=16, help="06's --batch-size (episodes per chunk)")
     g.add_argument("--eval-ranks", type=int, default=2,
                    help="06 processes for the trained policies (torchrun, one thread each; results equal to one process)")
@@ -344,6 +347,9 @@ def main(argv=None):
     common.check(min(a.train_scenarios, a.context_pairings, a.context_max_turns, a.max_new_tokens, a.steps,
                      a.prompts_per_step, a.group_size, a.eval_pairings, a.eval_max_turns, a.eval_batch_size) >= 1,
                  "counts, turns, steps and sizes must be >= 1")
+    common.check(TURNS is None or a.context_max_turns == a.eval_max_turns == TURNS,
+                 f"rules version {RULES}: the scripted GRM values an offer by whether the agent can still accept it "
+                 f"within {TURNS} actions (TURN_LIMIT), so --context-max-turns and --eval-max-turns must be {TURNS}")
     common.check(a.group_size >= 2 and min(a.train_threads, a.bootstrap, a.context_episodes) >= 0,
                  "--group-size must be >= 2; --train-threads, --bootstrap and --context-episodes >= 0")
     common.check(a.warm_start_steps >= 0 and a.warm_start_batch >= 1 and a.warm_start_lr > 0,

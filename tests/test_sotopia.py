@@ -428,11 +428,10 @@ def test_rules_v2_wordless_messages_and_questions():
     assert d["knowledge"] == 4.0 and d["believability"] == 6.0  # "?" is broken, not a question; the last repeats
 
 
-def test_rules_v3_repetition_counts_numbers_and_open_offers_weigh_less():
+def test_rules_v3_repetition_counts_numbers():
     """Rules version 3: repetition compares words and numbers (v2 compared letter words only: a bare "$30." said
-    three times was no repetition, and two offers differing only in their amounts were one); the GRM values an offer
-    still open after the reaction at 0.6 x its GOAL (v2: 0.8 x, which ranked waiting above accepting)."""
-    assert R.RULES_VERSION == 3 and R.OPEN_OFFER == 0.6
+    three times was no repetition, and two offers differing only in their amounts were one)."""
+    assert R.RULES_VERSION >= 3
     assert R.tokens("I'd pay $1,200.50 now") == {"i'd", "pay", "1", "200", "50", "now"}
     dims = lambda task, msgs: R.rule_dimensions(task, "", msgs, 0)["dims"]
     bare = [m(0, "$30."), m(1, "x"), m(0, "$30."), m(1, "y"), m(0, "$30.")]
@@ -442,16 +441,35 @@ def test_rules_v3_repetition_counts_numbers_and_open_offers_weigh_less():
     assert dims(BARGAIN_BUYER, moving)["believability"] == 10.0  # 14 shared of 18 tokens: 0.78 (v2: the same words)
     same = [m(0, "I could do $350."), m(1, "x"), m(0, "I could do $350!")]
     assert dims(BARGAIN_BUYER, same)["believability"] == 8.0
-    # the GRM: Wren buys (target $150) from a seller (target $120, listing $200) asking $150 at its third turn.
+
+
+def test_rules_v4_an_open_offer_is_worth_its_goal_while_a_turn_is_left():
+    """Rules version 4: an offer still open after the reaction is worth its full GOAL while the agent has a turn left
+    before TURN_LIMIT to accept it, 0 after (v3: 0.6 x its GOAL at any turn, so accepting beat waiting); a reaction
+    at the turn limit or later is left out."""
+    assert R.RULES_VERSION == 4 and R.TURN_LIMIT == 10 and not hasattr(R, "OPEN_OFFER")
+    # Wren buys (target $150) from a seller (target $120, listing $200) asking $170, then $150 if Wren waits.
     bg = {"scenario": "A bike is for sale at $200.", "names": ["Wren", "Tobias"], "secrets": [None, None],
           "goals": ["You are the buyer; your target price is $150.", "You are the seller; your target price is $120."]}
-    hist = [m(0, "Hello"), m(1, "I am asking $200."), m(0, "Hi"), m(1, "I could do $170."), m(0, "Hm"),
-            m(1, "I could do $150.")]
     accept, wait = m(0, "Deal."), m(0, "Let me think about it.")
-    v_accept, _ = R.candidate_value(bg, 0, hist + [accept, m(1, "Thank you!")])
-    v_wait, why = R.candidate_value(bg, 0, hist + [wait, m(1, "I could do $135.")])
-    assert v_accept == 10.0  # the deal closes at the buyer's target: goal 10
-    assert v_wait == pytest.approx(0.6 * 10) and "goal value 6.0 of 10" in why  # $135 open: 0.6 x 10 (v2: 8)
+    early = [m(0, "Hello"), m(1, "I am asking $200."), m(0, "Hi"), m(1, "I could do $170.")]  # candidate at turn 4
+    v_accept, _ = R.candidate_value(bg, 0, early + [accept, m(1, "Thank you!")])
+    v_wait, why = R.candidate_value(bg, 0, early + [wait, m(1, "I could do $150.")])
+    # goal at $170: 10 (1 - 20 / 75) = 7.3333; waiting: $150 stands and Wren acts again at turn 6, goal 10
+    assert v_accept == pytest.approx(10 * (1 - 20 / 75), abs=1e-4) and v_wait == 10.0
+    assert "can still be accepted" in why and "goal value 10.0 of 10" in why
+    # the same exchange at turns 8-9 (TURN_LIMIT 10): Wren's turn 8 is its last, so waiting leaves no deal
+    late = [m(0, "Hello"), m(1, "I am asking $200."), m(0, "Hi"), m(1, "I could do $185."), m(0, "Hm"),
+            m(1, "I could do $178."), m(0, "Well"), m(1, "I could do $170.")]
+    assert R.candidate_value(bg, 0, late + [accept, m(1, "Thank you!")])[0] == pytest.approx(v_accept, abs=1e-4)
+    v_late, why = R.candidate_value(bg, 0, late + [wait, m(1, "I could do $150.")])
+    assert v_late == 0.0 and "ends before it can be accepted" in why
+    # a candidate at turn 9 (the last action): the partner's reaction at turn 10 never happens, so an offer the
+    # partner would accept there closes nothing
+    last = late + [m(0, "Hmm")]
+    offer = m(1, "Would you take $150?")
+    assert R.candidate_value(bg, 1, last + [offer, m(0, "Deal, $150 it is.")])[0] <= 0.0
+    assert R.outcome(R.task_of(bg, 1), last + [offer, m(0, "Deal, $150 it is.")])["deal"] == 150.0
 
 
 def test_scripted_backend_plays_evaluates_and_ranks(profiles):
@@ -474,10 +492,10 @@ def test_scripted_backend_plays_evaluates_and_ranks(profiles):
                       else {"action_type": "none", "argument": ""})
     chat = S.grm_chats([{"setup": st, "agent": 0, "messages": msgs}], [cands], [reacts])
     g = rapo.parse_grm(json.loads(b.complete(chat)[0]), 4)
-    # by hand: [0] closes at $200: goal 10 (1 - 50 / 75) = 3.33; [1] the seller now asks $180: an open offer,
-    # 0.6 x 6 = 3.6, hostile -2 - 3: -1.4; [2] the same 3.6 + polite 1 = 4.6 (an offer asked as a question earns no
-    # knowledge); [3] leaves without a deal: 0 - 1 = -1
-    assert g["ranks"] == [2, 4, 1, 3] and not g["derived"]
+    # by hand: [0] closes at $200: goal 10 (1 - 50 / 75) = 3.33; [1] the seller now asks $180: an open offer Wren
+    # can still accept at turn 4, goal 6, hostile -2 - 3: 1; [2] the same 6 + polite 1 = 7 (an offer asked as a
+    # question earns no knowledge); [3] leaves without a deal: 0 - 1 = -1
+    assert g["ranks"] == [2, 3, 1, 4] and not g["derived"]
     assert "is hostile" in g["critiques"][1]
     ep = {"messages": msgs + [{"turn": 2, "agent": 0, **cands[2]}, {"turn": 3, "agent": 1, **reacts[2]},
                               {"turn": 4, "agent": 0, "action_type": "speak", "argument": "OK, deal."}], "end": "max_turns"}
