@@ -18,14 +18,17 @@ Offers (outcome): in bargain, the last dollar amount an agent names is its offer
   "you take <items>" (the other side gets the rest). An agreement is an accepting message ("deal", "I accept",
   "agreed", "sounds good", "works for me"; not "no deal", "can't", "cannot", "won't") that names no new offer
   (or repeats the other's): it closes at the other agent's standing offer; later messages change nothing.
-Partner (partner_action; k = the partner's own earlier actions, K = 4):
+Partner (partner_action; k = the partner's own earlier actions, K = K_CONCEDE = 3):
   bargain seller asks L - (L - T) min(1, k / K) (from the listing down to its target); buyer offers
           a0 + (T - a0) min(1, k / K), a0 = 0.7 T (up to its target). It accepts the other's standing offer once
           the offers cross (seller: offer >= ask; buyer: offer <= its bid) and says why it refuses otherwise.
-  divide  it needs N_k = max(0.5, 0.9 - 0.1 k) of its own total points; it accepts a proposal that gives it at
-          least N_k, otherwise refuses and proposes the greedy split (its most valuable items first) reaching N_k.
-  It leaves once a deal is closed, or after two hostile messages from the other. Open scenarios: it asks what the
-  other has in mind and leaves at its 5th turn.
+  divide  it needs N_k = 0.9 - 0.4 min(1, k / K) of its own total points (0.9 down to 0.5); it accepts a proposal
+          that gives it at least N_k, otherwise refuses and proposes the greedy split (its most valuable items
+          first) reaching N_k.
+  Its offer at k = K (its target, its floor of 0.5) is announced as its final offer; if the other does not take it
+  (or make an offer it accepts) at once, it walks away at its next turn without a deal. It leaves once a deal is
+  closed, or after two hostile messages from the other. Open scenarios: it asks what the other has in mind and
+  leaves at its 5th turn.
 Evaluator (evaluate_episode; agent a, its own messages only):
   goal       bargain: no deal 0; buyer 10 clip(1 - (p - T) / (T / 2), 0, 1), seller 10 clip(1 - (T - p) / (T / 2),
              0, 1) (full marks at or beyond the target, 0 at 50% off it); divide: no deal 0, else
@@ -71,6 +74,12 @@ fixed in a commit before any policy trained under it is evaluated.
      above waiting for its next concession at almost every turn, so that RL learnt to take the first offer; on the
      generated training scenarios, taking the first offer reaches a fraction of the GOAL that taking the offer
      standing at the agent's last turn does: docs/results.md, eighth run).
+  5  the partner (and the rule agent, the same function) changes after the eighth run (docs/results.md), nothing else
+     changed: it concedes over K = 3 of its turns (was 4; divide: N_k = 0.9 - 0.4 min(1, k / 3), was max(0.5,
+     0.9 - 0.1 k)), announces its offer at k = K as its final offer, and walks away without a deal at its next turn
+     if that offer is not taken. Before, nothing told the other agent when waiting stopped paying: its floor came at
+     its 5th action, after the last turn the other could accept it at in 10-action episodes, and refusing it cost
+     nothing, so no GRM could rank taking it above waiting except by the turn number.
 """
 from __future__ import annotations
 
@@ -87,9 +96,10 @@ if __name__ == "__main__":  # run as a script: the project root on the path
 import common
 from envs import sotopia as S
 
-RULES_VERSION = 4  # RULE VERSIONS above
+RULES_VERSION = 5  # RULE VERSIONS above
 TURN_LIMIT = 10  # actions per episode the GRM assumes (an offer open at the agent's last turn is worth nothing)
-K_CONCEDE = 4  # partner turns from its opening ask to its target
+K_CONCEDE = 3  # partner turns from its opening offer to its final one (its target, or half its points)
+PARTNER_RULES = 2  # the rule partner's (and rule agent's) behaviour: 1 in rules versions 1-4, 2 from version 5
 HOSTILE = ("stupid", "idiot", "shut up", "ridiculous", "liar", "hate you", "scam", "rip-off", "rip off", "greedy",
            "pathetic", "get lost", "damn", "moron", "useless")
 POLITE = ("please", "thank", "appreciate")
@@ -398,6 +408,8 @@ def partner_action(bg: dict, me: int, messages: list[dict]) -> dict:
     if sum(is_hostile(m["argument"]) for m in other) >= 2:
         return {"action_type": "leave", "argument": "I don't want to be talked to like that."}
     o = out["offers"][1 - me]
+    walk = {"action_type": "leave", "argument": "You did not take my final offer, so we have no deal. Goodbye."}
+    offer = "My final offer is" if k == K_CONCEDE else None
     if task["family"] == "bargain":
         T = task["target"]
         f = min(1.0, k / K_CONCEDE)
@@ -406,26 +418,34 @@ def partner_action(bg: dict, me: int, messages: list[dict]) -> dict:
             ask = round(L - (L - T) * f, 2)
             if o is not None and o >= ask:
                 return {"action_type": "speak", "argument": f"Deal, ${fmt_price(o)} it is. Thank you!"}
+            if k > K_CONCEDE:
+                return walk
             if o is None:
-                return {"action_type": "speak", "argument": f"It is in good shape. I am asking ${fmt_price(ask)} for it."}
+                return {"action_type": "speak", "argument": f"It is in good shape. {offer or 'I am asking'} "
+                                                            f"${fmt_price(ask)}{'' if offer else ' for it'}."}
             return {"action_type": "speak", "argument": f"I can't sell at ${fmt_price(o)}: it is worth more than that "
-                                                        f"to me. I could do ${fmt_price(ask)}."}
+                                                        f"to me. {offer or 'I could do'} ${fmt_price(ask)}."}
         a0 = 0.7 * T
         bid = round(a0 + (T - a0) * f, 2)
         if o is not None and o <= bid:
             return {"action_type": "speak", "argument": f"Deal, ${fmt_price(o)} it is. Thank you!"}
+        if k > K_CONCEDE:
+            return walk
         if o is None:
-            return {"action_type": "speak", "argument": f"I am interested. Would you take ${fmt_price(bid)}?"}
+            ask = f"My final offer is ${fmt_price(bid)}." if offer else f"Would you take ${fmt_price(bid)}?"
+            return {"action_type": "speak", "argument": f"I am interested. {ask}"}
         return {"action_type": "speak", "argument": f"${fmt_price(o)} is more than I can pay right now, it is too "
-                                                    f"steep for me. I can offer ${fmt_price(bid)}."}
+                                                    f"steep for me. {offer or 'I can offer'} ${fmt_price(bid)}."}
     if task["family"] == "divide":
-        need = max(0.5, 0.9 - 0.1 * k) * total_points(task)
+        need = (0.9 - 0.4 * min(1.0, k / K_CONCEDE)) * total_points(task)
         if o is not None and points(task, o, me) >= need:
             return {"action_type": "speak", "argument": "That works for me, deal. Thank you!"}
+        if k > K_CONCEDE:
+            return walk
         prop = greedy_split(task, me, need)
         why = "That split leaves me too little. " if o is not None else ""
-        return {"action_type": "speak", "argument": f"{why}I take {fmt_items(prop[me])}, you take "
-                                                    f"{fmt_items(prop[1 - me])}."}
+        return {"action_type": "speak", "argument": f"{why}{'My final offer: ' if offer else ''}I take {fmt_items(prop[me])}, "
+                                                    f"you take {fmt_items(prop[1 - me])}."}
     if k >= 4:
         return {"action_type": "leave", "argument": "I have to go now. Nice talking to you."}
     return {"action_type": "speak", "argument": "I see. What do you have in mind?"}

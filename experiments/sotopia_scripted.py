@@ -68,6 +68,7 @@ SOURCES = "craigslist_bargains,deal-or-no-deal"  # the benchmark's scenario fami
 RUNS = (("rapo", "rapo"), ("wo-sd", "wo-sd"))  # (folder and policy label, 05's --ablation)
 RULES = getattr(R, "RULES_VERSION", 1)  # version 1 (commit 0ff2a13, restored to rerun runs 1-5) had no constant
 TURNS = getattr(R, "TURN_LIMIT", None)  # rules version 4 on: the episode length the scripted GRM assumes
+PARTNER = getattr(R, "PARTNER_RULES", None)  # rules version 5 on: the rule partner's behaviour (warm start, contexts)
 
 
 def parse_args(argv=None):
@@ -361,9 +362,11 @@ def main(argv=None):
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
     save = lambda: common.write_json(log_path, log)
     # what each finished stage was made with: a re-run with other settings stops instead of mixing them
+    partner = ["partner", PARTNER] if PARTNER else []  # the rule agent's lines and the partner's reactions in them
     made = {"train-profiles": [a.train_scenarios, a.seed],
-            "warm": [a.warm_start_steps, a.warm_start_batch, a.warm_start_lr, a.seed],
-            "contexts": [a.context_pairings, a.context_episodes, a.context_max_turns, a.max_new_tokens, a.seed],
+            "warm": [a.warm_start_steps, a.warm_start_batch, a.warm_start_lr, a.seed] + partner,
+            "contexts": [a.context_pairings, a.context_episodes, a.context_max_turns, a.max_new_tokens, a.seed]
+            + partner,
             "train": [a.steps, a.prompts_per_step, a.group_size, a.lr, a.beta, a.max_new_tokens, a.max_prompt_tokens]
             + (["drop-decided"] if a.context_drop_decided else [])
             + (["seed", a.train_seed] if a.train_seed not in (None, a.seed) else [])

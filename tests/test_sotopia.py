@@ -364,15 +364,20 @@ def test_partner_concedes_on_schedule_accepts_when_offers_cross_and_says_why():
           "goals": [None, "You are the seller; your target price is $120."]}
     asks = []
     msgs = []
-    for k in range(6):
+    for k in range(4):
         msgs += [m(0, "Would you take $50?")]
         a = R.partner_action(bg, 1, msgs)
         asks.append(R.price_in(a["argument"]))
         assert "can't sell at $50" in a["argument"]  # says why it refuses
+        assert ("My final offer is $120." in a["argument"]) == (k == 3)  # rules v5: its floor, announced
         msgs.append({**a, "agent": 1})
-    assert asks == [200, 180, 160, 140, 120, 120]  # L - (L - T) min(1, k / 4)
+    assert asks == [200, 173, 147, 120]  # L - (L - T) min(1, k / 3), said in whole dollars
+    a = R.partner_action(bg, 1, msgs + [m(0, "Would you take $50?")])  # its final offer was not taken: it walks away
+    assert a["action_type"] == "leave" and "no deal" in a["argument"] and not R.accepts(a["argument"])
+    assert R.partner_action(bg, 1, msgs + [m(0, "Deal.")])["argument"].startswith("Great, we have a deal")  # taken
+    assert R.outcome(R.task_of(bg, 1), msgs + [m(0, "Deal.")])["deal"] == 120.0
     assert "could do $200" in R.partner_action(bg, 1, [m(0, "I can pay $185.")])["argument"]  # below its ask 200
-    a = R.partner_action(bg, 1, [m(0, "I can pay $185."), m(1, "No."), m(0, "Still $185.")])  # k = 1: asks 180
+    a = R.partner_action(bg, 1, [m(0, "I can pay $185."), m(1, "No."), m(0, "Still $185.")])  # k = 1: asks 173.33
     assert a["argument"].startswith("Deal, $185")  # the offers crossed
     assert R.partner_action(bg, 1, [m(0, "I can pay $205.")])["argument"].startswith("Deal, $205")
 
@@ -390,6 +395,22 @@ def test_partner_divide_accepts_enough_and_leaves_after_deal_or_hostility():
     assert R.partner_action(bg, 1, [m(0, "I take 1 mug, you take the rest."), m(1, "Deal, thanks."),
                                     m(0, "Great")])["action_type"] == "leave"
     assert R.partner_action(bg, 1, [m(0, "You idiot."), m(1, "Hm."), m(0, "Stupid offer.")])["action_type"] == "leave"
+    # rules v5: it needs 0.9 - 0.4 min(1, k / 3) of its 13 points: 11.7, 9.97, 8.23, 6.5 (its final offer)
+    msgs = []
+    for k in range(4):
+        msgs += [m(0, "I take 3 candles, you take the rest.")]  # gives it 7 points: enough only at k = 3
+        a = R.partner_action(bg, 1, msgs)
+        msgs.append({**a, "agent": 1})
+        if k < 3:
+            assert R.points(task, R.proposal_in(a["argument"], task["counts"], 1), 1) >= (0.9 - 0.4 * k / 3) * 13
+            assert "final offer" not in a["argument"]
+    assert "deal" in a["argument"].lower()  # k = 3: 7 >= 6.5
+    msgs = [m(0, "Hello"), m(1, "a"), m(0, "Hi"), m(1, "b"), m(0, "Hey")]  # no offer of A's: k = 2 -> 3
+    msgs += [{**R.partner_action(bg, 1, msgs), "agent": 1}, m(0, "Hmm")]
+    final = R.partner_action(bg, 1, msgs)
+    assert final["argument"].startswith("My final offer: I take")
+    assert R.points(task, R.proposal_in(final["argument"], task["counts"], 1), 1) >= 6.5
+    assert R.partner_action(bg, 1, msgs + [{**final, "agent": 1}, m(0, "Let me think.")])["action_type"] == "leave"
 
 
 def test_rule_dimensions_by_hand():
@@ -447,7 +468,7 @@ def test_rules_v4_an_open_offer_is_worth_its_goal_while_a_turn_is_left():
     """Rules version 4: an offer still open after the reaction is worth its full GOAL while the agent has a turn left
     before TURN_LIMIT to accept it, 0 after (v3: 0.6 x its GOAL at any turn, so accepting beat waiting); a reaction
     at the turn limit or later is left out."""
-    assert R.RULES_VERSION == 4 and R.TURN_LIMIT == 10 and not hasattr(R, "OPEN_OFFER")
+    assert R.RULES_VERSION >= 4 and R.TURN_LIMIT == 10 and not hasattr(R, "OPEN_OFFER")
     # Wren buys (target $150) from a seller (target $120, listing $200) asking $170, then $150 if Wren waits.
     bg = {"scenario": "A bike is for sale at $200.", "names": ["Wren", "Tobias"], "secrets": [None, None],
           "goals": ["You are the buyer; your target price is $150.", "You are the seller; your target price is $120."]}
@@ -472,6 +493,25 @@ def test_rules_v4_an_open_offer_is_worth_its_goal_while_a_turn_is_left():
     assert R.outcome(R.task_of(bg, 1), last + [offer, m(0, "Deal, $150 it is.")])["deal"] == 150.0
 
 
+def test_rules_v5_the_final_offer_is_worth_taking():
+    """Rules version 5: the partner announces its floor as its final offer and walks away if it is not taken, so the
+    GRM ranks taking it above waiting (before, waiting for the next concession never cost anything)."""
+    assert R.RULES_VERSION == 5 and R.K_CONCEDE == 3 and R.PARTNER_RULES == 2
+    bg = {"scenario": "A bike is for sale at $200.", "names": ["Wren", "Tobias"], "secrets": [None, None],
+          "goals": ["You are the buyer; your target price is $150.", "You are the seller; your target price is $120."]}
+    msgs = []
+    for line in ("Hello", "Hi", "Hm", "Well"):
+        msgs.append(m(0, line))
+        msgs.append({**R.partner_action(bg, 1, msgs), "agent": 1})
+    assert msgs[-1]["argument"].endswith("My final offer is $120.") and len(msgs) == 8
+    accept, wait = m(0, "Deal."), m(0, "Let me think about it.")
+    reactions = [{**R.partner_action(bg, 1, msgs + [c]), "agent": 1} for c in (accept, wait)]
+    assert reactions[1]["action_type"] == "leave"  # walks away
+    v_accept = R.candidate_value(bg, 0, msgs + [accept, reactions[0]])[0]
+    v_wait, why = R.candidate_value(bg, 0, msgs + [wait, reactions[1]])
+    assert v_accept == 10.0 and v_wait == 0.0 and "ended without a deal" in why  # $120 is below Wren's $150 target
+
+
 def test_scripted_backend_plays_evaluates_and_ranks(profiles):
     rapo = common.load_stage("05_rapo")
     b = backends.make_backend("scripted")
@@ -492,20 +532,21 @@ def test_scripted_backend_plays_evaluates_and_ranks(profiles):
                       else {"action_type": "none", "argument": ""})
     chat = S.grm_chats([{"setup": st, "agent": 0, "messages": msgs}], [cands], [reacts])
     g = rapo.parse_grm(json.loads(b.complete(chat)[0]), 4)
-    # by hand: [0] closes at $200: goal 10 (1 - 50 / 75) = 3.33; [1] the seller now asks $180: an open offer Wren
-    # can still accept at turn 4, goal 6, hostile -2 - 3: 1; [2] the same 6 + polite 1 = 7 (an offer asked as a
-    # question earns no knowledge); [3] leaves without a deal: 0 - 1 = -1
+    # by hand: [0] closes at $200: goal 10 (1 - 50 / 75) = 3.33; [1] the seller now asks $173 (rules v5: 200 - 80 / 3,
+    # said in whole dollars): an open offer Wren can still accept at turn 4, goal 10 (1 - 23 / 75) = 6.93, hostile
+    # -2 - 3: 1.93; [2] the same 6.93 + polite 1 = 7.93 (an offer asked as a question earns no knowledge); [3] leaves
+    # without a deal: 0 - 1 = -1
     assert g["ranks"] == [2, 3, 1, 4] and not g["derived"]
     assert "is hostile" in g["critiques"][1]
     ep = {"messages": msgs + [{"turn": 2, "agent": 0, **cands[2]}, {"turn": 3, "agent": 1, **reacts[2]},
                               {"turn": 4, "agent": 0, "action_type": "speak", "argument": "OK, deal."}], "end": "max_turns"}
     res, _, stats = S.evaluate(b, [st], [ep])
-    assert stats["failed"] == 0 and R.price_in(reacts[2]["argument"]) == 180  # the deal closes at the seller's $180
-    assert res[0][0]["goal"] == 6 and res[0][1]["goal"] == 10  # buyer: 10 (1 - 30 / 75); seller: above its $120
-    assert res[0][1]["financial_and_material_benefits"] == 5 and res[0][0]["financial_and_material_benefits"] == -2
-    # believability 10, relationship 1 (polite), knowledge 0 (its two questions are offers), secret 0, rules 0,
-    # financial -2, goal 6
-    assert res[0][0]["overall"] == pytest.approx((10 + 1 + 0 + 0 + 0 - 2 + 6) / 7)
+    assert stats["failed"] == 0 and R.price_in(reacts[2]["argument"]) == 173  # the deal closes at the seller's $173
+    assert res[0][0]["goal"] == pytest.approx(10 * (1 - 23 / 75), abs=1e-4) and res[0][1]["goal"] == 10  # seller: above its $120
+    fin = (res[0][0]["financial_and_material_benefits"], res[0][1]["financial_and_material_benefits"])
+    assert fin == pytest.approx((10 * (150 - 173) / 150, 10 * (173 - 120) / 120), abs=1e-4)
+    # believability 10, relationship 1 (polite), knowledge 0 (its two questions are offers), secret 0, rules 0
+    assert res[0][0]["overall"] == pytest.approx((10 + 1 + 0 + 0 + 0 + fin[0] + res[0][0]["goal"]) / 7)
 
 
 def test_generator_is_seeded_and_loads(tmp_path):
