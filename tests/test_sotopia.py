@@ -856,3 +856,26 @@ def test_experiment_stops_on_work_folder_of_other_rules(tmp_path):
         x.main(["--bench", str(FIX), "--out", str(W), "--results", str(tmp_path / "res")])
     assert sorted(p.name for p in W.iterdir()) == ["log.json"] and (W / "log.json").read_bytes() == before
     assert x.rules_commit()["version"] == R.RULES_VERSION
+
+
+def test_experiment_records_the_partner_and_refuses_other_turn_limits(tmp_path):
+    """experiments/sotopia_scripted.py under rules version 5: the rule partner's version is part of the warm start's
+    and the contexts' settings (the rule agent's lines and the partner's reactions are in them), so a work folder
+    made with the version 1 partner stops the run; and the episode lengths must be the GRM's TURN_LIMIT."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sotopia_scripted_exp", FIX.parents[2] / "experiments" / "sotopia_scripted.py")
+    x = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(x)
+    a = x.parse_args(["--bench", str(FIX)])
+    assert x.PARTNER == R.PARTNER_RULES == 2 and a.context_max_turns == a.eval_max_turns == R.TURN_LIMIT
+    W = tmp_path / "w"
+    W.mkdir()
+    old = [a.context_pairings, a.context_episodes, a.context_max_turns, a.max_new_tokens, a.seed]  # no partner: v1-v4
+    common.write_json(W / "log.json", {"made": {"contexts": old}})
+    with pytest.raises(common.InputError, match=r"its contexts stage was made with .*now .*'partner', 2\]"):
+        x.main(["--bench", str(FIX), "--out", str(W), "--results", str(tmp_path / "res")])
+    for flag in ("--eval-max-turns", "--context-max-turns"):
+        with pytest.raises(common.InputError, match="must be 10"):
+            x.main(["--bench", str(FIX), "--out", str(tmp_path / "w2"), "--results", str(tmp_path / "res"), flag, "6"])
+    assert not (tmp_path / "w2").exists()
