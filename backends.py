@@ -343,16 +343,21 @@ class ScriptedBackend(Backend):
 
     spec = "scripted"
 
-    def __init__(self):
-        from envs import esc
+    def __init__(self, agent: str = "rules"):
+        from envs import esc, sotopia_scripted
 
-        self.env = esc
+        if agent not in sotopia_scripted.AGENTS:
+            raise InputError(f"scripted:{agent}: no such scripted agent (envs/sotopia_scripted.AGENTS: "
+                             f"{', '.join(sotopia_scripted.AGENTS)})")
+        self.env, self.agent = esc, agent
+        if agent != "rules":
+            self.spec = f"scripted:{agent}"
 
     def generate(self, chats, *, max_new_tokens=128, temperature=1.0, top_p=1.0, n=1, seed=None, prefill=""):
         self.calls += 1
         out = []
         for c in chats:
-            texts = self.env.answer(c, n, seed)
+            texts = self.env.answer(c, n, seed, self.agent)
             # the caller's prefill (e.g. 05's '{"0": {"analysis": "') is the start of our JSON; keep the contract
             # that every text starts with it
             out.append([t if t.startswith(prefill) else prefill + t for t in texts])
@@ -408,7 +413,7 @@ def make_backend(spec: str, base_url: str | None = None, device: str = "auto", d
             raise InputError(f"{spec}: an openai: model needs --<role>-base-url or $OPENAI_API_KEY for the hosted API")
         b = OpenAIBackend(ms.name, base_url, timeout=timeout)
     elif ms.backend == "scripted":
-        b = ScriptedBackend()
+        b = ScriptedBackend(ms.name)
     elif ms.backend == "vllm":
         b = VLLMBackend(ms.name, dtype=vllm_dtype(dtype, device), **vllm_args)
     else:

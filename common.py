@@ -828,12 +828,15 @@ class ModelSpec:
 
 def parse_spec(spec: str) -> ModelSpec:
     """`hf:PATH`, `vllm:PATH`, `openai:MODEL` or a bare path/hub id (= hf:). 'embedded' = the bundled model;
-    'scripted' = envs/esc.py's rule-based roles (built by backends.make_backend)."""
+    'scripted' = envs/esc.py's rule-based roles (built by backends.make_backend); 'scripted:NAME' the same with
+    NAME in a Sotopia agent's seat (envs/sotopia_scripted.AGENTS: rules, waiter, coin)."""
     if not spec or not str(spec).strip():
         raise InputError("empty model spec")
     if spec.strip() == "scripted":  # the rule-based roles of envs/esc.py (--seeker/--critic/--grm scripted)
         return ModelSpec("scripted", "rules")
     backend, _, name = spec.partition(":")
+    if backend == "scripted":  # scripted:NAME, a scripted Sotopia agent (envs/sotopia_scripted.AGENTS)
+        return ModelSpec("scripted", name)
     if backend not in ("hf", "vllm", "openai") or not name:
         backend, name = "hf", spec
     return ModelSpec(backend, name)

@@ -208,7 +208,7 @@ class RoleCache:
     def wrap(self, backend: Backend) -> Backend:
         """The backend behind this cache: one wrapper per backend (roles on one model share it, as they share the
         model); scripted roles are rules, returned as they are."""
-        if backend.spec == "scripted" or isinstance(backend, CachedBackend):
+        if isinstance(backend, backends.ScriptedBackend) or isinstance(backend, CachedBackend):
             return backend
         if id(backend) not in self._wrapped:
             self._wrapped[id(backend)] = CachedBackend(backend, self)

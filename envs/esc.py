@@ -257,10 +257,11 @@ def parse_candidates(samples: str) -> tuple[list[str], list[str] | None]:
     return replies, (reactions if all(u is not None for u in reactions) else None)
 
 
-def answer(chat: list[dict], n: int, seed: int | None) -> list[str]:
+def answer(chat: list[dict], n: int, seed: int | None, agent: str = "rules") -> list[str]:
     """n answers of the scripted critic, GRM, rubric-point judge or seeker to one chat, whichever role's prompt it
     is. Deterministic: the same prompt gives the same answer (the critic's sample mode draws from an RNG seeded by
-    the prompt). backends.ScriptedBackend (spec `scripted`) puts this behind the Backend interface."""
+    the prompt). backends.ScriptedBackend (spec `scripted`) puts this behind the Backend interface; agent: who
+    answers a Sotopia agent prompt (spec `scripted:NAME`, envs/sotopia_scripted.AGENTS; a coin draws per sample)."""
     text = chat[-1]["content"] if chat else ""
     sim, rapo = stage("02_simulate"), stage("05_rapo")  # the templates of the critic, GRM and rubric judge
     if (f := unformat(sim.CRITIC_PROMPT, text)) is not None:
@@ -280,8 +281,8 @@ def answer(chat: list[dict], n: int, seed: int | None) -> list[str]:
         return [seeker_message(f["persona"], dialogue)] * n
     from envs import sotopia_scripted  # the Sotopia roles: partner, evaluator, GRM (envs/sotopia_scripted.py)
 
-    if (ans := sotopia_scripted.answer(chat)) is not None:
-        return [ans] * n
+    if (ans := sotopia_scripted.answer(chat, agent, seed)) is not None:  # agent: who sits in a Sotopia agent's seat
+        return [ans] + [sotopia_scripted.answer(chat, agent, seed, i) for i in range(1, n)] if agent == "coin" else [ans] * n
     raise common.InputError("scripted: this role is not scripted (only --seeker, --critic and --grm, incl. 05's "
                             "--reward rubric-point, and Sotopia's --partner, --evaluator and --grm can be "
                             "'scripted'); got a prompt it does not know")

@@ -451,6 +451,50 @@ def partner_action(bg: dict, me: int, messages: list[dict]) -> dict:
     return {"action_type": "speak", "argument": "I see. What do you have in mind?"}
 
 
+# ----------------------------------------------------------------------------------------------------
+# Demonstrators: other scripted agents for the policy's seat only (the partner is always partner_action), chosen by
+# the spec `scripted:NAME` (`--policy scripted:coin`); they are not part of the rules (the evaluator, the GRM and
+# the partner ignore them)
+
+WAIT_LINES = ("Hello, thank you for meeting me! What do you have in mind?",
+              "Thank you, but I am not sure yet. Can you do better than that?",
+              "I appreciate the offer, but it is not quite enough for me. What else could you offer?",
+              "Thanks for your patience. I was hoping for something better. Could you move a little?",
+              "Please let me think. Is there any room to improve your offer?",
+              "I appreciate it, but could you make me a better offer than that?")
+ACCEPT_LINE = "That works for me, deal. Thank you!"
+
+
+def waiting_line(me: int, messages: list[dict]) -> dict:
+    """A neutral line that names no offer and accepts nothing: the first of WAIT_LINES the agent has not said yet
+    (so that waiting is never a repetition), the last one once all are said."""
+    said = {m["argument"] for m in messages if m["agent"] == me}
+    return {"action_type": "speak", "argument": next((x for x in WAIT_LINES if x not in said), WAIT_LINES[-1])}
+
+
+def waiter_action(bg: dict, me: int, messages: list[dict], rng: random.Random) -> dict:
+    """The waiter: never offers, never accepts (its episodes run to the partner's final offer and its walk-away:
+    every turn of them is a turn where accepting and waiting lead to different outcomes)."""
+    return waiting_line(me, messages)
+
+
+def coin_action(bg: dict, me: int, messages: list[dict], rng: random.Random) -> dict:
+    """The coin: with an offer of the partner standing it accepts it with probability 1/2, else it waits
+    (waiting_line); it leaves once a deal is closed. It never reads the words "final offer": it shows both moves
+    and not when each pays."""
+    task = task_of(bg, me)
+    out = outcome(task, messages)
+    if out["deal"] is not None:
+        return {"action_type": "leave", "argument": "Great, we have a deal. Goodbye!"}
+    if out["offers"][1 - me] is not None and rng.random() < 0.5:
+        return {"action_type": "speak", "argument": ACCEPT_LINE}
+    return waiting_line(me, messages)
+
+
+AGENTS = {"rules": lambda bg, me, messages, rng: partner_action(bg, me, messages), "waiter": waiter_action,
+          "coin": coin_action}
+
+
 def evaluate_episode(bg: dict, messages: list[dict]) -> dict:
     """The rule evaluator's answer in the LLM evaluator's JSON shape (envs/sotopia.validate_evaluation)."""
     out = {}
@@ -510,15 +554,18 @@ def _history(text: str, names: list[str]) -> list[dict]:
     return S.parse_transcript(text, names)
 
 
-def answer(chat: list[dict]) -> str | None:
-    """The scripted answer to a Sotopia prompt (agent, evaluator or GRM), or None for a prompt that is not one."""
+def answer(chat: list[dict], agent: str = "rules", seed: int | None = None, sample: int = 0) -> str | None:
+    """The scripted answer to a Sotopia prompt (agent, evaluator or GRM), or None for a prompt that is not one.
+    agent: who answers an agent prompt (AGENTS: the rule agent, or a demonstrator); a coin's draw is seeded by
+    (seed, sample, the prompt), so a run repeats."""
     from envs.esc import unformat
 
     text = chat[-1]["content"] if chat else ""
     if len(chat) == 2 and chat[0]["content"] == S.AGENT_SYSTEM and (f := unformat(S.AGENT_PROMPT, text)):
         bg = parse_background(f["background"])
         me = bg["names"].index(f["name"]) if f["name"] in bg["names"] else 0
-        return json.dumps(partner_action(bg, me, _history(f["history"], bg["names"])))
+        rng = random.Random(f"{seed}|{sample}|{text}")
+        return json.dumps(AGENTS[agent](bg, me, _history(f["history"], bg["names"]), rng))
     if (f := unformat(S.EVALUATOR_PROMPT, text)) is not None:
         bg = parse_background(f["background"])
         return json.dumps(evaluate_episode(bg, _history(f["history"], bg["names"])))

@@ -11,12 +11,13 @@ Stages (each a subprocess of the real script; a finished stage is skipped, an un
   1. train-profiles  python envs/sotopia_scripted.py --out W/train-profiles -n N --seed S
   1b. warm start     (only with --warm-start-steps > 0) python envs/sotopia.py --data W/train-profiles
                      --out W/warm-data --policy scripted --partner scripted --sides 2 --max-turns 20: the rule agent
-                     in the policy's seat; then python experiments/warm_start.py --data W/warm-data/turns.jsonl
-                     --out W/warm: supervised fine-tuning on its actions, merged into W/warm/model, the start of RL
-                     (and the `warm` row of the evaluation)
+                     in the policy's seat (--demonstrator coin: --policy scripted:coin); then python
+                     experiments/warm_start.py --data W/warm-data/turns.jsonl --out W/warm: supervised
+                     fine-tuning on its actions, merged into W/warm/model, the start of RL (and the `warm` row of the
+                     evaluation)
   2. contexts        python envs/sotopia.py --data W/train-profiles --out W/contexts --policy P --partner scripted
-                     --sides 2 ...: episodes of the start policy P (hf:embedded, or W/warm/model); the policy agent's
-                     turns are 05's prompts
+                     --sides 2 ...: episodes of the start policy P (hf:embedded, or W/warm/model; --context-policy
+                     waiter: P = scripted:waiter); the policy agent's turns are 05's prompts
   2b. (only with --context-drop-decided) W/contexts/turns-undecided.jsonl: the contexts at which no deal has closed
                      yet (undecided_turns)
   3. training        python 05_rapo.py --env sotopia --policy P --data W/contexts/turns.jsonl --seeker scripted
@@ -94,6 +95,15 @@ def parse_args(argv=None):
                         "RL starts from the embedded model)")
     g.add_argument("--warm-start-batch", type=int, default=4, help="records per warm-start step")
     g.add_argument("--warm-start-lr", type=float, default=1e-3, help="warm-start AdamW lr (LoRA r=16, then merged)")
+    g.add_argument("--demonstrator", default="rules", choices=["rules", "coin"],
+                   help="who plays the policy's seat in the warm start's episodes (envs/sotopia_scripted.AGENTS): "
+                        "rules = the rule agent (the partner's own function: counter-offers on its schedule); coin = "
+                        "waits with polite questions and accepts a standing offer of the partner with probability "
+                        "1/2, blind to the words 'final offer' (it shows both moves, not when each pays)")
+    g.add_argument("--context-policy", default="start", choices=["start", "waiter"],
+                   help="who plays the policy's seat in the context episodes: start = the policy RL starts from; "
+                        "waiter = the scripted waiter (never offers, never accepts), so that every episode runs to "
+                        "the partner's final offer and about one context in five is the turn where accepting pays")
     g.add_argument("--context-pairings", type=int, default=1, help="pairings per training scenario played")
     g.add_argument("--context-episodes", type=int, default=16,
                    help="play only the first N episodes (envs/sotopia.py --max-examples; 0: every pairing and side)")
@@ -364,9 +374,10 @@ def main(argv=None):
     # what each finished stage was made with: a re-run with other settings stops instead of mixing them
     partner = ["partner", PARTNER] if PARTNER else []  # the rule agent's lines and the partner's reactions in them
     made = {"train-profiles": [a.train_scenarios, a.seed],
-            "warm": [a.warm_start_steps, a.warm_start_batch, a.warm_start_lr, a.seed] + partner,
+            "warm": [a.warm_start_steps, a.warm_start_batch, a.warm_start_lr, a.seed] + partner
+            + (["demonstrator", a.demonstrator] if a.demonstrator != "rules" else []),
             "contexts": [a.context_pairings, a.context_episodes, a.context_max_turns, a.max_new_tokens, a.seed]
-            + partner,
+            + partner + (["by", a.context_policy] if a.context_policy != "start" else []),
             "train": [a.steps, a.prompts_per_step, a.group_size, a.lr, a.beta, a.max_new_tokens, a.max_prompt_tokens]
             + (["drop-decided"] if a.context_drop_decided else [])
             + (["seed", a.train_seed] if a.train_seed not in (None, a.seed) else [])
@@ -389,7 +400,8 @@ def main(argv=None):
     if a.warm_start_steps:
         wd, warm = W / "warm-data", W / "warm"
         if not (wd / "turns.jsonl").exists():
-            run(["envs/sotopia.py", "--data", str(gen), "--out", str(wd), "--policy", "scripted", "--partner", "scripted",
+            demo = "scripted" if a.demonstrator == "rules" else f"scripted:{a.demonstrator}"
+            run(["envs/sotopia.py", "--data", str(gen), "--out", str(wd), "--policy", demo, "--partner", "scripted",
                  "--sides", "2", "--max-turns", "20", "--seed", str(a.seed), "--device", "cpu"], log, "1b_warm_data")
         if not (warm / "model" / "config.json").exists():
             run(["experiments/warm_start.py", "--data", str(wd / "turns.jsonl"), "--out", str(warm), "--steps",
@@ -404,7 +416,8 @@ def main(argv=None):
     save()
     ctx = W / "contexts"
     if not (ctx / "turns.jsonl").exists():  # envs/sotopia.py resumes its episodes.jsonl
-        run(["envs/sotopia.py", "--data", str(gen), "--out", str(ctx), "--policy", start, "--partner", "scripted",
+        who = start if a.context_policy == "start" else f"scripted:{a.context_policy}"
+        run(["envs/sotopia.py", "--data", str(gen), "--out", str(ctx), "--policy", who, "--partner", "scripted",
              "--sides", "2", "--pairings", str(a.context_pairings), "--max-turns", str(a.context_max_turns),
              "--max-new-tokens", str(a.max_new_tokens), "--batch-size", "16", "--seed", str(a.seed), "--device", "cpu"]
             + (["--max-examples", str(a.context_episodes)] if a.context_episodes else []), log, "2_contexts")
