@@ -512,6 +512,58 @@ def test_rules_v5_the_final_offer_is_worth_taking():
     assert v_accept == 10.0 and v_wait == 0.0 and "ended without a deal" in why  # $120 is below Wren's $150 target
 
 
+def test_demonstrators_wait_accept_and_the_grm_ranks_their_moves_by_the_final_offer():
+    """The scripted demonstrators of the policy's seat (AGENTS; not rules): the waiter never offers or accepts and
+    never repeats a line, so its episodes run to the final offer and the walk-away; the coin accepts a standing offer
+    about half the time, never without one, and leaves after a deal. By hand, along the episode of an agent that
+    waits with those lines: the GRM ranks waiting above accepting before the final offer, accepting above waiting at it."""
+    bg = {"scenario": "A bike is for sale at $200.", "names": ["Wren", "Tobias"], "secrets": [None, None],
+          "goals": ["You are the buyer; your target price is $150.", "You are the seller; your target price is $120."]}
+    task, rng = R.task_of(bg, 0), __import__("random").Random(0)
+    msgs = []
+    while not msgs or msgs[-1]["action_type"] != "leave":
+        msgs.append({**R.waiter_action(bg, 0, msgs, rng), "agent": 0})
+        if len(msgs) > 1:  # before the partner's answer: accepting its standing offer against the waiting line
+            acc = m(0, R.ACCEPT_LINE)
+            vals = [R.candidate_value(bg, 0, msgs[:-1] + [c, {**R.partner_action(bg, 1, msgs[:-1] + [c]), "agent": 1}])[0]
+                    for c in (acc, msgs[-1])]
+            final = "final offer" in msgs[-2]["argument"]
+            assert (vals[0] > vals[1]) == final, (len(msgs), vals)
+        msgs.append({**R.partner_action(bg, 1, msgs), "agent": 1})
+    mine = [x["argument"] for x in msgs if x["agent"] == 0]
+    assert mine == list(R.WAIT_LINES[:5]) and len(set(mine)) == 5  # 5 turns, no repetition
+    out = R.outcome(task, msgs)
+    assert out["deal"] is None and out["offers"][0] is None and msgs[-3]["argument"].endswith("My final offer is $120.")
+    assert msgs[-1]["argument"].startswith("You did not take my final offer")
+    assert R.coin_action(bg, 0, [], rng)["argument"] == R.WAIT_LINES[0]  # no offer standing: it waits
+    after = msgs[:2]  # the partner asks $200
+    picks = [R.coin_action(bg, 0, after, __import__("random").Random(i))["argument"] for i in range(200)]
+    assert 60 < picks.count(R.ACCEPT_LINE) < 140 and set(picks) == {R.ACCEPT_LINE, R.WAIT_LINES[1]}
+    closed = after + [m(0, R.ACCEPT_LINE)]
+    assert R.outcome(task, closed)["deal"] == 200.0
+    assert R.coin_action(bg, 1, closed, rng)["action_type"] == "leave"
+
+
+def test_scripted_agent_specs_play_the_policy_seat(profiles):
+    """`scripted:NAME` puts a demonstrator in a Sotopia agent's seat (the partner, the evaluator and the GRM are the
+    rules whatever the name); a coin's draw repeats with the seed; an unknown name is refused at once."""
+    assert common.parse_spec("scripted:coin") == common.ModelSpec("scripted", "coin")
+    assert common.parse_spec("scripted") == common.ModelSpec("scripted", "rules")
+    with pytest.raises(common.InputError, match="scripted:nobody: no such scripted agent"):
+        backends.make_backend("scripted:nobody")
+    st = setup_of(profiles, "fx-c0")
+    msgs = [{"turn": 0, "agent": 0, "action_type": "speak", "argument": "Would you take $100?"}]
+    chat = S.agent_chat(st, 1, msgs)
+    rules, waiter, coin = (backends.make_backend(s) for s in ("scripted", "scripted:waiter", "scripted:coin"))
+    assert json.loads(waiter.complete([chat])[0]) == {"action_type": "speak", "argument": R.WAIT_LINES[0]}
+    assert json.loads(rules.complete([chat])[0])["argument"].startswith("I can't sell at $100")
+    draws = [json.loads(coin.complete([chat], seed=s)[0])["argument"] for s in range(40)]
+    assert draws == [json.loads(coin.complete([chat], seed=s)[0])["argument"] for s in range(40)]
+    assert set(draws) == {R.ACCEPT_LINE, R.WAIT_LINES[0]}
+    ev = S.evaluator_chat(st, {"messages": msgs, "end": "max_turns"})
+    assert waiter.complete([ev]) == rules.complete([ev])
+
+
 def test_scripted_backend_plays_evaluates_and_ranks(profiles):
     rapo = common.load_stage("05_rapo")
     b = backends.make_backend("scripted")
@@ -875,6 +927,14 @@ def test_experiment_records_the_partner_and_refuses_other_turn_limits(tmp_path):
     common.write_json(W / "log.json", {"made": {"contexts": old}})
     with pytest.raises(common.InputError, match=r"its contexts stage was made with .*now .*'partner', 2\]"):
         x.main(["--bench", str(FIX), "--out", str(W), "--results", str(tmp_path / "res")])
+    # a demonstrator or a context player other than the defaults is part of those stages' settings too
+    common.write_json(W / "log.json", {"made": {"warm": [a.warm_start_steps, a.warm_start_batch, a.warm_start_lr,
+                                                         a.seed, "partner", 2]}})
+    with pytest.raises(common.InputError, match=r"its warm stage was made with .*now .*'demonstrator', 'coin'\]"):
+        x.main(["--bench", str(FIX), "--out", str(W), "--results", str(tmp_path / "res"), "--demonstrator", "coin"])
+    common.write_json(W / "log.json", {"made": {"contexts": old + ["partner", 2]}})
+    with pytest.raises(common.InputError, match=r"its contexts stage was made with .*now .*'by', 'waiter'\]"):
+        x.main(["--bench", str(FIX), "--out", str(W), "--results", str(tmp_path / "res"), "--context-policy", "waiter"])
     for flag in ("--eval-max-turns", "--context-max-turns"):
         with pytest.raises(common.InputError, match="must be 10"):
             x.main(["--bench", str(FIX), "--out", str(tmp_path / "w2"), "--results", str(tmp_path / "res"), flag, "6"])
