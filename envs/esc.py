@@ -261,7 +261,7 @@ def answer(chat: list[dict], n: int, seed: int | None, agent: str = "rules") -> 
     """n answers of the scripted critic, GRM, rubric-point judge or seeker to one chat, whichever role's prompt it
     is. Deterministic: the same prompt gives the same answer (the critic's sample mode draws from an RNG seeded by
     the prompt). backends.ScriptedBackend (spec `scripted`) puts this behind the Backend interface; agent: who
-    answers a Sotopia agent prompt (spec `scripted:NAME`, envs/sotopia_scripted.AGENTS; a coin draws per sample)."""
+    answers a Sotopia agent prompt (spec `scripted:NAME`, envs/sotopia_scripted.AGENTS; a demonstrator draws per sample)."""
     text = chat[-1]["content"] if chat else ""
     sim, rapo = stage("02_simulate"), stage("05_rapo")  # the templates of the critic, GRM and rubric judge
     if (f := unformat(sim.CRITIC_PROMPT, text)) is not None:
@@ -282,7 +282,9 @@ def answer(chat: list[dict], n: int, seed: int | None, agent: str = "rules") -> 
     from envs import sotopia_scripted  # the Sotopia roles: partner, evaluator, GRM (envs/sotopia_scripted.py)
 
     if (ans := sotopia_scripted.answer(chat, agent, seed)) is not None:  # agent: who sits in a Sotopia agent's seat
-        return [ans] + [sotopia_scripted.answer(chat, agent, seed, i) for i in range(1, n)] if agent == "coin" else [ans] * n
+        if agent == "rules":  # the rules are deterministic; a demonstrator may draw (the coin), once per sample
+            return [ans] * n
+        return [ans] + [sotopia_scripted.answer(chat, agent, seed, i) for i in range(1, n)]
     raise common.InputError("scripted: this role is not scripted (only --seeker, --critic and --grm, incl. 05's "
                             "--reward rubric-point, and Sotopia's --partner, --evaluator and --grm can be "
                             "'scripted'); got a prompt it does not know")
