@@ -20,6 +20,8 @@ Stages (each a subprocess of the real script; a finished stage is skipped, an un
                      waiter: P = scripted:waiter); the policy agent's turns are 05's prompts
   2b. (only with --context-drop-decided) W/contexts/turns-undecided.jsonl: the contexts at which no deal has closed
                      yet (undecided_turns)
+  2c. (only with --context-balance) W/contexts/turns-balanced.jsonl: as many earlier contexts as final-offer ones
+                     (balanced_turns)
   3. training        python 05_rapo.py --env sotopia --policy P --data W/contexts/turns.jsonl --seeker scripted
                      --grm scripted --ablation rapo (W/rapo) and --ablation wo-sd (W/wo-sd), side by side
   4. bench-families  the benchmark scenarios of --sources whose two goals the rules read as bargain or divide, with
@@ -116,6 +118,12 @@ def parse_args(argv=None):
                         "closed (there every candidate action leads to the same outcome, so the GRM's ranking and the "
                         "teacher's refinement carry no signal; RAPO's hindsight selection keeps pivotal turns). 05 reads "
                         "W/contexts/turns-undecided.jsonl")
+    g.add_argument("--context-balance", action="store_true",
+                   help="train on as many earlier contexts as final-offer ones: per context episode, the turns that "
+                        "answer the partner's final offer and as many of its other turns at which an offer of the "
+                        "partner stands, drawn with --seed (accepting pays at the first and not at the second, so RL "
+                        "gets no net push on how often to accept, only on when). 05 reads W/contexts/turns-balanced.jsonl "
+                        "(after --context-drop-decided where given)")
     g.add_argument("--reuse", default=None, metavar="DIR",
                    help="copy the finished training scenarios, warm start and context episodes from an earlier --out "
                         "made with the same settings (its log.json must say so) instead of making them again; "
@@ -261,6 +269,35 @@ def undecided_turns(turns: list[dict]) -> list[dict]:
     return keep
 
 
+def final_offer_turn(t: dict) -> bool:
+    """A context (envs/sotopia.py turns.jsonl record) that answers the partner's final offer: the last message is the
+    partner's and says "final offer" (the words the policy reads; the rule partner says them at its last concession)."""
+    msgs, me = t["sotopia"]["messages"], t["sotopia"]["agent"]
+    return bool(msgs) and msgs[-1]["agent"] != me and "final offer" in msgs[-1]["argument"].lower()
+
+
+def balanced_turns(turns: list[dict], seed: int) -> list[dict]:
+    """As many earlier contexts as final-offer ones: per episode (dialog_id), its final-offer contexts and as many of
+    its other contexts at which an offer of the partner stands (where accepting competes with waiting), drawn without
+    replacement (seeded; at most as many as it has). In the file's order. Accepting pays at the first kind and not at
+    the second, so a balanced draw gives RL no net push on the rate of accepting, only on when."""
+    import random
+
+    rng, keep, episodes = random.Random(seed), set(), {}
+    for t in turns:
+        episodes.setdefault(t["dialog_id"], []).append(t)
+    for ts in episodes.values():
+        final = [t["id"] for t in ts if final_offer_turn(t)]
+        earlier = []
+        for t in ts:
+            st = t["sotopia"]
+            task = R.task_of(R.parse_background(S.background(st["setup"], None)), st["agent"])
+            if not final_offer_turn(t) and R.outcome(task, st["messages"])["offers"][1 - st["agent"]] is not None:
+                earlier.append(t["id"])
+        keep |= set(final) | set(rng.sample(earlier, min(len(final), len(earlier))))
+    return [t for t in turns if t["id"] in keep]
+
+
 def reuse_stages(src: Path, W: Path, made: dict, log: dict, warm: bool):
     """Copy the model-free or deterministic early stages from an earlier work folder whose log.json says they were
     made with the same settings; their commands and wall times are copied into `log` and listed under "reused"."""
@@ -380,6 +417,7 @@ def main(argv=None):
             + partner + (["by", a.context_policy] if a.context_policy != "start" else []),
             "train": [a.steps, a.prompts_per_step, a.group_size, a.lr, a.beta, a.max_new_tokens, a.max_prompt_tokens]
             + (["drop-decided"] if a.context_drop_decided else [])
+            + (["balance"] if a.context_balance else [])
             + (["seed", a.train_seed] if a.train_seed not in (None, a.seed) else [])
             + (["sd-min-gap", a.sd_min_gap] if a.sd_min_gap else []) + ["rules", RULES]}  # the GRM's rules
     for k, v in made.items():
@@ -430,10 +468,20 @@ def main(argv=None):
         common.write_jsonl(data, undecided_turns(common.read_jsonl(ctx / "turns.jsonl")))
         log["contexts"]["undecided"] = len(common.read_jsonl(data))
         common.check(log["contexts"]["undecided"] > 0, f"{ctx}: every context comes after a deal (nothing to train on)")
+    if a.context_balance:
+        kept = balanced_turns(common.read_jsonl(data), a.seed)
+        n_final = sum(map(final_offer_turn, kept))
+        common.check(n_final > 0, f"{data}: --context-balance: no context answers a final offer of the partner "
+                                  "(the context episodes end before it: try --context-policy waiter)")
+        data = ctx / "turns-balanced.jsonl"
+        common.write_jsonl(data, kept)
+        log["contexts"]["balanced"] = {"final_offer": n_final, "earlier": len(kept) - n_final}
     save()
     if a.until == "contexts":
         print(f"{log['contexts']['turns']} training contexts in {ctx / 'turns.jsonl'}"
-              + (f"; {log['contexts']['undecided']} before a deal in {data}" if a.context_drop_decided else ""))
+              + (f"; {log['contexts']['undecided']} before a deal" if a.context_drop_decided else "")
+              + ("; {final_offer} answer a final offer and {earlier} an earlier offer".format(**log["contexts"]["balanced"])
+                 if a.context_balance else "") + f"; 05 trains on {data}")
         return
 
     bench, ev = W / "bench-families", W / "eval"

@@ -939,3 +939,46 @@ def test_experiment_records_the_partner_and_refuses_other_turn_limits(tmp_path):
         with pytest.raises(common.InputError, match="must be 10"):
             x.main(["--bench", str(FIX), "--out", str(tmp_path / "w2"), "--results", str(tmp_path / "res"), flag, "6"])
     assert not (tmp_path / "w2").exists()
+
+
+def test_experiment_balances_final_offer_and_earlier_contexts(tmp_path):
+    """experiments/sotopia_scripted.py --context-balance: on the waiter's episodes (each runs to the partner's final
+    offer), per episode its final-offer context and as many earlier contexts at which the partner's offer stands,
+    drawn with the seed; counted here from the messages by hand. The setting is part of the training stage's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sotopia_scripted_exp", FIX.parents[2] / "experiments" / "sotopia_scripted.py")
+    x = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(x)
+    R.write_profiles(tmp_path / "g", R.generate_profiles(4, seed=1))
+    p = S.load_profiles(tmp_path / "g")
+    cases = S.select_cases(p, sides=2)
+    players = [["policy", "partner"] if c["side"] == 0 else ["partner", "policy"] for c in cases]
+    bk = {"policy": backends.make_backend("scripted:waiter"), "partner": backends.make_backend("scripted")}
+    recs, _ = S.play_chunk(p, cases, players, bk, {"policy": {}, "partner": {}}, bk["partner"], max_turns=R.TURN_LIMIT)
+    turns = [t for r in recs for t in S.policy_turns(r, S.episode_setup(p, r))]
+    last = lambda t: t["sotopia"]["messages"][-1] if t["sotopia"]["messages"] else None
+    theirs = lambda t: [m for m in t["sotopia"]["messages"] if m["agent"] != t["sotopia"]["agent"]]
+    # the rule partner's final offer is its message after K_CONCEDE concessions from its opening one
+    final = {t["id"] for t in turns if len(theirs(t)) == R.K_CONCEDE + 1 and last(t) is theirs(t)[-1]}
+    assert len(final) == len(recs) == 16  # one per episode: every waiter episode reaches the final offer
+    kept = x.balanced_turns(turns, seed=0)
+    assert {t["id"] for t in kept} >= final and len(kept) == 2 * len(final)
+    assert [t["id"] for t in kept] == [t["id"] for t in turns if t in kept]  # the file's order
+    for t in kept:
+        if t["id"] not in final:  # an earlier context answers an offer of the partner, not its opening silence
+            assert last(t)["agent"] != t["sotopia"]["agent"] and "final offer" not in last(t)["argument"].lower()
+            assert "$" in last(t)["argument"] or "I take" in last(t)["argument"]
+    assert sum(t["dialog_id"] == kept[0]["dialog_id"] for t in kept) == 2
+    assert x.balanced_turns(turns, seed=0) == kept
+    draws = {tuple(t["id"] for t in x.balanced_turns(turns, seed=s)) for s in range(6)}
+    assert len(draws) > 1  # the earlier context is drawn, not always the first
+    assert x.balanced_turns([t for t in turns if t["id"] not in final], seed=0) == []  # none to balance against
+    # part of the training stage's settings: a work folder trained without it stops the run
+    a = x.parse_args(["--bench", str(FIX)])
+    W = tmp_path / "w"
+    W.mkdir()
+    common.write_json(W / "log.json", {"made": {"train": [a.steps, a.prompts_per_step, a.group_size, a.lr, a.beta,
+                                                          a.max_new_tokens, a.max_prompt_tokens, "rules", R.RULES_VERSION]}})
+    with pytest.raises(common.InputError, match=r"its train stage was made with .*now .*'balance', 'rules'"):
+        x.main(["--bench", str(FIX), "--out", str(W), "--results", str(tmp_path / "res"), "--context-balance"])
