@@ -66,6 +66,7 @@ from protocols.base import stat  # noqa: E402
 sys.path.insert(0, str(ROOT / "experiments"))
 from figures import plot_curves_and_bars, write_curves_csv  # noqa: E402
 from repo_paths import repo_relative  # noqa: E402
+from sotopia_when import context_kind  # noqa: E402
 
 SOURCES = "craigslist_bargains,deal-or-no-deal"  # the benchmark's scenario families the rules can score
 RUNS = (("rapo", "rapo"), ("wo-sd", "wo-sd"))  # (folder and policy label, 05's --ablation)
@@ -269,13 +270,6 @@ def undecided_turns(turns: list[dict]) -> list[dict]:
     return keep
 
 
-def final_offer_turn(t: dict) -> bool:
-    """A context (envs/sotopia.py turns.jsonl record) that answers the partner's final offer: the last message is the
-    partner's and says "final offer" (the words the policy reads; the rule partner says them at its last concession)."""
-    msgs, me = t["sotopia"]["messages"], t["sotopia"]["agent"]
-    return bool(msgs) and msgs[-1]["agent"] != me and "final offer" in msgs[-1]["argument"].lower()
-
-
 def balanced_turns(turns: list[dict], seed: int) -> list[dict]:
     """As many earlier contexts as final-offer ones: per episode (dialog_id), its final-offer contexts and as many of
     its other contexts at which an offer of the partner stands (where accepting competes with waiting), drawn without
@@ -287,13 +281,9 @@ def balanced_turns(turns: list[dict], seed: int) -> list[dict]:
     for t in turns:
         episodes.setdefault(t["dialog_id"], []).append(t)
     for ts in episodes.values():
-        final = [t["id"] for t in ts if final_offer_turn(t)]
-        earlier = []
-        for t in ts:
-            st = t["sotopia"]
-            task = R.task_of(R.parse_background(S.background(st["setup"], None)), st["agent"])
-            if not final_offer_turn(t) and R.outcome(task, st["messages"])["offers"][1 - st["agent"]] is not None:
-                earlier.append(t["id"])
+        kinds = [context_kind(t) for t in ts]
+        final = [t["id"] for t, k in zip(ts, kinds) if k == "final"]
+        earlier = [t["id"] for t, k in zip(ts, kinds) if k == "earlier"]
         keep |= set(final) | set(rng.sample(earlier, min(len(final), len(earlier))))
     return [t for t in turns if t["id"] in keep]
 
@@ -470,7 +460,7 @@ def main(argv=None):
         common.check(log["contexts"]["undecided"] > 0, f"{ctx}: every context comes after a deal (nothing to train on)")
     if a.context_balance:
         kept = balanced_turns(common.read_jsonl(data), a.seed)
-        n_final = sum(map(final_offer_turn, kept))
+        n_final = sum(context_kind(t) == "final" for t in kept)
         common.check(n_final > 0, f"{data}: --context-balance: no context answers a final offer of the partner "
                                   "(the context episodes end before it: try --context-policy waiter)")
         data = ctx / "turns-balanced.jsonl"

@@ -941,6 +941,18 @@ def test_experiment_records_the_partner_and_refuses_other_turn_limits(tmp_path):
     assert not (tmp_path / "w2").exists()
 
 
+def waiter_turns(tmp_path, n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Episodes of the waiter against the rule partner on n generated scenarios (2 pairings, both sides; each runs
+    to the partner's final offer) and the policy's turns in them (05's contexts)."""
+    R.write_profiles(tmp_path / "g", R.generate_profiles(n, seed=seed))
+    p = S.load_profiles(tmp_path / "g")
+    cases = S.select_cases(p, sides=2)
+    players = [["policy", "partner"] if c["side"] == 0 else ["partner", "policy"] for c in cases]
+    bk = {"policy": backends.make_backend("scripted:waiter"), "partner": backends.make_backend("scripted")}
+    recs, _ = S.play_chunk(p, cases, players, bk, {"policy": {}, "partner": {}}, bk["partner"], max_turns=R.TURN_LIMIT)
+    return recs, [t for r in recs for t in S.policy_turns(r, S.episode_setup(p, r))]
+
+
 def test_experiment_balances_final_offer_and_earlier_contexts(tmp_path):
     """experiments/sotopia_scripted.py --context-balance: on the waiter's episodes (each runs to the partner's final
     offer), per episode its final-offer context and as many earlier contexts at which the partner's offer stands,
@@ -950,13 +962,7 @@ def test_experiment_balances_final_offer_and_earlier_contexts(tmp_path):
     spec = importlib.util.spec_from_file_location("sotopia_scripted_exp", FIX.parents[2] / "experiments" / "sotopia_scripted.py")
     x = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(x)
-    R.write_profiles(tmp_path / "g", R.generate_profiles(4, seed=1))
-    p = S.load_profiles(tmp_path / "g")
-    cases = S.select_cases(p, sides=2)
-    players = [["policy", "partner"] if c["side"] == 0 else ["partner", "policy"] for c in cases]
-    bk = {"policy": backends.make_backend("scripted:waiter"), "partner": backends.make_backend("scripted")}
-    recs, _ = S.play_chunk(p, cases, players, bk, {"policy": {}, "partner": {}}, bk["partner"], max_turns=R.TURN_LIMIT)
-    turns = [t for r in recs for t in S.policy_turns(r, S.episode_setup(p, r))]
+    recs, turns = waiter_turns(tmp_path, 4, seed=1)
     last = lambda t: t["sotopia"]["messages"][-1] if t["sotopia"]["messages"] else None
     theirs = lambda t: [m for m in t["sotopia"]["messages"] if m["agent"] != t["sotopia"]["agent"]]
     # the rule partner's final offer is its message after K_CONCEDE concessions from its opening one
@@ -982,3 +988,35 @@ def test_experiment_balances_final_offer_and_earlier_contexts(tmp_path):
                                                           a.max_new_tokens, a.max_prompt_tokens, "rules", R.RULES_VERSION]}})
     with pytest.raises(common.InputError, match=r"its train stage was made with .*now .*'balance', 'rules'"):
         x.main(["--bench", str(FIX), "--out", str(W), "--results", str(tmp_path / "res"), "--context-balance"])
+
+
+def test_when_probe_counts_acceptances_by_context_kind(tmp_path):
+    """experiments/sotopia_when.py: on waiter contexts, the waiter never closes a deal, the coin closes one in about
+    half its samples at both kinds of context (it is blind to "final offer"), and an acceptance is counted by the
+    rules' outcome, not by its words; its JSON holds the counts it prints."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sotopia_when", FIX.parents[2] / "experiments" / "sotopia_when.py")
+    w = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(w)
+    recs, turns = waiter_turns(tmp_path, 2, seed=3)
+    kinds = [w.context_kind(t) for t in turns]
+    assert kinds.count("final") == len(recs) == 8 and kinds.count("earlier") > 8 and None in kinds
+    t = next(t for t, k in zip(turns, kinds) if k == "final")
+    acc = json.dumps({"action_type": "speak", "argument": R.ACCEPT_LINE})
+    assert w.closes_deal(t, acc) and not w.closes_deal(t, json.dumps({"action_type": "speak", "argument": R.WAIT_LINES[0]}))
+    assert not w.closes_deal(t, json.dumps({"action_type": "leave", "argument": R.ACCEPT_LINE}))  # leaving closes nothing
+    r = w.accept_rates(turns, [[acc, "no JSON at all"] for _ in turns])
+    assert r["final"] == {"contexts": 8, "samples": 16, "accepts": 8, "rate": 0.5} and r["gap"] == 0.0
+    common.write_jsonl(tmp_path / "t.jsonl", turns)
+    w.main(["--data", str(tmp_path / "t.jsonl"), "--policy", "waiter=scripted:waiter", "--policy", "coin=scripted:coin",
+            "-G", "16", "--out", str(tmp_path / "when.json")])
+    got = json.loads((tmp_path / "when.json").read_text())["policies"]
+    assert got["waiter"]["final"]["accepts"] == got["waiter"]["earlier"]["accepts"] == 0
+    assert 0.3 < got["coin"]["final"]["rate"] < 0.7 and 0.3 < got["coin"]["earlier"]["rate"] < 0.7
+    assert got["coin"]["final"]["samples"] == 8 * 16
+    with pytest.raises(common.InputError, match="expected LABEL=SPEC"):
+        w.main(["--data", str(tmp_path / "t.jsonl"), "--policy", "scripted:coin"])
+    common.write_jsonl(tmp_path / "bad.jsonl", [{"id": "x"}])
+    with pytest.raises(common.InputError, match="record 1: no 'sotopia' state"):
+        w.main(["--data", str(tmp_path / "bad.jsonl"), "--policy", "c=scripted:coin"])
