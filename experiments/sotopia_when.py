@@ -68,7 +68,7 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=64, help="action length")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    p.add_argument("--out", default=None, help="also write the counts as JSON here")
+    p.add_argument("--out", default=None, help="also write the counts as JSON here (rewritten after each policy)")
     a = p.parse_args(argv)
     turns = common.read_jsonl(Path(a.data))
     for i, t in enumerate(turns):
@@ -94,9 +94,9 @@ def main(argv=None):
         print(f"{label}: accepts at the final offer {r['final']['rate']} ({r['final']['accepts']}/{r['final']['samples']}), "
               f"at an earlier offer {r['earlier']['rate']} ({r['earlier']['accepts']}/{r['earlier']['samples']}), "
               f"gap {r['gap']}")
-    if a.out:
-        common.write_json(Path(a.out), {"data": a.data, "settings": {k: v for k, v in vars(a).items() if k != "out"},
-                                        "policies": res})
+        if a.out:  # after each policy: a long run stopped early keeps what it measured
+            common.write_json(Path(a.out), {"data": a.data, "settings": {k: v for k, v in vars(a).items() if k != "out"},
+                                            "policies": res})
 
 
 if __name__ == "__main__":
