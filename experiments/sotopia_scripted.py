@@ -66,7 +66,7 @@ from protocols.base import stat  # noqa: E402
 sys.path.insert(0, str(ROOT / "experiments"))
 from figures import plot_curves_and_bars, write_curves_csv  # noqa: E402
 from repo_paths import repo_relative  # noqa: E402
-from sotopia_when import context_kind  # noqa: E402
+from sotopia_when import context_kind, turn_task  # noqa: E402
 
 SOURCES = "craigslist_bargains,deal-or-no-deal"  # the benchmark's scenario families the rules can score
 RUNS = (("rapo", "rapo"), ("wo-sd", "wo-sd"))  # (folder and policy label, 05's --ablation)
@@ -263,9 +263,7 @@ def undecided_turns(turns: list[dict]) -> list[dict]:
     reading of the scenario (the evaluator's view of both goals): after a deal nothing the policy says changes GOAL."""
     keep = []
     for t in turns:
-        st = t["sotopia"]
-        bg = R.parse_background(S.background(st["setup"], None))
-        if R.outcome(R.task_of(bg, st["agent"]), st["messages"])["deal"] is None:
+        if R.outcome(turn_task(t), t["sotopia"]["messages"])["deal"] is None:
             keep.append(t)
     return keep
 

@@ -22,6 +22,12 @@ from envs import sotopia as S  # noqa: E402
 from envs import sotopia_scripted as R  # noqa: E402
 
 
+def turn_task(t: dict) -> dict:
+    """The rules' reading of the policy agent's task at a context (the evaluator's view of the scenario)."""
+    st = t["sotopia"]
+    return R.task_of(R.parse_background(S.background(st["setup"], None)), st["agent"])
+
+
 def context_kind(t: dict) -> str | None:
     """"final" (the last message is the partner's and says "final offer"), "earlier" (another offer of the partner
     stands) or None (no offer of the partner stands: accepting is not a move there)."""
@@ -29,8 +35,7 @@ def context_kind(t: dict) -> str | None:
     msgs, me = st["messages"], st["agent"]
     if msgs and msgs[-1]["agent"] != me and "final offer" in msgs[-1]["argument"].lower():
         return "final"
-    task = R.task_of(R.parse_background(S.background(st["setup"], None)), me)
-    return "earlier" if R.outcome(task, msgs)["offers"][1 - me] is not None else None
+    return "earlier" if R.outcome(turn_task(t), msgs)["offers"][1 - me] is not None else None
 
 
 def closes_deal(t: dict, text: str) -> bool:
@@ -38,10 +43,9 @@ def closes_deal(t: dict, text: str) -> bool:
     st = t["sotopia"]
     a = S.parse_action(text)
     me = st["agent"]
-    task = R.task_of(R.parse_background(S.background(st["setup"], None)), me)
-    turn = len(st["messages"])
-    msgs = st["messages"] + [{"turn": turn, "agent": me, "action_type": a["action_type"], "argument": a["argument"]}]
-    return R.outcome(task, msgs)["closed_by"] == me
+    msgs = st["messages"] + [{"turn": len(st["messages"]), "agent": me, "action_type": a["action_type"],
+                              "argument": a["argument"]}]
+    return R.outcome(turn_task(t), msgs)["closed_by"] == me
 
 
 def accept_rates(turns: list[dict], texts: list[list[str]]) -> dict:
